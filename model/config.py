@@ -1,0 +1,151 @@
+"""Model configuration and named presets.
+
+A `ModelConfig` fully describes the decoder-only transformer in `model/transformer.py`: its
+shape, its attention layout (multi-head or grouped-query) and, optionally, a mixture-of-experts
+MLP. The same dataclass describes the large published models the estimator projects to
+(`gpt3-175b`, `llama3-405b`, `deepseek-v3`, ...), so that their parameter and FLOP counts come
+from the same code that counts the small models we actually train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a decoder-only transformer (RMSNorm, RoPE, SwiGLU, causal attention)."""
+
+    vocab_size: int = 0  # 0 = take it from the prepared dataset at training time
+    seq_len: int = 256  # maximum context length (RoPE tables are built for this)
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 8
+    n_kv_head: int | None = None  # grouped-query attention when < n_head; None = n_head
+    ffn_hidden: int | None = None  # SwiGLU hidden width; None = 8/3 * d_model rounded up
+    multiple_of: int = 64  # rounding for the default ffn_hidden
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # Mixture of experts (0 routed experts = dense model). Layers [0, n_dense_layers) stay dense.
+    n_experts: int = 0
+    n_experts_active: int = 0  # routed experts per token (top-k)
+    n_shared_experts: int = 0  # always-on experts per token
+    moe_ffn_hidden: int | None = None  # hidden width of one expert; None = ffn_hidden
+    n_dense_layers: int = 0
+    notes: str = field(default="", compare=False)  # where the shape comes from
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden is None:
+            hidden = int(8 * self.d_model / 3)
+            self.ffn_hidden = self.multiple_of * -(-hidden // self.multiple_of)
+        if self.n_experts and self.moe_ffn_hidden is None:
+            self.moe_ffn_hidden = self.ffn_hidden
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        positive = ("seq_len", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_hidden")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if self.vocab_size < 0:
+            raise ValueError(f"model.vocab_size must be >= 0 (0 = from data), got {self.vocab_size}")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}"
+            )
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError(
+                f"head dim d_model/n_head={self.d_model // self.n_head} must be even for RoPE"
+            )
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}"
+            )
+        if self.n_experts:
+            if not 0 < self.n_experts_active <= self.n_experts:
+                raise ValueError(
+                    f"model.n_experts_active={self.n_experts_active} must be in "
+                    f"[1, n_experts={self.n_experts}]"
+                )
+            if not 0 <= self.n_dense_layers <= self.n_layer:
+                raise ValueError(
+                    f"model.n_dense_layers={self.n_dense_layers} must be in [0, {self.n_layer}]"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and layer >= self.n_dense_layers
+
+    def replace(self, **changes) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Model training FLOPs per token (forward + backward); see `model.flops`."""
+        from model.flops import model_flops_per_token
+
+        return model_flops_per_token(self, seq_len)
+
+
+# Shapes of published models are taken from their papers; where our architecture (SwiGLU,
+# RMSNorm, RoPE, no biases) differs, the note says how the shape was matched.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        seq_len=64, n_layer=2, d_model=64, n_head=4, n_kv_head=2, notes="unit tests"
+    ),
+    "small": ModelConfig(
+        seq_len=256, n_layer=4, d_model=256, n_head=8, n_kv_head=4, notes="CPU demo"
+    ),
+    "gpt2-124m": ModelConfig(
+        vocab_size=50304, seq_len=1024, n_layer=12, d_model=768, n_head=12, ffn_hidden=2048,
+        notes="GPT-2 small shape (Radford et al. 2019); SwiGLU width 8d/3 keeps its 4d MLP's "
+        "parameter count; vocab 50257 padded to 50304",
+    ),
+    "llama-1b": ModelConfig(
+        vocab_size=32000, seq_len=2048, n_layer=22, d_model=2048, n_head=32, n_kv_head=4,
+        ffn_hidden=5632, tie_embeddings=False,
+        notes="Llama-2-style ~1.1B (the TinyLlama shape, Zhang et al. 2024)",
+    ),
+    "gpt3-175b": ModelConfig(
+        vocab_size=50257, seq_len=2048, n_layer=96, d_model=12288, n_head=96, ffn_hidden=32768,
+        notes="GPT-3 175B (Brown et al. 2020, table 2.1); SwiGLU width 8d/3 matches its 4d MLP's "
+        "parameters",
+    ),
+    "llama2-70b": ModelConfig(
+        vocab_size=32000, seq_len=4096, n_layer=80, d_model=8192, n_head=64, n_kv_head=8,
+        ffn_hidden=28672, tie_embeddings=False, notes="Llama 2 70B (Touvron et al. 2023)",
+    ),
+    "llama3-405b": ModelConfig(
+        vocab_size=128256, seq_len=8192, n_layer=126, d_model=16384, n_head=128, n_kv_head=8,
+        ffn_hidden=53248, tie_embeddings=False, rope_theta=500000.0,
+        notes="Llama 3.1 405B (Llama Team 2024, table 3)",
+    ),
+    "deepseek-v3": ModelConfig(
+        vocab_size=129280, seq_len=4096, n_layer=61, d_model=7168, n_head=128, ffn_hidden=18432,
+        tie_embeddings=False, n_experts=256, n_experts_active=8, n_shared_experts=1,
+        moe_ffn_hidden=2048, n_dense_layers=3,
+        notes="DeepSeek-V3 (DeepSeek-AI 2024): 671B total, 37B active; its multi-head latent "
+        "attention is approximated by multi-head attention of the same width (about 10% more "
+        "attention parameters), multi-token prediction is left out",
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    """The preset `name` with `overrides` applied; unknown names list the valid ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; valid: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
