@@ -1,0 +1,45 @@
+# tokenclock: `make demo` runs the whole job, `make test` the test suite. Both create the
+# virtual environment (.venv) and install the project into it on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NPROC ?= 2
+PREP ?= configs/prep/demo.yaml
+TRAIN ?= configs/train/demo.yaml
+DATA ?= data/demo
+RUN ?= runs/demo
+# Training overrides for the demo, e.g. `make demo ARGS="mixed_precision=bf16 steps=100"`.
+ARGS ?=
+
+.PHONY: install demo prep train project test test-slow lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(PY) -m data_prep $(PREP) out_dir=$(DATA)
+	NPROC=$(NPROC) PY=$(PY) launch/cpu.sh $(TRAIN) data_dir=$(DATA) out_dir=$(RUN) $(ARGS)
+	$(PY) -m estimate project --mfu-from $(RUN) --out $(RUN)/projection
+
+prep: install
+	$(PY) -m data_prep $(PREP) out_dir=$(DATA)
+
+train: install
+	NPROC=$(NPROC) PY=$(PY) launch/cpu.sh $(TRAIN) data_dir=$(DATA) out_dir=$(RUN) $(ARGS)
+
+test: install
+	WANDB_MODE=disabled $(PY) -m pytest -q
+
+test-slow: install
+	WANDB_MODE=disabled $(PY) -m pytest -q -m slow
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(DATA) $(RUN)

@@ -1,0 +1,116 @@
+"""Clocks for every training step: phase timings, throughput, FLOP utilisation and memory.
+
+Definitions (all per optimizer step):
+- `data_wait_s`: time spent fetching the step's micro-batches from the loader;
+- `fwd_bwd_s`: forward + backward of all micro-batches (with DDP this includes the gradient
+  all-reduce, which overlaps the last backward);
+- `optim_s`: gradient clipping + optimizer step + zeroing;
+- `step_s`: wall time of the whole step; `tokens_per_s` counts tokens of all ranks;
+- `mfu`: model FLOPs (6N + 12LdT per token, `model.flops`) per second over the peak of all
+  processes; `hfu` uses the FLOPs actually executed under activation recomputation.
+
+On a GPU the peak comes from the sourced catalog; on a CPU it is measured with a matmul in the
+training dtype, several times during the run (the machine's speed drifts), and the MFU is
+reported against the median with the spread of the samples beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from estimate.hardware import Peak, catalog_peak, measure_matmul_flops
+
+
+class PhaseTimer:
+    """Wall-clock phases of one step; synchronises CUDA so GPU work is attributed correctly."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.phases: dict[str, float] = {}
+        self._start = self._last = 0.0
+
+    def start(self) -> None:
+        self.sync()
+        self.phases = {}
+        self._start = self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def total(self) -> float:
+        return self._last - self._start
+
+
+class PeakSampler:
+    """Peak FLOP/s per process: one catalog figure on a GPU, repeated measurements on a CPU."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.samples: list[float] = []
+        self.catalog: Peak | None = None
+        if device.type == "cuda":
+            self.catalog = catalog_peak(torch.cuda.get_device_name(device), dtype)
+
+    @property
+    def source(self) -> str:
+        if self.catalog is not None:
+            return self.catalog.source
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+        return f"measured: {name} 1024^3 matmul on {self.device.type}, {len(self.samples)} samples"
+
+    def sample(self) -> None:
+        """Measure once more (CPU, or a GPU missing from the catalog)."""
+        if self.catalog is None:
+            self.samples.append(measure_matmul_flops(self.dtype, self.device))
+
+    def median(self) -> float:
+        return self.catalog.flops if self.catalog else statistics.median(self.samples)
+
+    def spread(self) -> dict:
+        values = [self.catalog.flops] if self.catalog else self.samples
+        return {"median": self.median(), "min": min(values), "max": max(values),
+                "samples": values, "source": self.source}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Allocator peak on CUDA; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def distribution(values: list[float]) -> dict:
+    """Median and 10th/90th percentiles (nearest rank) of a list of numbers."""
+    if not values:
+        return {"median": None, "p10": None, "p90": None, "n": 0}
+    ordered = sorted(values)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"median": statistics.median(ordered), "p10": pct(0.1), "p90": pct(0.9), "n": len(ordered)}
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.records: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

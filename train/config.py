@@ -1,0 +1,108 @@
+"""Training configuration: dataclasses loaded from YAML with `key=value` command-line overrides.
+
+OmegaConf structured configs give us typed fields, dotted overrides (`train.lr=3e-4` style:
+here `optim.lr=3e-4`) and errors for unknown keys. A `model.preset` key picks a preset from
+`model.config.PRESETS` whose fields the rest of the `model:` section then overrides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from model.config import ModelConfig, get_preset
+
+PRECISIONS = ("no", "bf16", "fp16")
+CHECKPOINTING = ("none", "full", "every_k")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1  # applied to >= 2-D parameters only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    fused: bool = True  # use the fused AdamW kernel where torch has one for the device
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = "data/demo"
+    out_dir: str = "runs/demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 1337
+    steps: int = 200  # optimizer steps
+    batch_size: int = 16  # global sequences per optimizer step (all ranks, all micro-batches)
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    seq_len: int = 0  # 0 = model.seq_len
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
+    activation_checkpointing: str = "none"  # none | full (every block) | every_k
+    checkpoint_every_k: int = 2  # with activation_checkpointing=every_k
+    compile: bool = False  # torch.compile the model
+    world_size: int = 0  # processes this run must have; 0 = $WORLD_SIZE or 1
+    threads_per_process: int = 0  # torch threads per process; 0 = cores / local processes
+    eval_every: int = 50  # steps between validation passes (and a final one)
+    eval_batches: int = 8  # micro-batches per validation pass, per rank
+    log_every: int = 10  # steps between log lines (metrics.jsonl gets every step)
+    warmup_steps_excluded: int = 5  # first steps left out of the throughput summary
+    peak_samples: int = 3  # CPU matmul peak measurements (start, evals, end)
+    tracker: str = "wandb"  # wandb | none
+    wandb_project: str = "tokenclock"
+    sample_prompt: str = "def "
+    sample_tokens: int = 64
+    sample_temperature: float = 0.8
+    sample_top_k: int = 40
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Merge defaults, the YAML file at `path` and `key=value` overrides into a TrainConfig."""
+    user = OmegaConf.load(path) if path else OmegaConf.create()
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"override {bad[0]!r} is not of the form key=value (e.g. optim.lr=3e-4)")
+    user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
+    schema = OmegaConf.structured(TrainConfig)
+    model_section = user.get("model") or {}
+    preset = model_section.pop("preset", None) if "preset" in model_section else None
+    if preset is not None:
+        schema.model = OmegaConf.structured(get_preset(str(preset)))
+    try:
+        merged = OmegaConf.merge(schema, user)
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        raise ValueError(f"unknown config key {e.full_key!r} (in {path or 'overrides'})") from e
+    except ValidationError as e:
+        raise ValueError(f"bad config value for {e.full_key!r}: {e.msg.splitlines()[0]}") from e
+    cfg: TrainConfig = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise ValueError naming the bad value and what would be valid."""
+    if cfg.mixed_precision not in PRECISIONS:
+        raise ValueError(f"mixed_precision={cfg.mixed_precision!r}; valid: {', '.join(PRECISIONS)}")
+    if cfg.activation_checkpointing not in CHECKPOINTING:
+        raise ValueError(
+            f"activation_checkpointing={cfg.activation_checkpointing!r}; "
+            f"valid: {', '.join(CHECKPOINTING)}"
+        )
+    if cfg.tracker not in ("wandb", "none"):
+        raise ValueError(f"tracker={cfg.tracker!r}; valid: wandb, none")
+    for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.seq_len > cfg.model.seq_len:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds model.seq_len={cfg.model.seq_len}")
+    cfg.model.validate()
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

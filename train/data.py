@@ -1,0 +1,115 @@
+"""Token batches from a prepared dataset directory, read through memory maps.
+
+The directory format (written by `python -m data_prep`, read here without importing it):
+`meta.json` names the token dtype, the vocabulary size and, per split, the shard files; each
+shard is a flat little-endian array of token ids with end-of-text between documents.
+
+Each shard is cut into non-overlapping windows of `seq_len + 1` tokens (inputs are the first
+`seq_len`, targets the last `seq_len`). Every epoch the windows are shuffled with a seeded
+permutation and dealt round-robin to the ranks, so ranks never see the same window and every
+rank gets the same number of windows. The loader's position is two integers (epoch, cursor),
+which is what a checkpoint needs to resume on exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = 1
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    """meta.json of a prepared dataset, checked for the fields and format we understand."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: prepare a dataset first (python -m data_prep configs/prep/demo.yaml)"
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not supported (expected {FORMAT})")
+    if meta.get("dtype") not in DTYPES:
+        raise ValueError(f"{path}: dtype {meta.get('dtype')!r}; valid: {', '.join(DTYPES)}")
+    return meta
+
+
+class TokenWindows:
+    """Random access to the `seq_len + 1`-token windows of one split."""
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int, vocab_size: int | None = None):
+        self.meta = read_meta(data_dir)
+        if split not in self.meta["splits"]:
+            raise ValueError(f"split {split!r} not in {data_dir}/meta.json; has {list(self.meta['splits'])}")
+        dtype = DTYPES[self.meta["dtype"]]
+        self.seq_len = seq_len
+        self.shards: list[np.memmap] = []
+        for name in self.meta["splits"][split]["shards"]:
+            path = Path(data_dir) / name
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {path} listed in meta.json is missing")
+            if path.stat().st_size % np.dtype(dtype).itemsize:
+                raise ValueError(f"shard {path} is truncated: size is not a multiple of {dtype.__name__}")
+            shard = np.memmap(path, dtype=dtype, mode="r")
+            if vocab_size is not None and len(shard) and int(shard.max()) >= vocab_size:
+                raise ValueError(
+                    f"shard {path} has token id {int(shard.max())} >= vocab_size {vocab_size}: "
+                    "the shards do not match this tokenizer/model"
+                )
+            self.shards.append(shard)
+        counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
+        self.offsets = np.cumsum([0, *counts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        start = (i - int(self.offsets[shard])) * self.seq_len
+        return np.asarray(self.shards[shard][start : start + self.seq_len + 1], dtype=np.int64)
+
+
+class BatchLoader:
+    """Deals shuffled windows to one rank, `micro_batch_size` at a time, resumably."""
+
+    def __init__(
+        self, windows: TokenWindows, micro_batch_size: int, rank: int, world_size: int,
+        seed: int, shuffle: bool = True,
+    ):
+        self.windows, self.micro_batch_size = windows, micro_batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.per_rank = len(windows) // world_size
+        if self.per_rank < micro_batch_size:
+            raise ValueError(
+                f"the split has {len(windows)} windows of {windows.seq_len + 1} tokens, "
+                f"{self.per_rank} per rank for {world_size} ranks: too few for micro_batch_size="
+                f"{micro_batch_size}; prepare more data or lower seq_len / micro_batch_size"
+            )
+        self.epoch, self.cursor = 0, 0
+        self._order = self._rank_order()
+
+    def _rank_order(self) -> np.ndarray:
+        n = len(self.windows)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        return order[self.rank :: self.world_size][: self.per_rank]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (inputs, targets) micro-batch, each [micro_batch_size, seq_len] int64."""
+        if self.cursor + self.micro_batch_size > self.per_rank:
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._rank_order()
+        idx = self._order[self.cursor : self.cursor + self.micro_batch_size]
+        self.cursor += self.micro_batch_size
+        batch = torch.from_numpy(np.stack([self.windows[int(i)] for i in idx]))
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._rank_order()
