@@ -1,0 +1,35 @@
+"""`python -m data_prep CONFIG [key=value ...]`: prepare the dataset a YAML config describes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from data_prep.config import load_config
+from data_prep.pipeline import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description="Read, clean, deduplicate, tokenize and pack a corpus into token shards.",
+    )
+    p.add_argument("config", help="prep YAML config, e.g. configs/prep/demo.yaml")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. tokenizer.vocab_size=1024"
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = run(cfg)
+    print(f"prepared dataset: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Prep configuration: OmegaConf structured dataclasses loaded from YAML, with `key=value`
+overrides (`tokenizer.vocab_size=1024`, `sources.0.max_documents=50`).
+
+Every section is a dataclass with typed defaults, so a typo in a YAML file or an override is an
+error that names the key instead of a silently ignored setting. The fully resolved config is
+written into `meta.json` and `report.json` of every prepared dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+SOURCE_KINDS = ("embedded", "jsonl", "parquet", "text", "hub")
+DOMAINS = ("prose", "code")
+
+
+@dataclass
+class SourceConfig:
+    """One input. `kind` picks the reader; fields that do not apply to a kind are ignored."""
+
+    kind: str = "embedded"  # embedded | jsonl | parquet | text | hub
+    name: str | None = None  # label recorded as each document's source; default: kind[:path]
+    path: str | None = None  # jsonl/parquet/text: a file, a folder or a glob
+    include: list[str] = field(default_factory=lambda: ["*"])  # globs on the relative path
+    exclude: list[str] = field(default_factory=list)  # globs on the relative path
+    max_documents: int | None = None  # stop after this many records from this source
+    domain: str = "prose"  # prose | code, for records that do not name their own
+    # jsonl / parquet / hub records
+    text_field: str = "text"
+    id_field: str | None = None  # None: id = "<file>:<line or row>"
+    domain_field: str | None = None  # a record field holding "prose" or "code"
+    # plain text
+    per: str = "file"  # file | line: one document per file or per non-empty line
+    # embedded corpus: the running interpreter's standard library and pydoc topics
+    code: bool = True  # stdlib *.py files as code documents
+    prose: bool = True  # pydoc_data.topics as prose documents
+    exclude_dirs: list[str] = field(
+        default_factory=lambda: ["site-packages", "test", "tests", "__pycache__"]
+    )
+    # hub dataset (datasets.load_dataset(hub_name, hub_config, split=..., streaming=...))
+    hub_name: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "train"
+    streaming: bool = True
+
+
+@dataclass
+class TokenizerConfig:
+    """Byte-level BPE trained with HF `tokenizers` on the train split of the cleaned corpus."""
+
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    eos_token: str = "<|endoftext|>"  # id 0; appended after every document
+    train_max_bytes: int = 0  # 0 = train on all train-split text; else a prefix of this size
+    batch_size: int = 256  # documents per encode_batch call
+
+
+@dataclass
+class ShardConfig:
+    """Packing of token ids into flat little-endian shards."""
+
+    shard_tokens: int = 10_000_000  # tokens per shard file (the last one may be shorter)
+    val_fraction: float = 0.05  # fraction of documents (by hash of their id) held out
+    split_seed: int = 0  # salt of the id hash that decides the split
+    shuffle: bool = True  # order documents by a seeded hash of their id, not reading order
+
+
+@dataclass
+class PrepConfig:
+    out_dir: str = "data/demo"
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    workers: int = 0  # processes for parallel stages; 0 = all cores
+    progress: bool = True  # tqdm progress bars
+
+
+def _validate(cfg: PrepConfig) -> None:
+    for i, s in enumerate(cfg.sources):
+        if s.kind not in SOURCE_KINDS:
+            raise ValueError(f"sources.{i}.kind={s.kind!r}; valid kinds: {', '.join(SOURCE_KINDS)}")
+        if s.domain not in DOMAINS:
+            raise ValueError(f"sources.{i}.domain={s.domain!r}; valid: {', '.join(DOMAINS)}")
+        if s.per not in ("file", "line"):
+            raise ValueError(f"sources.{i}.per={s.per!r}; valid: file, line")
+        if s.kind in ("jsonl", "parquet", "text") and not s.path:
+            raise ValueError(f"sources.{i}.kind={s.kind!r} needs sources.{i}.path")
+        if s.kind == "hub" and not s.hub_name:
+            raise ValueError(f"sources.{i}.kind='hub' needs sources.{i}.hub_name")
+    if not cfg.sources:
+        raise ValueError("sources is empty; give at least one source (e.g. kind: embedded)")
+    if not 0.0 <= cfg.shards.val_fraction < 1.0:
+        raise ValueError(f"shards.val_fraction={cfg.shards.val_fraction}; must be in [0, 1)")
+    if cfg.shards.shard_tokens <= 0:
+        raise ValueError(f"shards.shard_tokens={cfg.shards.shard_tokens}; must be > 0")
+    if cfg.tokenizer.vocab_size < 257:
+        raise ValueError(
+            f"tokenizer.vocab_size={cfg.tokenizer.vocab_size}; must be >= 257 "
+            "(256 byte tokens + the end-of-document token)"
+        )
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> PrepConfig:
+    """Merge defaults, the YAML file at `path` and `key=value` overrides into a PrepConfig."""
+    user: Any = OmegaConf.load(path) if path else OmegaConf.create()
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(
+            f"override {bad[0]!r} is not of the form key=value (e.g. tokenizer.vocab_size=1024)"
+        )
+    where = str(path) if path else "defaults"
+    schema = OmegaConf.structured(PrepConfig)
+    try:
+        merged = OmegaConf.merge(schema, user)
+        if overrides:
+            where = "overrides"
+            merged.merge_with_dotlist(list(overrides))  # understands list indices: sources.0.x
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        raise ValueError(f"unknown config key {e.full_key!r} (in {where})") from e
+    except ValidationError as e:
+        raise ValueError(
+            f"bad value for config key {e.full_key!r} (in {where}): {e.msg.splitlines()[0]}"
+        ) from e
+    cfg: PrepConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: PrepConfig | DictConfig) -> dict:
+    """The resolved config as plain JSON-able data."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
