@@ -1,0 +1,144 @@
+"""Parameter and FLOP accounting for `ModelConfig`, by arithmetic (instant even for 405B).
+
+`count_params` mirrors `model/transformer.py` module by module and is tested to equal the
+number of elements of `Transformer(cfg).parameters()`. `model_flops_per_token` is the "model
+FLOPs" of MFU (PaLM, Chowdhery et al. 2022, appendix B); `hardware_flops_per_token` adds what
+activation recomputation executes again.
+
+A matmul of an [m, k] by a [k, n] matrix costs 2mkn FLOPs (a multiply and an add per
+term), so per token a weight matrix W costs 2 * numel(W) in the forward pass, and 4 * numel(W)
+in the backward pass (one matmul for the gradient of the input, one for the gradient of W).
+"""
+
+from __future__ import annotations
+
+from model.config import ModelConfig
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    """wq and wo are d x (n_head * head_dim) = d x d; wk and wv are d x (n_kv_head * head_dim)."""
+    d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
+    return 2 * d * d + 2 * d * kv
+
+
+def _swiglu_params(d_model: int, hidden: int) -> int:
+    """gate and up (d -> hidden) and down (hidden -> d)."""
+    return 3 * d_model * hidden
+
+
+def _mlp_params(cfg: ModelConfig, layer: int, active: bool) -> int:
+    """The dense SwiGLU, or for an MoE layer: router (d -> n_experts), shared experts and the
+    routed experts (all of them, or only the n_experts_active a token goes through)."""
+    if not cfg.is_moe_layer(layer):
+        return _swiglu_params(cfg.d_model, cfg.ffn_hidden)
+    routed = cfg.n_experts_active if active else cfg.n_experts
+    experts = (routed + cfg.n_shared_experts) * _swiglu_params(cfg.d_model, cfg.moe_ffn_hidden)
+    return cfg.d_model * cfg.n_experts + experts
+
+
+def _require_vocab(cfg: ModelConfig, what: str) -> None:
+    """vocab_size=0 means "from the data"; counting without it would silently drop the
+    embedding and LM head, a large share of a small model."""
+    if cfg.vocab_size <= 0:
+        raise ValueError(
+            f"{what} needs model.vocab_size > 0, got {cfg.vocab_size} (0 = from the data): "
+            "set it, e.g. cfg.replace(vocab_size=...)"
+        )
+
+
+def _block_matmul_params(cfg: ModelConfig, active: bool) -> int:
+    """Weights of all blocks that take part in matmuls (everything but the RMSNorm weights)."""
+    return sum(_attention_params(cfg) + _mlp_params(cfg, i, active) for i in range(cfg.n_layer))
+
+
+def count_params(cfg: ModelConfig, *, active: bool = False, embeddings: bool = True) -> int:
+    """Exact parameter count of `Transformer(cfg)`, a tied embedding counted once.
+
+    active=True counts, in MoE layers, only the router, the shared experts and the
+    n_experts_active routed experts one token uses. embeddings=False leaves out the vocabulary
+    matrices (token embedding and, when untied, the LM head): Kaplan et al.'s (2020)
+    "non-embedding" parameters.
+    """
+    n = _block_matmul_params(cfg, active)
+    n += (2 * cfg.n_layer + 1) * cfg.d_model  # RMSNorm weights: two per block, one final
+    if embeddings:
+        _require_vocab(cfg, "count_params(embeddings=True)")
+        n += cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    return n
+
+
+def _matmul_params_per_token(cfg: ModelConfig) -> int:
+    """N of "6N": the weights one token is multiplied with. The active block weights (router
+    included), plus the LM head, which is a matmul whether or not it shares its matrix with the
+    embedding. The embedding lookup is indexing, not a matmul, so it does not count; RMSNorm
+    weights (elementwise, about 2 * L * d of them) are negligible and left out."""
+    _require_vocab(cfg, "FLOP counting")
+    return _block_matmul_params(cfg, active=True) + cfg.vocab_size * cfg.d_model
+
+
+def _attention_core_flops_forward(cfg: ModelConfig, seq_len: int) -> int:
+    """Forward FLOPs per token of the attention scores and mixing, summed over layers:
+    QK^T is 2 * T * head_dim per head, and so is (scores)V, over n_head heads (the query
+    heads: grouped-query attention shares K and V but every query head still attends):
+    4 * T * d per layer. Causal kernels can skip about half of it (the masked upper triangle);
+    like PaLM and most MFU reporting, we count the full term."""
+    return 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token, forward + backward: 6 * N + 12 * L * d * T.
+
+    This is PaLM's "6N + 12LHQT" (Chowdhery et al. 2022, appendix B; H * Q = d): 2N forward
+    and 4N backward for the matmul weights N (active weights for MoE, see
+    `_matmul_params_per_token`), and the attention core, 4LdT forward, twice that backward.
+    Activation recomputation is not included: these are the FLOPs the model needs, which is
+    what MFU divides by. T defaults to cfg.seq_len.
+    """
+    T = cfg.seq_len if seq_len is None else seq_len
+    return float(6 * _matmul_params_per_token(cfg) + 3 * _attention_core_flops_forward(cfg, T))
+
+
+def _final_matmul_params(cfg: ModelConfig, layer: int) -> int:
+    """Weights of a block's last matmul when nothing in the backward pass needs its output.
+
+    The MLP's down projection only feeds the residual add, whose backward needs no saved
+    tensors; autograd keeps the projection's input and weight, not its output. PyTorch's
+    non-reentrant checkpoint stops recomputing as soon as every tensor the backward needs is
+    back ("early stop", on by default), so this matmul is not re-run. In an MoE layer the
+    routed experts' outputs are saved (they are multiplied by the router weights), so only a
+    shared expert's down projection, which comes last, is skipped.
+    """
+    if not cfg.is_moe_layer(layer):
+        return cfg.ffn_hidden * cfg.d_model
+    return cfg.n_shared_experts * cfg.moe_ffn_hidden * cfg.d_model
+
+
+def hardware_flops_per_token(
+    cfg: ModelConfig, seq_len: int | None = None, recompute: str = "none"
+) -> float:
+    """FLOPs per token actually executed with activation recomputation (the HFU numerator).
+
+    - "none": the model FLOPs.
+    - "full": every block is checkpointed (torch.utils.checkpoint, non-reentrant) and its
+      forward runs again in the backward pass, except its final down projection (see
+      `_final_matmul_params`): + 2 * (N_blocks - L * d * ffn_hidden) + 4 * L * d * T for a
+      dense model, about +24% for Llama-2-70B at 4k tokens. The textbook "+2N_blocks + 4LdT"
+      (about +33%) is what reentrant checkpointing, or early stop switched off, executes.
+      The embedding and the LM head sit outside the blocks and are never recomputed.
+    - "selective" (Korthikanti et al. 2022): only the attention core (QK^T, softmax, AV) is
+      recomputed: + 4 * L * d * T.
+    """
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(
+            f"recompute={recompute!r} is not valid; valid: {', '.join(RECOMPUTE_MODES)}"
+        )
+    T = cfg.seq_len if seq_len is None else seq_len
+    flops = model_flops_per_token(cfg, T)
+    if recompute == "full":
+        skipped = sum(_final_matmul_params(cfg, i) for i in range(cfg.n_layer))
+        flops += 2 * (_block_matmul_params(cfg, active=True) - skipped)
+    if recompute in ("full", "selective"):
+        flops += _attention_core_flops_forward(cfg, T)
+    return float(flops)
