@@ -86,8 +86,10 @@ def checkpoint_blocks(model: Transformer, cfg: TrainConfig) -> None:
         if i % k == 0:
             forward = block.forward
 
-            def checkpointed(*args, _forward=forward):
-                return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False)
+            def checkpointed(*args, _forward=forward, **kwargs):
+                return torch.utils.checkpoint.checkpoint(
+                    _forward, *args, use_reentrant=False, **kwargs
+                )
 
             block.forward = checkpointed
 
@@ -281,8 +283,8 @@ def run(cfg: TrainConfig) -> dict:
         text = sample_text(raw_model, out / "tokenizer.json", cfg, accelerator.device)
         (out / "samples.txt").write_text(f"prompt: {cfg.sample_prompt!r}\n\n{text}\n")
         report(summary, text)
-    accelerator.end_training()
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return summary
 
 
