@@ -23,16 +23,16 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import save_model
 
-from model.flops import hardware_flops_per_token, model_flops_per_token
+from model.flops import model_flops_per_token
 from model.transformer import Transformer
 from train.clock import MetricsLog, PeakSampler, PhaseTimer, distribution, peak_memory_bytes
 from train.config import TrainConfig, to_yaml
 from train.data import BatchLoader, TokenWindows, read_meta
 from train.optim import build_optimizer, lr_at
+from train.techniques import apply_techniques, executed_flops_per_token
 
 log = logging.getLogger("train")
 SUMMARY_FORMAT = 1
-RECOMPUTE = {"none": "none", "full": "full", "every_k": "full"}
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -71,27 +71,6 @@ def set_threads(cfg: TrainConfig, accelerator: Accelerator) -> None:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     torch.set_num_threads(cfg.threads_per_process or max(1, (os.cpu_count() or 1) // local))
     torch.set_flush_denormal(True)  # denormals make fp32 CPU matmuls several times slower
-
-
-def checkpoint_blocks(model: Transformer, cfg: TrainConfig) -> None:
-    """Recompute block activations in the backward pass instead of storing them.
-
-    `full` wraps every block, `every_k` every k-th block. The wrapper replaces the block's
-    bound `forward`, so parameter names (and checkpoints) do not change.
-    """
-    if cfg.activation_checkpointing == "none":
-        return
-    k = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every_k
-    for i, block in enumerate(model.blocks):
-        if i % k == 0:
-            forward = block.forward
-
-            def checkpointed(*args, _forward=forward, **kwargs):
-                return torch.utils.checkpoint.checkpoint(
-                    _forward, *args, use_reentrant=False, **kwargs
-                )
-
-            block.forward = checkpointed
 
 
 def weight_checksums(model: torch.nn.Module, accelerator: Accelerator) -> list[str]:
@@ -176,16 +155,13 @@ def run(cfg: TrainConfig) -> dict:
     )
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
 
-    model = Transformer(cfg.model)
-    checkpoint_blocks(model, cfg)
-    if cfg.compile:
-        model = torch.compile(model)
+    model = apply_techniques(Transformer(cfg.model), cfg)
     optimizer = build_optimizer(model, cfg.optim, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
     flops_tok = model_flops_per_token(cfg.model, seq_len)
-    hw_flops_tok = hardware_flops_per_token(cfg.model, seq_len, RECOMPUTE[cfg.activation_checkpointing])
+    hw_flops_tok = executed_flops_per_token(cfg, seq_len)
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else (
         torch.float16 if cfg.mixed_precision == "fp16" else torch.float32)
     peaks = PeakSampler(accelerator.device, dtype)

@@ -23,8 +23,8 @@ def test_loss_falls_over_50_steps(tiny_data, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     records = read_metrics(out)
     assert [r["step"] for r in records] == list(range(51))
-    assert summary["final_val_loss"] < summary["initial_val_loss"] - 1.0
-    assert records[-1]["loss"] < records[1]["loss"] - 1.0
+    assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.5
+    assert records[-1]["loss"] < records[1]["loss"] - 0.5
     for key in ("tokens_per_s", "step_s", "data_wait_s", "mfu", "peak_mem_bytes"):
         assert records[-1][key] > 0, key
     assert 0 < summary["mfu"]["median"] < 1
