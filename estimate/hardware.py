@@ -29,6 +29,10 @@ class Peak:
     source: str
 
 
+PRECISIONS = ("bf16", "fp16", "fp8", "tf32", "fp32")
+REQUIRED_FIELDS = ("vendor", "memory_gb", "memory_bw_gbs", "interconnect_gbs", "tdp_w", "source")
+
+
 def load_catalog(path: Path = CATALOG_PATH) -> dict[str, dict]:
     """The hardware catalog as {name: entry}; every entry carries a `source`."""
     with open(path) as f:
@@ -36,20 +40,88 @@ def load_catalog(path: Path = CATALOG_PATH) -> dict[str, dict]:
     return data["accelerators"]
 
 
-def catalog_peak(device_name: str, dtype: torch.dtype) -> Peak | None:
-    """Dense peak for a GPU whose name (as torch reports it) matches a catalog alias."""
-    key = _DTYPE_KEYS.get(dtype)
+@dataclass(frozen=True)
+class Accelerator:
+    """One catalog entry: dense peaks per precision and the figures energy/memory checks use."""
+
+    name: str
+    entry: dict
+
+    @property
+    def source(self) -> str:
+        return self.entry["source"]
+
+    @property
+    def logical_devices(self) -> int:
+        return int(self.entry.get("logical_devices", 1))
+
+    def precisions(self) -> list[str]:
+        """Precisions with a peak in the catalog, in PRECISIONS order."""
+        return [p for p in PRECISIONS if self.entry.get(f"{p}_tflops") is not None]
+
+    def peak_flops(self, precision: str) -> float:
+        """Dense peak FLOP/s per accelerator (package) in `precision`; raises naming what exists."""
+        tflops = self.entry.get(f"{precision}_tflops")
+        if tflops is None:
+            raise ValueError(
+                f"{self.name} has no {precision} peak in the catalog; "
+                f"available: {', '.join(self.precisions()) or 'none'}"
+            )
+        return float(tflops) * 1e12
+
+    def get(self, field: str):
+        """A catalog field (memory_gb, tdp_w, ...), None where the vendor gives none."""
+        return self.entry.get(field)
+
+
+def accelerator_names(catalog: dict[str, dict] | None = None) -> list[str]:
+    return list(catalog if catalog is not None else load_catalog())
+
+
+def get_accelerator(name: str, catalog: dict[str, dict] | None = None) -> Accelerator:
+    """The catalog entry `name` (case-insensitive); an unknown name lists the valid ones."""
+    catalog = catalog if catalog is not None else load_catalog()
+    for key, entry in catalog.items():
+        if key.lower() == name.strip().lower():
+            return Accelerator(key, entry)
+    raise ValueError(
+        f"unknown accelerator {name!r}; valid (case-insensitive): {', '.join(catalog)}"
+    )
+
+
+def match_device_name(device_name: str, catalog: dict[str, dict] | None = None) -> Accelerator | None:
+    """The entry whose alias is the longest substring of `device_name` (as torch reports it).
+
+    Longest match, so "NVIDIA A100 80GB PCIe" picks the PCIe entry over the generic "a100 80gb"
+    alias, and "NVIDIA GB200" picks GB200 over "b200".
+    """
+    catalog = catalog if catalog is not None else load_catalog()
     name = device_name.lower()
-    for entry_name, entry in load_catalog().items():
-        aliases = [a.lower() for a in entry.get("aliases", [])]
-        if any(alias in name for alias in aliases):
-            tflops = entry.get(f"{key}_tflops") if key else None
-            if tflops is None and key == "fp32":
-                tflops = entry.get("tf32_tflops")
-            if tflops is None:
-                return None
-            return Peak(tflops * 1e12, f"catalog:{entry_name} ({entry['source']})")
-    return None
+    best: tuple[int, str] | None = None
+    for key, entry in catalog.items():
+        for alias in entry.get("aliases", []):
+            if alias.lower() in name and (best is None or len(alias) > best[0]):
+                best = (len(alias), key)
+    return Accelerator(best[1], catalog[best[1]]) if best else None
+
+
+def catalog_peak(device_name: str, dtype: torch.dtype) -> Peak | None:
+    """Dense peak per framework device for a GPU whose name matches a catalog alias.
+
+    A package the framework splits into several devices (MI250X: 2 GCDs) has its peak divided
+    accordingly. fp32 falls back to the TF32 tensor-core peak where there is no fp32 figure.
+    """
+    key = _DTYPE_KEYS.get(dtype)
+    acc = match_device_name(device_name)
+    if acc is None or key is None:
+        return None
+    tflops = acc.get(f"{key}_tflops")
+    if tflops is None and key == "fp32":
+        tflops = acc.get("tf32_tflops")
+    if tflops is None:
+        return None
+    per_device = tflops * 1e12 / acc.logical_devices
+    return Peak(per_device, f"catalog:{acc.name} ({acc.source})")
 
 
 def measure_matmul_flops(

@@ -1,0 +1,284 @@
+"""The assumptions a projection rests on, each with a central value, a low/high range and a source.
+
+Defaults live in `defaults.yaml` (numbers and citations); this module picks the right variant
+(precision, dense or MoE, where the MFU was measured) and applies command-line overrides.
+
+MFU and recomputation: MFU divides *model* FLOPs (6N + 12LdT, no recomputation) by time x peak,
+so recomputing activations lowers MFU at an unchanged hardware utilisation (HFU). When the MFU
+comes from a run whose recomputation we know (a summary.json records hardware and model FLOPs
+per token) and the target recomputes differently, we carry the *HFU* over:
+
+    MFU_target = MFU_source x (hw/model FLOPs of the source) / (hw/model FLOPs of the target)
+
+Published MFUs (the defaults) already absorb whatever recomputation those runs used (PaLM:
+46.2% MFU with rematerialisation, 57.8% HFU), so the default range is not adjusted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from estimate.hardware import Accelerator, match_device_name
+from estimate.runs import RunSummary
+from estimate.target import Target
+
+DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
+CLI_SOURCE = "given on the command line"
+
+Range = tuple[float, float | None, float | None]  # central, low, high (None, None: a point)
+
+
+@dataclass
+class Assumption:
+    """A number the projection depends on; `better` says which end shortens/cheapens the run."""
+
+    key: str
+    label: str
+    central: float
+    low: float
+    high: float
+    unit: str
+    better: str  # "high" or "low"
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.low <= self.central <= self.high:
+            raise ValueError(
+                f"{self.key}: need low <= central <= high, got {self.low} / {self.central} / {self.high}"
+            )
+        if self.better not in ("high", "low"):
+            raise ValueError(f"{self.key}: better must be 'high' or 'low', got {self.better!r}")
+
+    def at(self, case: str) -> float:
+        """The value in the 'central', 'best' (all favourable) or 'worst' case."""
+        if case == "central":
+            return self.central
+        favourable = self.high if self.better == "high" else self.low
+        unfavourable = self.low if self.better == "high" else self.high
+        if case == "best":
+            return favourable
+        if case == "worst":
+            return unfavourable
+        raise ValueError(f"case must be central, best or worst, got {case!r}")
+
+    def scaled(self, factor: float, note: str) -> Assumption:
+        return Assumption(self.key, self.label, self.central * factor, self.low * factor,
+                          self.high * factor, self.unit, self.better, self.source,
+                          [*self.notes, note])
+
+
+@dataclass
+class Setting:
+    """A categorical choice (precision, recomputation) shown in the assumption table."""
+
+    key: str
+    label: str
+    value: str
+    source: str
+
+
+@dataclass
+class AssumptionSet:
+    mfu: Assumption
+    scaling: Assumption
+    goodput: Assumption
+    pue: Assumption
+    power_w: Assumption | None  # None: no TDP in the catalog and none given
+    price: Assumption | None  # None: no price given
+    settings: list[Setting]
+    warnings: list[str] = field(default_factory=list)
+
+    def numeric(self) -> list[Assumption]:
+        return [a for a in (self.mfu, self.scaling, self.goodput, self.power_w, self.pue,
+                            self.price) if a is not None]
+
+
+def load_defaults(path: Path = DEFAULTS_PATH) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _from_yaml(entry: dict, key: str, label: str, unit: str, better: str) -> Assumption:
+    return Assumption(key, label, float(entry["central"]), float(entry["low"]),
+                      float(entry["high"]), unit, better, " ".join(str(entry["source"]).split()))
+
+
+def _from_cli(value: Range, key: str, label: str, unit: str, better: str,
+              source: str = CLI_SOURCE) -> Assumption:
+    central, low, high = value
+    low = central if low is None else low
+    high = central if high is None else high
+    note = [] if low != high else ["a single value: no range given, so it does not widen the bounds"]
+    return Assumption(key, label, central, low, high, unit, better, source, note)
+
+
+def _check_bounds(a: Assumption, lo: float, hi: float) -> None:
+    for v in (a.low, a.central, a.high):
+        if not lo < v <= hi:
+            raise ValueError(f"{a.key}={v} is outside ({lo}, {hi}]")
+
+
+MFU_LABEL = "MFU (model FLOPs / (time x peak))"
+
+
+def build_assumptions(
+    target: Target,
+    acc: Accelerator,
+    n_acc: int,
+    precision: str = "bf16",
+    recompute: str = "none",
+    *,
+    mfu: Range | None = None,
+    mfu_recompute: str | None = None,
+    mfu_run: RunSummary | None = None,
+    scaling: Range | None = None,
+    goodput: Range | None = None,
+    power_w: Range | None = None,
+    pue: Range | None = None,
+    price: Range | None = None,
+    defaults: dict | None = None,
+) -> AssumptionSet:
+    """Every assumption of a projection, from defaults.yaml and the command-line overrides."""
+    d = defaults if defaults is not None else load_defaults()
+    if recompute not in target.recompute_ratio:
+        raise ValueError(f"recompute={recompute!r}; valid: {', '.join(target.recompute_ratio)}")
+    acc.peak_flops(precision)  # fail early, naming the precisions this accelerator has
+    warnings: list[str] = []
+    settings = [
+        Setting("precision", "precision (selects the peak)", precision,
+                f"{acc.name}: {acc.peak_flops(precision) / 1e12:.4g} TFLOP/s dense {precision} "
+                f"({acc.source})"),
+        Setting("recompute", "activation recomputation", recompute,
+                f"hardware FLOPs = {target.recompute_ratio[recompute]:.3f} x model FLOPs "
+                "(model.flops.hardware_flops_per_token); MFU counts model FLOPs only"),
+    ]
+
+    if mfu_run is not None and mfu is not None:
+        raise ValueError("give --mfu or --mfu-from, not both")
+    if mfu_run is not None:
+        mfu_a, scale_key = _mfu_from_run(mfu_run, target, acc, n_acc, precision, recompute, warnings)
+    elif mfu is not None:
+        mfu_a = _from_cli(mfu, "mfu", MFU_LABEL, "", "high")
+        if mfu_recompute and mfu_recompute != recompute:
+            factor = target.recompute_ratio[mfu_recompute] / target.recompute_ratio[recompute]
+            mfu_a = mfu_a.scaled(factor, f"given for recompute={mfu_recompute}; x{factor:.3f} "
+                                         f"for recompute={recompute} at the same HFU")
+        scale_key = "published"
+        mfu_a.notes.append("taken to be the MFU at the target scale (pass --scaling otherwise)")
+    else:
+        mfu_a = _default_mfu(d["mfu"], target, acc, precision, recompute)
+        scale_key = "published"
+    _check_bounds(mfu_a, 0.0, 1.0)
+    if mfu_a.central > 0.6:
+        warnings.append(f"MFU {mfu_a.central:.2f} is above any large-run MFU we know of "
+                        "(MegaScale 55.2%): check it")
+
+    if scaling is not None:
+        scaling_a = _from_cli(scaling, "scaling", "scaling efficiency", "", "high")
+    else:
+        scaling_a = _from_yaml(d["scaling_efficiency"][scale_key], "scaling",
+                               "scaling efficiency", "", "high")
+    _check_bounds(scaling_a, 0.0, 1.0)
+
+    goodput_a = (_from_cli(goodput, "goodput", "goodput (useful / elapsed time)", "", "high")
+                 if goodput is not None else
+                 _from_yaml(d["goodput"], "goodput", "goodput (useful / elapsed time)", "", "high"))
+    _check_bounds(goodput_a, 0.0, 1.0)
+    if goodput_a.central > 0.97:
+        warnings.append(f"goodput {goodput_a.central:.2f}: no large run we know of reports more than ~0.9-0.95")
+
+    power_a = _power(d["power_fraction_of_tdp"], acc, power_w, warnings)
+    pue_a = (_from_cli(pue, "pue", "PUE (facility / IT energy)", "", "low") if pue is not None
+             else _from_yaml(d["pue"], "pue", "PUE (facility / IT energy)", "", "low"))
+    _check_bounds(pue_a, 0.99, 5.0)
+    price_a = None
+    if price is not None:
+        price_a = _from_cli(price, "price", "price per accelerator-hour", "USD", "low")
+        _check_bounds(price_a, -1e-12, 1e6)
+    return AssumptionSet(mfu_a, scaling_a, goodput_a, pue_a, power_a, price_a, settings, warnings)
+
+
+def _default_mfu(d: dict, target: Target, acc: Accelerator, precision: str,
+                 recompute: str) -> Assumption:
+    entry = d["fp8"] if precision == "fp8" else d["bf16"]
+    a = _from_yaml(entry, "mfu", MFU_LABEL, "", "high")
+    if precision in ("tf32", "fp32"):
+        a.notes.append(f"the default range is for bf16 runs; for {precision} it is a guess")
+    if target.is_moe:
+        bf16_peak = acc.peak_flops("bf16" if "bf16" in acc.precisions() else "fp16")
+        moe_low = float(d["moe_low_of_bf16_peak"]["value"]) * bf16_peak / acc.peak_flops(precision)
+        if moe_low < a.low:
+            a = Assumption(a.key, a.label, a.central, moe_low, a.high, a.unit, a.better,
+                           a.source + " MoE: " + " ".join(str(d["moe_low_of_bf16_peak"]["source"]).split()),
+                           a.notes)
+            a.notes.append(f"MoE target: low end lowered to {moe_low:.3f}; the central value is "
+                           "still that of dense runs")
+    if recompute != "none":
+        a.notes.append("published MFUs already include the recomputation those runs used, so "
+                       f"recompute={recompute} does not move this range")
+    return a
+
+
+def _mfu_from_run(run: RunSummary, target: Target, acc: Accelerator, n_acc: int,
+                  precision: str, recompute: str, warnings: list[str]) -> tuple[Assumption, str]:
+    a = Assumption(
+        "mfu", MFU_LABEL, run.mfu_median, min(run.mfu_p10, run.mfu_median),
+        max(run.mfu_p90, run.mfu_median), "", "high",
+        f"measured: {run.path} (median, p10-p90 of steady steps; {run.world_size} process(es) on "
+        f"{run.device}, peak {run.peak_flops_median / 1e12:.3g} TFLOP/s: {run.peak_source})",
+    )
+    a.notes.append("the p10-p90 range covers step-to-step noise only, not the transfer to another setup")
+    if run.on_cpu or not run.peak_from_catalog:
+        msg = (f"MFU measured on {run.device} against a measured matmul peak: a CPU MFU does not "
+               f"transfer to a GPU/TPU ({acc.name}); kernels, memory bandwidth and communication "
+               "differ. Read this projection as the arithmetic applied to that number, not a forecast")
+        a.notes.append(msg)
+        warnings.append(msg)
+    else:
+        measured_on = match_device_name(run.device)
+        if measured_on is not None and measured_on.name != acc.name:
+            msg = (f"MFU measured on {measured_on.name}, projected onto {acc.name}: assumes the same "
+                   "fraction of peak is reached on both")
+            a.notes.append(msg)
+            warnings.append(msg)
+    run_prec = {"no": "fp32"}.get(run.mixed_precision, run.mixed_precision)
+    if run_prec != precision:
+        msg = (f"run trained in {run_prec}, projection uses the {precision} peak: MFU is assumed to "
+               "carry over between precisions")
+        a.notes.append(msg)
+        warnings.append(msg)
+    src_ratio = run.recompute_ratio
+    if src_ratio is None:
+        src_ratio = 1.0
+        a.notes.append("summary.json has no hardware_flops_per_token: the run is taken to have "
+                       "used no recomputation")
+    tgt_ratio = target.recompute_ratio[recompute]
+    if abs(src_ratio - tgt_ratio) > 1e-9:
+        factor = src_ratio / tgt_ratio
+        a = a.scaled(factor, f"run recomputed {src_ratio:.3f}x model FLOPs, target {tgt_ratio:.3f}x: "
+                             f"MFU x{factor:.3f} at the same HFU")
+    scale_key = "measured_smaller" if run.world_size < n_acc else "measured_same"
+    return a, scale_key
+
+
+def _power(d: dict, acc: Accelerator, power_w: Range | None,
+           warnings: list[str]) -> Assumption | None:
+    label = "power per accelerator"
+    if power_w is not None:
+        a = _from_cli(power_w, "power_w", label, "W", "low")
+        _check_bounds(a, 0.0, 1e5)
+        return a
+    tdp = acc.get("tdp_w")
+    if tdp is None:
+        why = (acc.get("missing") or {}).get("tdp_w", "no TDP in the catalog")
+        warnings.append(f"energy not computed: {why}")
+        return None
+    frac = _from_yaml(d, "power_w", label, "W", "low")
+    return Assumption("power_w", label, tdp * frac.central, tdp * frac.low, tdp * frac.high,
+                      "W", "low",
+                      f"{acc.name} TDP {tdp:g} W ({acc.source}) x {frac.low:g}/{frac.central:g}/"
+                      f"{frac.high:g}: {frac.source}")

@@ -1,0 +1,133 @@
+"""Markdown and text renderings of projections and validations (calibrate will reuse md_table,
+assumption_table and write_outputs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from estimate.assumptions import AssumptionSet
+from estimate.project import CASES, Projection
+from estimate.units import fmt, human, sig
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table; pipes inside cells are escaped."""
+    def cell(x) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _value(x: float, unit: str) -> str:
+    if unit == "W":
+        return f"{x:.4g} W"
+    if unit == "USD":
+        return f"${x:.4g}"
+    return f"{x:.3g}"
+
+
+def assumption_table(a: AssumptionSet) -> str:
+    """Every assumption: value, range, which end is favourable, source and notes."""
+    rows = []
+    for x in a.numeric():
+        rng = "(point)" if x.low == x.high else f"{_value(x.low, x.unit)} – {_value(x.high, x.unit)}"
+        better = "higher" if x.better == "high" else "lower"
+        notes = "; ".join(x.notes)
+        rows.append([x.label, _value(x.central, x.unit), rng, better, x.source + (f" *Notes:* {notes}" if notes else "")])
+    for s in a.settings:
+        rows.append([s.label, s.value, "(setting)", "", s.source])
+    return md_table(["assumption", "central", "low – high", "better when", "source / notes"], rows)
+
+
+def _outcome_rows(p: Projection) -> list[list[str]]:
+    o = p.outcomes
+    rows = [
+        ["wall-clock days"] + [sig(o[c].days) for c in CASES],
+        ["accelerator-hours"] + [human(o[c].accelerator_hours) for c in CASES],
+    ]
+    if o["central"].energy_mwh is not None:
+        rows.append(["energy (MWh)"] + [sig(o[c].energy_mwh) for c in CASES])
+    if o["central"].cost_usd is not None:
+        rows.append(["cost (USD)"] + [f"${human(o[c].cost_usd)}" for c in CASES])
+    rows.append(["effective MFU x scaling x goodput"]
+                + [f"{o[c].mfu * o[c].scaling * o[c].goodput:.3f}" for c in CASES])
+    return rows
+
+
+def _headline(p: Projection) -> str:
+    t = p.target
+    moe = f", {human(t.active_params)} active" if t.is_moe or t.active_params != t.params else ""
+    return (f"{t.name} ({human(t.params)} parameters{moe}) on {human(p.tokens)} tokens, "
+            f"{p.n_acc} x {p.accelerator.name} ({p.precision}, "
+            f"{p.peak_flops / 1e12:.4g} TFLOP/s dense peak each)")
+
+
+def projection_text(p: Projection) -> str:
+    """The stdout summary."""
+    c, b, w = (p.outcomes[k] for k in ("central", "best", "worst"))
+    lines = [
+        "projection: " + _headline(p),
+        f"  total model FLOPs  {p.total_model_flops:.3g}  ({p.target.model_flops_per_token:.3g} per token)",
+        f"  wall-clock         {sig(c.days)} days   (range {sig(b.days)} - {sig(w.days)})",
+        f"  accelerator-hours  {human(c.accelerator_hours)}   (range {human(b.accelerator_hours)} - "
+        f"{human(w.accelerator_hours)})",
+    ]
+    if c.energy_mwh is not None:
+        lines.append(f"  energy             {sig(c.energy_mwh)} MWh   (range {sig(b.energy_mwh)} - "
+                     f"{sig(w.energy_mwh)})")
+    if c.cost_usd is not None:
+        lines.append(f"  cost               ${human(c.cost_usd)}   (range ${human(b.cost_usd)} - ${human(w.cost_usd)})")
+    a = p.assumptions
+    lines.append(f"  assumptions        MFU {a.mfu.central:.3g} ({a.mfu.low:.3g}-{a.mfu.high:.3g}), "
+                 f"scaling {a.scaling.central:.3g} ({a.scaling.low:.3g}-{a.scaling.high:.3g}), "
+                 f"goodput {a.goodput.central:.3g} ({a.goodput.low:.3g}-{a.goodput.high:.3g})")
+    for ch in p.checks:
+        if ch.status == "warn":
+            lines.append(f"  WARNING [{ch.name}] {ch.message}")
+    return "\n".join(lines)
+
+
+def projection_markdown(p: Projection, plot_name: str | None = None) -> str:
+    """report.md of `python -m estimate project`."""
+    parts = [
+        "# Training-time projection",
+        "",
+        _headline(p) + ".",
+        "",
+        "time = total model FLOPs / (accelerators x peak x MFU x scaling efficiency x goodput); "
+        "best = every assumption at its favourable end, worst = every one at its unfavourable "
+        "end (an envelope, not a confidence interval).",
+        "",
+        md_table(["", "best", "central", "worst"], _outcome_rows(p)),
+        "",
+        f"Total model FLOPs: {p.total_model_flops:.4g} ({p.target.model_flops_per_token:.4g} "
+        f"per token x {p.tokens:.4g} tokens); hardware FLOPs with recompute={p.recompute}: "
+        f"{p.total_hardware_flops:.4g}.",
+        "",
+    ]
+    if plot_name:
+        parts += [f"![projection range]({plot_name})", ""]
+    parts += ["## Assumptions", "", assumption_table(p.assumptions), "",
+              "## Target", ""] + [f"- {n}" for n in p.target.notes] + ["", "## Checks", ""]
+    parts += [f"- **{c.status}** ({c.name}): {c.message}" for c in p.checks]
+    return "\n".join(parts) + "\n"
+
+
+def write_outputs(out_dir: str | Path, markdown: str, record: dict) -> tuple[Path, Path]:
+    """Write report.md and a JSON record (projection.json / validation.json) to out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md_path = out / "report.md"
+    md_path.write_text(markdown)
+    name = record.get("kind", "projection") + ".json"
+    json_path = out / name
+    json_path.write_text(json.dumps(record, indent=2, default=str))
+    return md_path, json_path
+
+
+__all__ = ["md_table", "assumption_table", "projection_text", "projection_markdown",
+           "write_outputs", "fmt", "human"]

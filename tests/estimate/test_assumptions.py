@@ -1,0 +1,137 @@
+import json
+
+import pytest
+
+from estimate.assumptions import build_assumptions, load_defaults
+from estimate.hardware import get_accelerator
+from estimate.runs import read_summary
+from estimate.target import resolve_target
+
+
+def write_summary(path, **over):
+    data = {
+        "format": 1,
+        "mfu": {"median": 0.30, "p10": 0.27, "p90": 0.32},
+        "tokens_per_s": {"median": 5000.0, "p10": 4500.0, "p90": 5200.0},
+        "model_flops_per_token": 1.0e9,
+        "hardware_flops_per_token": 1.0e9,
+        "world_size": 2,
+        "mixed_precision": "bf16",
+        "device": "NVIDIA H100 80GB HBM3",
+        "peak_flops_per_process": {"median": 989e12, "min": 989e12, "max": 989e12,
+                                   "source": "catalog:H100-SXM5-80GB (datasheet)"},
+    } | over
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "summary.json").write_text(json.dumps(data))
+    return path
+
+
+def test_defaults_have_sources_and_ordered_ranges():
+    d = load_defaults()
+    entries = [d["mfu"]["bf16"], d["mfu"]["fp8"], d["goodput"], d["pue"],
+               d["power_fraction_of_tdp"], *d["scaling_efficiency"].values()]
+    for e in entries:
+        assert e["low"] <= e["central"] <= e["high"]
+        assert len(e["source"]) > 40
+    # the published anchors the MFU default cites
+    src = d["mfu"]["bf16"]["source"]
+    for anchor in ("46.2%", "38-43%", "55.2%"):
+        assert anchor in src
+
+
+def test_default_dense_bf16():
+    t = resolve_target("llama3-405b")
+    a = build_assumptions(t, get_accelerator("H100-SXM5-80GB"), 16384)
+    assert (a.mfu.low, a.mfu.central, a.mfu.high) == (0.35, 0.40, 0.55)
+    assert a.goodput.central == 0.9 and a.scaling.central == 1.0
+    assert a.power_w.central == 700  # TDP x 1.0
+    assert a.price is None
+    for x in a.numeric():
+        assert x.low <= x.central <= x.high and x.source
+
+
+def test_moe_lowers_low_end_and_fp8_uses_fp8_defaults():
+    acc = get_accelerator("H800-SXM5-80GB")
+    moe = build_assumptions(resolve_target("deepseek-v3"), acc, 2048)
+    assert moe.mfu.low == pytest.approx(0.22)
+    assert moe.mfu.central == 0.40
+    fp8 = build_assumptions(resolve_target("llama3-405b"), acc, 2048, precision="fp8")
+    assert (fp8.mfu.low, fp8.mfu.central, fp8.mfu.high) == (0.20, 0.30, 0.45)
+    moe_fp8 = build_assumptions(resolve_target("deepseek-v3"), acc, 2048, precision="fp8")
+    assert moe_fp8.mfu.low == pytest.approx(0.22 * 989 / 1979)  # against the fp8 peak
+
+
+def test_cli_overrides_point_and_range():
+    t = resolve_target("llama2-70b")
+    a = build_assumptions(t, get_accelerator("A100-SXM4-80GB"), 2048, mfu=(0.5, None, None),
+                          goodput=(0.85, 0.8, 0.9), price=(2.0, None, None))
+    assert a.mfu.low == a.mfu.central == a.mfu.high == 0.5
+    assert (a.goodput.low, a.goodput.high) == (0.8, 0.9)
+    assert a.price.central == 2.0
+    with pytest.raises(ValueError, match="outside"):
+        build_assumptions(t, get_accelerator("A100-SXM4-80GB"), 8, mfu=(1.5, None, None))
+
+
+def test_mfu_recompute_conversion_keeps_hfu():
+    t = resolve_target("llama2-70b")
+    acc = get_accelerator("A100-SXM4-80GB")
+    a = build_assumptions(t, acc, 8, recompute="full", mfu=(0.45, None, None), mfu_recompute="none")
+    assert a.mfu.central == pytest.approx(0.45 / t.recompute_ratio["full"])
+
+
+def test_mfu_from_run_dir(tmp_path):
+    run = read_summary(write_summary(tmp_path / "run"))
+    t = resolve_target("llama2-70b")
+    acc = get_accelerator("H100-SXM5-80GB")
+    a = build_assumptions(t, acc, 1024, mfu_run=run)
+    assert (a.mfu.low, a.mfu.central, a.mfu.high) == (0.27, 0.30, 0.32)
+    assert str(run.path) in a.mfu.source
+    # measured on 2 GPUs, projected to 1024: the extrapolation default applies
+    assert a.scaling.central == 0.9 and a.scaling.low == 0.7
+    same = build_assumptions(t, acc, 2, mfu_run=run)
+    assert same.scaling.central == 1.0
+
+
+def test_cpu_mfu_is_flagged(tmp_path):
+    run = read_summary(write_summary(
+        tmp_path / "cpu", device="cpu", mixed_precision="no",
+        peak_flops_per_process={"median": 1e11, "min": 9e10, "max": 1.1e11,
+                                "source": "measured: fp32 matmul on cpu"}))
+    a = build_assumptions(resolve_target("llama2-70b"), get_accelerator("H100-SXM5-80GB"), 64,
+                          mfu_run=run)
+    assert any("does not transfer" in w for w in a.warnings)
+    assert any("does not transfer" in n for n in a.mfu.notes)
+    assert any("fp32" in w for w in a.warnings)  # trained in fp32, projected with the bf16 peak
+
+
+def test_run_recompute_is_carried_as_hfu(tmp_path):
+    # the run recomputed everything (hardware FLOPs 4/3 of model FLOPs); the target does not
+    run = read_summary(write_summary(tmp_path / "r", hardware_flops_per_token=4.0e9 / 3))
+    t = resolve_target("llama2-70b")
+    a = build_assumptions(t, get_accelerator("H100-SXM5-80GB"), 2, mfu_run=run)
+    assert a.mfu.central == pytest.approx(0.30 * (4 / 3) / t.recompute_ratio["none"])
+
+
+def test_read_summary_errors(tmp_path):
+    with pytest.raises(ValueError, match="no summary.json"):
+        read_summary(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"format": 1}))
+    with pytest.raises(ValueError, match="missing key"):
+        read_summary(tmp_path)
+    write_summary(tmp_path / "v2", format=2)
+    with pytest.raises(ValueError, match="format"):
+        read_summary(tmp_path / "v2")
+
+
+def test_no_tdp_means_no_energy_unless_given():
+    t = resolve_target("llama2-70b")
+    acc = get_accelerator("TPU-v5p")
+    a = build_assumptions(t, acc, 1024)
+    assert a.power_w is None and any("TDP" in w for w in a.warnings)
+    given = build_assumptions(t, acc, 1024, power_w=(400.0, None, None))
+    assert given.power_w.central == 400.0
+
+
+def test_precision_missing_on_accelerator():
+    with pytest.raises(ValueError, match="available"):
+        build_assumptions(resolve_target("gpt3-175b"), get_accelerator("V100-SXM2-32GB"), 8)
