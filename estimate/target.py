@@ -142,7 +142,7 @@ def _params_only_target(params: float | None, active_params: float | None) -> Ta
     # Full recomputation repeats the forward of (almost) every matmul: 2N on top of 6N.
     ratios = {"none": 1.0, "selective": 1.0, "full": 8.0 / 6.0}
     return Target(
-        name=f"{total / 1e9:.4g}B parameters" + (f" ({active / 1e9:.4g}B active)" if active != total else ""),
+        name="model given by size",
         model_flops_per_token=6.0 * active,
         params=total,
         active_params=active,

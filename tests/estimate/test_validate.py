@@ -25,6 +25,7 @@ def test_key_published_figures():
     assert runs["LLaMA-65B"]["reported"]["accelerator_hours"] == 1022362
     assert runs["Llama 2 70B"]["reported"]["accelerator_hours"] == 1720320
     assert runs["BLOOM-176B"]["reported"]["accelerator_hours"] == 1082990
+    assert runs["OPT-175B"]["reported"]["accelerator_hours"] == 992 * 34 * 24
     assert runs["Llama 3.1 405B"]["reported"]["accelerator_hours"] == pytest.approx(30.84e6)
     assert runs["DeepSeek-V3"]["reported"]["accelerator_hours"] == pytest.approx(2.664e6)
     assert runs["PaLM 540B"]["reported"]["accelerator_hours"] == 6144 * 1200 + 3072 * 336
