@@ -135,3 +135,23 @@ def test_no_tdp_means_no_energy_unless_given():
 def test_precision_missing_on_accelerator():
     with pytest.raises(ValueError, match="available"):
         build_assumptions(resolve_target("gpt3-175b"), get_accelerator("V100-SXM2-32GB"), 8)
+
+
+def test_unknown_gpu_with_measured_peak_is_flagged(tmp_path):
+    run = read_summary(write_summary(
+        tmp_path / "g", device="NVIDIA GeForce RTX 4090",
+        peak_flops_per_process={"median": 1.5e14, "min": 1.4e14, "max": 1.6e14,
+                                "source": "measured: bf16 matmul on cuda"}))
+    a = build_assumptions(resolve_target("gpt2-124m"), get_accelerator("H100-SXM5-80GB"), 8,
+                          mfu_run=run)
+    assert any("not comparable" in w for w in a.warnings)
+    assert not any("does not transfer" in w for w in a.warnings)
+
+
+def test_gpu_run_on_other_accelerator_is_flagged(tmp_path):
+    run = read_summary(write_summary(tmp_path / "h"))  # measured on an H100
+    a = build_assumptions(resolve_target("gpt2-124m"), get_accelerator("MI300X"), 8, mfu_run=run)
+    assert any("projected onto MI300X" in w for w in a.warnings)
+    same = build_assumptions(resolve_target("gpt2-124m"), get_accelerator("H100-SXM5-80GB"), 8,
+                             mfu_run=run)
+    assert same.warnings == []
