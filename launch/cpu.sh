@@ -16,6 +16,7 @@ else
   DIST=(--num_processes 1)
 fi
 export ACCELERATE_USE_CPU=1 WANDB_MODE=${WANDB_MODE:-offline}
-[ -n "${DRY_RUN:-}" ] && ECHO=echo || ECHO=
-$ECHO "$ACCELERATE" launch "${DIST[@]}" --num_machines 1 --mixed_precision no --dynamo_backend no \
+# exec: the launcher replaces this shell, so SIGTERM/SIGINT reach it (and the ranks) directly.
+if [ -n "${DRY_RUN:-}" ]; then RUN=echo; else RUN=exec; fi
+$RUN "$ACCELERATE" launch "${DIST[@]}" --num_machines 1 --mixed_precision no --dynamo_backend no \
   -m train "$@" world_size="$NPROC"

@@ -113,6 +113,14 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         self.records: list[dict] = []
 
+    def resume(self, step: int) -> None:
+        """Keep the records up to `step` (those of the checkpoint resumed from) and drop the
+        rest, so that a resumed run's file has every step exactly once."""
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        self.records = [r for r in map(json.loads, lines) if r["step"] <= step]
+        if self.enabled:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
     def write(self, record: dict) -> None:
         self.records.append(record)
         if self.enabled:

@@ -54,6 +54,12 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines (metrics.jsonl gets every step)
     warmup_steps_excluded: int = 5  # first steps left out of the throughput summary
     peak_samples: int = 3  # CPU matmul peak measurements (start, evals, end)
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only on preemption
+    keep_checkpoints: int = 3  # newest checkpoints kept; 0 keeps all
+    resume: str = "none"  # none | auto (newest valid checkpoint in out_dir) | a checkpoint dir
+    time_limit_s: float = 0.0  # checkpoint and exit before this much wall time; 0 = no limit
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    inject_nan_at_steps: list[int] = field(default_factory=list)  # fault injection, for tests
     tracker: str = "wandb"  # wandb | none
     wandb_project: str = "tokenclock"
     sample_prompt: str = "def "
@@ -96,9 +102,12 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.tracker not in ("wandb", "none"):
         raise ValueError(f"tracker={cfg.tracker!r}; valid: wandb, none")
-    for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "log_every"):
+    for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "log_every",
+                 "max_bad_steps"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.checkpoint_every < 0 or cfg.keep_checkpoints < 0:
+        raise ValueError("checkpoint_every and keep_checkpoints must be >= 0")
     if cfg.seq_len > cfg.model.seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds model.seq_len={cfg.model.seq_len}")
     cfg.model.validate()

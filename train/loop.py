@@ -13,8 +13,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +27,15 @@ from safetensors.torch import save_model
 
 from model.flops import model_flops_per_token
 from model.transformer import Transformer
+from train.checkpoint import (
+    Checkpointer,
+    StopRequest,
+    fingerprint,
+    load,
+    resume_path,
+    rng_state,
+    set_rng_state,
+)
 from train.clock import MetricsLog, PeakSampler, PhaseTimer, distribution, peak_memory_bytes
 from train.config import TrainConfig, to_yaml
 from train.data import BatchLoader, TokenWindows, read_meta
@@ -33,6 +44,7 @@ from train.techniques import apply_techniques, executed_flops_per_token
 
 log = logging.getLogger("train")
 SUMMARY_FORMAT = 1
+EXIT_STOPPED = 75  # checkpointed and stopped on SIGTERM/SIGINT or time limit (EX_TEMPFAIL)
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -85,6 +97,14 @@ def weight_checksums(model: torch.nn.Module, accelerator: Accelerator) -> list[s
     gathered: list[str] = [""] * accelerator.num_processes
     dist.all_gather_object(gathered, mine)
     return gathered
+
+
+def log_changed_settings(saved: dict, cfg: TrainConfig) -> None:
+    """Log the settings that differ from the checkpoint's run (allowed: lr, steps, logging...)."""
+    current = dataclasses.asdict(cfg)
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key) and key not in ("resume",):
+            log.info(f"resuming with changed setting {key}: {saved.get(key)!r} -> {current.get(key)!r}")
 
 
 def global_sum(value: float | torch.Tensor, accelerator: Accelerator) -> float:
@@ -160,6 +180,18 @@ def run(cfg: TrainConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
+    checkpointer = Checkpointer(out, cfg.keep_checkpoints, rank, accelerator.wait_for_everyone)
+    run_fingerprint = fingerprint(cfg, meta, world)
+    state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_steps": 0, "initial_val_loss": None}
+    resume_from = resume_path(cfg.resume, checkpointer)
+    if resume_from is not None:
+        saved, rank_state = load(resume_from, raw_model, optimizer, rank, run_fingerprint)
+        state.update({k: saved[k] for k in state})
+        train_loader.load_state_dict(rank_state["data"])
+        set_rng_state(rank_state["rng"])
+        log_changed_settings(saved["config"], cfg)
+        log.info(f"resumed from {resume_from} at step {state['step']}")
+
     flops_tok = model_flops_per_token(cfg.model, seq_len)
     hw_flops_tok = executed_flops_per_token(cfg, seq_len)
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else (
@@ -170,7 +202,8 @@ def run(cfg: TrainConfig) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        if resume_from is None:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.copy(Path(cfg.data_dir) / meta.get("tokenizer", "tokenizer.json"), out / "tokenizer.json")
     if cfg.tracker == "wandb":
         accelerator.init_trackers(
@@ -178,6 +211,7 @@ def run(cfg: TrainConfig) -> dict:
             init_kwargs={"wandb": {"dir": str(out)}},
         )
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
+    metrics.resume(state["step"])
     n_params = raw_model.num_params()
     log.info(
         f"model: {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOP/token | "
@@ -188,13 +222,21 @@ def run(cfg: TrainConfig) -> dict:
     )
     log.info(f"peak FLOP/s per process: {peaks.median() / 1e12:.3f} TFLOP/s ({peaks.source})")
 
-    val_loss = initial_val = evaluate(model, val_loader, cfg.eval_batches, accelerator)
-    log.info(f"step 0: val loss {val_loss:.4f}")
-    metrics.write({"step": 0, "val_loss": val_loss})
+    if resume_from is None:
+        state["initial_val_loss"] = evaluate(model, val_loader, cfg.eval_batches, accelerator)
+        log.info(f"step 0: val loss {state['initial_val_loss']:.4f}")
+        metrics.write({"step": 0, "val_loss": state["initial_val_loss"]})
+    val_loss = [r["val_loss"] for r in metrics.records if "val_loss" in r][-1]
     timer = PhaseTimer(accelerator.device)
-    tokens_seen = 0
+    stop_request, started, save_s = StopRequest(), time.monotonic(), 0.0
 
-    for step in range(1, cfg.steps + 1):
+    def save_checkpoint(step: int) -> None:
+        trainer = {**state, "fingerprint": run_fingerprint, "config": dataclasses.asdict(cfg)}
+        path = checkpointer.save(step, raw_model, optimizer, trainer,
+                                 {"rng": rng_state(), "data": train_loader.state_dict()})
+        log.info(f"step {step}: saved checkpoint {path}")
+
+    for step in range(state["step"] + 1, cfg.steps + 1):
         lr = lr_at(step - 1, cfg.steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -210,22 +252,31 @@ def run(cfg: TrainConfig) -> dict:
             sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
             with sync:
                 _, batch_loss = model(x.to(accelerator.device), y.to(accelerator.device))
+                if step in cfg.inject_nan_at_steps:
+                    batch_loss = batch_loss * float("nan")
                 accelerator.backward(batch_loss * world / step_tokens)
             loss_sum += batch_loss.detach()
         timer.lap("fwd_bwd_s")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        optimizer.step()
+        train_loss = global_sum(loss_sum, accelerator) / step_tokens
+        # A non-finite loss or gradient skips the update (the same on every rank: both are
+        # all-reduced). Under fp16 the grad scaler skips overflowing steps by itself.
+        finite = math.isfinite(train_loss) and math.isfinite(float(grad_norm))
+        if finite or accelerator.scaler is not None:
+            optimizer.step()
+        skipped = not finite or accelerator.optimizer_step_was_skipped
         optimizer.zero_grad(set_to_none=True)
         timer.lap("optim_s")
-
-        train_loss = global_sum(loss_sum, accelerator) / step_tokens
-        tokens_seen += int(step_tokens)
+        bad = not math.isfinite(train_loss) or (not finite and accelerator.scaler is None)
+        state["bad_steps"] = state["bad_steps"] + 1 if bad else 0
+        state["skipped_steps"] += int(skipped)
+        state["step"], state["tokens"] = step, state["tokens"] + int(step_tokens)
         step_s = timer.total()
         tokens_per_s = step_tokens / step_s
         peak_total = peaks.median() * world
         record = {
             "step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
-            "tokens": tokens_seen, "step_s": step_s, **timer.phases,
+            "tokens": state["tokens"], "step_s": step_s, **timer.phases,
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_process": tokens_per_s / world,
             "model_tflops_per_s": flops_tok * tokens_per_s / 1e12,
             "mfu": flops_tok * tokens_per_s / peak_total,
@@ -233,6 +284,10 @@ def run(cfg: TrainConfig) -> dict:
             "peak_mem_bytes": peak_memory_bytes(accelerator.device),
             "eta_s": step_s * (cfg.steps - step),
         }
+        if skipped:
+            record["skipped"] = True
+            log.warning(f"step {step}: non-finite loss or gradient, update skipped "
+                        f"({state['bad_steps']} in a row)")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record["val_loss"] = val_loss = evaluate(model, val_loader, cfg.eval_batches, accelerator)
             if len(peaks.samples) < cfg.peak_samples:
@@ -247,9 +302,30 @@ def run(cfg: TrainConfig) -> dict:
                 f"{tokens_per_s:,.0f} tok/s | MFU {record['mfu']:.1%} | "
                 f"data {timer.phases['data_wait_s'] * 1e3:.1f} ms | ETA {record['eta_s']:.0f} s"
             )
+        if state["bad_steps"] >= cfg.max_bad_steps:
+            last = checkpointer.latest_valid()
+            raise RuntimeError(
+                f"{state['bad_steps']} non-finite steps in a row (up to step {step}): stopping. "
+                f"Last good checkpoint: {last or 'none'}. Lower optim.lr or inspect the data."
+            )
+        # Stop on a signal or before the time limit; all ranks must agree, so they vote.
+        late = cfg.time_limit_s and (time.monotonic() - started + 2 * step_s + save_s) >= cfg.time_limit_s
+        stop = global_sum(float(stop_request.signal is not None or bool(late)), accelerator) > 0
+        periodic = cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps)
+        if (periodic or stop) and state["bad_steps"] == 0:
+            t0 = time.monotonic()
+            save_checkpoint(step)
+            save_s = time.monotonic() - t0
+        if stop:
+            reason = "time limit" if late else "signal"
+            log.warning(f"stopping at step {step} ({reason}); resume with resume=auto")
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+            raise SystemExit(EXIT_STOPPED)
 
-    summary = summarize(cfg, metrics.records, peaks, accelerator, initial_val, val_loss, n_params,
-                        flops_tok, hw_flops_tok, seq_len)
+    summary = summarize(cfg, metrics.records, peaks, accelerator, state["initial_val_loss"],
+                        val_loss, n_params, flops_tok, hw_flops_tok, seq_len)
+    summary["skipped_steps"] = state["skipped_steps"]
     summary["rank_weight_sha256"] = checksums = weight_checksums(raw_model, accelerator)
     if len(set(checksums)) != 1:
         raise RuntimeError(f"ranks ended with different weights: {checksums}")
