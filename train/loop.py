@@ -130,6 +130,20 @@ def evaluate(model, loader: BatchLoader, batches: int, accelerator: Accelerator)
     return global_sum(loss_sum, accelerator) / global_sum(tokens, accelerator)
 
 
+def check_tokenizer(path: Path, meta: dict) -> None:
+    """The dataset's tokenizer must exist and have the vocabulary its shards were written with."""
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} named by meta.json is missing")
+    size = Tokenizer.from_file(str(path)).get_vocab_size()
+    if size != meta["vocab_size"]:
+        raise ValueError(
+            f"tokenizer {path} has {size} tokens but meta.json says the shards use "
+            f"vocab_size={meta['vocab_size']}: the tokenizer does not belong to these shards"
+        )
+
+
 def sample_text(model: Transformer, tokenizer_path: Path, cfg: TrainConfig, device) -> str:
     """Generate from the trained model with the dataset's tokenizer (main rank only)."""
     from tokenizers import Tokenizer
@@ -163,6 +177,7 @@ def run(cfg: TrainConfig) -> dict:
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's "
             f"vocab_size={meta['vocab_size']} ({cfg.data_dir}); use model.vocab_size=0 to follow the data"
         )
+    check_tokenizer(Path(cfg.data_dir) / meta.get("tokenizer", "tokenizer.json"), meta)
     seq_len = cfg.seq_len or cfg.model.seq_len
     rank, world = accelerator.process_index, accelerator.num_processes
     train_loader = BatchLoader(
