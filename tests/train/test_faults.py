@@ -168,3 +168,12 @@ def test_bad_data_directories_are_reported(tiny_data, tmp_path):
     result = run_cmd(train_args(tiny_data, tmp_path / "r3", "micro_batch_size=4096",
                                 "batch_size=4096"), check=False)
     assert "too few for micro_batch_size=4096" in result.stderr
+
+
+def test_time_limit_checkpoints_and_exits_75(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_cmd(train_args(tiny_data, out, "steps=100000", "checkpoint_every=0",
+                                "time_limit_s=3"), check=False)
+    assert result.returncode == 75, result.stderr
+    assert "(time limit); resume with resume=auto" in result.stderr
+    assert len(list((out / "checkpoints").iterdir())) == 1
