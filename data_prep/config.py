@@ -15,6 +15,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from data_prep.filters import FiltersConfig
+from data_prep.filters.pii import PIIConfig
+from data_prep.normalize import NormalizeConfig
+
 SOURCE_KINDS = ("embedded", "jsonl", "parquet", "text", "hub")
 DOMAINS = ("prose", "code")
 
@@ -50,6 +54,52 @@ class SourceConfig:
 
 
 @dataclass
+class ReadConfig:
+    """Limits applied to every record as it is read."""
+
+    max_doc_bytes: int = 5_000_000  # larger records are dropped as too_large
+    min_doc_chars: int = 1  # records with fewer non-whitespace characters are dropped as empty
+
+
+@dataclass
+class ExactDedupConfig:
+    """Exact duplicates: equal normalised text (xxh3-128 of its UTF-8 bytes)."""
+
+    enabled: bool = True
+
+
+@dataclass
+class MinHashConfig:
+    """Near duplicates: MinHash LSH over word n-gram shingles (see data_prep.minhash)."""
+
+    enabled: bool = True
+    ngram: int = 5  # words per shingle
+    num_perm: int = 128  # signature length
+    threshold: float = 0.8  # Jaccard similarity the banding is tuned for
+    bands: int = 0  # 0 = choose bands and rows for `threshold`
+    rows: int = 0
+    fp_weight: float = 0.5  # weights of the false-positive / false-negative areas
+    fn_weight: float = 0.5
+    verify: bool = False  # check each candidate pair's exact Jaccard >= threshold
+    seed: int = 1  # of the permutations
+    batch_docs: int = 64  # documents per signature job
+
+
+@dataclass
+class DedupConfig:
+    exact: ExactDedupConfig = field(default_factory=ExactDedupConfig)
+    minhash: MinHashConfig = field(default_factory=MinHashConfig)
+
+
+@dataclass
+class ReportConfig:
+    examples_per_reason: int = 3  # example documents kept per rejection reason
+    snippet_chars: int = 300  # characters of each example shown
+    write_dropped: bool = False  # write stages/<stage>/dropped.jsonl with every dropped doc
+    clusters_shown: int = 10  # near-duplicate clusters listed in the report
+
+
+@dataclass
 class TokenizerConfig:
     """Byte-level BPE trained with HF `tokenizers` on the train split of the cleaned corpus."""
 
@@ -74,10 +124,16 @@ class ShardConfig:
 class PrepConfig:
     out_dir: str = "data/demo"
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    read: ReadConfig = field(default_factory=ReadConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    pii: PIIConfig = field(default_factory=PIIConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     workers: int = 0  # processes for parallel stages; 0 = all cores
     progress: bool = True  # tqdm progress bars
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def _validate(cfg: PrepConfig) -> None:
@@ -94,6 +150,21 @@ def _validate(cfg: PrepConfig) -> None:
             raise ValueError(f"sources.{i}.kind='hub' needs sources.{i}.hub_name")
     if not cfg.sources:
         raise ValueError("sources is empty; give at least one source (e.g. kind: embedded)")
+    m = cfg.dedup.minhash
+    if not 0.0 < m.threshold < 1.0:
+        raise ValueError(f"dedup.minhash.threshold={m.threshold}; must be in (0, 1)")
+    if (m.bands > 0) != (m.rows > 0) or m.bands * m.rows > m.num_perm:
+        raise ValueError(
+            f"dedup.minhash.bands={m.bands}, rows={m.rows}: give both (bands*rows <= num_perm="
+            f"{m.num_perm}) or neither (0, 0) to choose them for the threshold"
+        )
+    for name in ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "code"):
+        for d in getattr(cfg.filters, name).domains:
+            if d not in DOMAINS:
+                raise ValueError(f"filters.{name}.domains has {d!r}; valid: {', '.join(DOMAINS)}")
+    for d in [*cfg.pii.email_domains, *cfg.pii.ip_domains]:
+        if d not in DOMAINS:
+            raise ValueError(f"pii domains have {d!r}; valid: {', '.join(DOMAINS)}")
     if not 0.0 <= cfg.shards.val_fraction < 1.0:
         raise ValueError(f"shards.val_fraction={cfg.shards.val_fraction}; must be in [0, 1)")
     if cfg.shards.shard_tokens <= 0:

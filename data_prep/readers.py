@@ -1,22 +1,34 @@
-"""Readers: turn a configured source into a stream of Documents (and BadRecords).
+"""Readers: turn a configured source into a stream of Documents and BadRecords.
 
-Every record gets a stable id (a relative path, `file:line` or a field of the record) and keeps
-its source label, so the train/val split and deduplication survivors do not depend on where the
-data happens to live on this machine or on what else is read alongside it.
+Every record gets a stable id (a relative path, `file:line`, `file:row` or a field of the
+record) and keeps its source label, so the train/val split and the choice of deduplication
+survivors do not depend on where the data lives on this machine or on what is read with it.
+
+Bad input never raises: a reader yields a BadRecord with its own reason (invalid_utf8,
+malformed_json, missing_text_field, bad_text_field, binary_file, unreadable_file, too_large)
+and the file and line it came from, and the read stage counts it.
 """
 
 from __future__ import annotations
 
+import bz2
 import fnmatch
+import glob
+import gzip
+import json
+import lzma
 import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 from data_prep.config import SourceConfig
 from data_prep.document import BadRecord, Document
 
 Record = Document | BadRecord
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 
 
 def stdlib_dir() -> Path:
@@ -29,6 +41,266 @@ def _matches(rel: str, include: list[str], exclude: list[str]) -> bool:
     )
 
 
+def _snippet(raw: bytes, n: int = 200) -> str:
+    return raw[:n].decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------- files and folders
+def expand_paths(cfg: SourceConfig, suffixes: tuple[str, ...] | None) -> list[tuple[str, Path]]:
+    """(relative name, path) of the files `cfg.path` names: a file, a folder (walked
+    recursively, keeping files whose name ends in one of `suffixes` and that match the
+    include/exclude globs) or a glob pattern. Sorted, so ids and order are stable."""
+    assert cfg.path is not None
+    p = Path(cfg.path).expanduser()
+    if p.is_file():
+        return [(p.name, p)]
+    if p.is_dir():
+        out = []
+        for dirpath, dirnames, filenames in os.walk(p):
+            dirnames[:] = sorted(d for d in dirnames if d not in cfg.exclude_dirs)
+            for f in filenames:
+                full = Path(dirpath, f)
+                rel = full.relative_to(p).as_posix()
+                ok_suffix = suffixes is None or any(
+                    f.endswith(s) or any(f.endswith(s + c) for c in COMPRESSED) for s in suffixes
+                )
+                if ok_suffix and _matches(rel, cfg.include, cfg.exclude):
+                    out.append((rel, full))
+        return sorted(out)
+    hits = sorted(glob.glob(str(p), recursive=True))
+    if not hits:
+        raise FileNotFoundError(f"source path {cfg.path!r} is not a file, folder or matching glob")
+    return [(Path(h).name if len(hits) == 1 else h, Path(h)) for h in hits if Path(h).is_file()]
+
+
+def open_maybe_compressed(path: Path) -> IO[bytes]:
+    """A binary stream of the file, decompressed by suffix: .gz, .bz2, .xz or .zst."""
+    name = path.name
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rb")
+    if name.endswith(".zst"):
+        import pyarrow as pa
+
+        return pa.CompressedInputStream(pa.OSFile(str(path), "rb"), "zstd")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def fingerprint(cfg: SourceConfig) -> list[Any]:
+    """What identifies this source's input for stage caching: file names, sizes, mtimes."""
+    if cfg.kind == "embedded":
+        files = embedded_code_files(cfg) if cfg.code else []
+        import sys
+
+        return [sys.version, [(rel, p.stat().st_size, p.stat().st_mtime_ns) for rel, p in files]]
+    if cfg.kind == "hub":
+        return [cfg.hub_name, cfg.hub_config, cfg.hub_split]
+    files = expand_paths(cfg, _suffixes(cfg))
+    return [(rel, p.stat().st_size, p.stat().st_mtime_ns) for rel, p in files]
+
+
+def _suffixes(cfg: SourceConfig) -> tuple[str, ...] | None:
+    return {"jsonl": JSONL_SUFFIXES, "parquet": (".parquet",), "text": None}.get(cfg.kind)
+
+
+# --------------------------------------------------------------------------- records
+def record_to_doc(
+    rec: Any, default_id: str, source: str, cfg: SourceConfig, raw_len: int, where: str
+) -> Record:
+    """A JSON/parquet/hub record (a dict) as a Document, or a BadRecord saying what is wrong."""
+    if not isinstance(rec, dict):
+        return BadRecord(
+            "malformed_json",
+            default_id,
+            source,
+            raw_len,
+            f"{where}: a {type(rec).__name__}, not a JSON object",
+            str(rec)[:200],
+        )
+    if cfg.text_field not in rec or rec[cfg.text_field] is None:
+        return BadRecord(
+            "missing_text_field",
+            default_id,
+            source,
+            raw_len,
+            f"{where}: no {cfg.text_field!r} field (fields: {sorted(rec)[:10]})",
+            json.dumps(rec, default=str)[:200],
+        )
+    text = rec[cfg.text_field]
+    if not isinstance(text, str):
+        return BadRecord(
+            "bad_text_field",
+            default_id,
+            source,
+            raw_len,
+            f"{where}: {cfg.text_field!r} is a {type(text).__name__}, not a string",
+            str(text)[:200],
+        )
+    doc_id = default_id
+    if cfg.id_field and rec.get(cfg.id_field) is not None:
+        doc_id = f"{source}:{rec[cfg.id_field]}"
+    domain = cfg.domain
+    if cfg.domain_field and rec.get(cfg.domain_field) in ("prose", "code"):
+        domain = rec[cfg.domain_field]
+    meta = {"where": where}
+    return Document(doc_id, text, source, domain, meta)
+
+
+def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
+    """JSON lines, plain or compressed (.gz, .bz2, .xz, .zst); one document per line.
+
+    A line that is not valid UTF-8 or not valid JSON is a BadRecord naming file and line;
+    blank lines are skipped; a truncated compressed file ends with an `unreadable_file` record.
+    """
+    label = cfg.name or "jsonl"
+    for rel, path in expand_paths(cfg, JSONL_SUFFIXES):
+        source = f"{label}:{rel}"
+        try:
+            f = open_maybe_compressed(path)
+        except OSError as e:
+            yield BadRecord("unreadable_file", source, source, 0, f"{path}: {e}")
+            continue
+        lineno = 0
+        with f:
+            try:
+                for lineno, raw in enumerate(f, 1):
+                    where = f"{rel}:{lineno}"
+                    doc_id = f"{source}:{lineno}"
+                    if not raw.strip():
+                        continue
+                    if max_line_bytes and len(raw) > max_line_bytes:
+                        yield BadRecord(
+                            "too_large",
+                            doc_id,
+                            source,
+                            len(raw),
+                            f"{where}: {len(raw)} bytes > {max_line_bytes}",
+                            _snippet(raw),
+                        )
+                        continue
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        yield BadRecord(
+                            "invalid_utf8", doc_id, source, len(raw), f"{where}: {e}", _snippet(raw)
+                        )
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield BadRecord(
+                            "malformed_json",
+                            doc_id,
+                            source,
+                            len(raw),
+                            f"{where}: {e.msg} at column {e.colno}",
+                            line[:200],
+                        )
+                        continue
+                    yield record_to_doc(rec, doc_id, source, cfg, len(raw), where)
+            except (OSError, EOFError, lzma.LZMAError, ValueError) as e:
+                yield BadRecord(
+                    "unreadable_file",
+                    f"{source}:{lineno + 1}",
+                    source,
+                    0,
+                    f"{rel}: stopped after line {lineno}: {type(e).__name__}: {e}",
+                )
+
+
+def read_parquet(cfg: SourceConfig) -> Iterator[Record]:
+    """Parquet files; one document per row, read in record batches."""
+    import pyarrow.parquet as pq
+
+    label = cfg.name or "parquet"
+    for rel, path in expand_paths(cfg, (".parquet",)):
+        source = f"{label}:{rel}"
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # any corrupt file is a bad record, not a crash
+            yield BadRecord(
+                "unreadable_file", source, source, 0, f"{path}: {type(e).__name__}: {e}"
+            )
+            continue
+        names = set(pf.schema_arrow.names)
+        cols = [c for c in (cfg.text_field, cfg.id_field, cfg.domain_field) if c and c in names]
+        row = 0
+        try:
+            for batch in pf.iter_batches(batch_size=1024, columns=cols or None):
+                for rec in batch.to_pylist():
+                    where = f"{rel}:row {row}"
+                    text = rec.get(cfg.text_field)
+                    size = (
+                        len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else 0
+                    )
+                    yield record_to_doc(rec, f"{source}:{row}", source, cfg, size, where)
+                    row += 1
+        except Exception as e:
+            yield BadRecord(
+                "unreadable_file",
+                f"{source}:{row}",
+                source,
+                0,
+                f"{rel}: stopped at row {row}: {type(e).__name__}: {e}",
+            )
+
+
+def read_text(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
+    """Plain-text files: a document per file (`per: file`) or per non-empty line (`per: line`)."""
+    label = cfg.name or "text"
+    for rel, path in expand_paths(cfg, None):
+        source = f"{label}:{rel}"
+        if cfg.per == "file":
+            yield from read_text_file(path, source, source, cfg.domain, {"path": rel})
+            continue
+        try:
+            raw_all = path.read_bytes()
+        except OSError as e:
+            yield BadRecord("unreadable_file", source, source, 0, f"{path}: {e}")
+            continue
+        if b"\x00" in raw_all[:8192]:
+            yield BadRecord(
+                "binary_file", source, source, len(raw_all), f"{rel}: NUL byte in first 8 KiB"
+            )
+            continue
+        for lineno, raw in enumerate(raw_all.split(b"\n"), 1):
+            if not raw.strip():
+                continue
+            doc_id = f"{source}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield BadRecord(
+                    "invalid_utf8", doc_id, source, len(raw), f"{rel}:{lineno}: {e}", _snippet(raw)
+                )
+                continue
+            yield Document(doc_id, text, source, cfg.domain, {"where": f"{rel}:{lineno}"})
+
+
+def read_text_file(
+    path: Path, doc_id: str, source: str, domain: str, metadata: dict | None = None
+) -> Iterator[Record]:
+    """One file as one document; binary files and invalid UTF-8 become BadRecords."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        yield BadRecord("unreadable_file", doc_id, source, 0, f"{path}: {e}")
+        return
+    if b"\x00" in raw[:8192]:
+        yield BadRecord("binary_file", doc_id, source, len(raw), f"{path}: NUL byte in first 8 KiB")
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield BadRecord("invalid_utf8", doc_id, source, len(raw), f"{path}: {e}", _snippet(raw))
+        return
+    yield Document(doc_id, text, source, domain, dict(metadata or {}))
+
+
+# --------------------------------------------------------------------------- embedded corpus
 def embedded_code_files(cfg: SourceConfig) -> list[tuple[str, Path]]:
     """(relative path, absolute path) of the stdlib *.py files the source selects, sorted."""
     root = stdlib_dir()
@@ -72,40 +344,52 @@ def read_embedded(cfg: SourceConfig) -> Iterator[Record]:
                 )
 
 
-def read_text_file(
-    path: Path, doc_id: str, source: str, domain: str, metadata: dict | None = None
-) -> Iterator[Record]:
-    """One file as one document; binary files and invalid UTF-8 become BadRecords."""
+# --------------------------------------------------------------------------- hub
+def read_hub(cfg: SourceConfig) -> Iterator[Record]:
+    """A HuggingFace `datasets` hub dataset, streamed by default (nothing is downloaded up
+    front); one document per record, text from `text_field`."""
+    from datasets import load_dataset
+
+    assert cfg.hub_name is not None
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        yield BadRecord("unreadable_file", doc_id, source, 0, f"{path}: {e}")
-        return
-    if b"\x00" in raw[:8192]:
-        yield BadRecord("binary_file", doc_id, source, len(raw), f"{path}: NUL byte in first 8 KiB")
-        return
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        yield BadRecord(
-            "invalid_utf8",
-            doc_id,
-            source,
-            len(raw),
-            f"{path}: {e}",
-            raw[:200].decode("utf-8", "replace"),
+        ds = load_dataset(
+            cfg.hub_name, cfg.hub_config, split=cfg.hub_split, streaming=cfg.streaming
         )
-        return
-    yield Document(doc_id, text, source, domain, dict(metadata or {}))
+    except Exception as e:
+        raise RuntimeError(
+            f"could not load hub dataset {cfg.hub_name!r} (config {cfg.hub_config!r}, split "
+            f"{cfg.hub_split!r}): {type(e).__name__}: {e}. Is the hub reachable from here? "
+            "For local data use kind: jsonl, parquet or text."
+        ) from e
+    label = cfg.name or f"hub:{cfg.hub_name}"
+    for i, rec in enumerate(ds):
+        text = rec.get(cfg.text_field) if isinstance(rec, dict) else None
+        size = len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else 0
+        yield record_to_doc(rec, f"{label}:{i}", label, cfg, size, f"{cfg.hub_name}[{i}]")
 
 
-def read_source(cfg: SourceConfig) -> Iterator[Record]:
-    """All records of one configured source, at most `max_documents` of them."""
-    readers = {"embedded": read_embedded}
-    if cfg.kind not in readers:
-        raise ValueError(f"source kind {cfg.kind!r} is not supported yet; valid: {sorted(readers)}")
+READERS = {
+    "embedded": read_embedded,
+    "jsonl": read_jsonl,
+    "parquet": read_parquet,
+    "text": read_text,
+    "hub": read_hub,
+}
+
+
+def read_source(cfg: SourceConfig, max_doc_bytes: int = 0) -> Iterator[Record]:
+    """All records of one configured source, at most `max_documents` of them.
+
+    `max_doc_bytes` lets line-based readers reject a huge line before decoding it.
+    """
+    if cfg.kind not in READERS:
+        raise ValueError(f"source kind {cfg.kind!r}; valid: {sorted(READERS)}")
+    if cfg.kind in ("jsonl", "text"):
+        it = READERS[cfg.kind](cfg, max_doc_bytes)
+    else:
+        it = READERS[cfg.kind](cfg)
     n = 0
-    for rec in readers[cfg.kind](cfg):
+    for rec in it:
         if cfg.max_documents is not None and n >= cfg.max_documents:
             return
         n += 1

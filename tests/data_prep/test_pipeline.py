@@ -8,10 +8,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from data_prep import load_config
-from data_prep.document import Document
 from data_prep.pipeline import split_of
-from data_prep.readers import read_source
 from data_prep.shards import read_split
+from data_prep.store import read_docs
 
 from .conftest import TINY
 
@@ -58,7 +57,9 @@ def test_val_split_is_deterministic_and_local():
 
 def test_val_documents_are_those_split_of_picks(tiny_dir):
     cfg = load_config(TINY)
-    docs = [d for s in cfg.sources for d in read_source(s) if isinstance(d, Document) and d.text]
+    report = json.loads((tiny_dir / "report.json").read_text())
+    clean = [s for s in report["stages"] if s["name"] == "pii"][0]["docs_path"]
+    docs = list(read_docs(clean))
     val = [
         d for d in docs if split_of(d.id, cfg.shards.val_fraction, cfg.shards.split_seed) == "val"
     ]

@@ -1,0 +1,142 @@
+"""Deduplication stages: exact (equal normalised text) and near (MinHash LSH).
+
+Both use the same survivor rule, so it does not matter in which order documents arrive: in a
+group of duplicates the longest document (most UTF-8 bytes) survives, ties broken by the
+smallest id. For exact duplicates all lengths are equal, so the smallest id survives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from data_prep.document import Document
+from data_prep.minhash import (
+    MinHasher,
+    UnionFind,
+    band_candidates,
+    choose_bands_rows,
+    estimated_jaccard,
+    jaccard,
+    parallel_signatures,
+    shingle_hashes,
+    survivor,
+)
+
+
+def text_hash(text: str) -> int:
+    return xxhash.xxh3_128_intdigest(text.encode("utf-8", "surrogatepass"))
+
+
+@dataclass
+class ExactDedupResult:
+    drop: dict[str, str]  # id of a duplicate -> id of the survivor of its group
+    groups: list[list[str]]  # groups of 2+ ids with equal text, survivor first, largest first
+
+
+def exact_duplicates(docs: Iterable[Document]) -> ExactDedupResult:
+    """Group documents by a 128-bit hash of their text; all but the smallest id are duplicates."""
+    members: dict[int, list[str]] = defaultdict(list)
+    for d in docs:
+        members[text_hash(d.text)].append(d.id)
+    drop: dict[str, str] = {}
+    groups = []
+    for ids in members.values():
+        if len(ids) > 1:
+            ids = sorted(ids)
+            groups.append(ids)
+            for other in ids[1:]:
+                drop[other] = ids[0]
+    groups.sort(key=lambda g: (-len(g), g[0]))
+    return ExactDedupResult(drop, groups)
+
+
+@dataclass
+class NearDedupResult:
+    drop: dict[str, tuple[str, float]]  # id -> (survivor id, estimated Jaccard to it)
+    clusters: list[
+        dict[str, Any]
+    ]  # survivor, members (id, est. Jaccard to survivor), largest first
+    bands: int
+    rows: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def near_duplicates(
+    ids: list[str],
+    texts: list[str],
+    *,
+    ngram: int = 5,
+    num_perm: int = 128,
+    threshold: float = 0.8,
+    bands: int = 0,
+    rows: int = 0,
+    fp_weight: float = 0.5,
+    fn_weight: float = 0.5,
+    verify: bool = False,
+    seed: int = 1,
+    workers: int = 1,
+    batch_docs: int = 64,
+) -> NearDedupResult:
+    """Cluster near-duplicate documents with MinHash LSH and union-find.
+
+    Candidate pairs come from LSH buckets (each member paired with the bucket's first member).
+    With `verify`, a pair is merged only if the exact Jaccard of its shingle sets reaches
+    `threshold`; otherwise every candidate pair is merged. Documents without any word are
+    left to exact dedup.
+    """
+    if not (bands and rows):
+        bands, rows = choose_bands_rows(threshold, num_perm, fp_weight, fn_weight)
+    hasher = MinHasher(num_perm=num_perm, ngram=ngram, seed=seed)
+    t0 = time.perf_counter()
+    sig, has = parallel_signatures(hasher, texts, workers=workers, batch_docs=batch_docs)
+    sig_s = time.perf_counter() - t0
+    idx = np.flatnonzero(has)
+    t1 = time.perf_counter()
+    pairs = [(int(idx[a]), int(idx[b])) for a, b in band_candidates(sig[idx], bands, rows)]
+    uf = UnionFind(len(ids))
+    shingles: dict[int, np.ndarray] = {}
+    rejected = 0
+    for a, b in pairs:
+        if verify:
+            for i in (a, b):
+                if i not in shingles:
+                    shingles[i] = shingle_hashes(texts[i], ngram)
+            if jaccard(shingles[a], shingles[b]) < threshold:
+                rejected += 1
+                continue
+        uf.union(a, b)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in {i for p in pairs for i in p}:
+        groups[uf.find(i)].append(i)
+    nbytes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
+    drop: dict[str, tuple[str, float]] = {}
+    clusters = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        keep = survivor(members, nbytes, ids)
+        rest = sorted((m for m in members if m != keep), key=lambda m: ids[m])
+        sims = [(ids[m], round(estimated_jaccard(sig[keep], sig[m]), 3)) for m in rest]
+        for mid, s in sims:
+            drop[mid] = (ids[keep], s)
+        clusters.append({"survivor": ids[keep], "size": len(members), "members": sims})
+    clusters.sort(key=lambda c: (-c["size"], c["survivor"]))
+    stats = {
+        "documents": len(ids),
+        "documents_without_shingles": int(len(ids) - has.sum()),
+        "candidate_pairs": len(pairs),
+        "pairs_rejected_by_verification": rejected,
+        "clusters": len(clusters),
+        "documents_in_clusters": sum(c["size"] for c in clusters),
+        "signature_s": round(sig_s, 4),
+        "signatures_per_s": round(len(texts) / sig_s, 1) if sig_s > 0 else None,
+        "lsh_and_clustering_s": round(time.perf_counter() - t1, 4),
+    }
+    return NearDedupResult(drop, clusters, bands, rows, stats)
