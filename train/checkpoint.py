@@ -95,7 +95,10 @@ class Checkpointer:
         self.barrier()
         if self.rank == 0:
             files = sorted(p for p in tmp.iterdir() if p.is_file())
-            manifest = {"format": FORMAT, "step": step, "fingerprint": trainer["fingerprint"],
+            config_sha256 = hashlib.sha256(
+                json.dumps(trainer["fingerprint"], sort_keys=True).encode()).hexdigest()
+            manifest = {"format": FORMAT, "step": step, "config_sha256": config_sha256,
+                        "fingerprint": trainer["fingerprint"],
                         "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                                   for p in files}}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

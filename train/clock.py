@@ -86,6 +86,27 @@ class PeakSampler:
                 "samples": values, "source": self.source}
 
 
+def time_allreduce(numel: int, device: torch.device, repeats: int = 3) -> float:
+    """Median seconds for an all-reduce of `numel` fp32 values, the size of the gradients.
+
+    DDP overlaps its gradient all-reduce with the backward pass, so the step clock cannot
+    separate it; this probe, run at evaluation steps, measures what the communication alone
+    costs on this process group (an upper bound on what the overlap can hide).
+    """
+    import torch.distributed as dist
+
+    buffer = torch.ones(numel, dtype=torch.float32, device=device)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(buffer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Allocator peak on CUDA; peak resident set size of this process on CPU."""
     if device.type == "cuda":

@@ -36,7 +36,14 @@ from train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from train.clock import MetricsLog, PeakSampler, PhaseTimer, distribution, peak_memory_bytes
+from train.clock import (
+    MetricsLog,
+    PeakSampler,
+    PhaseTimer,
+    distribution,
+    peak_memory_bytes,
+    time_allreduce,
+)
 from train.config import TrainConfig, to_yaml
 from train.data import BatchLoader, TokenWindows, read_meta
 from train.optim import build_optimizer, lr_at
@@ -307,6 +314,8 @@ def run(cfg: TrainConfig) -> dict:
             record["val_loss"] = val_loss = evaluate(model, val_loader, cfg.eval_batches, accelerator)
             if len(peaks.samples) < cfg.peak_samples:
                 peaks.sample()  # interleave peak measurements with the work
+            if world > 1:
+                record["grad_allreduce_s"] = time_allreduce(n_params, accelerator.device)
         metrics.write(record)
         if cfg.tracker == "wandb":
             accelerator.log(record, step=step)
@@ -401,6 +410,8 @@ def summarize(cfg, records, peaks, accelerator, initial_val, val_loss, n_params,
         "fwd_bwd_s": distribution([r["fwd_bwd_s"] for r in steady]),
         "optim_s": distribution([r["optim_s"] for r in steady]),
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in steady),
+        "grad_allreduce_s": distribution([r["grad_allreduce_s"] for r in records
+                                          if "grad_allreduce_s" in r]),
         "mfu_above_100_percent": bool(mfu["median"] and mfu["median"] > 1.0),
     }
     if summary["mfu_above_100_percent"]:
@@ -427,6 +438,8 @@ def report(summary: dict, sample: str) -> None:
         f"  step time          {summary['step_s']['median'] * 1e3:.0f} ms median, data wait "
         f"{summary['data_wait_s']['median'] * 1e3:.2f} ms",
         f"  peak memory        {summary['peak_mem_bytes'] / 2**20:.0f} MiB per process",
+        *([f"  grad all-reduce    {summary['grad_allreduce_s']['median'] * 1e3:.1f} ms alone "
+           "(overlapped with backward in the step)"] if summary["grad_allreduce_s"]["n"] else []),
         "-" * 72,
         "sample:",
         sample,
