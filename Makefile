@@ -8,6 +8,8 @@ PREP ?= configs/prep/demo.yaml
 TRAIN ?= configs/train/demo.yaml
 DATA ?= data/demo
 RUN ?= runs/demo
+# The scaled-up run the demo projects to (see `python -m estimate project --help`).
+TARGET ?= --model llama3-405b --tokens 15.6T --accelerator H100-SXM5-80GB --count 16384
 # Training overrides for the demo, e.g. `make demo ARGS="mixed_precision=bf16 steps=100"`.
 ARGS ?=
 
@@ -24,7 +26,8 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m data_prep $(PREP) out_dir=$(DATA)
 	NPROC=$(NPROC) PY=$(PY) launch/cpu.sh $(TRAIN) data_dir=$(DATA) out_dir=$(RUN) $(ARGS)
-	$(PY) -m estimate project --mfu-from $(RUN) --out $(RUN)/projection
+	$(PY) -m estimate project $(TARGET) --out $(RUN)/projection
+	$(PY) -m estimate project $(TARGET) --mfu-from $(RUN) --out $(RUN)/projection-measured-mfu
 
 prep: install
 	$(PY) -m data_prep $(PREP) out_dir=$(DATA)
