@@ -209,6 +209,8 @@ def run(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         saved, rank_state = load(resume_from, raw_model, optimizer, rank, run_fingerprint)
         state.update({k: saved[k] for k in state})
+        if accelerator.scaler is not None and saved.get("scaler"):
+            accelerator.scaler.load_state_dict(saved["scaler"])  # fp16 loss scale and its tracker
         train_loader.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])
         log_changed_settings(saved["config"], cfg)
@@ -253,7 +255,8 @@ def run(cfg: TrainConfig) -> dict:
     stop_request, started, save_s = StopRequest(), time.monotonic(), 0.0
 
     def save_checkpoint(step: int) -> None:
-        trainer = {**state, "fingerprint": run_fingerprint, "config": dataclasses.asdict(cfg)}
+        trainer = {**state, "fingerprint": run_fingerprint, "config": dataclasses.asdict(cfg),
+                   "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
         path = checkpointer.save(step, raw_model, optimizer, trainer,
                                  {"rng": rng_state(), "data": train_loader.state_dict()})
         log.info(f"step {step}: saved checkpoint {path}")
