@@ -16,7 +16,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 from model.config import ModelConfig, get_preset
 
 PRECISIONS = ("no", "bf16", "fp16")
-CHECKPOINTING = ("none", "full", "every_k")
+CHECKPOINTING = ("none", "full", "every_k", "attention")
+COMPILE_SCOPES = ("model", "blocks")
 
 
 @dataclass
@@ -44,9 +45,11 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     seq_len: int = 0  # 0 = model.seq_len
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
-    activation_checkpointing: str = "none"  # none | full (every block) | every_k
+    activation_checkpointing: str = "none"  # none | full (every block) | every_k | attention
     checkpoint_every_k: int = 2  # with activation_checkpointing=every_k
     compile: bool = False  # torch.compile the model
+    compile_scope: str = "model"  # model (one graph) | blocks (each block on its own)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2, train/fsdp.py)
     world_size: int = 0  # processes this run must have; 0 = $WORLD_SIZE or 1
     threads_per_process: int = 0  # torch threads per process; 0 = cores / local processes
     eval_every: int = 50  # steps between validation passes (and a final one)
@@ -100,6 +103,8 @@ def validate(cfg: TrainConfig) -> None:
             f"activation_checkpointing={cfg.activation_checkpointing!r}; "
             f"valid: {', '.join(CHECKPOINTING)}"
         )
+    if cfg.compile_scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile_scope={cfg.compile_scope!r}; valid: {', '.join(COMPILE_SCOPES)}")
     if cfg.tracker not in ("wandb", "none"):
         raise ValueError(f"tracker={cfg.tracker!r}; valid: wandb, none")
     for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "log_every",
