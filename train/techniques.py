@@ -1,53 +1,91 @@
 """Efficiency techniques applied around the model, one switch each (see the README).
 
-`model/` knows nothing of them: everything here wraps or replaces modules from the outside,
-keeping parameter names unchanged so checkpoints do not depend on which switches were on.
+`model/` knows nothing of them: everything here wraps modules from the outside, keeping
+parameter names unchanged so checkpoints do not depend on which switches were on.
+
+| switch | what it does |
+|---|---|
+| `activation_checkpointing=full|every_k|attention` | recompute activations in the backward pass |
+| `compile=true compile_scope=model|blocks` | torch.compile the whole model, or each block alone |
+| `optim.fused=true|false` | one fused AdamW kernel, or the multi-tensor (foreach) one |
+| `mixed_precision=no|bf16|fp16` | autocast through accelerate (fp16 with a grad scaler, GPU only) |
+| `fsdp=true` | shard parameters, gradients and optimizer state (FSDP2, `train/fsdp.py`) |
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from model.config import ModelConfig
 from model.flops import hardware_flops_per_token
 from model.transformer import Transformer
 from train.config import TrainConfig
 
 
 def apply_techniques(model: Transformer, cfg: TrainConfig) -> torch.nn.Module:
-    """Activation checkpointing, then compilation, as configured."""
-    checkpoint_blocks(model, cfg)
+    """Activation checkpointing, then compilation, as configured; returns the same module.
+
+    Compilation uses `nn.Module.compile()`, which compiles in place: unlike `torch.compile(m)`
+    it adds no `_orig_mod.` wrapper, so state-dict keys, checkpoints and DDP/FSDP wrapping are
+    the same with and without it.
+    """
+    checkpoint_modules(model, cfg)
     if cfg.compile:
-        model = torch.compile(model)
+        if cfg.compile_scope == "blocks":
+            for block in model.blocks:  # one graph per block, reused: shorter compile time
+                block.compile()
+        else:
+            model.compile()  # one graph: the embedding, LM head and loss are fused in too
     return model
 
 
 def checkpointed_layers(cfg: TrainConfig) -> list[int]:
-    """Indices of the blocks whose activations are recomputed in the backward pass."""
+    """Indices of the blocks in which activations are recomputed in the backward pass."""
     if cfg.activation_checkpointing == "none":
         return []
-    k = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every_k
+    k = cfg.checkpoint_every_k if cfg.activation_checkpointing == "every_k" else 1
     return [i for i in range(cfg.model.n_layer) if i % k == 0]
 
 
+def attention_recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """FLOPs per token that checkpointing the attention sub-layer of every block re-executes.
+
+    The q, k, v projections (2 FLOPs per weight) and the attention core (QK^T and AV,
+    4 * n_head * head_dim * T); the output projection is not re-run, because nothing in the
+    backward pass needs its output (non-reentrant checkpoint's early stop, see model/flops.py).
+    """
+    d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
+    qkv = d * cfg.n_head * cfg.head_dim + 2 * d * kv
+    return float(cfg.n_layer * (2 * qkv + 4 * cfg.n_head * cfg.head_dim * seq_len))
+
+
 def executed_flops_per_token(cfg: TrainConfig, seq_len: int) -> float:
-    """FLOPs per token actually executed (for HFU): the recomputation cost of one block times
-    the number of checkpointed blocks."""
+    """FLOPs per token actually executed (for HFU): the model FLOPs plus what is recomputed."""
     plain = hardware_flops_per_token(cfg.model, seq_len, "none")
+    if cfg.activation_checkpointing == "attention":
+        return plain + attention_recompute_flops_per_token(cfg.model, seq_len)
     every = hardware_flops_per_token(cfg.model, seq_len, "full")
     return plain + (every - plain) * len(checkpointed_layers(cfg)) / cfg.model.n_layer
 
 
-def checkpoint_blocks(model: Transformer, cfg: TrainConfig) -> None:
-    """Recompute block activations in the backward pass instead of storing them.
+def _checkpoint_forward(module: torch.nn.Module) -> None:
+    """Make `module` recompute its activations in the backward pass instead of storing them.
 
-    `full` wraps every block, `every_k` every k-th block. The wrapper replaces the block's
-    bound `forward`, so parameter names (and checkpoints) do not change.
+    The wrapper replaces the module's bound `forward`, so parameter names do not change and
+    module hooks (FSDP's, compile's) still run around it.
     """
+    forward = module.forward
+
+    def checkpointed(*args, _forward=forward, **kwargs):
+        return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+    module.forward = checkpointed
+
+
+def checkpoint_modules(model: Transformer, cfg: TrainConfig) -> None:
+    """`full` checkpoints every block, `every_k` every k-th block, `attention` the attention
+    sub-layer (projections, RoPE and the attention core) of every block."""
     for i in checkpointed_layers(cfg):
         block = model.blocks[i]
-        forward = block.forward
-
-        def checkpointed(*args, _forward=forward, **kwargs):
-            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        block.forward = checkpointed
+        _checkpoint_forward(block.attn if cfg.activation_checkpointing == "attention" else block)
