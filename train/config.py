@@ -63,7 +63,7 @@ class TrainConfig:
     time_limit_s: float = 0.0  # checkpoint and exit before this much wall time; 0 = no limit
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     inject_nan_at_steps: list[int] = field(default_factory=list)  # fault injection, for tests
-    tracker: str = "wandb"  # wandb | none
+    tracker: str = "wandb"  # wandb | tensorboard | none (train/trackers.py)
     wandb_project: str = "tokenclock"
     sample_prompt: str = "def "
     sample_tokens: int = 64
@@ -105,8 +105,8 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.compile_scope not in COMPILE_SCOPES:
         raise ValueError(f"compile_scope={cfg.compile_scope!r}; valid: {', '.join(COMPILE_SCOPES)}")
-    if cfg.tracker not in ("wandb", "none"):
-        raise ValueError(f"tracker={cfg.tracker!r}; valid: wandb, none")
+    if cfg.tracker not in ("wandb", "tensorboard", "none"):
+        raise ValueError(f"tracker={cfg.tracker!r}; valid: wandb, tensorboard, none")
     for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "log_every",
                  "max_bad_steps"):
         if getattr(cfg, name) <= 0:

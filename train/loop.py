@@ -27,6 +27,7 @@ from safetensors.torch import save_model
 
 from model.flops import model_flops_per_token
 from model.transformer import Transformer
+from train import trackers
 from train.checkpoint import (
     Checkpointer,
     StopRequest,
@@ -61,11 +62,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             "mixed_precision=fp16 needs a GPU: on CPU accelerate silently trains in fp32 instead. "
             "Use mixed_precision=bf16 or mixed_precision=no."
         )
-    if cfg.tracker == "wandb":
-        os.environ.setdefault("WANDB_MODE", "offline")
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
-        log_with="wandb" if cfg.tracker == "wandb" else None,
+        log_with=trackers.log_with(cfg.tracker),  # wandb: online with credentials, else offline
         project_dir=cfg.out_dir,
     )
     expected = cfg.world_size or int(os.environ.get("WORLD_SIZE", "1"))
@@ -229,11 +228,8 @@ def run(cfg: TrainConfig) -> dict:
         if resume_from is None:
             (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.copy(Path(cfg.data_dir) / meta.get("tokenizer", "tokenizer.json"), out / "tokenizer.json")
-    if cfg.tracker == "wandb":
-        accelerator.init_trackers(
-            cfg.wandb_project, config=dataclasses.asdict(cfg),
-            init_kwargs={"wandb": {"dir": str(out)}},
-        )
+    if cfg.tracker != "none":
+        accelerator.init_trackers(**trackers.init_args(cfg, out))
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
     metrics.resume(state["step"])
     n_params = raw_model.num_params()
@@ -320,7 +316,7 @@ def run(cfg: TrainConfig) -> dict:
             if world > 1:
                 record["grad_allreduce_s"] = time_allreduce(n_params, accelerator.device)
         metrics.write(record)
-        if cfg.tracker == "wandb":
+        if cfg.tracker != "none":
             accelerator.log(record, step=step)
         if main and (step % cfg.log_every == 0 or step == 1 or "val_loss" in record):
             val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
