@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# Train with NPROC processes on a CPU-only host (DDP over gloo).
+# Train with NPROC processes on a CPU-only host (DDP over gloo; FSDP2 with fsdp=true).
 #   NPROC=2 launch/cpu.sh configs/train/demo.yaml [key=value ...]
 # `accelerate launch --cpu --num_processes N` starts only ONE process, and `--multi_gpu` alone
-# on a CPU host starts N unconnected runs; ACCELERATE_USE_CPU=1 with --multi_gpu gives one
-# N-process gloo group. world_size=N makes training fail loudly if it got anything else.
+# on a CPU host starts N unconnected runs; ACCELERATE_USE_CPU=1 with a multi-device config gives
+# one N-process gloo group. world_size=N makes training fail loudly if it got anything else.
+# DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 NPROC=${NPROC:-2}
 PY=${PY:-python}
 PORT=${MASTER_PORT:-$((29500 + RANDOM % 1000))}
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ACCELERATE="$(dirname "$PY")/accelerate"
 [ -x "$ACCELERATE" ] || ACCELERATE=accelerate
 if [ "$NPROC" -gt 1 ]; then
-  DIST=(--multi_gpu --num_processes "$NPROC" --main_process_port "$PORT")
+  DIST=(--config_file "$HERE/accelerate/cpu_ddp.yaml" --num_processes "$NPROC" --main_process_port "$PORT")
 else
-  DIST=(--num_processes 1)
+  DIST=(--config_file "$HERE/accelerate/cpu_1proc.yaml")
 fi
 export ACCELERATE_USE_CPU=1 WANDB_MODE=${WANDB_MODE:-offline}
-# exec: the launcher replaces this shell, so SIGTERM/SIGINT reach it (and the ranks) directly.
-if [ -n "${DRY_RUN:-}" ]; then RUN=echo; else RUN=exec; fi
-$RUN "$ACCELERATE" launch "${DIST[@]}" --num_machines 1 --mixed_precision no --dynamo_backend no \
-  -m train "$@" world_size="$NPROC"
+# DRY_RUN=1: print the command, shell-quoted, instead of running it. exec: the launcher replaces
+# this shell, so SIGTERM/SIGINT (SLURM preemption, Ctrl-C) reach it and the ranks directly.
+run() { if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@" | sed 's/ $//'; echo; else exec "$@"; fi; }
+run "$ACCELERATE" launch "${DIST[@]}" -m train "$@" world_size="$NPROC"
