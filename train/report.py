@@ -1,0 +1,248 @@
+"""The run told in pictures: `python -m train.report RUN_DIR` writes RUN_DIR/report.md and
+RUN_DIR/plots/*.png from the run's files (metrics.jsonl, summary.json, samples.txt).
+
+Plots: train and validation loss, tokens/s and MFU, peak memory, the step-time breakdown
+(data wait, forward+backward, optimizer, stacked), and learning rate with gradient norm, all
+against the step. A run that lacks a field (an older format, a run stopped early) gets a note
+in place of the plot instead of an error. Reads files only, so it works on any run directory,
+finished or not, copied from a cluster or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
+
+PHASES = ("data_wait_s", "fwd_bwd_s", "optim_s")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a truncated last line (a run killed mid-write) is skipped."""
+    records = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return records
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records that have a finite `key`."""
+    pts = [(r["step"], r[key]) for r in records
+           if isinstance(r.get(key), int | float) and math.isfinite(r[key]) and "step" in r]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _figure(title: str, ylabel: str):
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loss(records: list[dict], path: Path) -> Path | str:
+    """Train loss per step and validation loss at evaluation steps."""
+    steps, loss = series(records, "loss")
+    vsteps, val = series(records, "val_loss")
+    if not steps and not vsteps:
+        return "no `loss` or `val_loss` in metrics.jsonl"
+    fig, ax = _figure("Loss", "cross-entropy per token (nats)")
+    if steps:
+        ax.plot(steps, loss, lw=1, label="train loss")
+    if vsteps:
+        ax.plot(vsteps, val, "o-", ms=4, label="validation loss")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_throughput(records: list[dict], path: Path) -> Path | str:
+    """tokens/s (all processes) on the left axis, MFU in percent on the right."""
+    steps, tok = series(records, "tokens_per_s")
+    msteps, mfu = series(records, "mfu")
+    if not steps:
+        return "no `tokens_per_s` in metrics.jsonl"
+    fig, ax = _figure("Throughput", "tokens/s (all processes)")
+    ax.plot(steps, tok, lw=1, color="tab:blue", label="tokens/s")
+    if msteps:
+        right = ax.twinx()
+        right.plot(msteps, [100 * m for m in mfu], lw=1, color="tab:orange", label="MFU")
+        right.set_ylabel("MFU (%)")
+        right.set_ylim(bottom=0)
+        lines = ax.get_lines() + right.get_lines()
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
+    ax.set_ylim(bottom=0)
+    return _save(fig, path)
+
+
+def plot_memory(records: list[dict], path: Path) -> Path | str:
+    """Peak memory per process: the allocator's peak on GPU, peak resident set size on CPU."""
+    steps, mem = series(records, "peak_mem_bytes")
+    if not steps:
+        return "no `peak_mem_bytes` in metrics.jsonl"
+    fig, ax = _figure("Peak memory per process", "MiB")
+    ax.plot(steps, [m / 2**20 for m in mem], lw=1.5)
+    ax.set_ylim(bottom=0)
+    return _save(fig, path)
+
+
+def plot_step_time(records: list[dict], path: Path) -> Path | str:
+    """Stacked phases of every step, in milliseconds, with the measured step time on top."""
+    rows = [r for r in records if all(isinstance(r.get(k), int | float) for k in PHASES)]
+    if not rows:
+        return f"no step phases ({', '.join(PHASES)}) in metrics.jsonl"
+    steps = [r["step"] for r in rows]
+    fig, ax = _figure("Step time breakdown", "ms per step")
+    ax.stackplot(steps, *[[1e3 * r[k] for r in rows] for k in PHASES],
+                 labels=["data wait", "forward + backward (+ DDP all-reduce)", "optimizer"],
+                 alpha=0.8)
+    ssteps, step_s = series(rows, "step_s")
+    if ssteps:
+        ax.plot(ssteps, [1e3 * s for s in step_s], color="black", lw=0.8, label="step_s")
+    top = max([1e3 * sum(r[k] for k in PHASES) for r in rows] + [1e3 * s for s in step_s])
+    ax.set_ylim(0, 1.4 * top if top > 0 else 1)  # headroom for the legend
+    ax.legend(loc="upper center", fontsize=8, ncol=2)
+    return _save(fig, path)
+
+
+def plot_optim(records: list[dict], path: Path) -> Path | str:
+    """Learning rate (left) and global gradient norm before clipping (right)."""
+    steps, lr = series(records, "lr")
+    gsteps, gn = series(records, "grad_norm")
+    if not steps and not gsteps:
+        return "no `lr` or `grad_norm` in metrics.jsonl"
+    fig, ax = _figure("Learning rate and gradient norm", "learning rate")
+    if steps:
+        ax.plot(steps, lr, lw=1, color="tab:green", label="lr")
+    if gsteps:
+        right = ax.twinx()
+        right.plot(gsteps, gn, lw=0.8, color="tab:red", label="grad norm")
+        right.set_ylabel("gradient norm")
+        lines = ax.get_lines() + right.get_lines()
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
+    return _save(fig, path)
+
+
+PLOTS: dict[str, tuple[str, Callable[[list[dict], Path], Path | str]]] = {
+    "loss": ("Loss", plot_loss),
+    "throughput": ("Throughput and MFU", plot_throughput),
+    "memory": ("Memory", plot_memory),
+    "step_time": ("Step time breakdown", plot_step_time),
+    "optim": ("Learning rate and gradient norm", plot_optim),
+}
+
+
+def _fmt(value, spec: str) -> str:
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return "n/a"
+
+
+def summary_table(summary: dict) -> list[str]:
+    """Markdown rows for the headline figures of summary.json (missing ones read n/a)."""
+    def get(*keys):
+        node = summary
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        return node
+
+    mem = get("peak_mem_bytes")
+    rows = [
+        ("processes", get("world_size"), "", ""),
+        ("device", get("device"), "", ""),
+        ("precision", get("mixed_precision"), "", ""),
+        ("parameters", get("model", "params"), ",", ""),
+        ("steps", get("steps"), "", ""),
+        ("tokens", get("tokens"), ",", ""),
+        ("validation loss, start", get("initial_val_loss"), ".4f", ""),
+        ("validation loss, end", get("final_val_loss"), ".4f", ""),
+        ("tokens/s, median (p10-p90)", get("tokens_per_s", "median"), ",.0f",
+         f" ({_fmt(get('tokens_per_s', 'p10'), ',.0f')}-{_fmt(get('tokens_per_s', 'p90'), ',.0f')})"),
+        ("MFU, median", get("mfu", "median"), ".2%", ""),
+        ("step time, median", (get("step_s", "median") or math.nan) * 1e3, ".1f", " ms"),
+        ("peak memory per process", mem / 2**20 if mem else None, ".0f", " MiB"),
+    ]
+    lines = ["| | |", "|---|---|"]
+    for name, value, spec, suffix in rows:
+        text = _fmt(value, spec) if spec else ("n/a" if value is None else str(value))
+        lines.append(f"| {name} | {text}{suffix if text != 'n/a' else ''} |")
+    return lines
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Render the plots into OUT/plots/ and write OUT/report.md (OUT = run_dir by default)."""
+    run = Path(run_dir)
+    metrics_path = run / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} not found: {run} is not a run directory")
+    out = Path(out_dir) if out_dir else run
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    records = read_metrics(metrics_path)
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
+
+    lines = [f"# Run report: {run.resolve().name}", "", f"Run directory: `{run}`", ""]
+    if summary is not None:
+        lines += ["## Summary", "", *summary_table(summary), ""]
+        if summary.get("mfu_above_100_percent"):
+            lines += ["**MFU above 100%: the FLOP count or the measured peak is wrong.**", ""]
+    else:
+        lines += ["_No summary.json: the run has not finished; plots show the steps so far._", ""]
+    for name, (title, plot) in PLOTS.items():
+        result = plot(records, plots / f"{name}.png")
+        lines += [f"## {title}", ""]
+        if isinstance(result, Path):
+            lines += [f"![{title}]({result.relative_to(out).as_posix()})", ""]
+        else:
+            lines += [f"_Plot skipped: {result}._", ""]
+    samples = run / "samples.txt"
+    lines += ["## Samples", ""]
+    if samples.is_file():
+        lines += ["```text", samples.read_text().rstrip().replace("```", "` ` `"), "```", ""]
+    else:
+        lines += ["_No samples.txt in the run directory._", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.report",
+        description="Write report.md with PNG plots (loss, throughput/MFU, memory, step time) for a run.",
+    )
+    parser.add_argument("run_dir", help="a run directory (with metrics.jsonl)")
+    parser.add_argument("--out", default=None, help="where to write report.md and plots/ (default: run_dir)")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {report} (plots in {report.parent / 'plots'})")
+
+
+if __name__ == "__main__":
+    main()
