@@ -17,7 +17,8 @@ if [ "$NPROC" -gt 1 ]; then
 else
   DIST=(--config_file "$HERE/accelerate/cpu_1proc.yaml")
 fi
-export ACCELERATE_USE_CPU=1 WANDB_MODE=${WANDB_MODE:-offline}
+# WANDB_MODE is left to train/trackers.py: online with wandb credentials, offline without.
+export ACCELERATE_USE_CPU=1
 # DRY_RUN=1: print the command, shell-quoted, instead of running it. exec: the launcher replaces
 # this shell, so SIGTERM/SIGINT (SLURM preemption, Ctrl-C) reach it and the ranks directly.
 run() { if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@" | sed 's/ $//'; echo; else exec "$@"; fi; }
