@@ -14,13 +14,53 @@ parameter names unchanged so checkpoints do not depend on which switches were on
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from model.flops import hardware_flops_per_token
 from model.transformer import Transformer
+from train import fsdp
 from train.config import TrainConfig
+from train.optim import build_optimizer
+
+log = logging.getLogger("train")
+
+
+def build_model(cfg: TrainConfig, accelerator: Accelerator):
+    """The model with the configured techniques and its optimizer, both prepared for the
+    distributed set-up: DDP (or nothing) through accelerate, FSDP2 through accelerate's plugin
+    on GPU, or through `train.fsdp.shard` on CPU, where accelerate would use DDP instead."""
+    launched_fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if launched_fsdp and not cfg.fsdp:
+        raise ValueError("launched with an FSDP accelerate config but fsdp=false: add fsdp=true")
+    if cfg.fsdp and accelerator.device.type != "cpu" and not launched_fsdp:
+        raise ValueError("fsdp=true on GPU needs accelerate's FSDP plugin: launch with "
+                         "--config_file launch/accelerate/gpu_fsdp2.yaml (MODE=fsdp2 launch/gpu.sh)")
+    if cfg.fsdp and accelerator.num_processes < 2:
+        raise ValueError("fsdp=true shards over processes: launch 2 or more (NPROC=2 launch/cpu.sh)")
+    if cfg.fsdp and cfg.checkpoint_every:
+        raise ValueError("checkpoint_every with fsdp=true: the run's checkpoints are not sharded "
+                         "yet (train.fsdp.save_sharded / load_sharded exist); use checkpoint_every=0")
+    plugin = accelerator.state.fsdp_plugin if launched_fsdp else None
+    if plugin is not None and plugin.activation_checkpointing:
+        # Apply our own per-block recomputation instead of accelerate's wrapper: the same
+        # effect, unchanged parameter names, and HFU counts the recomputation.
+        plugin.activation_checkpointing = False
+        if cfg.activation_checkpointing == "none":
+            cfg.activation_checkpointing = "full"
+            log.info("activation checkpointing from the FSDP config: activation_checkpointing=full")
+    model = apply_techniques(Transformer(cfg.model), cfg)
+    if cfg.fsdp and not launched_fsdp:
+        fsdp.shard(model, cfg.mixed_precision)
+        optimizer = build_optimizer(model, cfg.optim, accelerator.device)
+        return model, accelerator.prepare_optimizer(optimizer)
+    optimizer = build_optimizer(model, cfg.optim, accelerator.device)
+    return accelerator.prepare(model, optimizer)
 
 
 def apply_techniques(model: Transformer, cfg: TrainConfig) -> torch.nn.Module:

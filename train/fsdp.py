@@ -1,0 +1,91 @@
+"""Fully sharded data parallelism (FSDP2, `torch.distributed.fsdp.fully_shard`) and its checkpoints.
+
+With `fsdp=true` every rank keeps only its 1/world slice of each parameter, gradient and
+optimizer state (ZeRO-3, Rajbhandari et al. 2020; PyTorch FSDP, Zhao et al. 2023): a block's
+full weights are all-gathered just before its forward (and again before its backward, since
+they are freed after the forward: "reshard after forward"), and gradients are reduce-scattered
+so that each rank receives the averaged gradient of its own slice.
+
+On GPU, accelerate's FSDP plugin does the wrapping (`launch/accelerate/gpu_fsdp2.yaml`). On
+CPU accelerate ignores the plugin and would wrap the model in DDP, so here we call
+`fully_shard` ourselves over the gloo group: each `Block`, then the root (embedding, final norm
+and LM head), the layout torchtitan uses.
+
+Sharded checkpoints use torch.distributed.checkpoint (DCP): every rank writes its own slices,
+in parallel, with a metadata file that lets a run with another world size load them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from model.transformer import Transformer
+
+log = logging.getLogger("train")
+
+
+def shard(model: Transformer, mixed_precision: str = "no", reshard_after_forward: bool = True) -> None:
+    """Shard `model` in place over the default process group: each block, then the root.
+
+    Under bf16 the sharded fp32 parameters are the master weights; FSDP casts the gathered
+    copies to bf16 for compute and reduces gradients in fp32 (MixedPrecisionPolicy).
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("fsdp=true needs a process group: launch with launch/cpu.sh or accelerate")
+    policy = MixedPrecisionPolicy()
+    if mixed_precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    elif mixed_precision == "fp16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # The root keeps its parameters gathered after forward: the LM head's backward comes first.
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def full_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An unsharded copy of a sharded model on every rank (for checksums, export, sampling);
+    `model` itself when it is not sharded."""
+    if not is_sharded(model):
+        return model
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 broadcast_from_rank0=False))
+    plain = Transformer(model.cfg).to(next(iter(state.values())).device)
+    plain.load_state_dict(state)
+    return plain
+
+
+def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its slices of the weights and optimizer state to directory `path`."""
+    model_state, optim_state = get_state_dict(model, _inner(optimizer))
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+
+
+def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a `save_sharded` checkpoint into a model sharded like (or unlike) the one saved."""
+    model_state, optim_state = get_state_dict(model, _inner(optimizer))
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, _inner(optimizer), model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+
+
+def _inner(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer wrapper, if any."""
+    return getattr(optimizer, "optimizer", optimizer)
