@@ -47,8 +47,9 @@ from train.clock import (
 )
 from train.config import TrainConfig, to_yaml
 from train.data import BatchLoader, TokenWindows, read_meta
-from train.optim import build_optimizer, lr_at
-from train.techniques import apply_techniques, executed_flops_per_token
+from train.fsdp import full_copy
+from train.optim import lr_at
+from train.techniques import build_model, executed_flops_per_token
 
 log = logging.getLogger("train")
 SUMMARY_FORMAT = 1
@@ -196,9 +197,7 @@ def run(cfg: TrainConfig) -> dict:
     )
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
 
-    model = apply_techniques(Transformer(cfg.model), cfg)
-    optimizer = build_optimizer(model, cfg.optim, accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = build_model(cfg, accelerator)  # techniques, DDP or FSDP, optimizer
     raw_model = accelerator.unwrap_model(model)
 
     checkpointer = Checkpointer(out, cfg.keep_checkpoints, rank, accelerator.wait_for_everyone)
@@ -346,6 +345,7 @@ def run(cfg: TrainConfig) -> dict:
             accelerator.end_training()
             raise SystemExit(EXIT_STOPPED)
 
+    raw_model = full_copy(raw_model)  # unsharded under fsdp=true: checksums, export, samples
     summary = summarize(cfg, metrics.records, peaks, accelerator, state["initial_val_loss"],
                         val_loss, n_params, flops_tok, hw_flops_tok, seq_len)
     summary["skipped_steps"] = state["skipped_steps"]
