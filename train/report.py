@@ -102,7 +102,7 @@ def plot_memory(records: list[dict], path: Path) -> Path | str:
     steps, mem = series(records, "peak_mem_bytes")
     if not steps:
         return "no `peak_mem_bytes` in metrics.jsonl"
-    fig, ax = _figure("Peak memory per process", "MiB")
+    fig, ax = _figure("Peak memory (main process)", "MiB")
     ax.plot(steps, [m / 2**20 for m in mem], lw=1.5)
     ax.set_ylim(bottom=0)
     return _save(fig, path)
@@ -151,6 +151,16 @@ PLOTS: dict[str, tuple[str, Callable[[list[dict], Path], Path | str]]] = {
     "memory": ("Memory", plot_memory),
     "step_time": ("Step time breakdown", plot_step_time),
     "optim": ("Learning rate and gradient norm", plot_optim),
+}
+
+
+CAPTIONS = {
+    "throughput": "Tokens of all processes per second of step time; MFU = model FLOPs per second "
+    "over the peak of all processes (measured matmul peak on CPU, catalog peak on GPU).",
+    "memory": "Recorded by the main process: the allocator's peak on GPU, the peak resident set "
+    "size on CPU (which never decreases).",
+    "step_time": "Under DDP the gradient all-reduce overlaps the last backward, so it is inside "
+    "forward + backward.",
 }
 
 
@@ -216,6 +226,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         lines += [f"## {title}", ""]
         if isinstance(result, Path):
             lines += [f"![{title}]({result.relative_to(out).as_posix()})", ""]
+            if name in CAPTIONS:
+                lines += [CAPTIONS[name], ""]
         else:
             lines += [f"_Plot skipped: {result}._", ""]
     samples = run / "samples.txt"
