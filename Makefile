@@ -26,6 +26,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m data_prep $(PREP) out_dir=$(DATA)
 	NPROC=$(NPROC) PY=$(PY) launch/cpu.sh $(TRAIN) data_dir=$(DATA) out_dir=$(RUN) $(ARGS)
+	$(PY) -m train.report $(RUN)
 	$(PY) -m estimate project $(TARGET) --out $(RUN)/projection
 	$(PY) -m estimate project $(TARGET) --mfu-from $(RUN) --out $(RUN)/projection-measured-mfu
 
