@@ -69,11 +69,12 @@ TECHNIQUES = (
     Technique(
         "torch.compile, per block", ("compile=true", "compile_scope=blocks"),
         "the same fusions inside blocks, one graph reused by every block: shorter compile "
-        "(torchtitan compiles per block); the embedding, LM head and loss stay eager",
+        "(torchtitan, Liang et al. 2024, compiles per block); the embedding, LM head and loss "
+        "stay eager",
     ),
     Technique(
         "AdamW foreach (not fused)", ("optim.fused=false",),
-        "the fused kernel updates all of a group's tensors in one pass (PyTorch AdamW docs: "
+        "the fused kernel updates all of a group's tensors in one pass (PyTorch 2 AdamW docs: "
         "fused > foreach > for-loop); the optimizer is a small share of a step, so a few % at most",
     ),
     Technique(

@@ -32,13 +32,19 @@ def train(data, out, nproc: int, port: int, *overrides: str) -> tuple[list[dict]
     return [r for r in records if "loss" in r], load_file(out / "model.safetensors")
 
 
-@pytest.mark.parametrize("accumulation", [1, 2], ids=["no-accumulation", "accumulation-2"])
-def test_two_processes_equal_one_process_with_twice_the_batch(tiny_data, tmp_path, accumulation):
+@pytest.mark.parametrize(
+    "accumulation, sharding",
+    [(1, "fsdp=false"), (2, "fsdp=false"), (2, "fsdp=true")],
+    ids=["ddp", "ddp-accumulation-2", "fsdp2-accumulation-2"],
+)
+def test_two_processes_equal_one_process_with_twice_the_batch(tiny_data, tmp_path, accumulation,
+                                                              sharding):
+    """DDP, and FSDP2 (each rank holds half of every parameter and optimizer state)."""
     B = 4
     batch = 2 * B * accumulation  # global sequences per step, the same in both runs
-    port = 29610 + accumulation
+    port = 29610 + accumulation + 10 * (sharding == "fsdp=true")
     steps2, weights2 = train(tiny_data, tmp_path / "two", 2, port,
-                             f"batch_size={batch}", f"micro_batch_size={B}")
+                             f"batch_size={batch}", f"micro_batch_size={B}", sharding)
     steps1, weights1 = train(tiny_data, tmp_path / "one", 1, port,
                              f"batch_size={batch}", f"micro_batch_size={2 * B}")
     assert [r["tokens"] for r in steps1] == [r["tokens"] for r in steps2]
