@@ -5,6 +5,8 @@
         [--precision bf16] [--recompute none] [--price 2.5] [--out reports/llama3]
     python -m estimate validate [--out reports/validate]
     python -m estimate catalog
+    python -m estimate calibrate [--data data/demo] [--out reports/calibrate] [--quick] [--steps 20]
+        [--nproc 2] [--repeats 1] [--sweep configs/estimate/calibrate.yaml]
 
 Assumption options take one number (a point) or CENTRAL:LOW:HIGH; omitted ones use the sourced
 defaults in estimate/defaults.yaml.
@@ -68,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", "-o", help="write report.md, validation.json and validation.png here")
 
     sub.add_parser("catalog", help="list the accelerator catalog")
+
+    c = sub.add_parser("calibrate", help="measure throughput on this machine (a sweep of short "
+                       "real runs), fit it, check the assumptions, predict a held-out run")
+    c.add_argument("--data", default="data/demo", help="prepared dataset dir (default data/demo)")
+    c.add_argument("--out", "-o", help="write report.md, calibration.json, PNGs and the run dirs here")
+    c.add_argument("--quick", action="store_true",
+                   help="tiny models and few steps (configs/estimate/calibrate_quick.yaml): tests")
+    c.add_argument("--sweep", help="sweep YAML (default configs/estimate/calibrate.yaml)")
+    c.add_argument("--steps", type=int, help="steps per run (overrides the sweep's)")
+    c.add_argument("--nproc", type=int, help="processes of the data-parallel check (default 2)")
+    c.add_argument("--repeats", type=int, help="rounds of the sweep (medians over rounds)")
     return parser
 
 
@@ -146,10 +159,21 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from estimate.calibrate import DEFAULT_SWEEP, QUICK_SWEEP, run_cli
+
+    if args.quick and args.sweep:
+        raise ValueError("--quick and --sweep both choose the sweep; give one")
+    sweep = args.sweep or (QUICK_SWEEP if args.quick else DEFAULT_SWEEP)
+    return run_cli(sweep, args.data, args.out, args.steps, args.nproc, args.repeats)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"project": cmd_project, "validate": cmd_validate, "catalog": cmd_catalog,
+                "calibrate": cmd_calibrate}
     try:
-        return {"project": cmd_project, "validate": cmd_validate, "catalog": cmd_catalog}[args.command](args)
+        return commands[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
