@@ -39,7 +39,7 @@ from data_prep.filters.pii import PIIScrubber
 from data_prep.normalize import Normalizer
 from data_prep.readers import fingerprint, read_source
 from data_prep.shards import FORMAT, SPLITS, dtype_for_vocab, dtype_name, write_shards
-from data_prep.stats import AccountingError, StepStats
+from data_prep.stats import AccountingError, StepStats, printable
 from data_prep.steps import Step, run_steps
 from data_prep.store import DocWriter, num_docs, read_docs
 from data_prep.tokenizer import encode_documents, train_tokenizer
@@ -134,6 +134,7 @@ class DroppedWriter:
             return
         text = rec.text if isinstance(rec, Document) else rec.snippet
         row = {"id": rec.id, "source": rec.source, "reason": reason, "detail": detail, "text": text}
+        row = {k: printable(v) for k, v in row.items()}
         self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
@@ -410,7 +411,7 @@ def _stage_pack(cfg: PrepConfig, inp: Path, out: Path, res: StageResult, tok_dir
         "config": to_dict(cfg),
         "created_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    (root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     res.total = total
     res.extra = {"splits": splits, "vocab_size": vocab_size}
     return meta
@@ -496,7 +497,7 @@ def _run_stage(
         and (out / "key").read_text() == key
         and (out / "stats.json").exists()
     ):
-        res = StageResult.from_dict(json.loads((out / "stats.json").read_text()))
+        res = StageResult.from_dict(json.loads((out / "stats.json").read_text(encoding="utf-8")))
         res.cached = True
         log.info("stage %s: up to date (key %s), skipped", spec.name, key)
         return res
@@ -513,7 +514,7 @@ def _run_stage(
     for s in [res.total, *res.steps]:
         if s is not None:
             s.check()
-    (out / "stats.json").write_text(json.dumps(res.to_dict(), indent=1, ensure_ascii=False))
+    (out / "stats.json").write_text(json.dumps(res.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
     (out / "key").write_text(key)
     return res
 

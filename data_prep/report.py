@@ -25,8 +25,8 @@ def write_reports(
         "stages": [r.to_dict() for r in results],
         "config": to_dict(cfg),
     }
-    (root / "report.json").write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-    (root / "report.md").write_text(render_markdown(data, root))
+    (root / "report.json").write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    (root / "report.md").write_text(render_markdown(data, root), encoding="utf-8")
 
 
 def _fence(text: str) -> str:

@@ -125,7 +125,7 @@ def write_shards(
 
 def load_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "meta.json"
-    meta = json.loads(path.read_text())
+    meta = json.loads(path.read_text(encoding="utf-8"))
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r}; this code reads format {FORMAT}")
     return meta

@@ -13,6 +13,15 @@ from typing import Any
 from data_prep.document import BadRecord, Document
 
 
+def printable(text: str) -> str:
+    """`text` made safe to write as UTF-8 (lone surrogates become backslash escapes)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class AccountingError(RuntimeError):
     """Raised when documents went missing: in != kept + dropped."""
 
@@ -57,10 +66,10 @@ class StepStats:
             text = rec.text if isinstance(rec, Document) else rec.snippet
             ex.append(
                 {
-                    "id": rec.id,
-                    "source": rec.source,
-                    "detail": detail,
-                    "snippet": text[: self.snippet_chars],
+                    "id": printable(rec.id),
+                    "source": printable(rec.source),
+                    "detail": printable(detail),
+                    "snippet": printable(text[: self.snippet_chars]),
                 }
             )
 

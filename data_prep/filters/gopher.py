@@ -178,15 +178,12 @@ class GopherRepetition(Step):
     def __init__(self, cfg: GopherRepetitionConfig) -> None:
         self.cfg = cfg
         self.domains = tuple(cfg.domains)
-        bad = [
-            n
-            for n in [*cfg.top_ngram_max_fraction, *cfg.dup_ngram_max_fraction]
-            if f"top_{n}gram_char_fraction" not in self.reasons
-            and f"dup_{n}gram_char_fraction" not in self.reasons
-        ]
+        bad = [f"top {n}" for n in cfg.top_ngram_max_fraction if not 2 <= n <= 4]
+        bad += [f"dup {n}" for n in cfg.dup_ngram_max_fraction if not 5 <= n <= 10]
         if bad:
             raise ValueError(
-                f"gopher_repetition: n-gram sizes {bad} unsupported; top: 2..4, dup: 5..10"
+                f"gopher_repetition: n-gram sizes {bad} unsupported; "
+                "top_ngram_max_fraction: 2..4, dup_ngram_max_fraction: 5..10"
             )
 
     def process(self, doc: Document) -> Document | Drop:

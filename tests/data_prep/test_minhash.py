@@ -1,0 +1,200 @@
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from data_prep.dedup import exact_duplicates, near_duplicates
+from data_prep.document import Document
+from data_prep.minhash import (
+    MinHasher,
+    UnionFind,
+    band_candidates,
+    candidate_probability,
+    choose_bands_rows,
+    estimated_jaccard,
+    jaccard,
+    parallel_signatures,
+    shingle_hashes,
+    survivor,
+    words_of,
+)
+
+VOCAB = [f"w{i}" for i in range(50_000)]
+
+
+def random_text(rng: random.Random, n: int) -> list[str]:
+    return [rng.choice(VOCAB) for _ in range(n)]
+
+
+def mutate(words: list[str], rng: random.Random, k: int) -> list[str]:
+    """Replace k random positions with fresh words."""
+    out = list(words)
+    for i in rng.sample(range(len(out)), k):
+        out[i] = f"fresh{rng.randrange(10**9)}"
+    return out
+
+
+def set_jaccard(a: str, b: str, n: int = 5) -> float:
+    """Reference Jaccard on Python sets of word n-gram tuples."""
+    def grams(t):
+        w = words_of(t)
+        return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
+
+    ga, gb = grams(a), grams(b)
+    return len(ga & gb) / len(ga | gb)
+
+
+def test_permutations_do_not_overflow():
+    h = MinHasher(num_perm=16, seed=3)
+    h.a[0] = (1 << 32) - 1  # the largest multiplier the family allows
+    h.b[0] = (1 << 32) - 1
+    x = np.array([0, 1, 12345, (1 << 32) - 1, (1 << 31) + 7], dtype=np.uint64)
+    got = h.permuted(x)
+    p = (1 << 61) - 1
+    for i, xi in enumerate(x.tolist()):
+        for j in range(16):
+            want = ((int(h.a[j]) * xi + int(h.b[j])) % p) & 0xFFFFFFFF
+            assert int(got[i, j]) == want
+
+
+def test_shingle_hash_sets_match_python_sets():
+    rng = random.Random(0)
+    for overlap in (10, 100, 300):
+        a = random_text(rng, 400)
+        b = a[:overlap] + random_text(rng, 400 - overlap)
+        ta, tb = " ".join(a), " ".join(b)
+        assert jaccard(shingle_hashes(ta), shingle_hashes(tb)) == pytest.approx(set_jaccard(ta, tb), abs=1e-3)
+
+
+def test_estimated_jaccard_within_0_1():
+    rng = random.Random(1)
+    h = MinHasher(num_perm=128, seed=7)
+    for k in (0, 5, 20, 40, 80, 150, 300, 400):
+        a = random_text(rng, 500)
+        b = mutate(a, rng, k)
+        ta, tb = " ".join(a), " ".join(b)
+        true = set_jaccard(ta, tb)
+        sig, has = h.signatures([ta, tb])
+        assert has.all()
+        assert abs(estimated_jaccard(sig[0], sig[1]) - true) <= 0.1, (k, true)
+
+
+def test_batched_signatures_equal_single_and_parallel():
+    rng = random.Random(2)
+    texts = [" ".join(random_text(rng, rng.randrange(0, 3000))) for _ in range(20)] + ["", "one two"]
+    h = MinHasher(num_perm=64, chunk_rows=257)  # odd block size: documents straddle blocks
+    sig, has = h.signatures(texts)
+    for i, t in enumerate(texts):
+        sh = shingle_hashes(t)
+        assert has[i] == (len(sh) > 0)
+        if len(sh):
+            np.testing.assert_array_equal(sig[i], h.signature_of_shingles(sh))
+    psig, phas = parallel_signatures(h, texts, workers=2, batch_docs=5)
+    np.testing.assert_array_equal(psig, sig)
+    np.testing.assert_array_equal(phas, has)
+
+
+@pytest.mark.parametrize("threshold,expected", [(0.7, (14, 9)), (0.8, (9, 13))])
+def test_bands_rows_for_threshold(threshold, expected):
+    b, r = choose_bands_rows(threshold, 128)
+    assert (b, r) == expected and b * r <= 128
+    # the S-curve's steepest point sits near the threshold ...
+    assert abs((1 / b) ** (1 / r) - threshold) < 0.06
+    # ... pairs well above it are almost always candidates, pairs well below almost never
+    assert candidate_probability(threshold + 0.1, b, r) > 0.85
+    assert candidate_probability(threshold - 0.3, b, r) < 0.02
+    # and it is no worse than its neighbours under the weighted FP + FN area
+    def err(b, r):
+        s = np.linspace(0, 1, 2001)
+        p = candidate_probability(s, b, r)
+        lo, hi = s <= threshold, s >= threshold
+        return np.trapezoid(p[lo], s[lo]) / 2 + np.trapezoid(1 - p[hi], s[hi]) / 2
+
+    for db, dr in [(1, 0), (-1, 0), (0, 1), (0, -1)]:
+        if 0 < b + db and 0 < r + dr and (b + db) * (r + dr) <= 128:
+            assert err(b, r) <= err(b + db, r + dr) + 1e-4
+
+
+def test_planted_clusters_recall_and_precision():
+    rng = random.Random(3)
+    ids, texts, cluster_of = [], [], []
+    for c in range(40):  # 40 clusters of 4 near-duplicates (Jaccard >= 0.9)
+        base = random_text(rng, 600)
+        for m in range(4):
+            ids.append(f"c{c:02d}-{m}")
+            texts.append(" ".join(mutate(base, rng, 2) if m else base))
+            cluster_of.append(c)
+    for u in range(200):  # unrelated documents
+        ids.append(f"u{u:03d}")
+        texts.append(" ".join(random_text(rng, 300)))
+        cluster_of.append(-1 - u)
+    # a few pairs of medium similarity (Jaccard ~0.3) that must stay apart
+    for u in range(10):
+        base = random_text(rng, 300)
+        for m in range(2):
+            ids.append(f"m{u}-{m}")
+            texts.append(" ".join(base[:150] + random_text(rng, 150) if m else base))
+            cluster_of.append(-1000 - 2 * u - m)
+    res = near_duplicates(ids, texts, threshold=0.8, num_perm=128, workers=1)
+    sh = [shingle_hashes(t) for t in texts]
+    found = {i: i for i in range(len(ids))}
+    index = {d: i for i, d in enumerate(ids)}
+    for cl in res.clusters:
+        members = [index[cl["survivor"]]] + [index[m] for m, _ in cl["members"]]
+        for m in members:
+            found[m] = members[0]
+        for x in members:  # no merged pair below Jaccard 0.5
+            for y in members:
+                if x < y:
+                    assert jaccard(sh[x], sh[y]) >= 0.5, (ids[x], ids[y])
+    true_pairs = [(x, y) for x in range(len(ids)) for y in range(x + 1, len(ids))
+                  if cluster_of[x] == cluster_of[y]]
+    assert all(jaccard(sh[x], sh[y]) >= 0.9 for x, y in true_pairs)
+    recall = sum(found[x] == found[y] for x, y in true_pairs) / len(true_pairs)
+    assert recall >= 0.95
+    assert not [d for d in res.drop if not d.startswith("c")]  # unrelated documents all kept
+
+
+def test_verification_rejects_dissimilar_candidates():
+    rng = random.Random(4)
+    base = random_text(rng, 200)
+    texts = [" ".join(base), " ".join(base[:120] + random_text(rng, 80))]  # Jaccard ~0.4
+    loose = near_duplicates(["a", "b"], texts, bands=64, rows=1, workers=1)  # any shared minimum
+    assert loose.stats["candidate_pairs"] == 1 and len(loose.drop) == 1
+    strict = near_duplicates(["a", "b"], texts, bands=64, rows=1, verify=True, threshold=0.8, workers=1)
+    assert strict.stats["pairs_rejected_by_verification"] == 1 and not strict.drop
+
+
+def test_survivor_rule_is_longest_then_smallest_id_and_order_free():
+    rng = random.Random(5)
+    base = random_text(rng, 400)
+    docs = {
+        "b-short": " ".join(base),
+        "c-long": " ".join(base + ["extra"]),
+        "a-long": " ".join(base + ["tail1"]),  # as long as c-long, smaller id
+        "d-short": " ".join(base[:-1] + ["other"]),
+    }
+    for seed in range(3):
+        items = list(docs.items())
+        random.Random(seed).shuffle(items)
+        res = near_duplicates([k for k, _ in items], [v for _, v in items], workers=1)
+        assert len(res.clusters) == 1 and res.clusters[0]["survivor"] == "a-long"
+        assert set(res.drop) == {"b-short", "c-long", "d-short"}
+    assert survivor([0, 1, 2], [10, 30, 30], ["z", "y", "x"]) == 2
+
+
+def test_exact_duplicates_keep_smallest_id():
+    docs = [Document(i, t, "s") for i, t in [("b", "same"), ("a", "same"), ("c", "other"), ("d", "same")]]
+    res = exact_duplicates(docs)
+    assert res.drop == {"b": "a", "d": "a"} and res.groups == [["a", "b", "d"]]
+
+
+def test_union_find_and_band_candidates():
+    uf = UnionFind(5)
+    uf.union(3, 4)
+    uf.union(4, 1)
+    assert uf.find(3) == uf.find(1) == 1 and uf.find(0) == 0
+    sig = np.array([[1, 2, 3, 4], [1, 2, 9, 9], [7, 7, 3, 4], [5, 5, 5, 5]], dtype=np.uint32)
+    assert band_candidates(sig, bands=2, rows=2) == [(0, 1), (0, 2)]
