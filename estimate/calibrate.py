@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,7 @@ DEFAULT_SWEEP = ROOT / "configs" / "estimate" / "calibrate.yaml"
 QUICK_SWEEP = ROOT / "configs" / "estimate" / "calibrate_quick.yaml"
 FORMAT = 1
 REL_TOL = 0.25  # relative tolerance of the checks that compare a ratio or share
+RERUN_OTHERS_CORES = 0.5  # a run during which others used this many cores is run once more
 
 
 @dataclass
@@ -230,6 +232,7 @@ class Measured:
     peak_flops_rounds: list[float]
     run_dirs: list[str]
     wall_s: float
+    others_cores_rounds: list[float] = field(default_factory=list)
 
     @property
     def step_s(self) -> float:
@@ -250,7 +253,8 @@ class Measured:
         attention = 12 * self.spec.shape.n_layer * self.spec.shape.d_model * self.spec.seq_len
         return (self.model_flops_per_token - attention) / 6
 
-    def add(self, summary: dict, run_dir: Path, wall_s: float) -> None:
+    def add(self, summary: dict, run_dir: Path, wall_s: float,
+            others_cores: float | None = None) -> None:
         self.step_s_rounds.append(float(summary["step_s"]["median"]))
         self.step_s_p10, self.step_s_p90 = summary["step_s"]["p10"], summary["step_s"]["p90"]
         self.tokens_per_s_rounds.append(float(summary["tokens_per_s"]["median"]))
@@ -258,6 +262,8 @@ class Measured:
         self.peak_flops_rounds.append(float(summary["peak_flops_per_process"]["median"]))
         self.run_dirs.append(str(run_dir))
         self.wall_s += wall_s
+        if others_cores is not None:
+            self.others_cores_rounds.append(others_cores)
 
     def to_dict(self) -> dict:
         return {"name": self.spec.name, "role": self.spec.role, "label": self.spec.label,
@@ -268,7 +274,24 @@ class Measured:
                 "step_s_median": self.step_s, "step_s_rounds": self.step_s_rounds,
                 "tokens_per_s": self.tokens_per_s, "mfu_rounds": self.mfu_rounds,
                 "peak_flops_per_process_rounds": self.peak_flops_rounds,
-                "run_dirs": self.run_dirs, "wall_s": self.wall_s}
+                "run_dirs": self.run_dirs, "wall_s": self.wall_s,
+                "others_cores_rounds": self.others_cores_rounds}
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, including time the hypervisor gave to other
+    guests ("steal"), CPU seconds of this process's finished children); None off Linux.
+
+    Their difference over a run is what *others* used while it ran: the machine is shared, and
+    a neighbour's burst slows a run without leaving a trace in its own clocks."""
+    try:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return busy, children.ru_utime + children.ru_stime
 
 
 def run_training(spec: RunSpec, sweep: Sweep, data_dir: Path, run_dir: Path) -> dict:
@@ -481,12 +504,25 @@ def runs_table(measured: list[Measured], fit: StepTimeFit) -> str:
         else:
             pred_s, err = "—", "—"
         role = {"fit": "fit", "held_out": "**held out**"}.get(x.spec.role, f"check: {x.spec.role}")
+        others = f"{max(x.others_cores_rounds):.2f}" if x.others_cores_rounds else "?"
         rows.append([x.spec.label, role, f"{x.params / 1e6:.2f}M", _fmt_ms(x.step_s),
                      f"{x.tokens_per_s:,.0f}",
                      f"{x.hardware_flops_per_step / x.step_s / 1e9:.1f}",
-                     f"{statistics.median(x.mfu_rounds):.0%}", pred_s, err])
+                     f"{statistics.median(x.mfu_rounds):.0%}", pred_s, err, others])
     return md_table(["run", "role", "params", "step ms (median)", "tokens/s",
-                     "achieved GFLOP/s per process", "MFU", "fit: tokens/s", "fit error"], rows)
+                     "achieved GFLOP/s per process", "MFU", "fit: tokens/s", "fit error",
+                     "others' CPU (cores, max)"], rows)
+
+
+def interference_note(measured: list[Measured], threshold: float = 0.25) -> str:
+    """A line naming the runs that shared the machine with other work, if any did."""
+    busy = [x for x in measured if x.others_cores_rounds and max(x.others_cores_rounds) >= threshold]
+    if not busy:
+        return ""
+    worst = max(max(x.others_cores_rounds) for x in busy)
+    return (f"{len(busy)} of {len(measured)} configurations ran while other work used "
+            f">= {threshold:.2f} cores (up to {worst:.2f}): their times, and the checks built on "
+            "them, are less reliable; rerun on a quieter machine or with more --repeats")
 
 
 def checks_table(checks: list[Check]) -> str:
@@ -507,6 +543,7 @@ class Calibration:
     held_out_predicted_step_s: float
     wall_s: float
     load_avg: tuple[list[float], list[float]]
+    reruns: list[str] = field(default_factory=list)  # runs repeated because others were busy
 
     @property
     def held_out_error(self) -> float:
@@ -537,7 +574,7 @@ class Calibration:
         return {
             "kind": "calibration", "format": FORMAT, "machine": self.machine,
             "sweep": dataclasses.asdict(self.sweep), "wall_s": self.wall_s,
-            "load_avg_start_end": self.load_avg,
+            "load_avg_start_end": self.load_avg, "reruns": self.reruns,
             "fit": {"model": "step_s = a_s + b_s_per_flop * hardware_flops_per_step (fp32, "
                              "1 process), least squares on relative error", **self.fit.to_dict()},
             "checks": [{"assumption": c.assumption, "expectation": c.expectation,
@@ -556,8 +593,11 @@ class Calibration:
         return "\n".join([
             f"calibration on {m['cpu']} ({m['logical_cores']} logical cores, torch {m['torch']}), "
             f"{len(self.measured)} configurations x {self.sweep.repeats} round(s), "
-            f"{self.sweep.steps} steps each, {self.wall_s / 60:.1f} min",
+            f"{self.sweep.steps} steps each, {self.wall_s / 60:.1f} min"
+            + (f"; {len(self.reruns)} run(s) repeated because other work used >= "
+               f"{RERUN_OTHERS_CORES} cores during them" if self.reruns else ""),
             "", runs_table(self.measured, self.fit), "",
+            *([interference_note(self.measured), ""] if interference_note(self.measured) else []),
             "fit: " + self.fit_text(), "", checks_table(self.checks), "",
             *[f"- {c.assumption}: {c.note}" for c in self.checks if c.note], "",
             self.held_out_text(),
@@ -572,7 +612,10 @@ class Calibration:
             f"bf16 units: {', '.join(m['bf16_units']) or 'none'}; 1-minute load average {load}. "
             f"{len(self.measured)} configurations x {s.repeats} round(s) of {s.steps} steps "
             f"(median step time over the last {s.steps - s.warmup_steps_excluded}), "
-            f"{self.wall_s / 60:.1f} min in all. Model preset `{s.model['preset']}`, "
+            f"{self.wall_s / 60:.1f} min in all"
+            + (f" ({len(self.reruns)} run(s) repeated because other work used >= "
+               f"{RERUN_OTHERS_CORES} cores during them)" if self.reruns else "")
+            + f". Model preset `{s.model['preset']}`, "
             f"{s.micro_batch_size} x {s.seq_len} tokens per step and process, {s.threads} "
             "thread(s) per process unless the run says otherwise.", "",
             "## Throughput model", "",
@@ -594,6 +637,9 @@ class Calibration:
                   "included), which is how the projection treats them. bf16 and multi-process "
                   "runs are checks, not predictions.", "",
                   runs_table(self.measured, self.fit), "",
+                  "Others' CPU: busy CPU time of the whole machine during the run (hypervisor "
+                  "steal included) minus the run's own, per second of the run. "
+                  + interference_note(self.measured), "",
                   "## Assumptions, as measured", "",
                   checks_table(self.checks), ""]
         parts += [f"- **{c.assumption}**: {c.note}" for c in self.checks if c.note]
@@ -621,14 +667,25 @@ def calibrate(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path,
     total = len(runs) * sweep.repeats + sweep.repeats
     started = time.monotonic()
     done = 0
+    reruns: list[str] = []
 
     def execute(spec: RunSpec, r: int) -> None:
         nonlocal done
         done += 1
         run_dir = runs_dir / f"{spec.role}_{spec.name}_r{r}"
-        t0 = time.monotonic()
-        summary = run_training(spec, sweep, data_dir, run_dir)
-        wall = time.monotonic() - t0
+        for attempt in range(2):  # once more if other work took a large share of the machine
+            t0, cpu0 = time.monotonic(), cpu_seconds()
+            summary = run_training(spec, sweep, data_dir, run_dir)
+            wall, cpu1 = time.monotonic() - t0, cpu_seconds()
+            others = None
+            if cpu0 and cpu1:  # busy machine CPU minus this run's own, in cores
+                others = max(0.0, (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])) / wall
+            if attempt == 0 and others is not None and others >= RERUN_OTHERS_CORES:
+                reruns.append(spec.name)
+                log(f"  {spec.label}: other work used {others:.2f} cores during the run, "
+                    "running it again")
+                continue
+            break
         cfg = spec.model_config(sweep, vocab)
         expected = hardware_flops_per_token(cfg, spec.seq_len, spec.recompute)
         if abs(summary["hardware_flops_per_token"] / expected - 1) > 1e-9:
@@ -637,9 +694,10 @@ def calibrate(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path,
         x = measured.setdefault(spec.name, Measured(
             spec, int(summary["model"]["params"]), float(summary["model_flops_per_token"]),
             float(summary["hardware_flops_per_token"]), [], 0.0, 0.0, [], [], [], [], 0.0))
-        x.add(summary, run_dir, wall)
+        x.add(summary, run_dir, wall, others)
+        busy = f", others used {others:.2f} cores" if others is not None and others >= 0.1 else ""
         log(f"[{done}/{total}] {spec.label:<34} {summary['step_s']['median'] * 1e3:8.1f} ms/step "
-            f"{summary['tokens_per_s']['median']:9,.0f} tok/s  ({wall:.0f} s)")
+            f"{summary['tokens_per_s']['median']:9,.0f} tok/s  ({wall:.0f} s{busy})")
 
     for r in range(sweep.repeats):
         for spec in runs if r % 2 == 0 else runs[::-1]:
@@ -658,7 +716,7 @@ def calibrate(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path,
     load_end = list(os.getloadavg()) if hasattr(os, "getloadavg") else [float("nan")] * 3
     order = [s.name for s in runs] + [held_spec.name]
     return Calibration(sweep, machine, [measured[k] for k in order], fit, checks, held, predicted,
-                       time.monotonic() - started, (load_start, load_end))
+                       time.monotonic() - started, (load_start, load_end), reruns)
 
 
 def write_plots(cal: Calibration, out: Path) -> dict[str, str]:
