@@ -8,6 +8,11 @@ A checkpoint is a directory `OUT/checkpoints/step_NNNNNNNN/` holding
 - `rank_NNNNN.pt`: each rank's RNG states (python, numpy, torch, CUDA) and data position;
 - `manifest.json`, written last: SHA-256 and size of every other file.
 
+Under `fsdp=true` no rank holds the whole model, so the weights and optimizer state are saved
+sharded instead (torch.distributed.checkpoint, `train/fsdp.py`): `__R_0.distcp` holds rank R's
+slices and `.metadata` DCP's index of them, in place of `model.safetensors` and `optimizer.pt`;
+`trainer.json` says `"sharded": true`. The rest, manifest included, is the same.
+
 All ranks write into `step_NNNNNNNN.tmp/`, which the main rank renames once every file is on
 disk. A directory without a manifest, or whose files do not match it, is not a checkpoint:
 `latest_valid` reports it and falls back to the one before. The schedule is a pure function
@@ -28,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
+
+from train.fsdp import is_sharded, load_sharded, save_sharded
 
 log = logging.getLogger("train")
 FORMAT = 1
@@ -88,10 +95,15 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         self.barrier()
         torch.save(rank_state, tmp / f"rank_{self.rank:05d}.pt")
-        if self.rank == 0:
+        sharded = is_sharded(model)
+        if sharded:  # a collective: every rank writes its slices, rank 0 also DCP's .metadata
+            save_sharded(tmp, model, optimizer)
+        elif self.rank == 0:
             save_model(model, str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "trainer.json").write_text(json.dumps({"format": FORMAT, **trainer}, indent=2))
+        if self.rank == 0:
+            (tmp / "trainer.json").write_text(
+                json.dumps({"format": FORMAT, "sharded": sharded, **trainer}, indent=2))
         self.barrier()
         if self.rank == 0:
             files = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -168,8 +180,16 @@ def load(path: Path, model, optimizer, rank: int, expected_fingerprint: dict) ->
     diffs = fingerprint_differences(trainer["fingerprint"], expected_fingerprint)
     if diffs:
         raise ValueError(f"cannot resume from {path}: the run changed: " + "; ".join(diffs))
-    load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    sharded = trainer.get("sharded", False)
+    if sharded != is_sharded(model):
+        raise ValueError(f"cannot resume from {path}: it was written with fsdp={str(sharded).lower()}, "
+                         f"this run has fsdp={str(not sharded).lower()}; resume with "
+                         f"fsdp={str(sharded).lower()}")
+    if sharded:  # a collective: every rank reads its own slices
+        load_sharded(path, model, optimizer)
+    else:
+        load_model(model, str(path / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     rank_file = path / f"rank_{rank:05d}.pt"
     if not rank_file.is_file():
         raise ValueError(f"{rank_file} is missing: the checkpoint was written by fewer ranks")

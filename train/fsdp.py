@@ -12,7 +12,8 @@ CPU accelerate ignores the plugin and would wrap the model in DDP, so here we ca
 and LM head), the layout torchtitan uses.
 
 Sharded checkpoints use torch.distributed.checkpoint (DCP): every rank writes its own slices,
-in parallel, with a metadata file that lets a run with another world size load them.
+in parallel, with a metadata file that lets a run with another world size load them. The
+run's checkpoints (`train/checkpoint.py`) hold them in place of the safetensors weights.
 """
 
 from __future__ import annotations

@@ -43,9 +43,6 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator):
                          "--config_file launch/accelerate/gpu_fsdp2.yaml (MODE=fsdp2 launch/gpu.sh)")
     if cfg.fsdp and accelerator.num_processes < 2:
         raise ValueError("fsdp=true shards over processes: launch 2 or more (NPROC=2 launch/cpu.sh)")
-    if cfg.fsdp and cfg.checkpoint_every:
-        raise ValueError("checkpoint_every with fsdp=true: the run's checkpoints are not sharded "
-                         "yet (train.fsdp.save_sharded / load_sharded exist); use checkpoint_every=0")
     plugin = accelerator.state.fsdp_plugin if launched_fsdp else None
     if plugin is not None and plugin.activation_checkpointing:
         # Apply our own per-block recomputation instead of accelerate's wrapper: the same

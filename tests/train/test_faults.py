@@ -1,4 +1,5 @@
-"""Fault tolerance: exact resume after SIGKILL, SIGTERM, corrupt checkpoints, NaNs, bad input."""
+"""Fault tolerance: exact resume (DDP and FSDP2) after SIGKILL, SIGTERM, corrupt checkpoints,
+NaNs, bad input."""
 
 import json
 import os
@@ -10,9 +11,14 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
+import torch
 
+from model.config import get_preset
+from model.transformer import Transformer
 from tests.utils import ROOT, run_cmd
+from train.checkpoint import Checkpointer, load
 
 STEPS = 16
 COMMON = ["configs/train/tiny.yaml", f"steps={STEPS}", "checkpoint_every=3", "eval_every=8",
@@ -56,6 +62,18 @@ def wait_for_step(out, step, proc, timeout=120):
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
+def kill_run(proc):
+    """SIGKILL a run: the launcher first (so it cannot signal the ranks), then every process it
+    started. torchrun starts each rank in a session of its own, so killing the launcher's
+    process group alone would leave the ranks training on."""
+    launcher = psutil.Process(proc.pid)
+    ranks = launcher.children(recursive=True)
+    for p in (launcher, *ranks):
+        p.kill()
+    psutil.wait_procs(ranks, timeout=30)
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_data, tmp_path_factory):
     """An uninterrupted single-process run of the same length."""
@@ -69,8 +87,7 @@ def test_sigkill_at_random_step_then_resume_is_bit_exact(tiny_data, tmp_path, re
     kill_after = random.randint(4, STEPS - 3)
     proc = start(train_args(tiny_data, out))
     wait_for_step(out, kill_after, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_run(proc)
     assert not (out / "summary.json").exists()
     result = run_cmd(train_args(tiny_data, out, "resume=auto"))
     assert "resumed from" in result.stderr
@@ -87,12 +104,50 @@ def test_two_process_sigkill_then_resume_is_bit_exact(tiny_data, tmp_path):
     kill_after = random.randint(4, STEPS - 3)
     proc = start(launch_args(tiny_data, out), env=env)
     wait_for_step(out, kill_after, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-    proc.wait()
-    run_cmd(launch_args(tiny_data, out, "resume=auto"), env=env)
+    kill_run(proc)  # the launcher and both ranks
+    result = run_cmd(launch_args(tiny_data, out, "resume=auto"), env=env)
+    assert "resumed from" in result.stderr and f"at step {STEPS}" not in result.stderr, kill_after
     resumed = summary(out)["rank_weight_sha256"]
     assert len(resumed) == 2 and resumed == summary(ref)["rank_weight_sha256"], kill_after
     assert steps_logged(out) == list(range(STEPS + 1))
+
+
+def test_fsdp_sigkill_then_resume_past_a_corrupt_checkpoint_is_bit_exact(tiny_data, tmp_path):
+    """FSDP2 over 2 processes: each checkpoint holds the DCP shards (one file per rank) beside
+    the same trainer state and manifest. A run killed at a random step, whose newest checkpoint
+    is then corrupted, resumes from the one before and ends bit-identical to an uninterrupted
+    run: the world size is the same, so each rank reads back exactly the slices it wrote and
+    DCP reshards nothing."""
+    env = {"NPROC": "2", "PY": sys.executable}
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run_cmd(launch_args(tiny_data, ref, "fsdp=true"), env=env)
+    kill_after = random.randint(7, STEPS - 3)  # at least two finished checkpoints (3 and 6)
+    proc = start(launch_args(tiny_data, out, "fsdp=true"), env=env)
+    wait_for_step(out, kill_after, proc)
+    kill_run(proc)
+    *_, before, newest = Checkpointer(out, 0, 0, None).checkpoints()
+    files = {p.name for p in newest.iterdir()}
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rank_00001.pt", "manifest.json"} <= files
+    assert "model.safetensors" not in files and json.loads((newest / "trainer.json").read_text())["sharded"]
+    shard = newest / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = run_cmd(launch_args(tiny_data, out, "fsdp=true", "resume=auto"), env=env)
+    assert f"{newest.name} is unusable (__1_0.distcp has" in result.stderr, kill_after
+    assert f"resumed from {before} at step {int(before.name.split('_')[1])}" in result.stderr
+    assert summary(out)["rank_weight_sha256"] == summary(ref)["rank_weight_sha256"], kill_after
+    trail = [{k: r.get(k) for k in ("step", "loss", "grad_norm", "val_loss")}
+             for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert trail == [{k: r.get(k) for k in ("step", "loss", "grad_norm", "val_loss")}
+                     for r in map(json.loads, (ref / "metrics.jsonl").read_text().splitlines())]
+    assert [r["step"] for r in trail] == list(range(STEPS + 1))
+
+
+def test_sharded_and_unsharded_checkpoints_are_not_mixed(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=512))
+    (tmp_path / "trainer.json").write_text(json.dumps({"fingerprint": {}, "sharded": True}))
+    with pytest.raises(ValueError, match="written with fsdp=true, this run has fsdp=false"):
+        load(tmp_path, model, torch.optim.AdamW(model.parameters()), 0, {})
 
 
 def test_sigterm_checkpoints_and_exits_75(tiny_data, tmp_path):
