@@ -18,6 +18,10 @@ from model.config import ModelConfig, get_preset
 PRECISIONS = ("no", "bf16", "fp16")
 CHECKPOINTING = ("none", "full", "every_k", "attention")
 COMPILE_SCOPES = ("model", "blocks")
+# Switches whose "off" is a word, and that word. YAML reads `no`, `off` and `false` as the
+# boolean False and `null` or `~` as None, so `mixed_precision=no` would arrive as False.
+OFF_WORDS = {"mixed_precision": "no", "activation_checkpointing": "none", "tracker": "none",
+             "resume": "none"}
 
 
 @dataclass
@@ -78,6 +82,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if bad:
         raise ValueError(f"override {bad[0]!r} is not of the form key=value (e.g. optim.lr=3e-4)")
     user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
+    spell_off_switches(user)
     schema = OmegaConf.structured(TrainConfig)
     model_section = user.get("model") or {}
     preset = model_section.pop("preset", None) if "preset" in model_section else None
@@ -92,6 +97,16 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     cfg: TrainConfig = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
+
+
+def spell_off_switches(user) -> None:
+    """Read False, None and (except for `resume`, a path) the strings false/no/none/off as the
+    word that turns a switch off: `mixed_precision=no` and `tracker=false` mean what they say."""
+    for key, off in OFF_WORDS.items():
+        value = user.get(key, "")
+        spelled = key != "resume" and str(value).lower() in ("false", "no", "none", "off")
+        if value is None or value is False or spelled:
+            user[key] = off
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -34,3 +34,21 @@ def test_unknown_key_in_yaml_is_refused(tmp_path):
     path.write_text("optim:\n  learning_rate: 0.1\n")
     with pytest.raises(ValueError, match="optim.learning_rate"):
         load_config(path)
+
+
+@pytest.mark.parametrize("value", ["no", "false", "False", "off", "null", "None", "none"])
+def test_off_switches_read_yaml_booleans_and_nulls_as_off(value):
+    """YAML reads `no`/`off`/`false` as False and `null` as None; the switches still mean off."""
+    keys = ("mixed_precision", "activation_checkpointing", "tracker")
+    cfg = load_config(None, [f"{key}={value}" for key in keys])
+    assert (cfg.mixed_precision, cfg.activation_checkpointing, cfg.tracker) == ("no", "none", "none")
+
+
+def test_off_switches_in_a_yaml_file_and_resume(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\nresume: false\n")
+    cfg = load_config(path)
+    assert cfg.mixed_precision == "no" and cfg.resume == "none"
+    assert load_config(None, ["resume=null"]).resume == "none"
+    assert load_config(None, ["resume=no"]).resume == "none"  # YAML's False, not a path "no"
+    assert load_config(None, ["mixed_precision=bf16"]).mixed_precision == "bf16"
