@@ -8,6 +8,7 @@ import sys
 
 from data_prep.config import load_config
 from data_prep.pipeline import run
+from data_prep.tokenizer import PretrainedTokenizerError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = run(cfg)
+    try:
+        out = run(cfg)
+    except PretrainedTokenizerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"prepared dataset: {out}")
     return 0
 

@@ -101,13 +101,17 @@ class ReportConfig:
 
 @dataclass
 class TokenizerConfig:
-    """Byte-level BPE trained with HF `tokenizers` on the train split of the cleaned corpus."""
+    """Byte-level BPE trained with HF `tokenizers` on the train split of the cleaned corpus,
+    or, with `pretrained`, an existing tokenizer used as it is (no training)."""
 
-    vocab_size: int = 4096
+    vocab_size: int = 4096  # of the trained BPE; a pretrained tokenizer brings its own
     min_frequency: int = 2
-    eos_token: str = "<|endoftext|>"  # id 0; appended after every document
+    # appended after every document; id 0 when trained, its own id in a pretrained tokenizer
+    eos_token: str = "<|endoftext|>"
     train_max_bytes: int = 0  # 0 = train on all train-split text; else a prefix of this size
     batch_size: int = 256  # documents per encode_batch call
+    # a tokenizer.json file, a directory holding one, or a HuggingFace hub name (needs network)
+    pretrained: str | None = None
 
 
 @dataclass
@@ -169,7 +173,7 @@ def _validate(cfg: PrepConfig) -> None:
         raise ValueError(f"shards.val_fraction={cfg.shards.val_fraction}; must be in [0, 1)")
     if cfg.shards.shard_tokens <= 0:
         raise ValueError(f"shards.shard_tokens={cfg.shards.shard_tokens}; must be > 0")
-    if cfg.tokenizer.vocab_size < 257:
+    if not cfg.tokenizer.pretrained and cfg.tokenizer.vocab_size < 257:
         raise ValueError(
             f"tokenizer.vocab_size={cfg.tokenizer.vocab_size}; must be >= 257 "
             "(256 byte tokens + the end-of-document token)"

@@ -42,7 +42,13 @@ from data_prep.shards import FORMAT, SPLITS, dtype_for_vocab, dtype_name, write_
 from data_prep.stats import AccountingError, StepStats, printable
 from data_prep.steps import Step, run_steps
 from data_prep.store import DocWriter, num_docs, read_docs
-from data_prep.tokenizer import encode_documents, train_tokenizer
+from data_prep.tokenizer import (
+    Pretrained,
+    encode_documents,
+    load_pretrained,
+    round_trip_mismatches,
+    train_tokenizer,
+)
 
 log = logging.getLogger("data_prep")
 PKG = Path(__file__).resolve().parent
@@ -354,7 +360,15 @@ def _stage_near(cfg: PrepConfig, inp: Path, out: Path, res: StageResult) -> None
     }
 
 
-def _stage_tokenizer(cfg: PrepConfig, inp: Path, out: Path, res: StageResult) -> None:
+ROUND_TRIP_SAMPLE = 200  # train documents a pretrained tokenizer is checked on
+
+
+def _stage_tokenizer(
+    cfg: PrepConfig, inp: Path, out: Path, res: StageResult, pretrained: Pretrained | None
+) -> None:
+    if pretrained is not None:
+        _use_pretrained(cfg, inp, out, res, pretrained)
+        return
     sh = cfg.shards
     total = _new_stats(cfg, res.name)
 
@@ -373,6 +387,48 @@ def _stage_tokenizer(cfg: PrepConfig, inp: Path, out: Path, res: StageResult) ->
     res.extra = {"vocab_size": tok.get_vocab_size()}
 
 
+def _use_pretrained(
+    cfg: PrepConfig, inp: Path, out: Path, res: StageResult, pre: Pretrained
+) -> None:
+    """No training: copy the pretrained tokenizer and check that it round-trips a sample of the
+    train documents (a mismatch is reported, not an error: the shards hold its encoding)."""
+    sh = cfg.shards
+    total = _new_stats(cfg, res.name)
+    tok = pre.tokenizer
+    if pre.file is not None:
+        shutil.copyfile(pre.file, out / "tokenizer.json")  # byte for byte
+    else:
+        tok.save(str(out / "tokenizer.json"))
+    tok.encode_special_tokens = True
+    sample: list[str] = []
+    for d in read_docs(inp):
+        total.count_in(d.nbytes)
+        total.keep(d.nbytes)
+        if split_of(d.id, sh.val_fraction, sh.split_seed) == "train":
+            total.bump("train_documents")
+            if len(sample) < ROUND_TRIP_SAMPLE:
+                sample.append(d.text)
+    checked, bad = round_trip_mismatches(tok, sample)
+    if bad:
+        log.warning(
+            "tokenizer %s: %d of %d sampled train documents do not decode back to their exact "
+            "text (normalisation or unknown tokens); the shards hold its encoding as it is",
+            pre.source, bad, checked,
+        )
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    total.bump("vocab_size", vocab_size)
+    res.total = total
+    res.extra = {
+        "vocab_size": vocab_size,
+        "pretrained": pre.source,
+        "pretrained_sha256": pre.sha256,
+        "eos_token": cfg.tokenizer.eos_token,
+        "eos_id": pre.eos_id,
+        "round_trip_checked": checked,
+        "round_trip_mismatches": bad,
+    }
+
+
 def _stage_pack(cfg: PrepConfig, inp: Path, out: Path, res: StageResult, tok_dir: Path) -> dict:
     sh = cfg.shards
     root = Path(cfg.out_dir)
@@ -380,7 +436,12 @@ def _stage_pack(cfg: PrepConfig, inp: Path, out: Path, res: StageResult, tok_dir
     shutil.copyfile(tok_dir / "tokenizer.json", root / "tokenizer.json")
     tok = Tokenizer.from_file(str(root / "tokenizer.json"))
     tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is plain text
-    vocab_size = tok.get_vocab_size()
+    tok.no_truncation()  # a pretrained tokenizer.json may ship with truncation or padding on
+    tok.no_padding()
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    eos_id = tok.token_to_id(cfg.tokenizer.eos_token)
+    if eos_id is None:
+        raise RuntimeError(f"{root / 'tokenizer.json'} has no {cfg.tokenizer.eos_token!r} token")
     docs = list(read_docs(inp))
     if sh.shuffle:
         docs.sort(key=lambda d: order_key(d.id, sh.split_seed))
@@ -392,7 +453,7 @@ def _stage_pack(cfg: PrepConfig, inp: Path, out: Path, res: StageResult, tok_dir
     splits = {}
     for split in SPLITS:
         texts = (d.text for d in by_split[split])
-        arrays = encode_documents(tok, texts, eos_id=0, batch_size=cfg.tokenizer.batch_size)
+        arrays = encode_documents(tok, texts, eos_id, batch_size=cfg.tokenizer.batch_size)
         bar = tqdm(
             arrays, total=len(by_split[split]), desc=f"pack {split}", disable=not cfg.progress
         )
@@ -403,7 +464,7 @@ def _stage_pack(cfg: PrepConfig, inp: Path, out: Path, res: StageResult, tok_dir
         "format": FORMAT,
         "dtype": dtype_name(dtype_for_vocab(vocab_size)),
         "vocab_size": vocab_size,
-        "eos_id": 0,
+        "eos_id": eos_id,
         "eos_token": cfg.tokenizer.eos_token,
         "tokenizer": "tokenizer.json",
         "tokenizer_sha256": sha256_file(root / "tokenizer.json"),
@@ -413,7 +474,7 @@ def _stage_pack(cfg: PrepConfig, inp: Path, out: Path, res: StageResult, tok_dir
     }
     (root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     res.total = total
-    res.extra = {"splits": splits, "vocab_size": vocab_size}
+    res.extra = {"splits": splits, "vocab_size": vocab_size, "eos_id": eos_id}
     return meta
 
 
@@ -548,6 +609,8 @@ def run(cfg: PrepConfig | str | Path, overrides: list[str] | tuple[str, ...] = (
     if not isinstance(cfg, PrepConfig):
         cfg = load_config(cfg, overrides)
     root = Path(cfg.out_dir)
+    # a pretrained tokenizer is loaded and checked first: a wrong path or eos token fails now
+    pretrained = load_pretrained(cfg.tokenizer) if cfg.tokenizer.pretrained else None
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results = run_document_stages(cfg)
@@ -555,9 +618,15 @@ def run(cfg: PrepConfig | str | Path, overrides: list[str] | tuple[str, ...] = (
     sh = cfg.shards
     tok_spec = StageSpec(
         "tokenizer",
-        lambda c: [to_dict(c)["tokenizer"], sh.val_fraction, sh.split_seed],
+        # a pretrained tokenizer's content, not only its path, decides whether the stage re-runs
+        lambda c: [
+            to_dict(c)["tokenizer"],
+            sh.val_fraction,
+            sh.split_seed,
+            pretrained.sha256 if pretrained else None,
+        ],
         ("tokenizer.py",),
-        _stage_tokenizer,
+        lambda c, inp, out, res: _stage_tokenizer(c, inp, out, res, pretrained),
     )
     tok_res = _run_stage(cfg, tok_spec, len(DOC_STAGES), clean)
     tok_dir = root / "stages" / f"{len(DOC_STAGES):02d}_tokenizer"

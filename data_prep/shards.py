@@ -4,10 +4,12 @@ A prepared dataset is a directory::
 
     OUT/
       meta.json            what is in the directory (below)
-      tokenizer.json       HF `tokenizers` byte-level BPE; load with Tokenizer.from_file and
-                           set `tok.encode_special_tokens = True` to encode text exactly as
-                           prep did (a literal "<|endoftext|>" inside a document is text, not
-                           eos; the flag is not saved in tokenizer.json)
+      tokenizer.json       HF `tokenizers` file: the byte-level BPE trained by prep, or a copy
+                           of the pretrained one (`tokenizer.pretrained`); load with
+                           Tokenizer.from_file and set `tok.encode_special_tokens = True` to
+                           encode text exactly as prep did (a literal "<|endoftext|>" inside a
+                           document is text, not eos; the flag is not saved in tokenizer.json),
+                           with add_special_tokens=False (no BOS or template tokens)
       train_000000.bin     train split, shard 0
       train_000001.bin     ...
       val_000000.bin       validation split, shard 0
@@ -17,7 +19,8 @@ Shards (`<split>_<index:06d>.bin`):
   * a raw array of token ids with no header: little-endian unsigned integers of
     `meta["dtype"]`, which is "uint16" when vocab_size <= 65536 and "uint32" otherwise;
   * every document's tokens are followed by one end-of-document token `meta["eos_id"]`
-    (always 0, the id of `<|endoftext|>`), so a split is a concatenation of
+    (the id of `meta["eos_token"]`: 0 for the BPE trained by prep, whose eos is its first
+    token; a pretrained tokenizer's own id otherwise), so a split is a concatenation of
     `doc_0 eos doc_1 eos ...` and shards are consecutive pieces of that stream: documents may
     cross a shard boundary; a split's stream is its shards concatenated in the listed order;
   * every shard holds `shards.shard_tokens` tokens except the last shard of a split;
@@ -28,9 +31,10 @@ meta.json::
 
     {"format": 1,                      # bumped on any incompatible change
      "dtype": "uint16",                # numpy dtype name of the shard elements (little-endian)
-     "vocab_size": 4096,               # size of the tokenizer's vocabulary (ids < vocab_size)
+     "vocab_size": 4096,               # the tokenizer's get_vocab_size(with_added_tokens=True);
+                                       # every id < vocab_size
      "eos_id": 0,                      # end-of-document token id, appended after every document
-     "eos_token": "<|endoftext|>",
+     "eos_token": "<|endoftext|>",     # its text; readers should use these two, not a fixed name
      "tokenizer": "tokenizer.json",    # path relative to the directory
      "tokenizer_sha256": "...",        # sha256 of tokenizer.json's bytes
      "splits": {"train": {"shards": ["train_000000.bin", ...],   # relative paths, in order

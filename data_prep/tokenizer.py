@@ -1,18 +1,112 @@
-"""Byte-level BPE tokenizer training and batched encoding with HF `tokenizers`.
+"""Tokenizers: byte-level BPE training, or a pretrained tokenizer.json; batched encoding.
 
 Byte-level (GPT-2 style) BPE starts from the 256 byte values, so any text round-trips exactly:
-`decode(encode(text)) == text`, unicode included. `<|endoftext|>` is the first special token,
-hence id 0, and marks the end of every document in the shards.
+`decode(encode(text)) == text`, unicode included. When trained here, `<|endoftext|>` (the
+configured `tokenizer.eos_token`) is the first special token, hence id 0, and marks the end of
+every document in the shards.
+
+With `tokenizer.pretrained` set, no training happens: the tokenizer is read from a local
+`tokenizer.json` (or a directory holding one, or a HuggingFace hub name), and the end-of-text
+token is whatever id `tokenizer.eos_token` has in its vocabulary. Whether such a tokenizer
+round-trips text exactly depends on it (normalisers and unknown tokens lose information).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data_prep.config import TokenizerConfig
+
+
+class PretrainedTokenizerError(ValueError):
+    """`tokenizer.pretrained` cannot be used: not found, unreadable, or without the eos token."""
+
+
+@dataclass
+class Pretrained:
+    """A loaded pretrained tokenizer and where it came from."""
+
+    tokenizer: Tokenizer
+    source: str  # the file it was read from, or "hub:<name>"
+    file: Path | None  # the local tokenizer.json, None when it came from the hub
+    sha256: str  # of the file's bytes (local) or of the serialised tokenizer (hub)
+    eos_id: int
+
+
+def load_pretrained(cfg: TokenizerConfig) -> Pretrained:
+    """Load `cfg.pretrained` (a tokenizer.json, a directory holding one, or a hub name) and
+    check that `cfg.eos_token` is in its vocabulary and that its ids are 0..vocab_size-1."""
+    spec = cfg.pretrained
+    if not spec:
+        raise PretrainedTokenizerError("tokenizer.pretrained is not set")
+    path = Path(spec).expanduser()
+    file: Path | None = None
+    if path.is_dir():
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise PretrainedTokenizerError(
+                f"tokenizer.pretrained={spec!r} is a directory without a tokenizer.json; "
+                "give the tokenizer.json file itself (HF `tokenizers` format)"
+            )
+    elif path.is_file():
+        file = path
+    elif spec.endswith(".json") or spec.startswith(("/", ".", "~")):
+        raise PretrainedTokenizerError(f"tokenizer.pretrained={spec!r}: no such file")
+    if file is not None:
+        try:
+            tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise PretrainedTokenizerError(
+                f"tokenizer.pretrained={spec!r}: {file} is not a HF `tokenizers` tokenizer.json "
+                f"({e})"
+            ) from e
+        source, digest = str(file), hashlib.sha256(file.read_bytes()).hexdigest()
+    else:
+        try:
+            tok = Tokenizer.from_pretrained(spec)
+        except Exception as e:
+            raise PretrainedTokenizerError(
+                f"tokenizer.pretrained={spec!r} is not a local file or directory, and loading it "
+                f"from the HuggingFace hub failed ({type(e).__name__}: {e}); without network "
+                "access download its tokenizer.json elsewhere and give that file's path"
+            ) from e
+        source, digest = f"hub:{spec}", hashlib.sha256(tok.to_str().encode()).hexdigest()
+    tok.no_truncation()  # some tokenizer.json files ship with truncation or padding on
+    tok.no_padding()
+    vocab = tok.get_vocab(with_added_tokens=True)
+    eos_id = vocab.get(cfg.eos_token)
+    if eos_id is None:
+        special = [t.content for _, t in sorted(tok.get_added_tokens_decoder().items())]
+        raise PretrainedTokenizerError(
+            f"tokenizer.eos_token={cfg.eos_token!r} is not in the vocabulary of {source} "
+            f"({len(vocab)} tokens); its added/special tokens are {special[:20]}"
+            f"{' ...' if len(special) > 20 else ''}: set tokenizer.eos_token to its "
+            "end-of-text token (e.g. '</s>' for Llama 2, '<|end_of_text|>' for Llama 3)"
+        )
+    size = tok.get_vocab_size(with_added_tokens=True)
+    top = max(vocab.values())
+    if top >= size:
+        raise PretrainedTokenizerError(
+            f"{source}: token id {top} >= its vocabulary size {size} (the ids have gaps); "
+            "shards need ids 0..vocab_size-1"
+        )
+    return Pretrained(tok, source, file, digest, eos_id)
+
+
+def round_trip_mismatches(tok: Tokenizer, texts: Iterable[str]) -> tuple[int, int]:
+    """(texts checked, texts for which decode(encode(text)) != text), encoding as pack does."""
+    checked = bad = 0
+    for t in texts:
+        ids = tok.encode(t, add_special_tokens=False).ids
+        checked += 1
+        bad += tok.decode(ids, skip_special_tokens=False) != t
+    return checked, bad
 
 
 def new_tokenizer() -> Tokenizer:

@@ -12,8 +12,9 @@ mixture-of-experts model has no Llama equivalent and is refused.
 
 Written files: `config.json` (LlamaForCausalLM), `generation_config.json`, `model.safetensors`
 (Llama parameter names, float32), `tokenizer.json` (copied) and `tokenizer_config.json` /
-`special_tokens_map.json` (PreTrainedTokenizerFast with `<|endoftext|>` as bos, eos and pad),
-so that `AutoTokenizer.from_pretrained(dir)` works offline.
+`special_tokens_map.json` (PreTrainedTokenizerFast with the data's end-of-text token as bos, eos
+and pad: `<|endoftext|>`, or the `eos_token` of the dataset's meta.json, see
+`model.generate.find_eos_token`), so that `AutoTokenizer.from_pretrained(dir)` works offline.
 
 transformers is not needed to export: the files are written with json and safetensors, which
 is imported lazily (`model/` imports torch only at module level).
@@ -115,46 +116,60 @@ def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def tokenizer_files(tokenizer_json: Path, seq_len: int) -> dict[str, dict]:
-    """tokenizer_config.json and special_tokens_map.json for a PreTrainedTokenizerFast around our
-    byte-level BPE tokenizer.json, whose `<|endoftext|>` ends (and so begins) every document."""
+def eos_id_of(tokenizer_json: Path, eos_token: str = EOS_TOKEN) -> int:
+    """The id of `eos_token` in tokenizer_json's vocabulary (added tokens included)."""
+    from tokenizers import Tokenizer
+
+    eos_id = Tokenizer.from_file(str(tokenizer_json)).token_to_id(eos_token)
+    if eos_id is None:
+        raise ValueError(f"{tokenizer_json} has no {eos_token} token")
+    return eos_id
+
+
+def tokenizer_files(
+    tokenizer_json: Path, seq_len: int, eos_token: str = EOS_TOKEN
+) -> dict[str, dict]:
+    """tokenizer_config.json and special_tokens_map.json for a PreTrainedTokenizerFast around the
+    data's tokenizer.json, whose `eos_token` ends (and so begins) every document."""
     vocab = json.loads(Path(tokenizer_json).read_text())
-    specials = {t["content"]: t["id"] for t in vocab.get("added_tokens", [])}
-    if EOS_TOKEN not in specials:
-        raise ValueError(f"{tokenizer_json} has no {EOS_TOKEN} special token; specials: {specials}")
-    special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
+    added = vocab.get("added_tokens", [])
+    eos_id_of(tokenizer_json, eos_token)  # raises if the token is not in the vocabulary
+    special = {"bos_token": eos_token, "eos_token": eos_token, "pad_token": eos_token}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
         "model_max_length": seq_len,
         "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": {
-            str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False,
-                     "single_word": False, "special": True}
-            for c, i in specials.items()
+            str(t["id"]): {"content": t["content"], "lstrip": t.get("lstrip", False),
+                           "normalized": t.get("normalized", False),
+                           "rstrip": t.get("rstrip", False),
+                           "single_word": t.get("single_word", False),
+                           "special": t.get("special", True)}
+            for t in added
         },
     }
     return {"tokenizer_config.json": config, "special_tokens_map.json": special}
 
 
-def export_model(model: Transformer, tokenizer_json: str | Path, out_dir: str | Path) -> Path:
-    """Write `model` and its tokenizer to out_dir in the transformers Llama format."""
+def export_model(
+    model: Transformer, tokenizer_json: str | Path, out_dir: str | Path, eos_token: str = EOS_TOKEN
+) -> Path:
+    """Write `model` and its tokenizer to out_dir in the transformers Llama format; `eos_token`
+    is the end-of-text token the training data was packed with."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_json = Path(tokenizer_json)
-    eos_id = {t["content"]: t["id"] for t in
-              json.loads(tokenizer_json.read_text()).get("added_tokens", [])}.get(EOS_TOKEN)
-    if eos_id is None:
-        raise ValueError(f"{tokenizer_json} has no {EOS_TOKEN} token")
+    eos_id = eos_id_of(tokenizer_json, eos_token)
     cfg = model.cfg
     (out / "config.json").write_text(json.dumps(llama_config(cfg, eos_id), indent=2) + "\n")
     generation = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     save_file(llama_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(tokenizer_json, out / "tokenizer.json")
-    for name, content in tokenizer_files(tokenizer_json, cfg.seq_len).items():
+    for name, content in tokenizer_files(tokenizer_json, cfg.seq_len, eos_token).items():
         (out / name).write_text(json.dumps(content, indent=2) + "\n")
     return out
 
@@ -167,7 +182,7 @@ def export_run(path: str | Path, out_dir: str | Path) -> Path:
     check_exportable(run.cfg)
     if run.tokenizer_path is None:
         raise FileNotFoundError(f"no tokenizer.json for {path} (run directory or data_dir)")
-    return export_model(run.model, run.tokenizer_path, out_dir)
+    return export_model(run.model, run.tokenizer_path, out_dir, run.eos_token)
 
 
 def main(argv: list[str] | None = None) -> None:

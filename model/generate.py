@@ -7,8 +7,9 @@ PATH is a run directory (`config.yaml`, `model.safetensors`, `tokenizer.json`) o
 checkpoints (`checkpoints/step_NNNNNNNN/`, whose `trainer.json` holds the config; the tokenizer
 is the run directory's, or the dataset's named in the config). Sampling is
 `Transformer.generate`: temperature 0 is greedy, top-k and top-p (nucleus) restrict the draw,
-the KV cache is on unless `--no-cache`, and a sequence stops at `<|endoftext|>` or after
-`--max-new-tokens`.
+the KV cache is on unless `--no-cache`, and a sequence stops at the end-of-text token or after
+`--max-new-tokens`. That token is the `eos_token` of the dataset's `meta.json` when it belongs to
+this tokenizer (a run prepared with a pretrained tokenizer, e.g. `</s>`), else `<|endoftext|>`.
 
 `model/` imports torch only at module level (see DESIGN.md); reading a run needs PyYAML,
 safetensors and tokenizers, which are imported inside the functions that use them.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -40,6 +42,7 @@ class LoadedRun:
     cfg: ModelConfig
     weights: Path
     tokenizer_path: Path | None
+    eos_token: str = EOS_TOKEN  # the end-of-text token the training data was packed with
 
 
 def model_config_from_dict(section: dict) -> ModelConfig:
@@ -80,6 +83,24 @@ def find_tokenizer(run_dir: Path, config: dict) -> Path | None:
     return None
 
 
+def find_eos_token(tokenizer_path: Path | None, run_dir: Path, config: dict) -> str:
+    """The end-of-text token of the run's data: `eos_token` of the run directory's or the
+    dataset's meta.json, if that meta.json belongs to this tokenizer (same sha256); otherwise
+    `<|endoftext|>`, the token of the BPE data_prep trains."""
+    if tokenizer_path is None:
+        return EOS_TOKEN
+    digest = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
+    dirs = [run_dir] + ([Path(config["data_dir"])] if config.get("data_dir") else [])
+    for d in dirs:
+        try:
+            meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if meta.get("tokenizer_sha256") == digest and meta.get("eos_token"):
+            return str(meta["eos_token"])
+    return EOS_TOKEN
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild the model of a run directory or checkpoint and load its weights (eval mode)."""
     from safetensors.torch import load_model
@@ -96,7 +117,11 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
         )
     model = Transformer(cfg)
     load_model(model, str(weights), strict=True)  # tied embeddings are stored once
-    return LoadedRun(model.to(device).eval(), cfg, weights, find_tokenizer(run_dir, config))
+    tokenizer_path = find_tokenizer(run_dir, config)
+    return LoadedRun(
+        model.to(device).eval(), cfg, weights, tokenizer_path,
+        find_eos_token(tokenizer_path, run_dir, config),
+    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -128,7 +153,7 @@ def generate_text(
     if run.tokenizer_path is None:
         raise FileNotFoundError(f"no tokenizer.json next to {run.weights} or in the run's data_dir")
     tokenizer = Tokenizer.from_file(str(run.tokenizer_path))
-    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    eos_id = tokenizer.token_to_id(run.eos_token)
     shown = tokenizer.encode(prompt).ids
     # An empty prompt starts a new document: the context is the end-of-text token before it.
     ids = shown or [eos_id if eos_id is not None else 0]
@@ -174,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute every step (slow; for checking)")
-    parser.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
+    parser.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
