@@ -122,7 +122,7 @@ class StepStats:
             "modified": self.modified,
             "counters": dict(sorted(self.counters.items())),
             "examples": {r: self.examples[r] for r in sorted(self.examples)},
-            "seconds": round(self.seconds, 4),
+            "seconds": round(self.seconds, 6),  # time inside the step, summed over workers
         }
 
     @classmethod

@@ -1,0 +1,203 @@
+"""`python -m data_prep.bench [CONFIG] [key=value ...]`: throughput of every prep stage.
+
+    python -m data_prep.bench                                   # configs/prep/demo.yaml, 3 runs
+    python -m data_prep.bench configs/prep/tiny.yaml --repeats 1 --json bench.json
+
+Runs the real pipeline (`data_prep.run`) `--repeats` times, each into a fresh temporary
+directory so that no stage is served from the stage cache, and prints the median wall time of
+every stage with its input documents and bytes divided by that time (docs/s, MB/s, MB = 10^6
+bytes), then the whole run. The times are those the pipeline itself records in report.json:
+
+  * a stage's time is its wall time, reading and writing its Parquet files included;
+  * a step's time (normalize, each filter, pii) is the time spent inside that step's
+    `process`, summed over the worker processes, so its rate is per process, not per machine;
+  * "near_dedup: signatures" is the MinHash signature part of near_dedup as the pipeline ran it
+    (with `workers` processes).
+
+Then MinHash signatures alone, on near_dedup's input documents: serially in this process, and
+through the same `parallel_signatures` path the pipeline uses (a fresh process pool each time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from data_prep.config import load_config
+from data_prep.minhash import MinHasher, parallel_signatures
+from data_prep.pipeline import _workers, run
+from data_prep.store import read_docs
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "prep" / "demo.yaml"
+
+
+def _rows_of_run(report: dict, wall_s: float) -> list[dict[str, Any]]:
+    """(name, kind, docs, bytes, seconds) of every stage and step of one pipeline run."""
+    rows: list[dict[str, Any]] = []
+    for st in report["stages"]:
+        if st["cached"]:
+            raise RuntimeError(f"stage {st['name']} came from the cache: the timing is not real")
+        t, disabled = st["total"], bool(st["extra"].get("disabled"))
+        rows.append(
+            {"name": st["name"], "kind": "stage", "docs": t["docs_in"], "bytes": t["bytes_in"],
+             "seconds": st["seconds"], "disabled": disabled}
+        )
+        if st["name"] == "read":
+            continue  # its "steps" are per-source counts, not timed steps
+        for step in st["steps"]:
+            rows.append(
+                {"name": f"{st['name']}/{step['name']}", "kind": "step", "docs": step["docs_in"],
+                 "bytes": step["bytes_in"], "seconds": step["seconds"], "disabled": False}
+            )
+        if st["name"] == "near_dedup" and not disabled:
+            rows.append(
+                {"name": "near_dedup: signatures", "kind": "minhash", "docs": st["extra"]["documents"],
+                 "bytes": t["bytes_in"], "seconds": st["extra"]["signature_s"], "disabled": False}
+            )
+    read = report["stages"][0]["total"]
+    rows.append(
+        {"name": "pipeline", "kind": "pipeline", "docs": read["docs_in"], "bytes": read["bytes_in"],
+         "seconds": wall_s, "disabled": False}
+    )
+    return rows
+
+
+def _near_dedup_input(report: dict) -> str | None:
+    """Parquet file of the documents near_dedup read (the previous stage's output)."""
+    names = [s["name"] for s in report["stages"]]
+    i = names.index("near_dedup")
+    return report["stages"][i - 1]["docs_path"] if i > 0 else None
+
+
+def _time_signatures(cfg: Any, texts: list[str], workers: int) -> float:
+    m = cfg.dedup.minhash
+    hasher = MinHasher(num_perm=m.num_perm, ngram=m.ngram, seed=m.seed)
+    t = time.perf_counter()
+    parallel_signatures(hasher, texts, workers=workers, batch_docs=m.batch_docs)
+    return time.perf_counter() - t
+
+
+def bench(
+    config: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ...] = (), repeats: int = 3
+) -> dict[str, Any]:
+    """Run the pipeline `repeats` times (no cache) and time MinHash signatures; returns the table
+    (rows with medians) as a dict, the form `--json` writes."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}; must be >= 1")
+    runs: list[list[dict[str, Any]]] = []
+    texts: list[str] = []
+    cfg = load_config(config, [*overrides, "progress=false"])
+    workers = _workers(cfg)
+    for r in range(repeats):
+        tmp = Path(tempfile.mkdtemp(prefix="prep-bench-"))
+        try:
+            cfg = load_config(config, [*overrides, f"out_dir={tmp}", "progress=false"])
+            t = time.perf_counter()
+            run(cfg)
+            wall = time.perf_counter() - t
+            report = json.loads((tmp / "report.json").read_text(encoding="utf-8"))
+            rows = _rows_of_run(report, wall)
+            src = _near_dedup_input(report) if r == 0 and cfg.dedup.minhash.enabled else None
+            if src:
+                texts = [d.text for d in read_docs(src)]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if texts:
+            nbytes = sum(len(x.encode("utf-8", "surrogatepass")) for x in texts)
+            for name, w in (("minhash serial", 1), (f"minhash parallel ({workers} workers)", workers)):
+                rows.append(
+                    {"name": name, "kind": "minhash", "docs": len(texts), "bytes": nbytes,
+                     "seconds": _time_signatures(cfg, texts, w), "disabled": False}
+                )
+        runs.append(rows)
+        print(f"repeat {r + 1}/{repeats}: pipeline {wall:.2f} s", file=sys.stderr, flush=True)
+    table = []
+    for i, row in enumerate(runs[0]):
+        secs = [rr[i]["seconds"] for rr in runs]
+        for rr in runs:
+            if (rr[i]["name"], rr[i]["docs"]) != (row["name"], row["docs"]):
+                raise RuntimeError(f"runs differ at {row['name']}: the pipeline is not deterministic")
+        med = statistics.median(secs)
+        ok = med > 0 and not row["disabled"]
+        table.append(
+            {**{k: row[k] for k in ("name", "kind", "docs", "bytes", "disabled")},
+             "seconds": round(med, 4), "seconds_each": [round(s, 4) for s in secs],
+             "docs_per_s": round(row["docs"] / med, 1) if ok else None,
+             "mb_per_s": round(row["bytes"] / 1e6 / med, 3) if ok else None}
+        )
+    return {
+        "format": 1,
+        "config": str(config),
+        "overrides": list(overrides),
+        "repeats": repeats,
+        "workers": workers,
+        "cpus": os.cpu_count(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "python": platform.python_version(),
+        "rows": table,
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    """The table as text: one row per stage, its steps indented under it."""
+    config = Path(result["config"])
+    if config.is_absolute() and config.is_relative_to(Path.cwd()):
+        config = config.relative_to(Path.cwd())
+    head = (
+        f"data_prep bench: {config} {' '.join(result['overrides'])}".rstrip()
+        + f" | median of {result['repeats']} run(s) | workers {result['workers']}, "
+        f"{result['cpus']} CPUs"
+    )
+    lines = [head, f"{'stage':<36}{'docs in':>9}{'MB in':>9}{'s':>9}{'docs/s':>11}{'MB/s':>9}"]
+    for row in result["rows"]:
+        name = ("  " + row["name"].split("/", 1)[1]) if row["kind"] == "step" else row["name"]
+        if row["kind"] in ("pipeline",) or row["name"] == "minhash serial":
+            lines.append("-" * 83)
+        rate = (
+            f"{row['docs_per_s']:>11,.0f}{row['mb_per_s']:>9.2f}"
+            if row["docs_per_s"] is not None
+            else f"{'disabled' if row['disabled'] else '-':>20}"
+        )
+        lines.append(
+            f"{name:<36}{row['docs']:>9,}{row['bytes'] / 1e6:>9.2f}{row['seconds']:>9.3f}{rate}"
+        )
+    lines.append("s: stage wall time; indented steps: time inside the step, summed over worker")
+    lines.append("processes; minhash rows: the signature computation alone. MB = 10^6 bytes.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.bench",
+        description="Time every prep stage (docs/s, MB/s) and MinHash signatures (signatures/s).",
+    )
+    p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="prep YAML config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. workers=1")
+    p.add_argument("--repeats", type=int, default=3, help="pipeline runs; medians are reported")
+    p.add_argument("--json", type=Path, default=None, help="also write the table here as JSON")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        result = bench(args.config, args.overrides, args.repeats)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""python -m data_prep.bench on the tiny config: every stage timed, rates positive, and the
+document counts those of an ordinary run of the pipeline."""
+
+from __future__ import annotations
+
+import json
+
+from data_prep.bench import main
+
+from .conftest import TINY
+
+
+def test_bench_tiny(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main([str(TINY), "--repeats", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["repeats"] == 1
+    rows = {r["name"]: r for r in result["rows"]}
+    report = json.loads((tiny_dir / "report.json").read_text())  # the same config, run normally
+    names = [s["name"] for s in report["stages"]]
+    assert names == ["read", "normalize", "filter", "exact_dedup", "near_dedup", "pii",
+                     "tokenizer", "pack"]
+    for st in report["stages"]:
+        row = rows[st["name"]]
+        assert st["name"] in table
+        assert (row["docs"], row["bytes"]) == (st["total"]["docs_in"], st["total"]["bytes_in"])
+        for step in st["steps"] if st["name"] != "read" else []:
+            assert rows[f"{st['name']}/{step['name']}"]["docs"] == step["docs_in"]
+    assert rows["filter/gopher_quality"]["docs"] > 0  # the filter steps are there, one by one
+    assert rows["pipeline"]["docs"] == report["invariant"]["records_in"]
+    near_in = rows["near_dedup"]["docs"]
+    for name in ("near_dedup: signatures", "minhash serial",
+                 f"minhash parallel ({result['workers']} workers)"):
+        assert rows[name]["docs"] == near_in and name in table
+    for row in result["rows"]:
+        assert not row["disabled"], row
+        assert row["seconds"] > 0 and row["docs_per_s"] > 0 and row["mb_per_s"] > 0, row
+        assert len(row["seconds_each"]) == 1
