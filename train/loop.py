@@ -49,7 +49,7 @@ from train.config import TrainConfig, to_yaml
 from train.data import BatchLoader, TokenWindows, read_meta
 from train.fsdp import full_copy
 from train.optim import lr_at
-from train.techniques import build_model, executed_flops_per_token
+from train.techniques import build_model, executed_flops_per_token, techniques_in_use
 
 log = logging.getLogger("train")
 SUMMARY_FORMAT = 1
@@ -93,7 +93,8 @@ def set_threads(cfg: TrainConfig, accelerator: Accelerator) -> None:
 
 
 def weight_checksums(model: torch.nn.Module, accelerator: Accelerator) -> list[str]:
-    """SHA-256 of every rank's parameters, gathered on all ranks (DDP keeps them identical)."""
+    """SHA-256 of every rank's parameters, gathered on all ranks; raises if they differ (DDP
+    keeps them identical, and under FSDP each rank checks its own unsharded copy)."""
     digest = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -103,6 +104,8 @@ def weight_checksums(model: torch.nn.Module, accelerator: Accelerator) -> list[s
         return [mine]
     gathered: list[str] = [""] * accelerator.num_processes
     dist.all_gather_object(gathered, mine)
+    if len(set(gathered)) != 1:
+        raise RuntimeError(f"ranks ended with different weights: {gathered}")
     return gathered
 
 
@@ -346,26 +349,29 @@ def run(cfg: TrainConfig) -> dict:
             raise SystemExit(EXIT_STOPPED)
 
     raw_model = full_copy(raw_model)  # unsharded under fsdp=true: checksums, export, samples
-    summary = summarize(cfg, metrics.records, peaks, accelerator, state["initial_val_loss"],
-                        val_loss, n_params, flops_tok, hw_flops_tok, seq_len)
-    summary["skipped_steps"] = state["skipped_steps"]
-    summary["rank_weight_sha256"] = checksums = weight_checksums(raw_model, accelerator)
-    if len(set(checksums)) != 1:
-        raise RuntimeError(f"ranks ended with different weights: {checksums}")
+    summary = summarize(cfg, metrics.records, peaks, accelerator, state, val_loss, optimizer,
+                        n_params, flops_tok, hw_flops_tok, seq_len)
+    summary["rank_weight_sha256"] = weight_checksums(raw_model, accelerator)
     if main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        save_model(raw_model, str(out / "model.safetensors"))
-        text = sample_text(raw_model, out / "tokenizer.json", cfg, accelerator.device)
-        (out / "samples.txt").write_text(f"prompt: {cfg.sample_prompt!r}\n\n{text}\n")
-        report(summary, text)
+        write_outputs(out, cfg, summary, raw_model, accelerator.device)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def summarize(cfg, records, peaks, accelerator, initial_val, val_loss, n_params, flops_tok,
+def write_outputs(out: Path, cfg: TrainConfig, summary: dict, model: Transformer, device) -> None:
+    """The main rank's end-of-run files (summary.json, model.safetensors, samples.txt) and the
+    report on stdout."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_model(model, str(out / "model.safetensors"))
+    text = sample_text(model, out / "tokenizer.json", cfg, device)
+    (out / "samples.txt").write_text(f"prompt: {cfg.sample_prompt!r}\n\n{text}\n")
+    report(summary, text)
+
+
+def summarize(cfg, records, peaks, accelerator, state, val_loss, optimizer, n_params, flops_tok,
               hw_flops_tok, seq_len) -> dict:
-    """summary.json: medians and spread over the steps after warm-up."""
+    """summary.json: medians and spread over the steps after warm-up, and the run's settings."""
     steady = [r for r in records if r.get("step", 0) > cfg.warmup_steps_excluded and "loss" in r]
     if not steady:  # a run shorter than the warm-up: summarise what there is
         steady = [r for r in records if "loss" in r]
@@ -385,6 +391,7 @@ def summarize(cfg, records, peaks, accelerator, initial_val, val_loss, n_params,
         "mixed_precision": cfg.mixed_precision,
         "activation_checkpointing": cfg.activation_checkpointing,
         "compile": cfg.compile,
+        "techniques": techniques_in_use(cfg, optimizer),
         "threads_per_process": torch.get_num_threads(),
         "model": dataclasses.asdict(cfg.model) | {"params": n_params},
         "seq_len": seq_len,
@@ -394,7 +401,8 @@ def summarize(cfg, records, peaks, accelerator, initial_val, val_loss, n_params,
         "tokens": records[-1].get("tokens", 0),
         "model_flops_per_token": flops_tok,
         "hardware_flops_per_token": hw_flops_tok,
-        "initial_val_loss": initial_val,
+        "skipped_steps": state["skipped_steps"],
+        "initial_val_loss": state["initial_val_loss"],
         "final_val_loss": val_loss,
         "final_train_loss": records[-1].get("loss"),
         "tokens_per_s": tok_s,

@@ -60,6 +60,24 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator):
     return accelerator.prepare(model, optimizer)
 
 
+def techniques_in_use(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> dict:
+    """The switches as this run applied them, for summary.json: a setting that does nothing
+    (the compile scope without compile, k without every_k) is null, and the optimizer kernel
+    is the one built, which falls back to foreach where torch has no fused one."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
+    every_k = cfg.activation_checkpointing == "every_k"
+    return {
+        "compile": cfg.compile,
+        "compile_scope": cfg.compile_scope if cfg.compile else None,
+        "fsdp": cfg.fsdp,
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "checkpoint_every_k": cfg.checkpoint_every_k if every_k else None,
+        "checkpointed_layers": checkpointed_layers(cfg),
+        "mixed_precision": cfg.mixed_precision,
+        "fused_optimizer": bool(inner.defaults.get("fused")),
+    }
+
+
 def apply_techniques(model: Transformer, cfg: TrainConfig) -> torch.nn.Module:
     """Activation checkpointing, then compilation, as configured; returns the same module.
 

@@ -135,6 +135,7 @@ def test_fsdp_sigkill_then_resume_past_a_corrupt_checkpoint_is_bit_exact(tiny_da
     assert f"{newest.name} is unusable (__1_0.distcp has" in result.stderr, kill_after
     assert f"resumed from {before} at step {int(before.name.split('_')[1])}" in result.stderr
     assert summary(out)["rank_weight_sha256"] == summary(ref)["rank_weight_sha256"], kill_after
+    assert summary(out)["techniques"]["fsdp"] is True
     trail = [{k: r.get(k) for k in ("step", "loss", "grad_norm", "val_loss")}
              for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     assert trail == [{k: r.get(k) for k in ("step", "loss", "grad_norm", "val_loss")}

@@ -14,7 +14,12 @@ from tests.utils import run_cmd
 from train.ablate import TECHNIQUES, markdown, peak_step_bytes
 from train.config import load_config
 from train.optim import build_optimizer
-from train.techniques import apply_techniques, build_model, executed_flops_per_token
+from train.techniques import (
+    apply_techniques,
+    build_model,
+    executed_flops_per_token,
+    techniques_in_use,
+)
 
 TINY = ["model.vocab_size=512", "model.seq_len=64", "model.n_layer=4", "model.d_model=64",
         "model.n_head=4", "model.n_kv_head=2"]
@@ -113,6 +118,21 @@ def test_bad_switches_are_refused():
     cfg = load_config(None, [*TINY, "fsdp=true"])
     with pytest.raises(ValueError, match="2 or more"):
         build_model(cfg, Accelerator(cpu=True))
+
+
+def test_techniques_in_use_name_every_switch():
+    cfg = load_config(None, [*TINY, "compile=true", "compile_scope=blocks", "fsdp=true",
+                             "activation_checkpointing=every_k", "checkpoint_every_k=3",
+                             "mixed_precision=bf16", "optim.fused=false"])
+    model = Transformer(cfg.model)
+    assert techniques_in_use(cfg, build_optimizer(model, cfg.optim, torch.device("cpu"))) == {
+        "compile": True, "compile_scope": "blocks", "fsdp": True,
+        "activation_checkpointing": "every_k", "checkpoint_every_k": 3, "checkpointed_layers": [0, 3],
+        "mixed_precision": "bf16", "fused_optimizer": False}
+    plain = load_config(None, [*TINY, "activation_checkpointing=attention"])
+    used = techniques_in_use(plain, build_optimizer(model, plain.optim, torch.device("cpu")))
+    assert used["compile_scope"] is None and used["checkpoint_every_k"] is None
+    assert used["checkpointed_layers"] == [0, 1, 2, 3] and used["fused_optimizer"] is True
 
 
 def test_ablation_table_lists_every_technique_with_a_source():
