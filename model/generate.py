@@ -84,16 +84,18 @@ def find_tokenizer(run_dir: Path, config: dict) -> Path | None:
 
 
 def find_eos_token(tokenizer_path: Path | None, run_dir: Path, config: dict) -> str:
-    """The end-of-text token of the run's data: `eos_token` of the run directory's or the
-    dataset's meta.json, if that meta.json belongs to this tokenizer (same sha256); otherwise
-    `<|endoftext|>`, the token of the BPE data_prep trains."""
+    """The end-of-text token of the run's data: `eos_token` of the dataset's meta.json as copied
+    into the run directory (`data_meta.json`), or of the dataset itself, if that meta.json
+    belongs to this tokenizer (same sha256); otherwise `<|endoftext|>`, the token of the BPE
+    data_prep trains."""
     if tokenizer_path is None:
         return EOS_TOKEN
     digest = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
-    dirs = [run_dir] + ([Path(config["data_dir"])] if config.get("data_dir") else [])
-    for d in dirs:
+    metas = [run_dir / "data_meta.json", run_dir / "meta.json"]
+    metas += [Path(config["data_dir"]) / "meta.json"] if config.get("data_dir") else []
+    for m in metas:
         try:
-            meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+            meta = json.loads(m.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if meta.get("tokenizer_sha256") == digest and meta.get("eos_token"):

@@ -154,12 +154,14 @@ def check_tokenizer(path: Path, meta: dict) -> None:
         )
 
 
-def sample_text(model: Transformer, tokenizer_path: Path, cfg: TrainConfig, device) -> str:
-    """Generate from the trained model with the dataset's tokenizer (main rank only)."""
+def sample_text(model: Transformer, tokenizer_path: Path, cfg: TrainConfig, device,
+                eos_id: int = 0) -> str:
+    """Generate from the trained model with the dataset's tokenizer (main rank only); an empty
+    prompt starts from the end-of-text token, as a new document does."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    ids = tokenizer.encode(cfg.sample_prompt).ids or [0]
+    ids = tokenizer.encode(cfg.sample_prompt).ids or [eos_id]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = model.generate(
@@ -230,6 +232,8 @@ def run(cfg: TrainConfig) -> dict:
         if resume_from is None:
             (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.copy(Path(cfg.data_dir) / meta.get("tokenizer", "tokenizer.json"), out / "tokenizer.json")
+        # the dataset's meta.json travels with the run: generate and export read its eos token
+        shutil.copy(Path(cfg.data_dir) / "meta.json", out / "data_meta.json")
     if cfg.tracker != "none":
         accelerator.init_trackers(**trackers.init_args(cfg, out))
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
@@ -364,7 +368,8 @@ def write_outputs(out: Path, cfg: TrainConfig, summary: dict, model: Transformer
     report on stdout."""
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     save_model(model, str(out / "model.safetensors"))
-    text = sample_text(model, out / "tokenizer.json", cfg, device)
+    eos_id = int(json.loads((out / "data_meta.json").read_text()).get("eos_id", 0))
+    text = sample_text(model, out / "tokenizer.json", cfg, device, eos_id)
     (out / "samples.txt").write_text(f"prompt: {cfg.sample_prompt!r}\n\n{text}\n")
     report(summary, text)
 

@@ -32,6 +32,8 @@ def test_loss_falls_over_50_steps(tiny_data, tmp_path):
     assert len(summary["peak_flops_per_process"]["samples"]) == 2
     assert (out / "model.safetensors").is_file() and (out / "samples.txt").read_text()
     assert "data_dir" in (out / "config.yaml").read_text()
+    assert json.loads((out / "data_meta.json").read_text()) == json.loads(
+        (tiny_data / "meta.json").read_text())
     assert summary["techniques"] == {
         "compile": False, "compile_scope": None, "fsdp": False, "activation_checkpointing": "none",
         "checkpoint_every_k": None, "checkpointed_layers": [], "mixed_precision": "no",
