@@ -4,7 +4,7 @@ its n-gram models inside the package and so works offline.
 A prose document is kept when the detector's most likely language is one of `languages` with
 confidence at least `min_confidence`. FineWeb (Penedo et al. 2024) and Gopher keep English
 with a fastText / langdetect score threshold in the same way; lingua is used here because it
-needs no model download. Install with `pip install lingua-language-detector`.
+needs no model download. Install with `pip install -e '.[lang]'` (part of the dev install).
 """
 
 from __future__ import annotations
