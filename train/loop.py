@@ -348,8 +348,7 @@ def run(cfg: TrainConfig) -> dict:
         if stop:
             reason = "time limit" if late else "signal"
             log.warning(f"stopping at step {step} ({reason}); resume with resume=auto")
-            accelerator.wait_for_everyone()
-            accelerator.end_training()
+            finish(accelerator)
             raise SystemExit(EXIT_STOPPED)
 
     raw_model = full_copy(raw_model)  # unsharded under fsdp=true: checksums, export, samples
@@ -358,9 +357,24 @@ def run(cfg: TrainConfig) -> dict:
     summary["rank_weight_sha256"] = weight_checksums(raw_model, accelerator)
     if main:
         write_outputs(out, cfg, summary, raw_model, accelerator.device)
+    finish(accelerator)
+    return summary
+
+
+def finish(accelerator) -> None:
+    """End the run on every rank: wait for the others, close the trackers and destroy the
+    process group (accelerate's end_training), then sleep briefly with the GIL released.
+
+    Why the sleep: after the last barrier a gloo worker thread still has to free that
+    collective's work, which drops Python-owned tensors and so needs the GIL. If the main
+    thread meanwhile frees the DDP/FSDP model, the model's reducer frees the process group,
+    whose destructor joins the worker threads while holding the GIL: both wait forever (a
+    known PyTorch hazard, pytorch/pytorch#56297). It hung a 2-process run here at exit, after
+    all its files were written. Sleeping lets the worker finish first."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return summary
+    if accelerator.num_processes > 1:
+        time.sleep(0.2)
 
 
 def write_outputs(out: Path, cfg: TrainConfig, summary: dict, model: Transformer, device) -> None:
