@@ -32,6 +32,7 @@ from model.transformer import Transformer
 
 EOS_TOKEN = "<|endoftext|>"
 WEIGHTS = "model.safetensors"
+SHARDED_INDEX = ".metadata"  # torch.distributed.checkpoint's index of an FSDP checkpoint
 
 
 @dataclasses.dataclass
@@ -103,22 +104,43 @@ def find_eos_token(tokenizer_path: Path | None, run_dir: Path, config: dict) -> 
     return EOS_TOKEN
 
 
+def load_sharded_weights(model: Transformer, path: Path) -> None:
+    """Load the weights of an FSDP checkpoint (torch.distributed.checkpoint: one file of slices
+    per rank, indexed by `.metadata`) into an unsharded model, in this one process."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict()}  # the run saved {"model": ..., "optimizer": ...}
+    with warnings.catch_warnings():  # "...assuming the intent is to load in a single process"
+        warnings.filterwarnings("ignore", message=".*load in a single process")
+        dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"], strict=True)
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild the model of a run directory or checkpoint and load its weights (eval mode)."""
+    """Rebuild the model of a run directory or checkpoint and load its weights (eval mode):
+    `model.safetensors`, or an FSDP checkpoint's sharded files."""
     from safetensors.torch import load_model
 
     path = Path(path)
     config, run_dir = read_run_config(path)
     cfg = model_config_from_dict(config["model"])
     weights = path / WEIGHTS
-    if not weights.is_file():
+    sharded = not weights.is_file() and (path / SHARDED_INDEX).is_file()
+    if sharded:
+        weights = path / SHARDED_INDEX
+    elif not weights.is_file():
         raise FileNotFoundError(
             f"{weights} is missing: the run has not finished (only finished runs and checkpoints "
             "hold weights); pass a checkpoint directory such as "
             f"{run_dir / 'checkpoints' / 'step_00000100'}"
         )
     model = Transformer(cfg)
-    load_model(model, str(weights), strict=True)  # tied embeddings are stored once
+    if sharded:
+        load_sharded_weights(model, path)
+    else:
+        load_model(model, str(weights), strict=True)  # tied embeddings are stored once
     tokenizer_path = find_tokenizer(run_dir, config)
     return LoadedRun(
         model.to(device).eval(), cfg, weights, tokenizer_path,

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from model.config import get_preset
+from model.generate import load_run
 from model.transformer import Transformer
 from tests.utils import ROOT, run_cmd
 from train.checkpoint import Checkpointer, load
@@ -141,6 +142,10 @@ def test_fsdp_sigkill_then_resume_past_a_corrupt_checkpoint_is_bit_exact(tiny_da
     assert trail == [{k: r.get(k) for k in ("step", "loss", "grad_norm", "val_loss")}
                      for r in map(json.loads, (ref / "metrics.jsonl").read_text().splitlines())]
     assert [r["step"] for r in trail] == list(range(STEPS + 1))
+    # the final sharded checkpoint loads in one process (generate, export) as the final weights
+    final = load_run(out / "checkpoints" / f"step_{STEPS:08d}").model.state_dict()
+    for name, tensor in load_run(out).model.state_dict().items():
+        assert torch.equal(final[name], tensor), name
 
 
 def test_sharded_and_unsharded_checkpoints_are_not_mixed(tmp_path):
