@@ -92,7 +92,7 @@ def find_eos_token(tokenizer_path: Path | None, run_dir: Path, config: dict) -> 
     if tokenizer_path is None:
         return EOS_TOKEN
     digest = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
-    metas = [run_dir / "data_meta.json", run_dir / "meta.json"]
+    metas = [run_dir / "data_meta.json"]
     metas += [Path(config["data_dir"]) / "meta.json"] if config.get("data_dir") else []
     for m in metas:
         try:

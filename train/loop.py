@@ -356,7 +356,7 @@ def run(cfg: TrainConfig) -> dict:
                         n_params, flops_tok, hw_flops_tok, seq_len)
     summary["rank_weight_sha256"] = weight_checksums(raw_model, accelerator)
     if main:
-        write_outputs(out, cfg, summary, raw_model, accelerator.device)
+        write_outputs(out, cfg, summary, raw_model, accelerator.device, meta.get("eos_id", 0))
     finish(accelerator)
     return summary
 
@@ -377,12 +377,12 @@ def finish(accelerator) -> None:
         time.sleep(0.2)
 
 
-def write_outputs(out: Path, cfg: TrainConfig, summary: dict, model: Transformer, device) -> None:
+def write_outputs(out: Path, cfg: TrainConfig, summary: dict, model: Transformer, device,
+                  eos_id: int) -> None:
     """The main rank's end-of-run files (summary.json, model.safetensors, samples.txt) and the
     report on stdout."""
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     save_model(model, str(out / "model.safetensors"))
-    eos_id = int(json.loads((out / "data_meta.json").read_text()).get("eos_id", 0))
     text = sample_text(model, out / "tokenizer.json", cfg, device, eos_id)
     (out / "samples.txt").write_text(f"prompt: {cfg.sample_prompt!r}\n\n{text}\n")
     report(summary, text)
