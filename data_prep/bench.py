@@ -131,7 +131,7 @@ def bench(
         ok = med > 0 and not row["disabled"]
         table.append(
             {**{k: row[k] for k in ("name", "kind", "docs", "bytes", "disabled")},
-             "seconds": round(med, 4), "seconds_each": [round(s, 4) for s in secs],
+             "seconds": round(med, 6), "seconds_each": [round(s, 6) for s in secs],
              "docs_per_s": round(row["docs"] / med, 1) if ok else None,
              "mb_per_s": round(row["bytes"] / 1e6 / med, 3) if ok else None}
         )
