@@ -1,24 +1,22 @@
-"""Peak FLOP/s of the accelerator in use: a sourced catalog for GPUs/TPUs, a measurement on CPU.
+"""The hardware catalog: dense peak FLOP/s per precision, memory and links of GPUs and TPUs.
 
 MFU is only as honest as its denominator. For accelerators we use the vendor's dense (no
 sparsity) peak from `catalog.yaml`, each figure with its source. A CPU has no meaningful
-datasheet figure for our purposes, so we measure it: a square matmul in the training dtype,
-timed after a warm-up. The measurement is noisy on shared machines, so callers take several
-samples (interleaved with the work) and report their spread.
+datasheet figure for our purposes: the trainer measures one (`train.clock`). No torch here:
+the estimator is arithmetic.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
+
+from model.precision import precision
 
 CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
 
-_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass
@@ -29,7 +27,7 @@ class Peak:
     source: str
 
 
-PRECISIONS = ("bf16", "fp16", "fp8", "tf32", "fp32")
+PRECISIONS = ("bf16", "fp16", "fp8", "tf32", "fp32")  # catalog columns, in display order
 REQUIRED_FIELDS = ("vendor", "memory_gb", "memory_bw_gbs", "interconnect_gbs", "tdp_w", "source")
 
 
@@ -105,15 +103,15 @@ def match_device_name(device_name: str, catalog: dict[str, dict] | None = None) 
     return Accelerator(best[1], catalog[best[1]]) if best else None
 
 
-def catalog_peak(device_name: str, dtype: torch.dtype) -> Peak | None:
+def catalog_peak(device_name: str, precision_name: str) -> Peak | None:
     """Dense peak per framework device for a GPU whose name matches a catalog alias.
 
     A package the framework splits into several devices (MI250X: 2 GCDs) has its peak divided
     accordingly. fp32 falls back to the TF32 tensor-core peak where there is no fp32 figure.
     """
-    key = _DTYPE_KEYS.get(dtype)
+    key = precision(precision_name).catalog
     acc = match_device_name(device_name)
-    if acc is None or key is None:
+    if acc is None:
         return None
     tflops = acc.get(f"{key}_tflops")
     if tflops is None and key == "fp32":
@@ -122,34 +120,3 @@ def catalog_peak(device_name: str, dtype: torch.dtype) -> Peak | None:
         return None
     per_device = tflops * 1e12 / acc.logical_devices
     return Peak(per_device, f"catalog:{acc.name} ({acc.source})")
-
-
-def measure_matmul_flops(
-    dtype: torch.dtype, device: str | torch.device = "cpu", n: int = 1024, min_seconds: float = 0.3
-) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype` on `device`, after one warm-up call."""
-    device = torch.device(device)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.matmul(a, b)
-    sync()
-    iters, start = 0, time.perf_counter()
-    while True:
-        torch.matmul(a, b)
-        iters += 1
-        if iters % 4 == 0:
-            sync()
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds:
-                return 2.0 * n**3 * iters / elapsed
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
-    """Catalog peak for a known accelerator, else a measured matmul peak (one sample)."""
-    if device.type == "cuda":
-        found = catalog_peak(torch.cuda.get_device_name(device), dtype)
-        if found is not None:
-            return found
-    measured = measure_matmul_flops(dtype, device)
-    return Peak(measured, f"measured: {_DTYPE_KEYS.get(dtype, str(dtype))} matmul on {device.type}")

@@ -1,16 +1,4 @@
-"""The decoder-only transformer, its configuration, and its parameter/FLOP accounting."""
-
-from model.config import PRESETS, ModelConfig, get_preset
-from model.flops import count_params, hardware_flops_per_token, model_flops_per_token
-from model.transformer import KVCache, Transformer
-
-__all__ = [
-    "PRESETS",
-    "KVCache",
-    "ModelConfig",
-    "Transformer",
-    "count_params",
-    "get_preset",
-    "hardware_flops_per_token",
-    "model_flops_per_token",
-]
+"""The decoder-only transformer (`model.transformer`), its configuration and presets
+(`model.config`), its parameter and FLOP accounting (`model.flops`) and the precision table
+(`model.precision`). Import the submodules: `model.config`, `model.flops` and
+`model.precision` do not import torch, so the estimator can use them without it."""

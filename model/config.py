@@ -93,12 +93,6 @@ class ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Model training FLOPs per token (forward + backward); see `model.flops`."""
-        from model.flops import model_flops_per_token
-
-        return model_flops_per_token(self, seq_len)
-
 
 # Shapes of published models are taken from their papers; where our architecture (SwiGLU,
 # RMSNorm, RoPE, no biases) differs, the note says how the shape was matched.

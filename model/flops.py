@@ -14,7 +14,17 @@ from __future__ import annotations
 
 from model.config import ModelConfig
 
-RECOMPUTE_MODES = ("none", "selective", "full")
+# The one table of activation-recomputation modes. `trainable` ones are values of the trainer's
+# `activation_checkpointing`; the estimator projects with any of them.
+RECOMPUTE_MODES: dict[str, tuple[str, bool]] = {
+    "none": ("activations are stored, nothing is recomputed", True),
+    "full": ("every block re-runs its forward in the backward pass", True),
+    "every_k": ("every k-th block (0, k, 2k, ...) re-runs its forward", True),
+    "attention": ("every block re-runs its attention sub-layer: q, k, v projections and core", True),
+    "selective": ("only the attention core (QK^T, softmax, AV) is recomputed "
+                  "(Korthikanti et al. 2022)", False),
+}
+TRAINABLE_RECOMPUTE = tuple(m for m, (_, trainable) in RECOMPUTE_MODES.items() if trainable)
 
 
 def _attention_params(cfg: ModelConfig) -> int:
@@ -115,8 +125,30 @@ def _final_matmul_params(cfg: ModelConfig, layer: int) -> int:
     return cfg.n_shared_experts * cfg.moe_ffn_hidden * cfg.d_model
 
 
+def recomputed_layers(n_layer: int, recompute: str, every_k: int = 1) -> list[int]:
+    """Indices of the blocks that recompute something in the backward pass."""
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(
+            f"recompute={recompute!r} is not valid; valid: {', '.join(RECOMPUTE_MODES)}"
+        )
+    if recompute == "none":
+        return []
+    k = every_k if recompute == "every_k" else 1
+    return [i for i in range(n_layer) if i % k == 0]
+
+
+def _attention_sublayer_flops_forward(cfg: ModelConfig, seq_len: int) -> int:
+    """Forward FLOPs per token of one block's attention sub-layer without its output
+    projection: the q, k, v projections (2 FLOPs per weight) and the attention core. The output
+    projection is not re-run when the sub-layer is checkpointed: nothing in the backward pass
+    needs its output (non-reentrant checkpoint's early stop, see `_final_matmul_params`)."""
+    d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
+    qkv = d * cfg.n_head * cfg.head_dim + 2 * d * kv
+    return 2 * qkv + 4 * cfg.n_head * cfg.head_dim * seq_len
+
+
 def hardware_flops_per_token(
-    cfg: ModelConfig, seq_len: int | None = None, recompute: str = "none"
+    cfg: ModelConfig, seq_len: int | None = None, recompute: str = "none", every_k: int = 1
 ) -> float:
     """FLOPs per token actually executed with activation recomputation (the HFU numerator).
 
@@ -127,18 +159,22 @@ def hardware_flops_per_token(
       dense model, about +24% for Llama-2-70B at 4k tokens. The textbook "+2N_blocks + 4LdT"
       (about +33%) is what reentrant checkpointing, or early stop switched off, executes.
       The embedding and the LM head sit outside the blocks and are never recomputed.
+    - "every_k": "full" for the blocks 0, k, 2k, ... only.
+    - "attention": every block re-runs its attention sub-layer (q, k, v projections and the
+      core; `_attention_sublayer_flops_forward`).
     - "selective" (Korthikanti et al. 2022): only the attention core (QK^T, softmax, AV) is
       recomputed: + 4 * L * d * T.
     """
-    if recompute not in RECOMPUTE_MODES:
-        raise ValueError(
-            f"recompute={recompute!r} is not valid; valid: {', '.join(RECOMPUTE_MODES)}"
-        )
+    layers = recomputed_layers(cfg.n_layer, recompute, every_k)
     T = cfg.seq_len if seq_len is None else seq_len
     flops = model_flops_per_token(cfg, T)
-    if recompute == "full":
+    if recompute == "attention":
+        return float(flops + cfg.n_layer * _attention_sublayer_flops_forward(cfg, T))
+    if recompute == "selective":
+        return float(flops + _attention_core_flops_forward(cfg, T))
+    if layers:  # full, every_k: the share of the full-recompute extra of the layers re-run
         skipped = sum(_final_matmul_params(cfg, i) for i in range(cfg.n_layer))
-        flops += 2 * (_block_matmul_params(cfg, active=True) - skipped)
-    if recompute in ("full", "selective"):
-        flops += _attention_core_flops_forward(cfg, T)
+        full_extra = 2 * (_block_matmul_params(cfg, active=True) - skipped)
+        full_extra += _attention_core_flops_forward(cfg, T)
+        flops += full_extra * len(layers) / cfg.n_layer
     return float(flops)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from estimate.hardware import Peak, catalog_peak, measure_matmul_flops
+from estimate.hardware import Peak, catalog_peak
+from model.precision import Precision
 
 
 class PhaseTimer:
@@ -51,22 +52,43 @@ class PhaseTimer:
         return self._last - self._start
 
 
+def measure_matmul_flops(
+    dtype: torch.dtype, device: str | torch.device = "cpu", n: int = 1024, min_seconds: float = 0.3
+) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` on `device`, after one warm-up call."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.matmul(a, b)
+    sync()
+    iters, start = 0, time.perf_counter()
+    while True:
+        torch.matmul(a, b)
+        iters += 1
+        if iters % 4 == 0:
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                return 2.0 * n**3 * iters / elapsed
+
+
 class PeakSampler:
     """Peak FLOP/s per process: one catalog figure on a GPU, repeated measurements on a CPU."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
+    def __init__(self, device: torch.device, precision: Precision):
+        self.device, self.precision = device, precision
+        self.dtype = getattr(torch, precision.torch_dtype)
         self.samples: list[float] = []
         self.catalog: Peak | None = None
         if device.type == "cuda":
-            self.catalog = catalog_peak(torch.cuda.get_device_name(device), dtype)
+            self.catalog = catalog_peak(torch.cuda.get_device_name(device), precision.catalog)
 
     @property
     def source(self) -> str:
         if self.catalog is not None:
             return self.catalog.source
-        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
-        return (f"measured: {name} 1024^3 matmul on {self.device.type}, best of 3 trials, "
+        return (f"measured: {self.precision.catalog} 1024^3 matmul on {self.device.type}, best of 3 trials, "
                 f"{len(self.samples)} samples")
 
     def sample(self, trials: int = 3) -> None:

@@ -14,9 +14,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from model.config import ModelConfig, get_preset
+from model.flops import TRAINABLE_RECOMPUTE
+from model.precision import TRAINING_SWITCHES
 
-PRECISIONS = ("no", "bf16", "fp16")
-CHECKPOINTING = ("none", "full", "every_k", "attention")
+PRECISIONS = TRAINING_SWITCHES
+CHECKPOINTING = TRAINABLE_RECOMPUTE
 COMPILE_SCOPES = ("model", "blocks")
 # Switches whose "off" is a word, and that word. YAML reads `no`, `off` and `false` as the
 # boolean False and `null` or `~` as None, so `mixed_precision=no` would arrive as False.

@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_model
 
 from model.flops import model_flops_per_token
+from model.precision import precision
 from model.transformer import Transformer
 from train import trackers
 from train.checkpoint import (
@@ -221,9 +222,7 @@ def run(cfg: TrainConfig) -> dict:
 
     flops_tok = model_flops_per_token(cfg.model, seq_len)
     hw_flops_tok = executed_flops_per_token(cfg, seq_len)
-    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else (
-        torch.float16 if cfg.mixed_precision == "fp16" else torch.float32)
-    peaks = PeakSampler(accelerator.device, dtype)
+    peaks = PeakSampler(accelerator.device, precision(cfg.mixed_precision))
     peaks.sample()
 
     if main:

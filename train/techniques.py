@@ -21,8 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.utils.checkpoint import checkpoint
 
-from model.config import ModelConfig
-from model.flops import hardware_flops_per_token
+from model.flops import hardware_flops_per_token, recomputed_layers
 from model.transformer import Transformer
 from train import fsdp
 from train.config import TrainConfig
@@ -97,31 +96,13 @@ def apply_techniques(model: Transformer, cfg: TrainConfig) -> torch.nn.Module:
 
 def checkpointed_layers(cfg: TrainConfig) -> list[int]:
     """Indices of the blocks in which activations are recomputed in the backward pass."""
-    if cfg.activation_checkpointing == "none":
-        return []
-    k = cfg.checkpoint_every_k if cfg.activation_checkpointing == "every_k" else 1
-    return [i for i in range(cfg.model.n_layer) if i % k == 0]
-
-
-def attention_recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """FLOPs per token that checkpointing the attention sub-layer of every block re-executes.
-
-    The q, k, v projections (2 FLOPs per weight) and the attention core (QK^T and AV,
-    4 * n_head * head_dim * T); the output projection is not re-run, because nothing in the
-    backward pass needs its output (non-reentrant checkpoint's early stop, see model/flops.py).
-    """
-    d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
-    qkv = d * cfg.n_head * cfg.head_dim + 2 * d * kv
-    return float(cfg.n_layer * (2 * qkv + 4 * cfg.n_head * cfg.head_dim * seq_len))
+    return recomputed_layers(cfg.model.n_layer, cfg.activation_checkpointing, cfg.checkpoint_every_k)
 
 
 def executed_flops_per_token(cfg: TrainConfig, seq_len: int) -> float:
     """FLOPs per token actually executed (for HFU): the model FLOPs plus what is recomputed."""
-    plain = hardware_flops_per_token(cfg.model, seq_len, "none")
-    if cfg.activation_checkpointing == "attention":
-        return plain + attention_recompute_flops_per_token(cfg.model, seq_len)
-    every = hardware_flops_per_token(cfg.model, seq_len, "full")
-    return plain + (every - plain) * len(checkpointed_layers(cfg)) / cfg.model.n_layer
+    return hardware_flops_per_token(cfg.model, seq_len, cfg.activation_checkpointing,
+                                    cfg.checkpoint_every_k)
 
 
 def _checkpoint_forward(module: torch.nn.Module) -> None:

@@ -14,6 +14,7 @@ from estimate.calibrate import (
     load_sweep,
     plan,
 )
+from model.flops import model_flops_per_token
 from estimate.throughput_fit import (
     attention_share_from_times,
     fit_step_time,
@@ -112,7 +113,7 @@ def test_assumption_checks_on_synthetic_runs():
     m = {}
     for spec in runs:
         cfg = spec.model_config(sweep, vocab)
-        mf = cfg.flops_per_token(spec.seq_len)
+        mf = model_flops_per_token(cfg, spec.seq_len)
         hw = mf * (4 / 3 if spec.recompute == "full" else 1.0)
         step = hw * spec.micro_batch_size * spec.seq_len / rate
         if spec.role == "bf16":

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from estimate.hardware import (
     PRECISIONS,
@@ -73,13 +72,13 @@ def test_device_name_aliases(device, expected):
 
 
 def test_catalog_peak_keeps_train_api():
-    peak = catalog_peak("NVIDIA H100 80GB HBM3", torch.bfloat16)
+    peak = catalog_peak("NVIDIA H100 80GB HBM3", "bf16")
     assert peak.flops == 989e12 and "catalog:H100-SXM5-80GB" in peak.source
-    assert catalog_peak("NVIDIA A100-SXM4-80GB", torch.float32).flops == 156e12  # TF32 fallback
-    assert catalog_peak("Some Unknown GPU", torch.bfloat16) is None
-    assert catalog_peak("Tesla V100-SXM2-32GB", torch.bfloat16) is None  # Volta has no bf16
+    assert catalog_peak("NVIDIA A100-SXM4-80GB", "fp32").flops == 156e12  # TF32 fallback
+    assert catalog_peak("Some Unknown GPU", "bf16") is None
+    assert catalog_peak("Tesla V100-SXM2-32GB", "bf16") is None  # Volta has no bf16
     # ROCm shows an MI250X as two devices: each gets half the package peak
-    assert catalog_peak("AMD Instinct MI250X", torch.bfloat16).flops == pytest.approx(383e12 / 2)
+    assert catalog_peak("AMD Instinct MI250X", "bf16").flops == pytest.approx(383e12 / 2)
 
 
 def test_get_accelerator_case_insensitive_and_error_lists_names():

@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model import ModelConfig
+from model.config import ModelConfig
 from model.export import export_model, llama_state_dict
 from tests.model.test_generate_cli import CFG, make_run_dir, random_model
 from tests.utils import run_cmd

@@ -8,15 +8,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import (
-    PRESETS,
-    ModelConfig,
-    Transformer,
-    count_params,
-    get_preset,
-    hardware_flops_per_token,
-    model_flops_per_token,
-)
+from model.config import PRESETS, ModelConfig, get_preset
+from model.flops import count_params, hardware_flops_per_token, model_flops_per_token
+from model.transformer import Transformer
 
 CONFIGS = {
     "tied-mha": ModelConfig(vocab_size=101, seq_len=16, n_layer=2, d_model=32, n_head=4),
@@ -88,7 +82,7 @@ def test_vocab_zero_is_an_error_not_a_silent_undercount():
     with pytest.raises(ValueError, match="vocab_size"):
         count_params(cfg)
     with pytest.raises(ValueError, match="vocab_size"):
-        cfg.flops_per_token()
+        model_flops_per_token(cfg)
     assert count_params(cfg, embeddings=False) > 0
 
 
@@ -152,7 +146,6 @@ def test_model_flops_match_flop_counter(name):
     torch.manual_seed(0)
     counted = counted_flops_per_token(Transformer(cfg), batch=2, seq_len=cfg.seq_len)
     assert model_flops_per_token(cfg) == pytest.approx(counted, rel=0.02)
-    assert cfg.flops_per_token() == model_flops_per_token(cfg)
     # a shorter sequence: the attention term scales with T, the rest does not
     counted_short = counted_flops_per_token(Transformer(cfg), batch=2, seq_len=16)
     assert model_flops_per_token(cfg, seq_len=16) == pytest.approx(counted_short, rel=0.02)
@@ -189,7 +182,10 @@ def test_recompute_arithmetic():
     full = hardware_flops_per_token(cfg, recompute="full")
     assert full - none == 2 * (blocks - down) + 4 * L * d * T
     assert 1.2 < full / none < 1.3
-    with pytest.raises(ValueError, match="none, selective, full"):
+    # every 2nd block: half the layers (0 and 2 of 4) pay the full extra
+    assert hardware_flops_per_token(cfg, recompute="every_k", every_k=2) - none == pytest.approx(
+        (full - none) * len(range(0, L, 2)) / L)
+    with pytest.raises(ValueError, match="none, full, every_k, attention, selective"):
         hardware_flops_per_token(cfg, recompute="some")
 
 

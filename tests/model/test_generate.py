@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from model import ModelConfig, Transformer
+from model.config import ModelConfig
+from model.transformer import Transformer
 from model.transformer import sample
 
 CFG = ModelConfig(vocab_size=61, seq_len=24, n_layer=2, d_model=32, n_head=4, n_kv_head=2)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
-from model import ModelConfig, Transformer
+from model.config import ModelConfig
+from model.transformer import Transformer
 from model.generate import generate_text, load_run
 from tests.utils import run_cmd
 from train.config import TrainConfig, to_yaml

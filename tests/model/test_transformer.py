@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from model import ModelConfig, Transformer, count_params
+from model.config import ModelConfig
+from model.flops import count_params
+from model.transformer import Transformer
 from model.transformer import KVCache, MoE
 
 
