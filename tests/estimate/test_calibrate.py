@@ -14,13 +14,13 @@ from estimate.calibrate import (
     load_sweep,
     plan,
 )
-from model.flops import model_flops_per_token
 from estimate.throughput_fit import (
     attention_share_from_times,
     fit_step_time,
     loglog_slope,
     within,
 )
+from model.flops import model_flops_per_token
 from tests.utils import run_cmd
 
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.transformer import Transformer
-from model.transformer import sample
+from model.transformer import Transformer, sample
 
 CFG = ModelConfig(vocab_size=61, seq_len=24, n_layer=2, d_model=32, n_head=4, n_kv_head=2)
 MOE = CFG.replace(n_experts=4, n_experts_active=2, n_shared_experts=1, moe_ffn_hidden=16)

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_model
 
 from model.config import ModelConfig
-from model.transformer import Transformer
 from model.generate import generate_text, load_run
+from model.transformer import Transformer
 from tests.utils import run_cmd
 from train.config import TrainConfig, to_yaml
 

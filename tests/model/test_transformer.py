@@ -7,8 +7,7 @@ import torch
 
 from model.config import ModelConfig
 from model.flops import count_params
-from model.transformer import Transformer
-from model.transformer import KVCache, MoE
+from model.transformer import KVCache, MoE, Transformer
 
 
 def tiny(**changes) -> ModelConfig:
