@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from contracts.config import load_structured
 from model.config import ModelConfig, get_preset
 from model.flops import TRAINABLE_RECOMPUTE
 from model.precision import TRAINING_SWITCHES
@@ -79,36 +79,43 @@ class TrainConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Merge defaults, the YAML file at `path` and `key=value` overrides into a TrainConfig."""
-    user = OmegaConf.load(path) if path else OmegaConf.create()
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ValueError(f"override {bad[0]!r} is not of the form key=value (e.g. optim.lr=3e-4)")
-    user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
-    spell_off_switches(user)
-    schema = OmegaConf.structured(TrainConfig)
-    model_section = user.get("model") or {}
-    preset = model_section.pop("preset", None) if "preset" in model_section else None
-    if preset is not None:
-        schema.model = OmegaConf.structured(get_preset(str(preset)))
-    try:
-        merged = OmegaConf.merge(schema, user)
-    except (ConfigKeyError, ConfigAttributeError) as e:
-        raise ValueError(f"unknown config key {e.full_key!r} (in {path or 'overrides'})") from e
-    except ValidationError as e:
-        raise ValueError(f"bad config value for {e.full_key!r}: {e.msg.splitlines()[0]}") from e
-    cfg: TrainConfig = OmegaConf.to_object(merged)
+    cfg: TrainConfig = load_structured(TrainConfig, path, overrides, example="optim.lr=3e-4",
+                                       prepare=_presets_and_off_words)
     validate(cfg)
     return cfg
 
 
-def spell_off_switches(user) -> None:
-    """Read False, None and (except for `resume`, a path) the strings false/no/none/off as the
-    word that turns a switch off: `mixed_precision=no` and `tracker=false` mean what they say."""
+def _presets_and_off_words(base, user, overrides: list[str]):
+    """Before merging: `model.preset` (from the file or an override, the override winning)
+    becomes the model section's defaults, and off switches are spelled as their word."""
     for key, off in OFF_WORDS.items():
-        value = user.get(key, "")
-        spelled = key != "resume" and str(value).lower() in ("false", "no", "none", "off")
-        if value is None or value is False or spelled:
+        if key in user and _means_off(key, user[key]):
             user[key] = off
+    preset = None
+    if "preset" in (user.get("model") or {}):
+        preset = user.model.pop("preset")
+    kept = []
+    for override in overrides:
+        key, value = override.split("=", 1)
+        if key == "model.preset":
+            preset = value
+            continue
+        if key in OFF_WORDS and _means_off(key, OmegaConf.from_dotlist([override])[key]):
+            user[key] = OFF_WORDS[key]  # a dotlist would read `no` back as False
+            continue
+        kept.append(override)
+    if preset is not None:
+        base.model = OmegaConf.structured(get_preset(str(preset)))
+    return base, user, kept
+
+
+def _means_off(key: str, value) -> bool:
+    """False, None and (except for `resume`, a path) the strings false/no/none/off/null mean
+    the switch's off word: `mixed_precision=no` and `tracker=false` mean what they say."""
+    if value is None or value is False:
+        return True
+    spelled = str(value).lower()
+    return spelled in ("null", "~") or (key != "resume" and spelled in ("false", "no", "none", "off"))
 
 
 def validate(cfg: TrainConfig) -> None:
