@@ -35,6 +35,19 @@ class ModelConfig:
     n_shared_experts: int = 0  # always-on experts per token
     moe_ffn_hidden: int | None = None  # hidden width of one expert; None = ffn_hidden
     n_dense_layers: int = 0
+    # Multi-head latent attention (DeepSeek-V2, sec. 2.1): kv_lora_rank > 0 switches it on.
+    # Keys and values come from a compressed latent of kv_lora_rank channels; queries from one
+    # of q_lora_rank (0 = a full-rank query projection). Each head's query/key has
+    # qk_nope_head_dim channels without position and qk_rope_head_dim with RoPE (the rope key
+    # is shared by all heads); values have v_head_dim channels.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # Multi-token prediction modules (DeepSeek-V3, sec. 2.2): depth D predicts D extra tokens,
+    # each module one more block. Counted in FLOPs; the trainer does not build them.
+    mtp_depth: int = 0
     notes: str = field(default="", compare=False)  # where the shape comes from
 
     def __post_init__(self) -> None:
@@ -55,6 +68,17 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
         if self.vocab_size < 0:
             raise ValueError(f"model.vocab_size must be >= 0 (0 = from data), got {self.vocab_size}")
+        if self.is_mla:
+            for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, name) <= 0:
+                    raise ValueError(f"model.{name} must be > 0 with kv_lora_rank > 0 (MLA), "
+                                     f"got {getattr(self, name)}")
+            if self.qk_rope_head_dim % 2:
+                raise ValueError(f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even for RoPE")
+            if self.n_kv_head != self.n_head:
+                raise ValueError("multi-head latent attention (kv_lora_rank > 0) has one key/value "
+                                 f"head per query head: set n_kv_head={self.n_head} or leave it unset")
+            return self._validate_moe()
         if self.d_model % self.n_head:
             raise ValueError(
                 f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}"
@@ -67,6 +91,9 @@ class ModelConfig:
             raise ValueError(
                 f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}"
             )
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
         if self.n_experts:
             if not 0 < self.n_experts_active <= self.n_experts:
                 raise ValueError(
@@ -81,6 +108,24 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Channels per head in the attention scores (QK^T)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim if self.is_mla else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Channels per head that RoPE rotates."""
+        return self.qk_rope_head_dim if self.is_mla else self.head_dim
 
     @property
     def is_moe(self) -> bool:
@@ -130,10 +175,10 @@ PRESETS: dict[str, ModelConfig] = {
     "deepseek-v3": ModelConfig(
         vocab_size=129280, seq_len=4096, n_layer=61, d_model=7168, n_head=128, ffn_hidden=18432,
         tie_embeddings=False, n_experts=256, n_experts_active=8, n_shared_experts=1,
-        moe_ffn_hidden=2048, n_dense_layers=3,
-        notes="DeepSeek-V3 (DeepSeek-AI 2024): 671B total, 37B active; its multi-head latent "
-        "attention is approximated by multi-head attention of the same width (about 10% more "
-        "attention parameters), multi-token prediction is left out",
+        moe_ffn_hidden=2048, n_dense_layers=3, kv_lora_rank=512, q_lora_rank=1536,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, mtp_depth=1,
+        notes="DeepSeek-V3 (DeepSeek-AI 2024, sec. 4.2): 671B total, 37B active; multi-head "
+        "latent attention with its real dimensions; one multi-token-prediction module",
     ),
 }
 

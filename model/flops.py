@@ -28,9 +28,24 @@ TRAINABLE_RECOMPUTE = tuple(m for m, (_, trainable) in RECOMPUTE_MODES.items() i
 
 
 def _attention_params(cfg: ModelConfig) -> int:
-    """wq and wo are d x (n_head * head_dim) = d x d; wk and wv are d x (n_kv_head * head_dim)."""
-    d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
-    return 2 * d * d + 2 * d * kv
+    """Multi-head / grouped-query: wq and wo are d x (n_head * head_dim) = d x d; wk and wv are
+    d x (n_kv_head * head_dim). Multi-head latent attention: the query path (d -> q_lora_rank ->
+    n_head * (nope + rope), or d -> n_head * (nope + rope) at full rank), the key/value path
+    (d -> kv_lora_rank + rope, then kv_lora_rank -> n_head * (nope + v)) and wo
+    (n_head * v -> d)."""
+    d, H = cfg.d_model, cfg.n_head
+    if not cfg.is_mla:
+        kv = cfg.n_kv_head * cfg.head_dim
+        return 2 * d * d + 2 * d * kv
+    q_out = H * cfg.qk_head_dim
+    q = cfg.q_lora_rank * (d + q_out) if cfg.q_lora_rank else d * q_out
+    kv = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    kv += cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return q + kv + H * cfg.v_head_dim * d
+
+
+def _output_projection_params(cfg: ModelConfig) -> int:
+    return cfg.n_head * cfg.value_head_dim * cfg.d_model
 
 
 def _swiglu_params(d_model: int, hidden: int) -> int:
@@ -64,7 +79,9 @@ def _block_matmul_params(cfg: ModelConfig, active: bool) -> int:
 
 
 def count_params(cfg: ModelConfig, *, active: bool = False, embeddings: bool = True) -> int:
-    """Exact parameter count of `Transformer(cfg)`, a tied embedding counted once.
+    """Exact parameter count of `Transformer(cfg)`, a tied embedding counted once. The
+    multi-token-prediction modules (`mtp_depth`), which `Transformer` does not build, are not
+    counted, as DeepSeek-V3's "671B" does not count them.
 
     active=True counts, in MoE layers, only the router, the shared experts and the
     n_experts_active routed experts one token uses. embeddings=False leaves out the vocabulary
@@ -73,6 +90,7 @@ def count_params(cfg: ModelConfig, *, active: bool = False, embeddings: bool = T
     """
     n = _block_matmul_params(cfg, active)
     n += (2 * cfg.n_layer + 1) * cfg.d_model  # RMSNorm weights: two per block, one final
+    n += cfg.n_layer * (cfg.q_lora_rank + cfg.kv_lora_rank)  # MLA's latent RMSNorms
     if embeddings:
         _require_vocab(cfg, "count_params(embeddings=True)")
         n += cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
@@ -85,24 +103,39 @@ def _matmul_params_per_token(cfg: ModelConfig) -> int:
     embedding. The embedding lookup is indexing, not a matmul, so it does not count; RMSNorm
     weights (elementwise, about 2 * L * d of them) are negligible and left out."""
     _require_vocab(cfg, "FLOP counting")
-    return _block_matmul_params(cfg, active=True) + cfg.vocab_size * cfg.d_model
+    return (_block_matmul_params(cfg, active=True) + cfg.vocab_size * cfg.d_model
+            + cfg.mtp_depth * _mtp_matmul_params(cfg))
 
 
-def _attention_core_flops_forward(cfg: ModelConfig, seq_len: int) -> int:
-    """Forward FLOPs per token of the attention scores and mixing, summed over layers:
-    QK^T is 2 * T * head_dim per head, and so is (scores)V, over n_head heads (the query
-    heads: grouped-query attention shares K and V but every query head still attends):
-    4 * T * d per layer. Causal kernels can skip about half of it (the masked upper triangle);
-    like PaLM and most MFU reporting, we count the full term."""
-    return 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+def _mtp_matmul_params(cfg: ModelConfig) -> int:
+    """One multi-token-prediction module (DeepSeek-V3 sec. 2.2): a projection of the normed
+    hidden state and the next token's embedding (2d -> d), one more block (shaped like the
+    last one), and the shared output head, a matmul again for the extra prediction."""
+    last = cfg.n_layer - 1
+    return (2 * cfg.d_model * cfg.d_model + _attention_params(cfg)
+            + _mlp_params(cfg, last, active=True) + cfg.vocab_size * cfg.d_model)
+
+
+def _attention_core_flops_forward(cfg: ModelConfig, seq_len: int, layers: int | None = None) -> int:
+    """Forward FLOPs per token of the attention scores and mixing, summed over `layers` (all
+    blocks and multi-token-prediction modules by default): QK^T is 2 * T * qk_head_dim per
+    head and (scores)V 2 * T * value_head_dim, over n_head heads (the query heads:
+    grouped-query attention shares K and V but every query head still attends). For
+    multi-head or grouped-query attention that is 4 * T * d per layer; MLA's heads are wider
+    (DeepSeek-V3: 192 + 128 channels per head against d / n_head = 56). Causal kernels can
+    skip about half of it (the masked upper triangle); like PaLM and most MFU reporting, we
+    count the full term."""
+    layers = cfg.n_layer + cfg.mtp_depth if layers is None else layers
+    return 2 * layers * cfg.n_head * (cfg.qk_head_dim + cfg.value_head_dim) * seq_len
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     """Training FLOPs per token, forward + backward: 6 * N + 12 * L * d * T.
 
     This is PaLM's "6N + 12LHQT" (Chowdhery et al. 2022, appendix B; H * Q = d): 2N forward
-    and 4N backward for the matmul weights N (active weights for MoE, see
-    `_matmul_params_per_token`), and the attention core, 4LdT forward, twice that backward.
+    and 4N backward for the matmul weights N (active weights for MoE, multi-token-prediction
+    modules included, see `_matmul_params_per_token`), and the attention core, 4LdT forward
+    (wider for MLA), twice that backward.
     Activation recomputation is not included: these are the FLOPs the model needs, which is
     what MFU divides by. T defaults to cfg.seq_len.
     """
@@ -142,9 +175,8 @@ def _attention_sublayer_flops_forward(cfg: ModelConfig, seq_len: int) -> int:
     projection: the q, k, v projections (2 FLOPs per weight) and the attention core. The output
     projection is not re-run when the sub-layer is checkpointed: nothing in the backward pass
     needs its output (non-reentrant checkpoint's early stop, see `_final_matmul_params`)."""
-    d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
-    qkv = d * cfg.n_head * cfg.head_dim + 2 * d * kv
-    return 2 * qkv + 4 * cfg.n_head * cfg.head_dim * seq_len
+    qkv = _attention_params(cfg) - _output_projection_params(cfg)
+    return 2 * qkv + _attention_core_flops_forward(cfg, seq_len, layers=1)
 
 
 def hardware_flops_per_token(
@@ -171,10 +203,10 @@ def hardware_flops_per_token(
     if recompute == "attention":
         return float(flops + cfg.n_layer * _attention_sublayer_flops_forward(cfg, T))
     if recompute == "selective":
-        return float(flops + _attention_core_flops_forward(cfg, T))
+        return float(flops + _attention_core_flops_forward(cfg, T, cfg.n_layer))
     if layers:  # full, every_k: the share of the full-recompute extra of the layers re-run
         skipped = sum(_final_matmul_params(cfg, i) for i in range(cfg.n_layer))
         full_extra = 2 * (_block_matmul_params(cfg, active=True) - skipped)
-        full_extra += _attention_core_flops_forward(cfg, T)
+        full_extra += _attention_core_flops_forward(cfg, T, cfg.n_layer)
         flops += full_extra * len(layers) / cfg.n_layer
     return float(flops)

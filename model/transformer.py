@@ -5,7 +5,8 @@ Each block is `x + attn(norm(x))` then `x + mlp(norm(x))`, with
 - RMSNorm (Zhang & Sennrich 2019) instead of LayerNorm,
 - rotary position embeddings (RoPE, Su et al. 2021) on queries and keys, no learned positions,
 - causal attention through `F.scaled_dot_product_attention`, grouped-query attention
-  (Ainslie et al. 2023) when n_kv_head < n_head,
+  (Ainslie et al. 2023) when n_kv_head < n_head, or multi-head latent attention (DeepSeek-V2)
+  when kv_lora_rank > 0,
 - a SwiGLU MLP (Shazeer 2020), or a mixture of SwiGLU experts in layers >= n_dense_layers,
 - no biases anywhere, optionally tied input/output embeddings.
 
@@ -73,9 +74,9 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, H_kv, T, D] at positions [pos, pos+T); return all keys/values so far."""
         if self.k[layer] is None:
-            B, H, _, D = k.shape
-            self.k[layer] = k.new_zeros(B, H, self.max_len, D)
-            self.v[layer] = v.new_zeros(B, H, self.max_len, D)
+            B, H, _, _ = k.shape
+            self.k[layer] = k.new_zeros(B, H, self.max_len, k.size(-1))
+            self.v[layer] = v.new_zeros(B, H, self.max_len, v.size(-1))
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos : end] = k
         self.v[layer][:, :, self.pos : end] = v
@@ -115,12 +116,63 @@ class Attention(nn.Module):
             n_rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
 
-        mask = None
-        if start > 0 and T > 1:  # new queries see the whole cache, and each other causally
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-        # start == 0: plain causal attention; start > 0 and T == 1: one query sees every key.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(causal_attention(q, k, v, start).transpose(1, 2).reshape(B, T, -1))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over [B, H, T, D] heads, each query seeing the keys up to its
+    own position; `start` is the position of the first query (> 0 when decoding with a cache)."""
+    T = q.size(2)
+    mask = None
+    if start > 0 and T > 1:  # new queries see the whole cache, and each other causally
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+    # start == 0: plain causal attention; start > 0 and T == 1: one query sees every key.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0)
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-AI 2024, DeepSeek-V2 sec. 2.1): keys and values
+    are expanded from one compressed latent per token (kv_lora_rank channels, what a cache
+    would keep), queries from another (q_lora_rank; 0 = full rank). Each head's query and key
+    join a part without position (qk_nope_head_dim) and a RoPE part (qk_rope_head_dim), whose
+    key is shared by all heads. This cache stores the expanded keys and values: simple, not
+    the memory saving MLA is built for.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.n_head = layer, cfg.n_head
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        q_out = cfg.n_head * (self.nope + self.rope)
+        if cfg.q_lora_rank:
+            self.wq_a = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+        else:
+            self.wq = nn.Linear(cfg.d_model, q_out, bias=False)
+        self.wkv_a = nn.Linear(cfg.d_model, cfg.kv_lora_rank + self.rope, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_head * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_head * self.v_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H = self.n_head
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+        q = q.view(B, T, H, self.nope + self.rope).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rope = self.wkv_a(x).split([self.wkv_b.in_features, self.rope], dim=-1)
+        kv = self.wkv_b(self.kv_norm(latent)).view(B, T, H, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k_rope = apply_rope(k_rope[:, None], cos, sin).expand(B, H, T, self.rope)
+        q = torch.cat((q_nope, apply_rope(q_rope, cos, sin)), dim=-1)
+        k = torch.cat((k_nope, k_rope), dim=-1)
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.layer, k, v)
+        return self.wo(causal_attention(q, k, v, start).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -183,7 +235,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, layer)
+        self.attn = LatentAttention(cfg, layer) if cfg.is_mla else Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.d_model, cfg.ffn_hidden)
 
@@ -233,14 +285,14 @@ class Transformer(nn.Module):
         residual_std = std / math.sqrt(2 * self.cfg.n_layer)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear | nn.Embedding):
-                out_proj = name.endswith(("attn.wo", "w_down"))
+                out_proj = name.endswith(("attn.wo", "w_down"))  # also MLA's wo
                 nn.init.normal_(module.weight, mean=0.0, std=residual_std if out_proj else std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         # With tied embeddings the loop above visits the shared matrix twice (embedding, then
         # head), both times with N(0, std): fine.
         device = self.tok_emb.weight.device
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.seq_len, self.cfg.rope_theta)
+        cos, sin = rope_tables(self.cfg.rope_dim, self.cfg.seq_len, self.cfg.rope_theta)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def num_params(self, embeddings: bool = True) -> int:

@@ -9,7 +9,13 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.config import PRESETS, ModelConfig, get_preset
-from model.flops import count_params, hardware_flops_per_token, model_flops_per_token
+from model.flops import (
+    _attention_core_flops_forward,
+    _attention_params,
+    count_params,
+    hardware_flops_per_token,
+    model_flops_per_token,
+)
 from model.transformer import Transformer
 
 CONFIGS = {
@@ -47,6 +53,13 @@ CONFIGS = {
         n_experts_active=1,
         tie_embeddings=False,
     ),
+    # multi-head latent attention, with a low-rank query and at full query rank
+    "mla": ModelConfig(vocab_size=101, seq_len=16, n_layer=2, d_model=32, n_head=4,
+                       kv_lora_rank=12, q_lora_rank=20, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                       v_head_dim=6),
+    "mla-full-q": ModelConfig(vocab_size=101, seq_len=16, n_layer=2, d_model=32, n_head=4,
+                              kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                              v_head_dim=6, tie_embeddings=False),
 }
 
 
@@ -117,6 +130,14 @@ FLOP_CONFIGS = {
         moe_ffn_hidden=128,
         n_dense_layers=1,
     ),
+    # DeepSeek-V3's attention in small: q/k heads of 32 + 16 rope channels, v heads of 32
+    "mla": ModelConfig(vocab_size=512, seq_len=64, n_layer=2, d_model=128, n_head=4,
+                       kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
+                       qk_rope_head_dim=16, v_head_dim=32, tie_embeddings=False),
+    "mla-moe": ModelConfig(vocab_size=512, seq_len=64, n_layer=2, d_model=128, n_head=4,
+                           kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                           v_head_dim=32, n_experts=4, n_experts_active=2, n_shared_experts=1,
+                           moe_ffn_hidden=64, n_dense_layers=1),
 }
 
 
@@ -151,7 +172,7 @@ def test_model_flops_match_flop_counter(name):
     assert model_flops_per_token(cfg, seq_len=16) == pytest.approx(counted_short, rel=0.02)
 
 
-@pytest.mark.parametrize("name", ["dense", "moe"])
+@pytest.mark.parametrize("name", ["dense", "moe", "mla"])
 def test_full_recompute_flops_match_flop_counter(name):
     cfg = FLOP_CONFIGS[name]
     torch.manual_seed(0)
@@ -165,8 +186,11 @@ def test_full_recompute_flops_match_flop_counter(name):
     with set_checkpoint_early_stop(False):
         counted_all = counted_flops_per_token(model, batch=2, seq_len=cfg.seq_len)
     L, d, T = cfg.n_layer, cfg.d_model, cfg.seq_len
-    n_blocks = count_params(cfg, active=True, embeddings=False) - (2 * L + 1) * d
-    textbook = model_flops_per_token(cfg) + 2 * n_blocks + 4 * L * d * T
+    norms = (2 * L + 1) * d + L * (cfg.q_lora_rank + cfg.kv_lora_rank)
+    n_blocks = count_params(cfg, active=True, embeddings=False) - norms
+    core = _attention_core_flops_forward(cfg, T)  # 4LdT for multi-head attention
+    assert cfg.is_mla or core == 4 * L * d * T
+    textbook = model_flops_per_token(cfg) + 2 * n_blocks + core
     assert textbook == pytest.approx(counted_all, rel=0.02)
     assert counted_all > counted
 
@@ -208,8 +232,8 @@ def test_flops_formula_pieces():
         ("gpt3-175b", 173e9, 176e9),  # 174.6B: no learned positions or biases (~0.4B in GPT-3)
         ("llama2-70b", 68.5e9, 70e9),  # 68.98B, the HF checkpoint's count
         ("llama3-405b", 404e9, 407e9),  # 405.85B
-        # 672.1B vs DeepSeek's 671B (MTP module excluded): MHA in place of MLA adds ~1.1B
-        ("deepseek-v3", 665e9, 680e9),
+        # 671.03B: DeepSeek's 671B, the multi-token-prediction module excluded as there
+        ("deepseek-v3", 670.5e9, 671.5e9),
     ],
 )
 def test_large_preset_totals(name, low, high):
@@ -217,12 +241,37 @@ def test_large_preset_totals(name, low, high):
 
 
 def test_deepseek_v3_active():
-    # 38.68B against the paper's 37B: per layer, MHA of width 7168 has 4 * 7168^2 = 205.5M
-    # weights where MLA has ~187M (61 layers: ~1.1B more), and the paper's 37B does not
-    # count the embedding (0.93B). With MLA's real size we would land at ~37.5B.
+    # 37.55B: the paper's 37B activated parameters, plus the 0.93B input embedding it does
+    # not count among them
     active = count_params(PRESETS["deepseek-v3"], active=True)
-    assert 37e9 <= active <= 39.5e9
+    assert 37.4e9 <= active <= 37.7e9
     assert count_params(PRESETS["deepseek-v3"]) / active > 15
+
+
+def test_mla_attention_by_hand():
+    """DeepSeek-V3's attention per layer (DeepSeek-V3 report sec. 4.2; V2 sec. 2.1)."""
+    cfg = PRESETS["deepseek-v3"]
+    d, H = 7168, 128
+    q = d * 1536 + 1536 * H * (128 + 64)  # W_DQ, then W_UQ and W_QR
+    kv = d * (512 + 64) + 512 * H * (128 + 128)  # W_DKV and W_KR, then W_UK and W_UV
+    o = H * 128 * d
+    assert _attention_params(cfg) == q + kv + o
+    # scores over 192 channels and values over 128, per head: 2.86x MHA of head dim 56
+    T = 4096
+    assert _attention_core_flops_forward(cfg, T, layers=1) == 2 * H * (192 + 128) * T
+
+
+def test_mtp_module_flops_by_hand():
+    """One multi-token-prediction module: projection 2d -> d, one block like the last, the
+    output head again; counted in FLOPs, not in the parameters of the main model."""
+    cfg = CONFIGS["moe"]
+    with_mtp = cfg.replace(mtp_depth=1)
+    d, T = cfg.d_model, cfg.seq_len
+    block = count_params(cfg, active=True, embeddings=False) - count_params(
+        cfg.replace(n_layer=cfg.n_layer - 1), active=True, embeddings=False) - 2 * d
+    extra = 6 * (2 * d * d + block + cfg.vocab_size * d) + 3 * 4 * d * T
+    assert count_params(with_mtp) == count_params(cfg)
+    assert model_flops_per_token(with_mtp) - model_flops_per_token(cfg) == extra
 
 
 def test_llama_1b_and_gpt2_sizes():

@@ -27,6 +27,9 @@ VARIANTS = {
     "moe": tiny(
         n_experts=4, n_experts_active=2, n_shared_experts=1, moe_ffn_hidden=16, n_dense_layers=1
     ),
+    # multi-head latent attention: low-rank query, 8 + 4 rope channels per q/k head, v of 6
+    "mla": tiny(n_kv_head=None, kv_lora_rank=12, q_lora_rank=16, qk_nope_head_dim=8,
+                qk_rope_head_dim=4, v_head_dim=6),
 }
 
 
@@ -138,7 +141,7 @@ def test_errors():
         model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
 
 
-@pytest.mark.parametrize("name", ["gqa-untied", "moe"])
+@pytest.mark.parametrize("name", ["gqa-untied", "moe", "mla"])
 def test_kv_cache_matches_full_forward(name):
     """Prefill, a chunk at an offset (masked path), then single tokens == one full forward."""
     cfg = VARIANTS[name]
@@ -180,7 +183,7 @@ def test_meta_device_then_init():
     assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.15)
 
 
-@pytest.mark.parametrize("name", ["gqa-untied", "moe"])
+@pytest.mark.parametrize("name", ["gqa-untied", "moe", "mla"])
 def test_overfits_fixed_batch(name):
     cfg = VARIANTS[name]
     model = build(cfg)
