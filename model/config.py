@@ -134,6 +134,19 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return self.is_moe and layer >= self.n_dense_layers
 
+    @classmethod
+    def from_dict(cls, section: dict) -> ModelConfig:
+        """A config from a dict such as the `model:` section of a resolved training config;
+        unknown keys are errors (a model with fields this code does not know cannot be rebuilt
+        faithfully)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(
+                f"model config has unknown keys {unknown}; this version knows {sorted(known)}"
+            )
+        return cls(**section)
+
     def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

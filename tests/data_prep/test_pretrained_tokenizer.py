@@ -183,11 +183,13 @@ def test_unreachable_hub_name_is_a_clear_error(tmp_path):
 
 def test_generate_and_export_use_the_datasets_eos(prepped, tmp_path):
     """A run trained on these shards stops sampling at `</s>` and exports it as bos/eos/pad:
-    model.generate and model.export read eos_token from the dataset's meta.json."""
-    from model import ModelConfig
-    from model.export import export_run
-    from model.generate import find_eos_token, generate_text, load_run
-    from tests.model.test_generate_cli import make_run_dir, random_model
+    train.generate and train.export read eos_token from the dataset's meta.json."""
+    from contracts.run import find_eos_token
+    from model.config import ModelConfig
+    from tests.train.test_generate import make_run_dir, random_model
+    from train.export import export_run
+    from train.generate import generate_text
+    from train.load import load_run
 
     out, _ = prepped
     cfg = ModelConfig(vocab_size=600, seq_len=24, n_layer=1, d_model=32, n_head=4, n_kv_head=2)

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from model.config import get_preset
-from model.generate import load_run
 from model.transformer import Transformer
 from tests.utils import ROOT, run_cmd
 from train.checkpoint import Checkpointer, load
+from train.load import load_run
 
 STEPS = 16
 COMMON = ["configs/train/tiny.yaml", f"steps={STEPS}", "checkpoint_every=3", "eval_every=8",

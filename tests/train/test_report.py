@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from model.generate import generate_text, load_run
 from tests.utils import run_cmd
+from train.generate import generate_text
+from train.load import load_run
 from train.report import PLOTS, write_report
 
 PNG = b"\x89PNG"
@@ -37,7 +38,7 @@ def test_report_from_real_run(real_run):
 
 
 def test_real_run_is_loadable_for_generation(real_run):
-    """The run directory the training loop writes is what model.generate reads."""
+    """The run directory the training loop writes is what train.generate reads."""
     run = load_run(real_run)
     texts, stats = generate_text(run, "def ", max_new_tokens=8, temperature=0.0, stop_at_eos=False)
     assert texts[0].startswith("def ") and stats["new_tokens"] == 8

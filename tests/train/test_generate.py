@@ -1,5 +1,5 @@
-"""`python -m model.generate`: loading run directories and checkpoints, the KV cache, sampling
-options and stopping at end of text."""
+"""`python -m train.generate` and `train.load`: loading run directories and checkpoints, the KV
+cache, sampling options and stopping at end of text."""
 
 import dataclasses
 import json
@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import save_model
 
 from model.config import ModelConfig
-from model.generate import generate_text, load_run
 from model.transformer import Transformer
 from tests.utils import run_cmd
 from train.config import TrainConfig, to_yaml
+from train.generate import generate_text
+from train.load import load_run
 
 CFG = ModelConfig(vocab_size=512, seq_len=64, n_layer=2, d_model=64, n_head=4, n_kv_head=2)
 
@@ -41,7 +42,7 @@ def make_run_dir(path: Path, model: Transformer, tokenizer: Path) -> Path:
 
 
 def generate_cli(path: Path, *args: str) -> str:
-    result = run_cmd([sys.executable, "-m", "model.generate", str(path), "--threads", "1", *args])
+    result = run_cmd([sys.executable, "-m", "train.generate", str(path), "--threads", "1", *args])
     return result.stdout
 
 
@@ -112,6 +113,6 @@ def test_stops_at_end_of_text(tiny_data, tmp_path):
 
 
 def test_cli_errors(tmp_path):
-    result = run_cmd([sys.executable, "-m", "model.generate", str(tmp_path)], check=False)
+    result = run_cmd([sys.executable, "-m", "train.generate", str(tmp_path)], check=False)
     assert result.returncode != 0
     assert "neither a run directory" in result.stderr

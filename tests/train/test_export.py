@@ -10,9 +10,10 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model.config import ModelConfig
-from model.export import export_model, llama_state_dict
-from tests.model.test_generate_cli import CFG, make_run_dir, random_model
+from model.hf import llama_state_dict
+from tests.train.test_generate import CFG, make_run_dir, random_model
 from tests.utils import run_cmd
+from train.export import export_model
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n"
 VARIANTS = {
@@ -100,7 +101,7 @@ def test_moe_is_refused(tmp_path, tiny_data):
 
 def test_export_cli_from_run_dir(tmp_path, tiny_data):
     run = make_run_dir(tmp_path / "run", random_model(), tiny_data / "tokenizer.json")
-    run_cmd([sys.executable, "-m", "model.export", str(run), str(tmp_path / "hf")])
+    run_cmd([sys.executable, "-m", "train.export", str(run), str(tmp_path / "hf")])
     names = sorted(p.name for p in (tmp_path / "hf").iterdir())
     assert names == ["config.json", "generation_config.json", "model.safetensors",
                      "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]

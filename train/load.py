@@ -1,0 +1,63 @@
+"""Load a trained model from a run directory or one of its checkpoints (for generate, export).
+
+Where the files are (config, weights, tokenizer, end-of-text token) is `contracts.run.locate_run`;
+this module rebuilds the `Transformer` and loads its weights: `model.safetensors`, or the sharded
+files of an FSDP checkpoint (torch.distributed.checkpoint), into one unsharded model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_model
+
+from contracts.run import EOS_TOKEN, locate_run
+from model.config import ModelConfig
+from model.transformer import Transformer
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A trained model with where it came from: the weights' directory, the tokenizer file."""
+
+    model: Transformer
+    cfg: ModelConfig
+    weights: Path
+    tokenizer_path: Path | None
+    eos_token: str = EOS_TOKEN  # the end-of-text token the training data was packed with
+
+
+def model_config_from_dict(section: dict) -> ModelConfig:
+    """The `model:` section of a run's resolved config as a ModelConfig (unknown keys are
+    errors); a vocab_size of 0 was never resolved from data, so it is no trained model."""
+    cfg = ModelConfig.from_dict(section)
+    if cfg.vocab_size <= 0:
+        raise ValueError(f"model.vocab_size={cfg.vocab_size} in the run's config: not a trained model")
+    return cfg
+
+
+def load_sharded_weights(model: Transformer, path: Path) -> None:
+    """Load the weights of an FSDP checkpoint (torch.distributed.checkpoint: one file of slices
+    per rank, indexed by `.metadata`) into an unsharded model, in this one process."""
+    state = {"model": model.state_dict()}  # the run saved {"model": ..., "optimizer": ...}
+    with warnings.catch_warnings():  # "...assuming the intent is to load in a single process"
+        warnings.filterwarnings("ignore", message=".*load in a single process")
+        dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"], strict=True)
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild the model of a run directory or checkpoint and load its weights (eval mode):
+    `model.safetensors`, or an FSDP checkpoint's sharded files."""
+    files = locate_run(path)
+    cfg = model_config_from_dict(files.config["model"])
+    model = Transformer(cfg)
+    if files.sharded:
+        load_sharded_weights(model, files.weights.parent)
+    else:
+        load_model(model, str(files.weights), strict=True)  # tied embeddings are stored once
+    return LoadedRun(model.to(device).eval(), cfg, files.weights, files.tokenizer, files.eos_token)
