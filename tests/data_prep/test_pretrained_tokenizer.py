@@ -184,7 +184,7 @@ def test_unreachable_hub_name_is_a_clear_error(tmp_path):
 def test_generate_and_export_use_the_datasets_eos(prepped, tmp_path):
     """A run trained on these shards stops sampling at `</s>` and exports it as bos/eos/pad:
     model.generate and model.export read eos_token from the dataset's meta.json."""
-    from model import ModelConfig
+    from model.config import ModelConfig
     from model.export import export_run
     from model.generate import find_eos_token, generate_text, load_run
     from tests.model.test_generate_cli import make_run_dir, random_model
