@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from contracts.config import load_structured
-from data_prep.filters import FiltersConfig
+from data_prep.filters import FILTERS, FiltersConfig
 from data_prep.filters.pii import PIIConfig
 from data_prep.normalize import NormalizeConfig
 
@@ -161,7 +161,7 @@ def _validate(cfg: PrepConfig) -> None:
             f"dedup.minhash.bands={m.bands}, rows={m.rows}: give both (bands*rows <= num_perm="
             f"{m.num_perm}) or neither (0, 0) to choose them for the threshold"
         )
-    for name in ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "code"):
+    for name in FILTERS:
         for d in getattr(cfg.filters, name).domains:
             if d not in DOMAINS:
                 raise ValueError(f"filters.{name}.domains has {d!r}; valid: {', '.join(DOMAINS)}")

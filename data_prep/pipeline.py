@@ -14,10 +14,9 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from data_prep import report as report_mod
-from data_prep.config import PrepConfig, load_config, to_dict
+from data_prep.config import PrepConfig, load_config
 from data_prep.dedup import ExactDedup, NearDedup, text_hash
 from data_prep.filters import build_filters
 from data_prep.filters.pii import PIIScrubber
@@ -26,7 +25,6 @@ from data_prep.pack import Pack
 from data_prep.readers import Read
 from data_prep.shards import split_of
 from data_prep.stage import (
-    STEP_MODULES,
     Stage,
     StageResult,
     StepsStage,
@@ -41,49 +39,26 @@ from data_prep.tokenizer import TokenizerStage, load_pretrained
 log = logging.getLogger("data_prep")
 
 
-class Normalize(StepsStage):
-    name = "normalize"
-    modules = ("normalize.py", *STEP_MODULES)
-
-    def part(self, cfg: PrepConfig) -> Any:
-        return to_dict(cfg)["normalize"]
-
-    def enabled(self, cfg: PrepConfig) -> bool:
-        return cfg.normalize.enabled
-
-    def build(self, cfg: PrepConfig) -> list[Step]:
-        return [Normalizer(cfg.normalize)] if cfg.normalize.enabled else []
+def normalize_steps(cfg: PrepConfig) -> list[Step]:
+    return [Normalizer(cfg.normalize)] if cfg.normalize.enabled else []
 
 
-class Filter(StepsStage):
-    name = "filter"
-    modules = ("filters/*.py", *STEP_MODULES)
-
-    def part(self, cfg: PrepConfig) -> Any:
-        return to_dict(cfg)["filters"]
-
-    def enabled(self, cfg: PrepConfig) -> bool:
-        return bool(build_filters(cfg.filters))
-
-    def build(self, cfg: PrepConfig) -> list[Step]:
-        return build_filters(cfg.filters)
+def pii_steps(cfg: PrepConfig) -> list[Step]:
+    return [PIIScrubber(cfg.pii)] if cfg.pii.enabled else []
 
 
-class PII(StepsStage):
-    name = "pii"
-    modules = ("filters/pii.py", *STEP_MODULES)
-
-    def part(self, cfg: PrepConfig) -> Any:
-        return to_dict(cfg)["pii"]
-
-    def enabled(self, cfg: PrepConfig) -> bool:
-        return cfg.pii.enabled
-
-    def build(self, cfg: PrepConfig) -> list[Step]:
-        return [PIIScrubber(cfg.pii)] if cfg.pii.enabled else []
+def filter_steps(cfg: PrepConfig) -> list[Step]:
+    return build_filters(cfg.filters)
 
 
-DOC_STAGES: list[Stage] = [Read(), Normalize(), Filter(), ExactDedup(), NearDedup(), PII()]
+DOC_STAGES: list[Stage] = [
+    Read(),
+    StepsStage("normalize", "normalize", ("normalize.py",), normalize_steps),
+    StepsStage("filter", "filters", ("filters/*.py",), filter_steps),
+    ExactDedup(),
+    NearDedup(),
+    StepsStage("pii", "pii", ("filters/pii.py",), pii_steps),
+]
 
 
 def run_document_stages(cfg: PrepConfig) -> list[StageResult]:

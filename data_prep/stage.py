@@ -28,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_prep.config import PrepConfig
+from data_prep.config import PrepConfig, to_dict
 from data_prep.document import BadRecord, Document
 from data_prep.stats import AccountingError, StepStats, printable
 from data_prep.steps import Step, run_steps
@@ -205,10 +205,25 @@ def ordered_map(
 
 class StepsStage(Stage):
     """Runs the Steps `build(cfg)` returns over every document, 256 at a time, in a process pool
-    (in-process for 512 documents or fewer); records the stage total and every step's stats."""
+    (in-process for 512 documents or fewer); records the stage total and every step's stats.
 
-    def build(self, cfg: PrepConfig) -> list[Step]:
-        raise NotImplementedError  # pragma: no cover - interface
+    `section` is the config section it depends on, `modules` the files of its steps; `build`
+    must be a module-level function (worker processes receive it pickled). The stage is
+    disabled when `build` returns no step.
+    """
+
+    def __init__(
+        self, name: str, section: str, modules: tuple[str, ...],
+        build: Callable[[PrepConfig], list[Step]],
+    ) -> None:
+        self.name, self.section, self.build = name, section, build
+        self.modules = (*modules, *STEP_MODULES)
+
+    def part(self, cfg: PrepConfig) -> Any:
+        return to_dict(cfg)[self.section]
+
+    def enabled(self, cfg: PrepConfig) -> bool:
+        return bool(self.build(cfg))
 
     def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
         assert inp is not None
