@@ -16,6 +16,9 @@ bytes), then the whole run. The times are those the pipeline itself records in r
 
 Then MinHash signatures alone, on near_dedup's input documents: serially in this process, and
 through the same `parallel_signatures` path the pipeline uses (a fresh process pool each time).
+
+It prints the table as Markdown headed by `contracts.measured.header` (date, machine, torch,
+command); `--publish` also writes it to docs/measured/data_prep-bench-<date>.md.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contracts.measured import dated_path, header
 from data_prep.config import load_config
 from data_prep.minhash import MinHasher, parallel_signatures
-from data_prep.pipeline import _workers, run
+from data_prep.pipeline import run
+from data_prep.stage import worker_count
 from data_prep.store import read_docs
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "prep" / "demo.yaml"
@@ -97,7 +102,7 @@ def bench(
     runs: list[list[dict[str, Any]]] = []
     texts: list[str] = []
     cfg = load_config(config, [*overrides, "progress=false"])
-    workers = _workers(cfg)
+    workers = worker_count(cfg)
     for r in range(repeats):
         tmp = Path(tempfile.mkdtemp(prefix="prep-bench-"))
         try:
@@ -176,6 +181,11 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict[str, Any], command: list[str]) -> str:
+    """The table as a measured-table Markdown file: the header, then the table fenced."""
+    return header("data_prep bench", command) + "\n```\n" + render(result) + "\n```\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m data_prep.bench",
@@ -185,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. workers=1")
     p.add_argument("--repeats", type=int, default=3, help="pipeline runs; medians are reported")
     p.add_argument("--json", type=Path, default=None, help="also write the table here as JSON")
+    p.add_argument("--publish", action="store_true",
+                   help="also write the Markdown to docs/measured/data_prep-bench-<date>.md")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
@@ -192,7 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(render(result))
+    text = markdown(result, ["python", "-m", "data_prep.bench", *argv])
+    print(text, end="")
+    if args.publish:
+        path = dated_path("data_prep-bench")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

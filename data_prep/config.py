@@ -1,5 +1,5 @@
-"""Prep configuration: OmegaConf structured dataclasses loaded from YAML, with `key=value`
-overrides (`tokenizer.vocab_size=1024`, `sources.0.max_documents=50`).
+"""Prep configuration: structured dataclasses loaded from YAML with `key=value` overrides
+(`tokenizer.vocab_size=1024`, `sources.0.max_documents=50`) by `contracts.config.load_structured`.
 
 Every section is a dataclass with typed defaults, so a typo in a YAML file or an override is an
 error that names the key instead of a silently ignored setting. The fully resolved config is
@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from data_prep.filters import FiltersConfig
+from contracts.config import load_structured
+from data_prep.filters import FILTERS, FiltersConfig
 from data_prep.filters.pii import PIIConfig
 from data_prep.normalize import NormalizeConfig
 
@@ -162,7 +161,7 @@ def _validate(cfg: PrepConfig) -> None:
             f"dedup.minhash.bands={m.bands}, rows={m.rows}: give both (bands*rows <= num_perm="
             f"{m.num_perm}) or neither (0, 0) to choose them for the threshold"
         )
-    for name in ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "code"):
+    for name in FILTERS:
         for d in getattr(cfg.filters, name).domains:
             if d not in DOMAINS:
                 raise ValueError(f"filters.{name}.domains has {d!r}; valid: {', '.join(DOMAINS)}")
@@ -185,26 +184,9 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> PrepConfig:
     """Merge defaults, the YAML file at `path` and `key=value` overrides into a PrepConfig."""
-    user: Any = OmegaConf.load(path) if path else OmegaConf.create()
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ValueError(
-            f"override {bad[0]!r} is not of the form key=value (e.g. tokenizer.vocab_size=1024)"
-        )
-    where = str(path) if path else "defaults"
-    schema = OmegaConf.structured(PrepConfig)
-    try:
-        merged = OmegaConf.merge(schema, user)
-        if overrides:
-            where = "overrides"
-            merged.merge_with_dotlist(list(overrides))  # understands list indices: sources.0.x
-    except (ConfigKeyError, ConfigAttributeError) as e:
-        raise ValueError(f"unknown config key {e.full_key!r} (in {where})") from e
-    except ValidationError as e:
-        raise ValueError(
-            f"bad value for config key {e.full_key!r} (in {where}): {e.msg.splitlines()[0]}"
-        ) from e
-    cfg: PrepConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    cfg: PrepConfig = load_structured(
+        PrepConfig, path, overrides, example="tokenizer.vocab_size=1024"
+    )
     _validate(cfg)
     return cfg
 

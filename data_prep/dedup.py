@@ -3,19 +3,27 @@
 Both use the same survivor rule, so it does not matter in which order documents arrive: in a
 group of duplicates the longest document (most UTF-8 bytes) survives, ties broken by the
 smallest id. For exact duplicates all lengths are equal, so the smallest id survives.
+
+Both stages are a `DedupStage`: it asks its strategy (`find`) which documents are duplicates,
+then walks the documents once, forwarding the survivors and counting each duplicate dropped
+under the stage's one reason; a strategy only says how it finds duplicates.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xxhash
+from tqdm import tqdm
 
+from data_prep.config import PrepConfig, to_dict
 from data_prep.document import Document
 from data_prep.minhash import (
     MinHasher,
@@ -28,6 +36,10 @@ from data_prep.minhash import (
     shingle_hashes,
     survivor,
 )
+from data_prep.stage import STEP_MODULES, Stage, StageOutput, StageResult, new_stats, worker_count
+from data_prep.store import read_docs
+
+log = logging.getLogger("data_prep")
 
 
 def text_hash(text: str) -> int:
@@ -140,3 +152,82 @@ def near_duplicates(
         "lsh_and_clustering_s": round(time.perf_counter() - t1, 4),
     }
     return NearDedupResult(drop, clusters, bands, rows, stats)
+
+
+class DedupStage(Stage):
+    """Drops the duplicates its strategy `find` names, under the one `reason`; keeps the rest."""
+
+    reason: str = "duplicate"
+
+    def find(self, cfg: PrepConfig, inp: Path) -> tuple[dict[str, str], dict[str, Any]]:
+        """(id of each duplicate -> detail of its drop, the stage's report extras)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
+        assert inp is not None
+        total = new_stats(cfg, res.name)
+        drop, res.extra = self.find(cfg, inp)
+        with StageOutput(cfg, out, total) as o:
+            for d in read_docs(inp):
+                if d.id in drop:
+                    o.drop(d, self.reason, drop[d.id])
+                else:
+                    o.forward(d)
+        res.total = total
+
+
+class ExactDedup(DedupStage):
+    name = "exact_dedup"
+    reason = "exact_duplicate"
+    modules = ("dedup.py", *STEP_MODULES)
+
+    def part(self, cfg: PrepConfig) -> Any:
+        return to_dict(cfg)["dedup"]["exact"]
+
+    def enabled(self, cfg: PrepConfig) -> bool:
+        return cfg.dedup.exact.enabled
+
+    def find(self, cfg: PrepConfig, inp: Path) -> tuple[dict[str, str], dict[str, Any]]:
+        found = exact_duplicates(
+            tqdm(read_docs(inp), desc="exact_dedup hash", disable=not cfg.progress, unit="doc")
+        )
+        drop = {i: f"same text as {keep}" for i, keep in found.drop.items()}
+        shown = found.groups[: cfg.report.clusters_shown]
+        extra = {"groups": len(found.groups), "groups_shown": shown}
+        return drop, extra
+
+
+class NearDedup(DedupStage):
+    name = "near_dedup"
+    reason = "near_duplicate"
+    modules = ("dedup.py", "minhash.py", *STEP_MODULES)
+
+    def part(self, cfg: PrepConfig) -> Any:
+        return to_dict(cfg)["dedup"]["minhash"]
+
+    def enabled(self, cfg: PrepConfig) -> bool:
+        return cfg.dedup.minhash.enabled
+
+    def find(self, cfg: PrepConfig, inp: Path) -> tuple[dict[str, str], dict[str, Any]]:
+        m = cfg.dedup.minhash
+        ids, texts = [], []
+        for d in read_docs(inp):
+            ids.append(d.id)
+            texts.append(d.text)
+        log.info("near_dedup: MinHash signatures of %d documents", len(ids))
+        found = near_duplicates(
+            ids, texts, ngram=m.ngram, num_perm=m.num_perm, threshold=m.threshold, bands=m.bands,
+            rows=m.rows, fp_weight=m.fp_weight, fn_weight=m.fn_weight, verify=m.verify,
+            seed=m.seed, workers=worker_count(cfg), batch_docs=m.batch_docs,
+        )
+        drop = {
+            i: f"near-duplicate of {sid} (estimated Jaccard {sim:.2f})"
+            for i, (sid, sim) in found.drop.items()
+        }
+        extra = {
+            "bands": found.bands,
+            "rows": found.rows,
+            **found.stats,
+            "clusters_shown": found.clusters[: cfg.report.clusters_shown],
+        }
+        return drop, extra

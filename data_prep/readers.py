@@ -23,8 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from data_prep.config import SourceConfig
+from tqdm import tqdm
+
+from data_prep.config import PrepConfig, SourceConfig, to_dict
 from data_prep.document import BadRecord, Document
+from data_prep.stage import STEP_MODULES, Stage, StageOutput, StageResult, new_stats
 
 Record = Document | BadRecord
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -394,3 +397,53 @@ def read_source(cfg: SourceConfig, max_doc_bytes: int = 0) -> Iterator[Record]:
             return
         n += 1
         yield rec
+
+
+# --------------------------------------------------------------------------- the read stage
+class Read(Stage):
+    """Reads every source into docs.parquet; drops bad records, blank or oversized documents
+    and repeated ids, counted for the whole stage and per source."""
+
+    name = "read"
+    modules = ("readers.py", *STEP_MODULES)
+
+    def part(self, cfg: PrepConfig) -> Any:
+        c = to_dict(cfg)
+        return [c["sources"], c["read"], [fingerprint(s) for s in cfg.sources]]
+
+    def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
+        total = new_stats(cfg, self.name)
+        seen_ids: set[str] = set()
+        per_source = {}
+        with StageOutput(cfg, out, total) as o:
+            for i, src in enumerate(cfg.sources):
+                st = new_stats(cfg, f"source{i}:{src.name or src.kind}")
+                records = read_source(src, cfg.read.max_doc_bytes)
+                desc = f"read {src.kind} {src.path or ''}".strip()
+                for rec in tqdm(records, desc=desc, disable=not cfg.progress, unit="doc"):
+                    reason, detail = check_record(rec, cfg, seen_ids)
+                    if reason:
+                        o.drop(rec, reason, detail, st)
+                    else:
+                        assert isinstance(rec, Document)
+                        seen_ids.add(rec.id)
+                        o.forward(rec, st)
+                per_source[st.name] = st
+        res.total, res.steps = total, list(per_source.values())
+
+
+def check_record(rec: Record, cfg: PrepConfig, seen: set[str]) -> tuple[str, str]:
+    """(reason, detail) to drop a record as it is read, or ("", "") to keep it."""
+    if isinstance(rec, BadRecord):
+        return rec.reason, rec.detail
+    try:
+        n = len(rec.text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        return "invalid_utf8", f"lone surrogate in text: {e.reason}"
+    if cfg.read.max_doc_bytes and n > cfg.read.max_doc_bytes:
+        return "too_large", f"{n} bytes > read.max_doc_bytes={cfg.read.max_doc_bytes}"
+    if len(rec.text.strip()) < cfg.read.min_doc_chars:
+        return "empty", f"{n} bytes, {len(rec.text.strip())} non-blank characters"
+    if rec.id in seen:
+        return "duplicate_id", f"id {rec.id!r} already read"
+    return "", ""

@@ -1,64 +1,28 @@
-"""Token shards: the on-disk contract between data_prep/ and train/ (format 1).
+"""Token shards: writing a split as consecutive raw shards, the train/val split, reading back.
 
-A prepared dataset is a directory::
-
-    OUT/
-      meta.json            what is in the directory (below)
-      tokenizer.json       HF `tokenizers` file: the byte-level BPE trained by prep, or a copy
-                           of the pretrained one (`tokenizer.pretrained`); load with
-                           Tokenizer.from_file and set `tok.encode_special_tokens = True` to
-                           encode text exactly as prep did (a literal "<|endoftext|>" inside a
-                           document is text, not eos; the flag is not saved in tokenizer.json),
-                           with add_special_tokens=False (no BOS or template tokens)
-      train_000000.bin     train split, shard 0
-      train_000001.bin     ...
-      val_000000.bin       validation split, shard 0
-      report.md, report.json   per-stage accounting of the prep run (informational)
-
-Shards (`<split>_<index:06d>.bin`):
-  * a raw array of token ids with no header: little-endian unsigned integers of
-    `meta["dtype"]`, which is "uint16" when vocab_size <= 65536 and "uint32" otherwise;
-  * every document's tokens are followed by one end-of-document token `meta["eos_id"]`
-    (the id of `meta["eos_token"]`: 0 for the BPE trained by prep, whose eos is its first
-    token; a pretrained tokenizer's own id otherwise), so a split is a concatenation of
-    `doc_0 eos doc_1 eos ...` and shards are consecutive pieces of that stream: documents may
-    cross a shard boundary; a split's stream is its shards concatenated in the listed order;
-  * every shard holds `shards.shard_tokens` tokens except the last shard of a split;
-  * a split with no documents has an empty shard list and 0 tokens.
-  Read one with `np.memmap(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")`.
-
-meta.json::
-
-    {"format": 1,                      # bumped on any incompatible change
-     "dtype": "uint16",                # numpy dtype name of the shard elements (little-endian)
-     "vocab_size": 4096,               # the tokenizer's get_vocab_size(with_added_tokens=True);
-                                       # every id < vocab_size
-     "eos_id": 0,                      # end-of-document token id, appended after every document
-     "eos_token": "<|endoftext|>",     # its text; readers should use these two, not a fixed name
-     "tokenizer": "tokenizer.json",    # path relative to the directory
-     "tokenizer_sha256": "...",        # sha256 of tokenizer.json's bytes
-     "splits": {"train": {"shards": ["train_000000.bin", ...],   # relative paths, in order
-                          "tokens": 123,       # total tokens over the shards, eos included
-                          "documents": 45},    # documents (= eos tokens) in the split
-                "val": {...}},
-     "config": {...},                  # the fully resolved prep config
-     "created_utc": "2025-01-01T00:00:00Z"}
-
-The train/val split is by document: a document is in "val" when
-`xxh64(id, seed=shards.split_seed) / 2**64 < shards.val_fraction`, so a document's split
-depends only on its id and never changes when other documents are added or removed.
+The dataset directory, shard and meta.json format is described in `contracts.dataset`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
-FORMAT = 1
-SPLITS = ("train", "val")
+from contracts.dataset import read_dataset_meta
+
+
+def split_of(doc_id: str, val_fraction: float, seed: int = 0) -> str:
+    """'val' or 'train', from a seeded 64-bit hash of the id alone (stable as data is added)."""
+    h = xxhash.xxh64_intdigest(doc_id.encode("utf-8", "surrogatepass"), seed=seed)
+    return "val" if h / 2**64 < val_fraction else "train"
+
+
+def order_key(doc_id: str, seed: int) -> int:
+    """The packing order of a document when shards.shuffle: a seeded hash of its id."""
+    return xxhash.xxh64_intdigest(doc_id.encode("utf-8", "surrogatepass"), seed=seed + 1)
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -127,19 +91,9 @@ def write_shards(
     return {"shards": shards, "tokens": int(total), "documents": ndocs}
 
 
-def load_meta(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "meta.json"
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}; this code reads format {FORMAT}")
-    return meta
-
-
 def read_split(data_dir: str | Path, split: str) -> np.ndarray:
     """All tokens of a split (its shards concatenated) as one array of meta's dtype."""
-    meta = load_meta(data_dir)
-    if split not in meta["splits"]:
-        raise ValueError(f"split {split!r} not in {sorted(meta['splits'])}")
-    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-    parts = [np.fromfile(Path(data_dir) / s, dtype=dtype) for s in meta["splits"][split]["shards"]]
+    meta = read_dataset_meta(data_dir)
+    dtype = np.dtype(meta.dtype).newbyteorder("<")
+    parts = [np.fromfile(p, dtype=dtype) for p in meta.shard_paths(split)]
     return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)

@@ -14,14 +14,24 @@ round-trips text exactly depends on it (normalisers and unknown tokens lose info
 from __future__ import annotations
 
 import hashlib
+import logging
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_prep.config import TokenizerConfig
+from data_prep.config import PrepConfig, TokenizerConfig, to_dict
+from data_prep.shards import split_of
+from data_prep.stage import STEP_MODULES, Stage, StageResult, new_stats
+from data_prep.store import read_docs
+
+log = logging.getLogger("data_prep")
+ROUND_TRIP_SAMPLE = 200  # train documents a pretrained tokenizer is checked on
 
 
 class PretrainedTokenizerError(ValueError):
@@ -162,3 +172,73 @@ def encode_documents(
             yield from flush()
     if batch:
         yield from flush()
+
+
+# --------------------------------------------------------------------------- the tokenizer stage
+class TokenizerStage(Stage):
+    """Trains the BPE on the train split of the clean corpus, or, given `pretrained`, copies
+    that tokenizer and checks that it round-trips a sample of the train documents (a mismatch is
+    reported, not an error: the shards hold its encoding). Writes tokenizer.json."""
+
+    name = "tokenizer"
+    modules = ("tokenizer.py", "shards.py", *STEP_MODULES)
+
+    def __init__(self, pretrained: Pretrained | None) -> None:
+        self.pretrained = pretrained
+
+    def part(self, cfg: PrepConfig) -> Any:
+        # a pretrained tokenizer's content, not only its path, decides whether the stage re-runs
+        sh = cfg.shards
+        sha = self.pretrained.sha256 if self.pretrained else None
+        return [to_dict(cfg)["tokenizer"], sh.val_fraction, sh.split_seed, sha]
+
+    def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
+        assert inp is not None
+        sh = cfg.shards
+        total = new_stats(cfg, res.name)
+
+        def train_texts() -> Iterator[str]:
+            for d in read_docs(inp):
+                total.count_in(d.nbytes)
+                total.keep(d.nbytes)
+                if split_of(d.id, sh.val_fraction, sh.split_seed) == "train":
+                    total.bump("train_documents")
+                    yield d.text
+
+        if self.pretrained is None:
+            tok = train_tokenizer(train_texts(), cfg.tokenizer)
+            tok.save(str(out / "tokenizer.json"))
+            res.extra = {"vocab_size": tok.get_vocab_size()}
+        else:
+            res.extra = self._use_pretrained(cfg, train_texts(), out)
+        total.bump("vocab_size", res.extra["vocab_size"])
+        res.total = total
+
+    def _use_pretrained(self, cfg: PrepConfig, texts: Iterator[str], out: Path) -> dict[str, Any]:
+        pre = self.pretrained
+        assert pre is not None
+        tok = pre.tokenizer
+        if pre.file is not None:
+            shutil.copyfile(pre.file, out / "tokenizer.json")  # byte for byte
+        else:
+            tok.save(str(out / "tokenizer.json"))
+        tok.encode_special_tokens = True
+        sample = list(islice(texts, ROUND_TRIP_SAMPLE))
+        for _ in texts:  # the rest is counted, not checked
+            pass
+        checked, bad = round_trip_mismatches(tok, sample)
+        if bad:
+            log.warning(
+                "tokenizer %s: %d of %d sampled train documents do not decode back to their "
+                "exact text (normalisation or unknown tokens); the shards hold its encoding as "
+                "it is", pre.source, bad, checked,
+            )
+        return {
+            "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+            "pretrained": pre.source,
+            "pretrained_sha256": pre.sha256,
+            "eos_token": cfg.tokenizer.eos_token,
+            "eos_id": pre.eos_id,
+            "round_trip_checked": checked,
+            "round_trip_mismatches": bad,
+        }

@@ -33,21 +33,20 @@ class FiltersConfig:
     code: CodeFilterConfig = field(default_factory=CodeFilterConfig)
 
 
+# the quality filters in the order they run: FiltersConfig field -> the Step it configures
+FILTERS: dict[str, type[Step]] = {
+    "language": LanguageFilter,
+    "gopher_repetition": GopherRepetition,
+    "gopher_quality": GopherQuality,
+    "c4": C4Filter,
+    "fineweb": FineWebFilter,
+    "code": CodeFilter,
+}
+
+
 def build_filters(cfg: FiltersConfig) -> list[Step]:
-    steps: list[Step] = []
-    if cfg.language.enabled:
-        steps.append(LanguageFilter(cfg.language))
-    if cfg.gopher_repetition.enabled:
-        steps.append(GopherRepetition(cfg.gopher_repetition))
-    if cfg.gopher_quality.enabled:
-        steps.append(GopherQuality(cfg.gopher_quality))
-    if cfg.c4.enabled:
-        steps.append(C4Filter(cfg.c4))
-    if cfg.fineweb.enabled:
-        steps.append(FineWebFilter(cfg.fineweb))
-    if cfg.code.enabled:
-        steps.append(CodeFilter(cfg.code))
-    return steps
+    """The enabled filters, in the order they run."""
+    return [step(getattr(cfg, name)) for name, step in FILTERS.items() if getattr(cfg, name).enabled]
 
 
 __all__ = [
@@ -55,6 +54,7 @@ __all__ = [
     "C4Filter",
     "CodeFilter",
     "CodeFilterConfig",
+    "FILTERS",
     "FineWebConfig",
     "FineWebFilter",
     "FiltersConfig",

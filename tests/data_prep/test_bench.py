@@ -37,3 +37,17 @@ def test_bench_tiny(tiny_dir, tmp_path, capsys):
         assert not row["disabled"], row
         assert row["seconds"] > 0 and row["docs_per_s"] > 0 and row["mb_per_s"] > 0, row
         assert len(row["seconds_each"]) == 1
+
+
+def test_markdown_has_the_measured_header():
+    """The Markdown starts with contracts.measured.header: title, date, machine, torch, command."""
+    from data_prep.bench import markdown
+
+    result = {"config": "configs/prep/tiny.yaml", "overrides": [], "repeats": 1, "workers": 1,
+              "cpus": 2, "rows": []}
+    text = markdown(result, ["python", "-m", "data_prep.bench", "--repeats", "1"])
+    lines = text.splitlines()
+    assert lines[0] == "# data_prep bench"
+    for key in ("- date: ", "- machine: ", "- torch ", "- command: `python -m data_prep.bench"):
+        assert any(ln.startswith(key) for ln in lines), key
+    assert "data_prep bench: configs/prep/tiny.yaml" in text

@@ -1,0 +1,332 @@
+"""The stage framework: a stage is a small object with one job, run once and cached on disk.
+
+A `Stage` reads the previous stage's documents (`docs.parquet`) and writes its own into
+`OUT/stages/<nn>_<name>/`, with its accounting (`stats.json`, a `StageResult`) and last a `key`
+file. The key hashes the stage's part of the config, the source code of the modules that
+implement it and the key of its input, so `run_stage` skips a stage whose key is unchanged and
+re-runs exactly the stages a config or code change affects (and everything downstream of them).
+
+Every stage counts what it forwarded and dropped, by reason, in StepStats (`StageOutput` does
+it for stages that walk documents one by one; `StepsStage` runs a list of Steps over batches in
+a process pool and merges the workers' counts), and `run_stage` checks in = kept + dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from data_prep.config import PrepConfig, to_dict
+from data_prep.document import BadRecord, Document
+from data_prep.stats import AccountingError, StepStats, printable
+from data_prep.steps import Step, run_steps
+from data_prep.store import DocWriter, num_docs, read_docs
+
+log = logging.getLogger("data_prep")
+PKG = Path(__file__).resolve().parent
+# modules every document stage runs besides its own (globs under data_prep/)
+STEP_MODULES = ("stage.py", "steps.py", "stats.py", "store.py", "document.py")
+
+
+def worker_count(cfg: PrepConfig) -> int:
+    """Processes for parallel work: cfg.workers, or every core when it is 0."""
+    return cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
+
+
+def new_stats(cfg: PrepConfig, name: str) -> StepStats:
+    return StepStats(name, cfg.report.examples_per_reason, cfg.report.snippet_chars)
+
+
+# --------------------------------------------------------------------------- stages
+@dataclass
+class StageResult:
+    """What a stage did: totals, per-step accounting and anything else worth reporting."""
+
+    name: str
+    key: str = ""
+    cached: bool = False
+    seconds: float = 0.0
+    total: StepStats | None = None
+    steps: list[StepStats] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    docs_path: str | None = None  # documents after this stage
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "key": self.key,
+            "cached": self.cached,
+            "seconds": round(self.seconds, 3),
+            "total": self.total.to_dict() if self.total else None,
+            "steps": [s.to_dict() for s in self.steps],
+            "extra": self.extra,
+            "docs_path": self.docs_path,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageResult:
+        return cls(
+            d["name"],
+            d["key"],
+            True,
+            d["seconds"],
+            StepStats.from_dict(d["total"]) if d["total"] else None,
+            [StepStats.from_dict(s) for s in d["steps"]],
+            d["extra"],
+            d["docs_path"],
+        )
+
+
+class Stage:
+    """One stage of the pipeline. Subclasses set `name` and `modules` and implement `run`."""
+
+    name: str = "stage"
+    modules: tuple[str, ...] = STEP_MODULES  # files (globs under data_prep/) whose code it runs
+
+    def part(self, cfg: PrepConfig) -> Any:
+        """The part of the config that affects this stage (hashed into its key)."""
+        return None
+
+    def enabled(self, cfg: PrepConfig) -> bool:
+        return True
+
+    def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
+        """Read documents from `inp`, write into the folder `out`, fill in `res`."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+
+class DroppedWriter:
+    """Writes every dropped document of a stage to dropped.jsonl when report.write_dropped."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.f = open(path, "w", encoding="utf-8") if enabled else None
+
+    def write(self, rec: Document | BadRecord, reason: str, detail: str) -> None:
+        if self.f is None:
+            return
+        text = rec.text if isinstance(rec, Document) else rec.snippet
+        row = {"id": rec.id, "source": rec.source, "reason": reason, "detail": detail, "text": text}
+        row = {k: printable(v) for k, v in row.items()}
+        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+class StageOutput:
+    """A stage's documents (docs.parquet) and drops (dropped.jsonl): `forward` writes a kept
+    document and `drop` a dropped one, each counted in `stats` (and any extra StepStats given)."""
+
+    def __init__(self, cfg: PrepConfig, out: Path, *stats: StepStats) -> None:
+        self.stats = stats
+        self.dropped = DroppedWriter(out / "dropped.jsonl", cfg.report.write_dropped)
+        self.docs = DocWriter(out / "docs.parquet")
+
+    def forward(self, doc: Document, *also: StepStats) -> None:
+        for s in (*self.stats, *also):
+            s.count_in(doc.nbytes)
+            s.keep(doc.nbytes)
+        self.docs.write(doc)
+
+    def drop(self, rec: Document | BadRecord, reason: str, detail: str, *also: StepStats) -> None:
+        for s in (*self.stats, *also):
+            s.count_in(rec.nbytes)
+            s.drop(rec, reason, detail)
+        self.dropped.write(rec, reason, detail)
+
+    def __enter__(self) -> StageOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.docs.close()
+        self.dropped.close()
+
+
+# --------------------------------------------------------------------------- parallel steps
+_WORKER_STEPS: list[Step] = []
+
+
+def _init_worker(stage: StepsStage, cfg: PrepConfig) -> None:
+    global _WORKER_STEPS
+    _WORKER_STEPS = stage.build(cfg)
+
+
+def _run_batch(args: tuple[list[Document], str, int, int]) -> tuple[Any, ...]:
+    docs, stage_name, n_ex, n_snip = args
+    total = StepStats(stage_name, n_ex, n_snip)
+    per = {s.name: StepStats(s.name, n_ex, n_snip) for s in _WORKER_STEPS}
+    dropped: list[tuple[Document, str, str]] = []
+    kept = list(run_steps(_WORKER_STEPS, docs, total, per, dropped))
+    return kept, total, per, dropped
+
+
+def _batches(it: Iterable[Document], n: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for d in it:
+        batch.append(d)
+        if len(batch) >= n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def ordered_map(
+    fn: Callable, items: Iterable[Any], workers: int, init: Callable, initargs: tuple
+) -> Iterator[Any]:
+    """map(fn, items) in `workers` processes (in-process when 1), results in input order, with
+    at most 2*workers batches in flight so memory stays bounded."""
+    if workers <= 1:
+        init(*initargs)
+        yield from map(fn, items)
+        return
+    with ProcessPoolExecutor(workers, initializer=init, initargs=initargs) as pool:
+        window: deque = deque()
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= 2 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+class StepsStage(Stage):
+    """Runs the Steps `build(cfg)` returns over every document, 256 at a time, in a process pool
+    (in-process for 512 documents or fewer); records the stage total and every step's stats.
+
+    `section` is the config section it depends on, `modules` the files of its steps; `build`
+    must be a module-level function (worker processes receive it pickled). The stage is
+    disabled when `build` returns no step.
+    """
+
+    def __init__(
+        self, name: str, section: str, modules: tuple[str, ...],
+        build: Callable[[PrepConfig], list[Step]],
+    ) -> None:
+        self.name, self.section, self.build = name, section, build
+        self.modules = (*modules, *STEP_MODULES)
+
+    def part(self, cfg: PrepConfig) -> Any:
+        return to_dict(cfg)[self.section]
+
+    def enabled(self, cfg: PrepConfig) -> bool:
+        return bool(self.build(cfg))
+
+    def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
+        assert inp is not None
+        total = new_stats(cfg, res.name)
+        per = {s.name: new_stats(cfg, s.name) for s in self.build(cfg)}
+        n = num_docs(inp)
+        rep = cfg.report
+        jobs = (
+            (b, res.name, rep.examples_per_reason, rep.snippet_chars)
+            for b in _batches(read_docs(inp), 256)
+        )
+        bar = tqdm(total=n, desc=res.name, disable=not cfg.progress, unit="doc")
+        with StageOutput(cfg, out) as o:  # counted by the workers' stats, merged below
+            results = ordered_map(
+                _run_batch, jobs, worker_count(cfg) if n > 512 else 1, _init_worker, (self, cfg)
+            )
+            for kept, t, p, drops in results:
+                total.merge(t)
+                for name, s in p.items():
+                    per[name].merge(s)
+                for d in kept:
+                    o.forward(d)
+                for d, reason, detail in drops:
+                    o.drop(d, reason, detail)
+                bar.update(t.seen.docs)
+        bar.close()
+        res.total, res.steps = total, list(per.values())
+
+
+# --------------------------------------------------------------------------- the cache
+def _code_hash(modules: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for m in modules:
+        for p in sorted(PKG.glob(m)):
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def stage_key(name: str, part: Any, modules: Iterable[str], input_key: str) -> str:
+    blob = json.dumps([name, part, _code_hash(modules), input_key], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _report_part(cfg: PrepConfig) -> Any:
+    r = cfg.report
+    return [r.examples_per_reason, r.snippet_chars, r.write_dropped, r.clusters_shown]
+
+
+def stage_dir(cfg: PrepConfig, index: int, name: str) -> Path:
+    return Path(cfg.out_dir) / "stages" / f"{index:02d}_{name}"
+
+
+def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None) -> StageResult:
+    """Run `stage` as stage number `index` on `inp`'s documents, or load its result from the
+    cache when its key is unchanged. A disabled stage forwards its input untouched."""
+    out = stage_dir(cfg, index, stage.name)
+    input_key = inp.key if inp else ""
+    if not stage.enabled(cfg):
+        assert inp is not None and inp.total is not None
+        st = new_stats(cfg, stage.name)
+        st.seen.add(inp.total.kept.bytes, inp.total.kept.docs)
+        st.kept.add(inp.total.kept.bytes, inp.total.kept.docs)
+        return StageResult(
+            stage.name, input_key, False, 0.0, st, [], {"disabled": True}, inp.docs_path
+        )
+    key = stage_key(stage.name, [stage.part(cfg), _report_part(cfg)], stage.modules, input_key)
+    if (
+        (out / "key").exists()
+        and (out / "key").read_text() == key
+        and (out / "stats.json").exists()
+    ):
+        res = StageResult.from_dict(json.loads((out / "stats.json").read_text(encoding="utf-8")))
+        res.cached = True
+        log.info("stage %s: up to date (key %s), skipped", stage.name, key)
+        return res
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    res = StageResult(stage.name, key)
+    t = time.perf_counter()
+    log.info("stage %s: running (key %s)", stage.name, key)
+    stage.run(cfg, Path(inp.docs_path) if inp and inp.docs_path else None, out, res)
+    res.seconds = time.perf_counter() - t
+    if (out / "docs.parquet").exists():
+        res.docs_path = str(out / "docs.parquet")
+    for s in [res.total, *res.steps]:
+        if s is not None:
+            s.check()
+    (out / "stats.json").write_text(
+        json.dumps(res.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8"
+    )
+    (out / "key").write_text(key)
+    return res
+
+
+def check_invariant(results: list[StageResult]) -> dict[str, int]:
+    """Records read = documents that left the last stage + everything dropped anywhere."""
+    read = results[0].total
+    assert read is not None
+    last = [r for r in results if r.total is not None][-1].total
+    assert last is not None
+    dropped = sum(r.total.dropped_docs for r in results if r.total is not None)
+    inv = {"records_in": read.seen.docs, "documents_out": last.kept.docs, "dropped": dropped}
+    if inv["records_in"] != inv["documents_out"] + inv["dropped"]:
+        raise AccountingError(f"documents went missing: {inv}")
+    return inv
