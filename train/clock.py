@@ -16,12 +16,10 @@ reported against the median with the spread of the samples beside it.
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -129,43 +127,14 @@ def time_allreduce(numel: int, device: torch.device, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def device_name(device: torch.device) -> str:
+    """"cpu" (or "mps"), or the GPU's name, as summary.json records it."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Allocator peak on CUDA; peak resident set size of this process on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
-
-
-def distribution(values: list[float]) -> dict:
-    """Median and 10th/90th percentiles (nearest rank) of a list of numbers."""
-    if not values:
-        return {"median": None, "p10": None, "p90": None, "n": 0}
-    ordered = sorted(values)
-
-    def pct(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    return {"median": statistics.median(ordered), "p10": pct(0.1), "p90": pct(0.9), "n": len(ordered)}
-
-
-class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl (main process only)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-        self.records: list[dict] = []
-
-    def resume(self, step: int) -> None:
-        """Keep the records up to `step` (those of the checkpoint resumed from) and drop the
-        rest, so that a resumed run's file has every step exactly once."""
-        lines = self.path.read_text().splitlines() if self.path.is_file() else []
-        self.records = [r for r in map(json.loads, lines) if r["step"] <= step]
-        if self.enabled:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")

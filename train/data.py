@@ -1,8 +1,8 @@
 """Token batches from a prepared dataset directory, read through memory maps.
 
-The directory format (written by `python -m data_prep`, read here without importing it):
-`meta.json` names the token dtype, the vocabulary size and, per split, the shard files; each
-shard is a flat little-endian array of token ids with end-of-text between documents.
+The directory format is `contracts.dataset`'s (written by `python -m data_prep`): `meta.json`
+names the token dtype, the vocabulary size and, per split, the shard files; each shard is a flat
+little-endian array of token ids with end-of-text between documents.
 
 Each shard is cut into non-overlapping windows of `seq_len + 1` tokens (inputs are the first
 `seq_len`, targets the last `seq_len`). Every epoch the windows are shuffled with a seeded
@@ -13,47 +13,28 @@ which is what a checkpoint needs to resume on exactly the next batch.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-FORMAT = 1
-DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-
-
-def read_meta(data_dir: str | Path) -> dict:
-    """meta.json of a prepared dataset, checked for the fields and format we understand."""
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: prepare a dataset first (python -m data_prep configs/prep/demo.yaml)"
-        )
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not supported (expected {FORMAT})")
-    if meta.get("dtype") not in DTYPES:
-        raise ValueError(f"{path}: dtype {meta.get('dtype')!r}; valid: {', '.join(DTYPES)}")
-    return meta
+from contracts.dataset import DatasetMeta, read_dataset_meta
 
 
 class TokenWindows:
     """Random access to the `seq_len + 1`-token windows of one split."""
 
-    def __init__(self, data_dir: str | Path, split: str, seq_len: int, vocab_size: int | None = None):
-        self.meta = read_meta(data_dir)
-        if split not in self.meta["splits"]:
-            raise ValueError(f"split {split!r} not in {data_dir}/meta.json; has {list(self.meta['splits'])}")
-        dtype = DTYPES[self.meta["dtype"]]
+    def __init__(self, data: str | Path | DatasetMeta, split: str, seq_len: int,
+                 vocab_size: int | None = None):
+        self.meta = data if isinstance(data, DatasetMeta) else read_dataset_meta(data)
+        dtype = np.dtype(self.meta.dtype).newbyteorder("<")
         self.seq_len = seq_len
         self.shards: list[np.memmap] = []
-        for name in self.meta["splits"][split]["shards"]:
-            path = Path(data_dir) / name
+        for path in self.meta.shard_paths(split):
             if not path.is_file():
                 raise FileNotFoundError(f"shard {path} listed in meta.json is missing")
-            if path.stat().st_size % np.dtype(dtype).itemsize:
-                raise ValueError(f"shard {path} is truncated: size is not a multiple of {dtype.__name__}")
+            if path.stat().st_size % dtype.itemsize:
+                raise ValueError(f"shard {path} is truncated: size is not a multiple of {dtype.name}")
             shard = np.memmap(path, dtype=dtype, mode="r")
             if vocab_size is not None and len(shard) and int(shard.max()) >= vocab_size:
                 raise ValueError(

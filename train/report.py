@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
+from contracts.run import RunDir, read_summary  # noqa: E402
+
 PHASES = ("data_wait_s", "fwd_bwd_s", "optim_s")
 
 
@@ -204,22 +206,24 @@ def summary_table(summary: dict) -> list[str]:
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Render the plots into OUT/plots/ and write OUT/report.md (OUT = run_dir by default)."""
-    run = Path(run_dir)
-    metrics_path = run / "metrics.jsonl"
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} not found: {run} is not a run directory")
-    out = Path(out_dir) if out_dir else run
+    run = RunDir(run_dir)
+    if not run.metrics.is_file():
+        raise FileNotFoundError(f"{run.metrics} not found: {run.root} is not a run directory")
+    out = Path(out_dir) if out_dir else run.root
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    records = read_metrics(metrics_path)
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
-
-    lines = [f"# Run report: {run.resolve().name}", "", f"Run directory: `{run}`", ""]
+    records = read_metrics(run.metrics)
+    lines = [f"# Run report: {run.root.resolve().name}", "", f"Run directory: `{run.root}`", ""]
+    try:
+        summary = read_summary(run.root).raw if run.summary.is_file() else None
+    except ValueError as e:  # another format, or no steady steps: the plots still tell the run
+        summary = None
+        lines += [f"_summary.json not shown: {e}._", ""]
     if summary is not None:
         lines += ["## Summary", "", *summary_table(summary), ""]
         if summary.get("mfu_above_100_percent"):
             lines += ["**MFU above 100%: the FLOP count or the measured peak is wrong.**", ""]
-    else:
+    elif not run.summary.is_file():
         lines += ["_No summary.json: the run has not finished; plots show the steps so far._", ""]
     for name, (title, plot) in PLOTS.items():
         result = plot(records, plots / f"{name}.png")
@@ -230,10 +234,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                 lines += [CAPTIONS[name], ""]
         else:
             lines += [f"_Plot skipped: {result}._", ""]
-    samples = run / "samples.txt"
     lines += ["## Samples", ""]
-    if samples.is_file():
-        lines += ["```text", samples.read_text().rstrip().replace("```", "` ` `"), "```", ""]
+    if run.samples.is_file():
+        lines += ["```text", run.samples.read_text().rstrip().replace("```", "` ` `"), "```", ""]
     else:
         lines += ["_No samples.txt in the run directory._", ""]
     report = out / "report.md"

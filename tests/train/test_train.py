@@ -5,7 +5,7 @@ import pytest
 
 from tests.utils import ROOT, run_cmd
 from train.config import load_config
-from train.loop import build_accelerator
+from train.distributed import build_accelerator
 
 
 def train_cmd(data, out, *overrides):

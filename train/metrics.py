@@ -1,0 +1,200 @@
+"""What a run records: one metrics.jsonl line per step, summary.json at the end, a report on stdout.
+
+A step's record holds its loss, learning rate and gradient norm, the phase timings of
+`train.clock.PhaseTimer`, throughput (tokens/s of all ranks), MFU and HFU against the peak of
+all processes, peak memory and an ETA. summary.json (`contracts.run`) keeps medians and spread
+over the steps after `warmup_steps_excluded`, because the first steps pay for allocation,
+compilation and cold caches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from train.clock import PeakSampler, PhaseTimer, peak_memory_bytes
+
+log = logging.getLogger("train")
+SUMMARY_FORMAT = 1
+
+
+@dataclass
+class StepResult:
+    """The figures of one optimizer step, the same on every rank (all-reduced)."""
+
+    loss: float  # mean train loss per token over the step's tokens of all ranks
+    grad_norm: float  # global gradient norm before clipping
+    tokens: float  # target tokens of the step, all ranks
+    skipped: bool  # no update was applied (non-finite values, or an fp16 overflow)
+    bad: bool  # the loss or gradient was non-finite without a grad scaler to absorb it
+
+
+@dataclass
+class RunInfo:
+    """Facts of the run fixed at set-up, which turn step timings into FLOP rates."""
+
+    steps: int  # the configured number of steps (for the ETA)
+    world_size: int
+    device: str  # "cpu", or the GPU's name
+    params: int
+    seq_len: int
+    model_flops_per_token: float
+    hardware_flops_per_token: float  # with activation recomputation
+    techniques: dict
+    threads_per_process: int
+
+
+def distribution(values: list[float]) -> dict:
+    """Median and 10th/90th percentiles (nearest rank) of a list of numbers."""
+    if not values:
+        return {"median": None, "p10": None, "p90": None, "n": 0}
+    ordered = sorted(values)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"median": statistics.median(ordered), "p10": pct(0.1), "p90": pct(0.9), "n": len(ordered)}
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl (main process only); every
+    rank keeps the records, from which the summary is computed."""
+
+    def __init__(self, path: Path, enabled: bool, info: RunInfo, peaks: PeakSampler):
+        self.path, self.enabled, self.info, self.peaks = path, enabled, info, peaks
+        self.records: list[dict] = []
+
+    def resume(self, step: int) -> None:
+        """Keep the records up to `step` (those of the checkpoint resumed from) and drop the
+        rest, so that a resumed run's file has every step exactly once."""
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        self.records = [r for r in map(json.loads, lines) if r["step"] <= step]
+        if self.enabled:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def last_val_loss(self) -> float:
+        return [r["val_loss"] for r in self.records if "val_loss" in r][-1]
+
+    def step_record(self, step: int, lr: float, result: StepResult, tokens: int,
+                    timer: PhaseTimer) -> dict:
+        """The record of a step: its figures, timings, throughput and utilisation."""
+        info, step_s = self.info, timer.total()
+        tokens_per_s = result.tokens / step_s
+        peak_total = self.peaks.median() * info.world_size
+        record = {
+            "step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+            "tokens": tokens, "step_s": step_s, **timer.phases,
+            "tokens_per_s": tokens_per_s, "tokens_per_s_per_process": tokens_per_s / info.world_size,
+            "model_tflops_per_s": info.model_flops_per_token * tokens_per_s / 1e12,
+            "mfu": info.model_flops_per_token * tokens_per_s / peak_total,
+            "hfu": info.hardware_flops_per_token * tokens_per_s / peak_total,
+            "peak_mem_bytes": peak_memory_bytes(self.peaks.device),
+            "eta_s": step_s * (info.steps - step),
+        }
+        if result.skipped:
+            record["skipped"] = True
+        return record
+
+
+def step_line(record: dict, steps: int) -> str:
+    """The progress log line of a step."""
+    val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+    return (f"step {record['step']}/{steps} | loss {record['loss']:.4f}{val} | "
+            f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
+            f"MFU {record['mfu']:.1%} | data {record['data_wait_s'] * 1e3:.1f} ms | "
+            f"ETA {record['eta_s']:.0f} s")
+
+
+def summarize(cfg, info: RunInfo, metrics: MetricsLog, state) -> dict:
+    """summary.json: medians and spread over the steps after warm-up, and the run's settings.
+    `state` is the loop's TrainState (skipped steps, initial validation loss)."""
+    records = metrics.records
+    steady = [r for r in records if r.get("step", 0) > cfg.warmup_steps_excluded and "loss" in r]
+    if not steady:  # a run shorter than the warm-up: summarise what there is
+        steady = [r for r in records if "loss" in r]
+    world, flops_tok, hw_flops_tok = info.world_size, info.model_flops_per_token, info.hardware_flops_per_token
+    peak = metrics.peaks.spread()
+    tok_s = distribution([r["tokens_per_s"] for r in steady])
+    # MFU against the median peak, and the range the peak's spread implies.
+    mfu = {k: (v * flops_tok / (peak["median"] * world) if isinstance(v, float) else v)
+           for k, v in tok_s.items()}
+    mfu_range = {"at_max_peak": tok_s["median"] * flops_tok / (peak["max"] * world),
+                 "at_min_peak": tok_s["median"] * flops_tok / (peak["min"] * world)}
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "device": info.device,
+        "world_size": world,
+        "mixed_precision": cfg.mixed_precision,
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "compile": cfg.compile,
+        "techniques": info.techniques,
+        "threads_per_process": info.threads_per_process,
+        "model": asdict(cfg.model) | {"params": info.params},
+        "seq_len": info.seq_len,
+        "batch_size": cfg.batch_size,
+        "steps": len([r for r in records if "loss" in r]),
+        "steps_in_summary": len(steady),
+        "tokens": records[-1].get("tokens", 0),
+        "model_flops_per_token": flops_tok,
+        "hardware_flops_per_token": hw_flops_tok,
+        "skipped_steps": state.skipped_steps,
+        "initial_val_loss": state.initial_val_loss,
+        "final_val_loss": metrics.last_val_loss(),
+        "final_train_loss": records[-1].get("loss"),
+        "tokens_per_s": tok_s,
+        "tokens_per_s_per_process": {k: (v / world if isinstance(v, float) else v)
+                                     for k, v in tok_s.items()},
+        "mfu": mfu,
+        "mfu_range_from_peak_spread": mfu_range,
+        "hfu": {"median": tok_s["median"] * hw_flops_tok / (peak["median"] * world)},
+        "peak_flops_per_process": peak,
+        "step_s": distribution([r["step_s"] for r in steady]),
+        "data_wait_s": distribution([r["data_wait_s"] for r in steady]),
+        "fwd_bwd_s": distribution([r["fwd_bwd_s"] for r in steady]),
+        "optim_s": distribution([r["optim_s"] for r in steady]),
+        "peak_mem_bytes": max(r["peak_mem_bytes"] for r in steady),
+        "grad_allreduce_s": distribution([r["grad_allreduce_s"] for r in records
+                                          if "grad_allreduce_s" in r]),
+        "mfu_above_100_percent": bool(mfu["median"] and mfu["median"] > 1.0),
+    }
+    if summary["mfu_above_100_percent"]:
+        log.error("MFU above 100%: the FLOP count or the measured peak is wrong; see summary.json")
+    return summary
+
+
+def report(summary: dict, sample: str) -> None:
+    """The end-of-run report on stdout."""
+    peak = summary["peak_flops_per_process"]
+    lines = [
+        "",
+        "=" * 72,
+        f"run summary ({summary['world_size']} process(es), {summary['device']}, "
+        f"precision {summary['mixed_precision']})",
+        f"  val loss           {summary['initial_val_loss']:.4f} -> {summary['final_val_loss']:.4f}",
+        f"  tokens/s (median)  {summary['tokens_per_s']['median']:,.0f} "
+        f"(p10 {summary['tokens_per_s']['p10']:,.0f}, p90 {summary['tokens_per_s']['p90']:,.0f})",
+        f"  MFU (median)       {summary['mfu']['median']:.2%} "
+        f"(peak spread gives {summary['mfu_range_from_peak_spread']['at_max_peak']:.2%}"
+        f"..{summary['mfu_range_from_peak_spread']['at_min_peak']:.2%})",
+        f"  peak per process   {peak['median'] / 1e12:.3f} TFLOP/s, min {peak['min'] / 1e12:.3f}, "
+        f"max {peak['max'] / 1e12:.3f} ({peak['source']})",
+        f"  step time          {summary['step_s']['median'] * 1e3:.0f} ms median, data wait "
+        f"{summary['data_wait_s']['median'] * 1e3:.2f} ms",
+        f"  peak memory        {summary['peak_mem_bytes'] / 2**20:.0f} MiB per process",
+        *([f"  grad all-reduce    {summary['grad_allreduce_s']['median'] * 1e3:.1f} ms alone "
+           "(overlapped with backward in the step)"] if summary["grad_allreduce_s"]["n"] else []),
+        "-" * 72,
+        "sample:",
+        sample,
+        "=" * 72,
+    ]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,90 @@
+"""The files around training: the dataset it reads, and the run directory it writes
+(`contracts.run.RunDir`: config.yaml, metrics.jsonl, summary.json, model.safetensors,
+tokenizer.json, data_meta.json, samples.txt)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+
+from contracts.dataset import META, DatasetMeta, read_dataset_meta
+from contracts.run import RunDir, write_summary
+from model.transformer import Transformer
+from train.config import TrainConfig, to_yaml
+from train.metrics import report
+
+
+def open_dataset(cfg: TrainConfig) -> DatasetMeta:
+    """The dataset's meta.json, checked against the model; an unset model.vocab_size (0) takes
+    the dataset's."""
+    meta = read_dataset_meta(cfg.data_dir)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = meta.vocab_size
+    elif cfg.model.vocab_size < meta.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's "
+            f"vocab_size={meta.vocab_size} ({cfg.data_dir}); use model.vocab_size=0 to follow the data"
+        )
+    check_tokenizer(meta)
+    return meta
+
+
+def check_tokenizer(meta: DatasetMeta) -> None:
+    """The dataset's tokenizer must exist and have the vocabulary its shards were written with."""
+    from tokenizers import Tokenizer
+
+    path = meta.tokenizer_path
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} named by meta.json is missing")
+    size = Tokenizer.from_file(str(path)).get_vocab_size()
+    if size != meta.vocab_size:
+        raise ValueError(
+            f"tokenizer {path} has {size} tokens but meta.json says the shards use "
+            f"vocab_size={meta.vocab_size}: the tokenizer does not belong to these shards"
+        )
+
+
+def prepare_run_dir(cfg: TrainConfig, meta: DatasetMeta, fresh: bool) -> RunDir:
+    """Write the resolved config and copy the dataset's tokenizer and meta.json (generate and
+    export read its eos token) into the run directory (main rank only). A fresh run starts a
+    new metrics.jsonl; a resumed one keeps it."""
+    run = RunDir(cfg.out_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.config.write_text(to_yaml(cfg))
+    if fresh:
+        run.metrics.unlink(missing_ok=True)
+    shutil.copy(meta.tokenizer_path, run.tokenizer)
+    shutil.copy(meta.root / META, run.data_meta)
+    return run
+
+
+def sample_text(model: Transformer, tokenizer_path: Path, cfg: TrainConfig, device,
+                eos_id: int = 0) -> str:
+    """Generate from the trained model with the dataset's tokenizer (main rank only); an empty
+    prompt starts from the end-of-text token, as a new document does."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    ids = tokenizer.encode(cfg.sample_prompt).ids or [eos_id]
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = model.generate(
+        idx, cfg.sample_tokens, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
+        generator=gen,
+    )
+    return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
+
+
+def write_outputs(cfg: TrainConfig, summary: dict, model: Transformer, device,
+                  eos_id: int) -> None:
+    """The main rank's end-of-run files (summary.json, model.safetensors, samples.txt) and the
+    report on stdout."""
+    run = RunDir(cfg.out_dir)
+    write_summary(run.root, summary)
+    save_model(model, str(run.weights))
+    text = sample_text(model, run.tokenizer, cfg, device, eos_id)
+    run.samples.write_text(f"prompt: {cfg.sample_prompt!r}\n\n{text}\n")
+    report(summary, text)
