@@ -73,7 +73,27 @@ def expand_paths(cfg: SourceConfig, suffixes: tuple[str, ...] | None) -> list[tu
     hits = sorted(glob.glob(str(p), recursive=True))
     if not hits:
         raise FileNotFoundError(f"source path {cfg.path!r} is not a file, folder or matching glob")
-    return [(Path(h).name if len(hits) == 1 else h, Path(h)) for h in hits if Path(h).is_file()]
+    # a broken link (dangling, or a loop) is kept: its reader reports it as unreadable_file
+    return [
+        (Path(h).name if len(hits) == 1 else h, Path(h))
+        for h in hits
+        if Path(h).is_file() or _broken_link(Path(h))
+    ]
+
+
+def _broken_link(p: Path) -> bool:
+    """A symlink that leads nowhere: dangling, or part of a loop."""
+    return p.is_symlink() and not p.exists()
+
+
+def _file_key(rel: str, p: Path) -> tuple[str, int, int] | tuple[str, str]:
+    """(name, size, mtime) of a file for the cache key; (name, error) when it cannot be
+    stat'ed (a dangling link or a loop, which the reader reports as unreadable_file)."""
+    try:
+        st = p.stat()
+    except OSError as e:
+        return (rel, f"{type(e).__name__}: {e.strerror}")
+    return (rel, st.st_size, st.st_mtime_ns)
 
 
 def open_maybe_compressed(path: Path) -> IO[bytes]:
@@ -98,11 +118,10 @@ def fingerprint(cfg: SourceConfig) -> list[Any]:
         files = embedded_code_files(cfg) if cfg.code else []
         import sys
 
-        return [sys.version, [(rel, p.stat().st_size, p.stat().st_mtime_ns) for rel, p in files]]
+        return [sys.version, [_file_key(rel, p) for rel, p in files]]
     if cfg.kind == "hub":
         return [cfg.hub_name, cfg.hub_config, cfg.hub_split]
-    files = expand_paths(cfg, _suffixes(cfg))
-    return [(rel, p.stat().st_size, p.stat().st_mtime_ns) for rel, p in files]
+    return [_file_key(rel, p) for rel, p in expand_paths(cfg, _suffixes(cfg))]
 
 
 def _suffixes(cfg: SourceConfig) -> tuple[str, ...] | None:

@@ -1,0 +1,81 @@
+"""Faults found by hand in data_prep (issue 15, items 9-12), one test each.
+
+The promise under test: bad input is never fatal and nothing is lost silently; every physical
+input record is counted (records_in = kept + dropped by reason) with a one-line reason that
+says what is wrong. Each test builds its bad input in tmp_path and runs the real reader and
+stages on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from data_prep import load_config
+from data_prep.document import BadRecord
+from data_prep.pipeline import check_invariant, run_document_stages
+from data_prep.readers import Read, read_source
+from data_prep.stage import StageResult, run_stage
+
+PROSE = (
+    "The river ran past the mill and under the old stone bridge, and the children of the "
+    "village liked to watch the boats go by. In spring the water rose and covered the fields."
+)
+
+
+def config(tmp_path: Path, path: Path, *overrides: str):
+    """A prep config reading `path` as jsonl into tmp_path/out, serial and quiet."""
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(
+        f"""
+out_dir: {tmp_path / "out"}
+progress: false
+workers: 1
+sources:
+  - {{kind: jsonl, path: "{path}"}}
+report: {{examples_per_reason: 100}}
+"""
+    )
+    return load_config(cfg_path, list(overrides))
+
+
+def read_stage(cfg) -> StageResult:
+    return run_stage(cfg, Read(), 0, None)
+
+
+def dropped(res: StageResult) -> dict[str, int]:
+    assert res.total is not None
+    return {r: c.docs for r, c in res.total.dropped.items()}
+
+
+def details(res: StageResult, reason: str) -> list[str]:
+    assert res.total is not None
+    return [e["detail"] for e in res.total.examples.get(reason, [])]
+
+
+# ------------------------------------------------------------------ 9: broken symlinks
+def test_broken_symlinks_are_unreadable_files_not_fatal(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "good.jsonl").write_text(json.dumps({"text": PROSE}) + "\n")
+    os.symlink(corpus / "loop_b.jsonl", corpus / "loop_a.jsonl")  # a -> b -> a
+    os.symlink(corpus / "loop_a.jsonl", corpus / "loop_b.jsonl")
+    os.symlink(tmp_path / "gone.jsonl", corpus / "dangling.jsonl")
+    cfg = config(tmp_path, corpus)
+
+    results = run_document_stages(cfg)  # the read stage fingerprints and reads every file
+    read = results[0]
+    assert dropped(read) == {"unreadable_file": 3}
+    assert read.total is not None and read.total.kept.docs == 1
+    got = details(read, "unreadable_file")
+    for name in ("loop_a.jsonl", "loop_b.jsonl", "dangling.jsonl"):
+        assert sum(name in d for d in got) == 1, (name, got)
+    inv = check_invariant(results)
+    assert inv["records_in"] == 4 == inv["documents_out"] + inv["dropped"]
+
+    # a glob that names a dangling link reports it too, instead of reading nothing
+    cfg.sources[0].path = str(corpus / "dangl*.jsonl")
+    recs = list(read_source(cfg.sources[0]))
+    assert len(recs) == 1 and isinstance(recs[0], BadRecord)
+    assert recs[0].reason == "unreadable_file" and "dangling.jsonl" in recs[0].detail
