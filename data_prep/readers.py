@@ -174,8 +174,9 @@ def record_to_doc(
 def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
     """JSON lines, plain or compressed (.gz, .bz2, .xz, .zst); one document per line.
 
-    A line that is not valid UTF-8 or not valid JSON is a BadRecord naming file and line;
-    blank lines are skipped; a truncated compressed file ends with an `unreadable_file` record.
+    Every physical line is a record: a line that is not valid UTF-8 or not valid JSON is a
+    BadRecord naming file and line, a blank line an `empty` one (so lines in = records in); a
+    truncated compressed file ends with an `unreadable_file` record.
     """
     label = cfg.name or "jsonl"
     for rel, path in expand_paths(cfg, JSONL_SUFFIXES):
@@ -191,7 +192,8 @@ def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
                 for lineno, raw in enumerate(f, 1):
                     where = f"{rel}:{lineno}"
                     doc_id = f"{source}:{lineno}"
-                    if not raw.strip():
+                    if not raw.strip():  # still a physical record: counted, not skipped
+                        yield BadRecord("empty", doc_id, source, len(raw), f"{where}: blank line")
                         continue
                     if max_line_bytes and len(raw) > max_line_bytes:
                         yield BadRecord(

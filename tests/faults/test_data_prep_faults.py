@@ -79,3 +79,24 @@ def test_broken_symlinks_are_unreadable_files_not_fatal(tmp_path):
     recs = list(read_source(cfg.sources[0]))
     assert len(recs) == 1 and isinstance(recs[0], BadRecord)
     assert recs[0].reason == "unreadable_file" and "dangling.jsonl" in recs[0].detail
+
+
+# ------------------------------------------------------------------ 10: blank jsonl lines
+def test_blank_jsonl_lines_are_counted_as_empty(tmp_path):
+    lines = [json.dumps({"text": f"Story {i}. {PROSE}"}) for i in range(96)]
+    for at in (10, 50, 97):  # 99 physical lines, 3 of them blank (one only whitespace)
+        lines.insert(at, "   " if at == 50 else "")
+    path = tmp_path / "blank.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    physical = len(path.read_bytes().splitlines())
+    assert physical == 99
+    cfg = config(tmp_path, path, "dedup.minhash.enabled=false")
+
+    results = run_document_stages(cfg)
+    inv = check_invariant(results)  # raises AccountingError when documents went missing
+    assert inv["records_in"] == physical
+    assert inv["records_in"] == inv["documents_out"] + inv["dropped"]
+    assert dropped(results[0]) == {"empty": 3}
+    assert sorted(details(results[0], "empty")) == sorted(
+        f"blank.jsonl:{n}: blank line" for n in (11, 51, 98)
+    )
