@@ -5,7 +5,8 @@ record) and keeps its source label, so the train/val split and the choice of ded
 survivors do not depend on where the data lives on this machine or on what is read with it.
 
 Bad input never raises: a reader yields a BadRecord with its own reason (invalid_utf8,
-malformed_json, missing_text_field, bad_text_field, binary_file, unreadable_file, too_large)
+malformed_json, missing_text_field, bad_text_field, binary_file, unreadable_file, empty for a
+blank jsonl line, line_too_large for a raw jsonl line over read.max_line_bytes)
 and the file and line it came from, and the read stage counts it.
 """
 
@@ -195,13 +196,14 @@ def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
                     if not raw.strip():  # still a physical record: counted, not skipped
                         yield BadRecord("empty", doc_id, source, len(raw), f"{where}: blank line")
                         continue
-                    if max_line_bytes and len(raw) > max_line_bytes:
+                    if max_line_bytes and len(raw) > max_line_bytes:  # not even decoded
                         yield BadRecord(
-                            "too_large",
+                            "line_too_large",
                             doc_id,
                             source,
                             len(raw),
-                            f"{where}: {len(raw)} bytes > {max_line_bytes}",
+                            f"{where}: line of {len(raw)} bytes > read.max_line_bytes="
+                            f"{max_line_bytes}",
                             _snippet(raw),
                         )
                         continue
@@ -272,7 +274,7 @@ def read_parquet(cfg: SourceConfig) -> Iterator[Record]:
             )
 
 
-def read_text(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
+def read_text(cfg: SourceConfig) -> Iterator[Record]:
     """Plain-text files: a document per file (`per: file`) or per non-empty line (`per: line`)."""
     label = cfg.name or "text"
     for rel, path in expand_paths(cfg, None):
@@ -401,15 +403,16 @@ READERS = {
 }
 
 
-def read_source(cfg: SourceConfig, max_doc_bytes: int = 0) -> Iterator[Record]:
+def read_source(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
     """All records of one configured source, at most `max_documents` of them.
 
-    `max_doc_bytes` lets line-based readers reject a huge line before decoding it.
+    `max_line_bytes` lets the jsonl reader reject an absurd line before decoding it (as
+    `line_too_large`); the document size limit applies later, to the decoded text.
     """
     if cfg.kind not in READERS:
         raise ValueError(f"source kind {cfg.kind!r}; valid: {sorted(READERS)}")
-    if cfg.kind in ("jsonl", "text"):
-        it = READERS[cfg.kind](cfg, max_doc_bytes)
+    if cfg.kind == "jsonl":
+        it = READERS[cfg.kind](cfg, max_line_bytes)
     else:
         it = READERS[cfg.kind](cfg)
     n = 0
@@ -439,7 +442,7 @@ class Read(Stage):
         with StageOutput(cfg, out, total) as o:
             for i, src in enumerate(cfg.sources):
                 st = new_stats(cfg, f"source{i}:{src.name or src.kind}")
-                records = read_source(src, cfg.read.max_doc_bytes)
+                records = read_source(src, cfg.read.max_line_bytes)
                 desc = f"read {src.kind} {src.path or ''}".strip()
                 for rec in tqdm(records, desc=desc, disable=not cfg.progress, unit="doc"):
                     reason, detail = check_record(rec, cfg, seen_ids)

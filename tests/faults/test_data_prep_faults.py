@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from data_prep import load_config
 from data_prep.document import BadRecord
 from data_prep.pipeline import check_invariant, run_document_stages
@@ -100,3 +102,36 @@ def test_blank_jsonl_lines_are_counted_as_empty(tmp_path):
     assert sorted(details(results[0], "empty")) == sorted(
         f"blank.jsonl:{n}: blank line" for n in (11, 51, 98)
     )
+
+
+# ------------------------------------------------------------------ 11: size of the document
+def test_size_limit_applies_to_the_text_not_the_escaped_line(tmp_path):
+    # 5,000,000 UTF-8 bytes of text whose JSON line is three times that (é -> \u00e9)
+    limit = 5_000_000
+    fits = "é" * (limit // 2)
+    over = fits + "x"
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"text": fits}) + "\n" + json.dumps({"text": over}) + "\n")
+    assert len(path.read_bytes().splitlines()[0]) > 3 * limit
+
+    cfg = config(tmp_path, path)
+    assert cfg.read.max_doc_bytes == limit  # the default limit, the default line guard
+    res = read_stage(cfg)
+    assert res.total is not None and res.total.kept.docs == 1
+    assert res.total.kept.bytes == limit
+    assert dropped(res) == {"too_large": 1}
+    assert details(res, "too_large") == [f"{limit + 1} bytes > read.max_doc_bytes={limit}"]
+
+
+def test_raw_line_guard_has_its_own_reason_and_key(tmp_path):
+    path = tmp_path / "lines.jsonl"
+    small, big = json.dumps({"text": "a" * 40}), json.dumps({"text": "b" * 400})
+    path.write_text(small + "\n" + big + "\n")
+    cfg = config(tmp_path, path, "read.max_doc_bytes=50", "read.max_line_bytes=200")
+    res = read_stage(cfg)
+    assert dropped(res) == {"line_too_large": 1}
+    assert details(res, "line_too_large") == [
+        f"lines.jsonl:2: line of {len(big) + 1} bytes > read.max_line_bytes=200"
+    ]
+    with pytest.raises(ValueError, match="would drop documents the document limit allows"):
+        config(tmp_path, path, "read.max_doc_bytes=500", "read.max_line_bytes=200")
