@@ -65,7 +65,7 @@ class ReadConfig:
 
     max_doc_bytes: int = 5_000_000  # larger documents are dropped as too_large; 0 = no limit
     max_line_bytes: int = 32_000_000  # longer raw jsonl lines: line_too_large; 0 = no limit
-    min_doc_chars: int = 1  # records with fewer non-whitespace characters are dropped as empty
+    min_doc_chars: int = 1  # shorter texts, once stripped of whitespace, are dropped as empty
 
 
 @dataclass

@@ -49,6 +49,28 @@ def _snippet(raw: bytes, n: int = 200) -> str:
     return raw[:n].decode("utf-8", "replace")
 
 
+def _a(value: Any) -> str:
+    """What a decoded JSON (or parquet/hub) value is, for a message: "null", "a number", ..."""
+    if value is None:
+        return "null"
+    for types, name in (
+        (bool, "a boolean"),
+        ((int, float), "a number"),
+        (str, "a string"),
+        ((list, tuple), "an array"),
+        (dict, "an object"),
+        (bytes, "bytes"),
+    ):
+        if isinstance(value, types):
+            return name
+    return f"a {type(value).__name__}"
+
+
+def _os_error(path: Path, e: OSError) -> str:
+    """`path: reason` for an OSError, naming the path once (str(e) repeats it)."""
+    return f"{path}: {e.strerror}" if e.strerror else f"{path}: {type(e).__name__}: {e}"
+
+
 # --------------------------------------------------------------------------- files and folders
 def expand_paths(cfg: SourceConfig, suffixes: tuple[str, ...] | None) -> list[tuple[str, Path]]:
     """(relative name, path) of the files `cfg.path` names: a file, a folder (walked
@@ -140,16 +162,21 @@ def record_to_doc(
             default_id,
             source,
             raw_len,
-            f"{where}: a {type(rec).__name__}, not a JSON object",
+            f"{where}: the record is {_a(rec)}, not a JSON object",
             str(rec)[:200],
         )
     if cfg.text_field not in rec or rec[cfg.text_field] is None:
+        problem = (
+            f"{cfg.text_field!r} is null"
+            if cfg.text_field in rec
+            else f"no {cfg.text_field!r} field (fields: {sorted(rec)[:10]})"
+        )
         return BadRecord(
             "missing_text_field",
             default_id,
             source,
             raw_len,
-            f"{where}: no {cfg.text_field!r} field (fields: {sorted(rec)[:10]})",
+            f"{where}: {problem}",
             json.dumps(rec, default=str)[:200],
         )
     text = rec[cfg.text_field]
@@ -159,7 +186,7 @@ def record_to_doc(
             default_id,
             source,
             raw_len,
-            f"{where}: {cfg.text_field!r} is a {type(text).__name__}, not a string",
+            f"{where}: {cfg.text_field!r} is {_a(text)}, not a string",
             str(text)[:200],
         )
     doc_id = default_id
@@ -185,7 +212,7 @@ def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
         try:
             f = open_maybe_compressed(path)
         except OSError as e:
-            yield BadRecord("unreadable_file", source, source, 0, f"{path}: {e}")
+            yield BadRecord("unreadable_file", source, source, 0, _os_error(path, e))
             continue
         lineno = 0
         with f:
@@ -208,7 +235,9 @@ def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
                         )
                         continue
                     try:
-                        line = raw.decode("utf-8")
+                        # without its line end, which json would call a control character
+                        # inside an unterminated string
+                        line = raw.rstrip(b"\r\n").decode("utf-8")
                     except UnicodeDecodeError as e:
                         yield BadRecord(
                             "invalid_utf8", doc_id, source, len(raw), f"{where}: {e}", _snippet(raw)
@@ -217,12 +246,14 @@ def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError as e:
+                        # some of json's messages end in "at" ("Invalid control character at")
+                        msg = e.msg.removesuffix(" at")
                         yield BadRecord(
                             "malformed_json",
                             doc_id,
                             source,
                             len(raw),
-                            f"{where}: {e.msg} at column {e.colno}",
+                            f"{where}: {msg} at column {e.colno}",
                             line[:200],
                         )
                         continue
@@ -253,6 +284,8 @@ def read_parquet(cfg: SourceConfig) -> Iterator[Record]:
             continue
         names = set(pf.schema_arrow.names)
         cols = [c for c in (cfg.text_field, cfg.id_field, cfg.domain_field) if c and c in names]
+        if cfg.text_field not in names:  # read every column, so the message lists them all
+            cols = []
         row = 0
         try:
             for batch in pf.iter_batches(batch_size=1024, columns=cols or None):
@@ -285,7 +318,7 @@ def read_text(cfg: SourceConfig) -> Iterator[Record]:
         try:
             raw_all = path.read_bytes()
         except OSError as e:
-            yield BadRecord("unreadable_file", source, source, 0, f"{path}: {e}")
+            yield BadRecord("unreadable_file", source, source, 0, _os_error(path, e))
             continue
         if b"\x00" in raw_all[:8192]:
             yield BadRecord(
@@ -313,7 +346,7 @@ def read_text_file(
     try:
         raw = path.read_bytes()
     except OSError as e:
-        yield BadRecord("unreadable_file", doc_id, source, 0, f"{path}: {e}")
+        yield BadRecord("unreadable_file", doc_id, source, 0, _os_error(path, e))
         return
     if b"\x00" in raw[:8192]:
         yield BadRecord("binary_file", doc_id, source, len(raw), f"{path}: NUL byte in first 8 KiB")
@@ -466,8 +499,10 @@ def check_record(rec: Record, cfg: PrepConfig, seen: set[str]) -> tuple[str, str
         return "invalid_utf8", f"lone surrogate in text: {e.reason}"
     if cfg.read.max_doc_bytes and n > cfg.read.max_doc_bytes:
         return "too_large", f"{n} bytes > read.max_doc_bytes={cfg.read.max_doc_bytes}"
-    if len(rec.text.strip()) < cfg.read.min_doc_chars:
-        return "empty", f"{n} bytes, {len(rec.text.strip())} non-blank characters"
+    k = len(rec.text.strip())
+    if k < cfg.read.min_doc_chars:
+        m = cfg.read.min_doc_chars
+        return "empty", f"{k} characters once whitespace is stripped < read.min_doc_chars={m}"
     if rec.id in seen:
         return "duplicate_id", f"id {rec.id!r} already read"
     return "", ""

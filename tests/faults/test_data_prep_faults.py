@@ -12,9 +12,12 @@ import json
 import os
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from data_prep import load_config
+from data_prep.config import SourceConfig
 from data_prep.document import BadRecord
 from data_prep.pipeline import check_invariant, run_document_stages
 from data_prep.readers import Read, read_source
@@ -135,3 +138,59 @@ def test_raw_line_guard_has_its_own_reason_and_key(tmp_path):
     ]
     with pytest.raises(ValueError, match="would drop documents the document limit allows"):
         config(tmp_path, path, "read.max_doc_bytes=500", "read.max_line_bytes=200")
+
+
+# ------------------------------------------------------------------ 12: messages
+def test_reasons_do_not_contradict_themselves(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(
+        b"\n".join(
+            [
+                b'{"id": 1, "source": "web", "text": null}',  # 1: null, not missing
+                b'{"text": "a\x01b"}',  # 2: raw control character inside a string
+                b'{"text": "unterminated',  # 3
+                b"null",  # 4: a JSON null, not an object
+                b"42",  # 5
+                b'{"text": 42}',  # 6
+                b'{"text": ["a"]}',  # 7
+                b'{"body": "x"}',  # 8: really missing
+            ]
+        )
+        + b"\n"
+    )
+    src = config(tmp_path, path).sources[0]
+    got = {}
+    for r in read_source(src):
+        assert isinstance(r, BadRecord), r
+        got[r.id.rsplit(":", 1)[1]] = (r.reason, r.detail)
+
+    assert got["1"] == ("missing_text_field", "bad.jsonl:1: 'text' is null")
+    assert got["2"] == ("malformed_json", "bad.jsonl:2: Invalid control character at column 12")
+    assert got["3"] == ("malformed_json", "bad.jsonl:3: Unterminated string starting at column 10")
+    assert got["4"] == ("malformed_json", "bad.jsonl:4: the record is null, not a JSON object")
+    assert got["5"] == ("malformed_json", "bad.jsonl:5: the record is a number, not a JSON object")
+    assert got["6"] == ("bad_text_field", "bad.jsonl:6: 'text' is a number, not a string")
+    assert got["7"] == ("bad_text_field", "bad.jsonl:7: 'text' is an array, not a string")
+    assert got["8"] == ("missing_text_field", "bad.jsonl:8: no 'text' field (fields: ['body'])")
+    for _, detail in got.values():
+        assert " at at " not in detail and "NoneType" not in detail, detail
+
+    # a parquet file without the text column lists all its columns, not just the id column
+    pq.write_table(pa.table({"id": [1], "body": ["x"]}), tmp_path / "t.parquet")
+    src = SourceConfig(kind="parquet", path=str(tmp_path / "t.parquet"), id_field="id")
+    [rec] = read_source(src)
+    assert isinstance(rec, BadRecord)
+    assert rec.detail == "t.parquet:row 0: no 'text' field (fields: ['body', 'id'])"
+    # an unreadable file is named once, not twice
+    os.symlink(tmp_path / "gone.jsonl", tmp_path / "dangling.jsonl")
+    [rec] = read_source(SourceConfig(kind="jsonl", path=str(tmp_path / "dangling.jsonl")))
+    assert isinstance(rec, BadRecord) and rec.reason == "unreadable_file"
+    assert rec.detail == f"{tmp_path / 'dangling.jsonl'}: No such file or directory"
+    # an empty document says what it measured against which limit
+    res = read_stage(config(tmp_path, path, "read.min_doc_chars=5"))
+    assert details(res, "empty") == []  # the bad lines above are not documents
+    (tmp_path / "short.jsonl").write_text(json.dumps({"text": "  a b  "}) + "\n")
+    res = read_stage(config(tmp_path, tmp_path / "short.jsonl", "read.min_doc_chars=5"))
+    assert details(res, "empty") == [
+        "3 characters once whitespace is stripped < read.min_doc_chars=5"
+    ]
