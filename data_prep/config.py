@@ -54,10 +54,18 @@ class SourceConfig:
 
 @dataclass
 class ReadConfig:
-    """Limits applied to every record as it is read."""
+    """Limits applied to every record as it is read.
 
-    max_doc_bytes: int = 5_000_000  # larger records are dropped as too_large
-    min_doc_chars: int = 1  # records with fewer non-whitespace characters are dropped as empty
+    `max_doc_bytes` limits a document: the UTF-8 bytes of its decoded text, whatever its
+    encoding in the file (JSON escapes such as \\u00e9 or \\" do not count against it).
+    `max_line_bytes` is a coarser guard on a raw jsonl line, checked before the line is decoded
+    so that an absurd line is not parsed at all; JSON escaping can make a line up to 6x its
+    text (\\u0001 for one control byte), so keep it above 6x max_doc_bytes; the default does.
+    """
+
+    max_doc_bytes: int = 5_000_000  # larger documents are dropped as too_large; 0 = no limit
+    max_line_bytes: int = 32_000_000  # longer raw jsonl lines: line_too_large; 0 = no limit
+    min_doc_chars: int = 1  # shorter texts, once stripped of whitespace, are dropped as empty
 
 
 @dataclass
@@ -151,6 +159,17 @@ def _validate(cfg: PrepConfig) -> None:
             raise ValueError(f"sources.{i}.kind={s.kind!r} needs sources.{i}.path")
         if s.kind == "hub" and not s.hub_name:
             raise ValueError(f"sources.{i}.kind='hub' needs sources.{i}.hub_name")
+    r = cfg.read
+    if r.max_doc_bytes < 0 or r.max_line_bytes < 0:
+        raise ValueError(
+            f"read.max_doc_bytes={r.max_doc_bytes}, read.max_line_bytes={r.max_line_bytes}: "
+            "must be >= 0 (0 = no limit)"
+        )
+    if r.max_line_bytes and r.max_line_bytes < r.max_doc_bytes:
+        raise ValueError(
+            f"read.max_line_bytes={r.max_line_bytes} < read.max_doc_bytes={r.max_doc_bytes}: "
+            "the raw-line guard would drop documents the document limit allows"
+        )
     if not cfg.sources:
         raise ValueError("sources is empty; give at least one source (e.g. kind: embedded)")
     m = cfg.dedup.minhash

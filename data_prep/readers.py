@@ -5,7 +5,8 @@ record) and keeps its source label, so the train/val split and the choice of ded
 survivors do not depend on where the data lives on this machine or on what is read with it.
 
 Bad input never raises: a reader yields a BadRecord with its own reason (invalid_utf8,
-malformed_json, missing_text_field, bad_text_field, binary_file, unreadable_file, too_large)
+malformed_json, missing_text_field, bad_text_field, binary_file, unreadable_file, empty for a
+blank jsonl line, line_too_large for a raw jsonl line over read.max_line_bytes)
 and the file and line it came from, and the read stage counts it.
 """
 
@@ -48,6 +49,28 @@ def _snippet(raw: bytes, n: int = 200) -> str:
     return raw[:n].decode("utf-8", "replace")
 
 
+def _a(value: Any) -> str:
+    """What a decoded JSON (or parquet/hub) value is, for a message: "null", "a number", ..."""
+    if value is None:
+        return "null"
+    for types, name in (
+        (bool, "a boolean"),
+        ((int, float), "a number"),
+        (str, "a string"),
+        ((list, tuple), "an array"),
+        (dict, "an object"),
+        (bytes, "bytes"),
+    ):
+        if isinstance(value, types):
+            return name
+    return f"a {type(value).__name__}"
+
+
+def _os_error(path: Path, e: OSError) -> str:
+    """`path: reason` for an OSError, naming the path once (str(e) repeats it)."""
+    return f"{path}: {e.strerror}" if e.strerror else f"{path}: {type(e).__name__}: {e}"
+
+
 # --------------------------------------------------------------------------- files and folders
 def expand_paths(cfg: SourceConfig, suffixes: tuple[str, ...] | None) -> list[tuple[str, Path]]:
     """(relative name, path) of the files `cfg.path` names: a file, a folder (walked
@@ -73,7 +96,27 @@ def expand_paths(cfg: SourceConfig, suffixes: tuple[str, ...] | None) -> list[tu
     hits = sorted(glob.glob(str(p), recursive=True))
     if not hits:
         raise FileNotFoundError(f"source path {cfg.path!r} is not a file, folder or matching glob")
-    return [(Path(h).name if len(hits) == 1 else h, Path(h)) for h in hits if Path(h).is_file()]
+    # a broken link (dangling, or a loop) is kept: its reader reports it as unreadable_file
+    return [
+        (Path(h).name if len(hits) == 1 else h, Path(h))
+        for h in hits
+        if Path(h).is_file() or _broken_link(Path(h))
+    ]
+
+
+def _broken_link(p: Path) -> bool:
+    """A symlink that leads nowhere: dangling, or part of a loop."""
+    return p.is_symlink() and not p.exists()
+
+
+def _file_key(rel: str, p: Path) -> tuple[str, int, int] | tuple[str, str]:
+    """(name, size, mtime) of a file for the cache key; (name, error) when it cannot be
+    stat'ed (a dangling link or a loop, which the reader reports as unreadable_file)."""
+    try:
+        st = p.stat()
+    except OSError as e:
+        return (rel, f"{type(e).__name__}: {e.strerror}")
+    return (rel, st.st_size, st.st_mtime_ns)
 
 
 def open_maybe_compressed(path: Path) -> IO[bytes]:
@@ -98,11 +141,10 @@ def fingerprint(cfg: SourceConfig) -> list[Any]:
         files = embedded_code_files(cfg) if cfg.code else []
         import sys
 
-        return [sys.version, [(rel, p.stat().st_size, p.stat().st_mtime_ns) for rel, p in files]]
+        return [sys.version, [_file_key(rel, p) for rel, p in files]]
     if cfg.kind == "hub":
         return [cfg.hub_name, cfg.hub_config, cfg.hub_split]
-    files = expand_paths(cfg, _suffixes(cfg))
-    return [(rel, p.stat().st_size, p.stat().st_mtime_ns) for rel, p in files]
+    return [_file_key(rel, p) for rel, p in expand_paths(cfg, _suffixes(cfg))]
 
 
 def _suffixes(cfg: SourceConfig) -> tuple[str, ...] | None:
@@ -120,16 +162,21 @@ def record_to_doc(
             default_id,
             source,
             raw_len,
-            f"{where}: a {type(rec).__name__}, not a JSON object",
+            f"{where}: the record is {_a(rec)}, not a JSON object",
             str(rec)[:200],
         )
     if cfg.text_field not in rec or rec[cfg.text_field] is None:
+        problem = (
+            f"{cfg.text_field!r} is null"
+            if cfg.text_field in rec
+            else f"no {cfg.text_field!r} field (fields: {sorted(rec)[:10]})"
+        )
         return BadRecord(
             "missing_text_field",
             default_id,
             source,
             raw_len,
-            f"{where}: no {cfg.text_field!r} field (fields: {sorted(rec)[:10]})",
+            f"{where}: {problem}",
             json.dumps(rec, default=str)[:200],
         )
     text = rec[cfg.text_field]
@@ -139,7 +186,7 @@ def record_to_doc(
             default_id,
             source,
             raw_len,
-            f"{where}: {cfg.text_field!r} is a {type(text).__name__}, not a string",
+            f"{where}: {cfg.text_field!r} is {_a(text)}, not a string",
             str(text)[:200],
         )
     doc_id = default_id
@@ -155,8 +202,9 @@ def record_to_doc(
 def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
     """JSON lines, plain or compressed (.gz, .bz2, .xz, .zst); one document per line.
 
-    A line that is not valid UTF-8 or not valid JSON is a BadRecord naming file and line;
-    blank lines are skipped; a truncated compressed file ends with an `unreadable_file` record.
+    Every physical line is a record: a line that is not valid UTF-8 or not valid JSON is a
+    BadRecord naming file and line, a blank line an `empty` one (so lines in = records in); a
+    truncated compressed file ends with an `unreadable_file` record.
     """
     label = cfg.name or "jsonl"
     for rel, path in expand_paths(cfg, JSONL_SUFFIXES):
@@ -164,7 +212,7 @@ def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
         try:
             f = open_maybe_compressed(path)
         except OSError as e:
-            yield BadRecord("unreadable_file", source, source, 0, f"{path}: {e}")
+            yield BadRecord("unreadable_file", source, source, 0, _os_error(path, e))
             continue
         lineno = 0
         with f:
@@ -172,20 +220,24 @@ def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
                 for lineno, raw in enumerate(f, 1):
                     where = f"{rel}:{lineno}"
                     doc_id = f"{source}:{lineno}"
-                    if not raw.strip():
+                    if not raw.strip():  # still a physical record: counted, not skipped
+                        yield BadRecord("empty", doc_id, source, len(raw), f"{where}: blank line")
                         continue
-                    if max_line_bytes and len(raw) > max_line_bytes:
+                    if max_line_bytes and len(raw) > max_line_bytes:  # not even decoded
                         yield BadRecord(
-                            "too_large",
+                            "line_too_large",
                             doc_id,
                             source,
                             len(raw),
-                            f"{where}: {len(raw)} bytes > {max_line_bytes}",
+                            f"{where}: line of {len(raw)} bytes > read.max_line_bytes="
+                            f"{max_line_bytes}",
                             _snippet(raw),
                         )
                         continue
                     try:
-                        line = raw.decode("utf-8")
+                        # without its line end, which json would call a control character
+                        # inside an unterminated string
+                        line = raw.rstrip(b"\r\n").decode("utf-8")
                     except UnicodeDecodeError as e:
                         yield BadRecord(
                             "invalid_utf8", doc_id, source, len(raw), f"{where}: {e}", _snippet(raw)
@@ -194,12 +246,14 @@ def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError as e:
+                        # some of json's messages end in "at" ("Invalid control character at")
+                        msg = e.msg.removesuffix(" at")
                         yield BadRecord(
                             "malformed_json",
                             doc_id,
                             source,
                             len(raw),
-                            f"{where}: {e.msg} at column {e.colno}",
+                            f"{where}: {msg} at column {e.colno}",
                             line[:200],
                         )
                         continue
@@ -230,6 +284,8 @@ def read_parquet(cfg: SourceConfig) -> Iterator[Record]:
             continue
         names = set(pf.schema_arrow.names)
         cols = [c for c in (cfg.text_field, cfg.id_field, cfg.domain_field) if c and c in names]
+        if cfg.text_field not in names:  # read every column, so the message lists them all
+            cols = []
         row = 0
         try:
             for batch in pf.iter_batches(batch_size=1024, columns=cols or None):
@@ -251,7 +307,7 @@ def read_parquet(cfg: SourceConfig) -> Iterator[Record]:
             )
 
 
-def read_text(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
+def read_text(cfg: SourceConfig) -> Iterator[Record]:
     """Plain-text files: a document per file (`per: file`) or per non-empty line (`per: line`)."""
     label = cfg.name or "text"
     for rel, path in expand_paths(cfg, None):
@@ -262,7 +318,7 @@ def read_text(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
         try:
             raw_all = path.read_bytes()
         except OSError as e:
-            yield BadRecord("unreadable_file", source, source, 0, f"{path}: {e}")
+            yield BadRecord("unreadable_file", source, source, 0, _os_error(path, e))
             continue
         if b"\x00" in raw_all[:8192]:
             yield BadRecord(
@@ -290,7 +346,7 @@ def read_text_file(
     try:
         raw = path.read_bytes()
     except OSError as e:
-        yield BadRecord("unreadable_file", doc_id, source, 0, f"{path}: {e}")
+        yield BadRecord("unreadable_file", doc_id, source, 0, _os_error(path, e))
         return
     if b"\x00" in raw[:8192]:
         yield BadRecord("binary_file", doc_id, source, len(raw), f"{path}: NUL byte in first 8 KiB")
@@ -380,15 +436,16 @@ READERS = {
 }
 
 
-def read_source(cfg: SourceConfig, max_doc_bytes: int = 0) -> Iterator[Record]:
+def read_source(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
     """All records of one configured source, at most `max_documents` of them.
 
-    `max_doc_bytes` lets line-based readers reject a huge line before decoding it.
+    `max_line_bytes` lets the jsonl reader reject an absurd line before decoding it (as
+    `line_too_large`); the document size limit applies later, to the decoded text.
     """
     if cfg.kind not in READERS:
         raise ValueError(f"source kind {cfg.kind!r}; valid: {sorted(READERS)}")
-    if cfg.kind in ("jsonl", "text"):
-        it = READERS[cfg.kind](cfg, max_doc_bytes)
+    if cfg.kind == "jsonl":
+        it = READERS[cfg.kind](cfg, max_line_bytes)
     else:
         it = READERS[cfg.kind](cfg)
     n = 0
@@ -418,7 +475,7 @@ class Read(Stage):
         with StageOutput(cfg, out, total) as o:
             for i, src in enumerate(cfg.sources):
                 st = new_stats(cfg, f"source{i}:{src.name or src.kind}")
-                records = read_source(src, cfg.read.max_doc_bytes)
+                records = read_source(src, cfg.read.max_line_bytes)
                 desc = f"read {src.kind} {src.path or ''}".strip()
                 for rec in tqdm(records, desc=desc, disable=not cfg.progress, unit="doc"):
                     reason, detail = check_record(rec, cfg, seen_ids)
@@ -442,8 +499,10 @@ def check_record(rec: Record, cfg: PrepConfig, seen: set[str]) -> tuple[str, str
         return "invalid_utf8", f"lone surrogate in text: {e.reason}"
     if cfg.read.max_doc_bytes and n > cfg.read.max_doc_bytes:
         return "too_large", f"{n} bytes > read.max_doc_bytes={cfg.read.max_doc_bytes}"
-    if len(rec.text.strip()) < cfg.read.min_doc_chars:
-        return "empty", f"{n} bytes, {len(rec.text.strip())} non-blank characters"
+    k = len(rec.text.strip())
+    if k < cfg.read.min_doc_chars:
+        m = cfg.read.min_doc_chars
+        return "empty", f"{k} characters once whitespace is stripped < read.min_doc_chars={m}"
     if rec.id in seen:
         return "duplicate_id", f"id {rec.id!r} already read"
     return "", ""

@@ -41,7 +41,7 @@ def write_corpus(root: Path) -> dict[str, int]:
         json.dumps({"text": "   \n  "}).encode(),  # empty, line 18
         json.dumps({"text": "x " * 30_000}).encode(),  # huge (> max_doc_bytes), line 19
         json.dumps({"text": para(0), "id": "doc0"}).encode(),  # duplicate id
-        b"",  # blank lines are skipped, not records
+        b"",  # a blank line is a record too, dropped as empty
         json.dumps({"text": para(3)}).encode(),  # exact duplicate of doc3 (other id)
         json.dumps({"text": "bad surrogate \ud800 here"}).encode(),  # lone surrogate
     ]
@@ -62,7 +62,7 @@ def write_corpus(root: Path) -> dict[str, int]:
     (txt / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     return {
         "malformed_json": 2, "invalid_utf8": 3, "missing_text_field": 2, "bad_text_field": 1,
-        "empty": 1, "too_large": 1, "duplicate_id": 1, "binary_file": 1, "unreadable_file": 1,
+        "empty": 2, "too_large": 1, "duplicate_id": 1, "binary_file": 1, "unreadable_file": 1,
     }
 
 
