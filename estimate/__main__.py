@@ -20,8 +20,11 @@ from pathlib import Path
 
 from estimate.hardware import PRECISIONS, get_accelerator, load_catalog
 from estimate.units import parse_count, parse_value_range
+from model.flops import RECOMPUTE_MODES
+from model.precision import precision
 
-RECOMPUTE = ("none", "selective", "full")
+# every recomputation mode of model.flops but every_k, whose k the projection does not take
+RECOMPUTE = tuple(m for m in RECOMPUTE_MODES if m != "every_k")
 
 
 def _count(what: str):
@@ -31,6 +34,14 @@ def _count(what: str):
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return parse
+
+
+def _precision(text: str) -> str:
+    """Any spelling of a precision (bf16, no, float32, ...) as its catalog key."""
+    try:
+        return precision(text).catalog
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _range(text: str):
@@ -52,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", "-t", required=True, type=_count("--tokens"), help="training tokens: 15.6T, 300B, 1e12")
     p.add_argument("--accelerator", "-a", required=True, help="catalog key, case-insensitive (see `catalog`)")
     p.add_argument("--count", "-n", required=True, type=int, help="number of accelerators")
-    p.add_argument("--precision", default="bf16", choices=PRECISIONS, help="selects the peak (default bf16)")
+    p.add_argument("--precision", default="bf16", type=_precision, choices=PRECISIONS, help="selects the peak (default bf16)")
     p.add_argument("--recompute", default="none", choices=RECOMPUTE, help="activation recomputation of the target run")
     mfu = p.add_mutually_exclusive_group()
     mfu.add_argument("--mfu", type=_range, help="MFU, e.g. 0.45 or 0.45:0.35:0.55")
@@ -85,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_project(args: argparse.Namespace) -> int:
+    from contracts.run import read_summary
     from estimate.assumptions import build_assumptions
     from estimate.plots import Interval, projection_range
     from estimate.project import project
     from estimate.report import projection_markdown, projection_text, write_outputs
-    from estimate.runs import read_summary
     from estimate.target import resolve_target
 
     target = resolve_target(args.model, params=args.params, active_params=args.active_params,
