@@ -6,7 +6,7 @@
     python -m estimate validate [--out reports/validate]
     python -m estimate catalog
     python -m estimate calibrate [--data data/demo] [--out reports/calibrate] [--quick] [--steps 20]
-        [--nproc 2] [--repeats 1] [--sweep configs/estimate/calibrate.yaml]
+        [--nproc 2] [--repeats 1] [--sweep configs/estimate/calibrate.yaml] [--publish]
 
 Assumption options take one number (a point) or CENTRAL:LOW:HIGH; omitted ones use the sourced
 defaults in estimate/defaults.yaml.
@@ -15,6 +15,7 @@ defaults in estimate/defaults.yaml.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, help="steps per run (overrides the sweep's)")
     c.add_argument("--nproc", type=int, help="processes of the data-parallel check (default 2)")
     c.add_argument("--repeats", type=int, help="rounds of the sweep (medians over rounds)")
+    c.add_argument("--publish", action="store_true",
+                   help="also write the report as docs/measured/calibration-DATE.md")
     return parser
 
 
@@ -176,11 +179,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.quick and args.sweep:
         raise ValueError("--quick and --sweep both choose the sweep; give one")
     sweep = args.sweep or (QUICK_SWEEP if args.quick else DEFAULT_SWEEP)
-    return run_cli(sweep, args.data, args.out, args.steps, args.nproc, args.repeats)
+    command = shlex.join(["python", "-m", "estimate", *args.argv])
+    return run_cli(sweep, args.data, args.out, args.steps, args.nproc, args.repeats,
+                   args.publish, command)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, for the header of measured tables
     commands = {"project": cmd_project, "validate": cmd_validate, "catalog": cmd_catalog,
                 "calibrate": cmd_calibrate}
     try:
