@@ -6,7 +6,7 @@
     python -m estimate validate [--out reports/validate]
     python -m estimate catalog
     python -m estimate calibrate [--data data/demo] [--out reports/calibrate] [--quick] [--steps 20]
-        [--nproc 2] [--repeats 1] [--sweep configs/estimate/calibrate.yaml]
+        [--nproc 2] [--repeats 1] [--sweep configs/estimate/calibrate.yaml] [--publish]
 
 Assumption options take one number (a point) or CENTRAL:LOW:HIGH; omitted ones use the sourced
 defaults in estimate/defaults.yaml.
@@ -15,13 +15,17 @@ defaults in estimate/defaults.yaml.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 from estimate.hardware import PRECISIONS, get_accelerator, load_catalog
 from estimate.units import parse_count, parse_value_range
+from model.flops import RECOMPUTE_MODES
+from model.precision import precision
 
-RECOMPUTE = ("none", "selective", "full")
+# every recomputation mode of model.flops but every_k, whose k the projection does not take
+RECOMPUTE = tuple(m for m in RECOMPUTE_MODES if m != "every_k")
 
 
 def _count(what: str):
@@ -31,6 +35,14 @@ def _count(what: str):
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return parse
+
+
+def _precision(text: str) -> str:
+    """Any spelling of a precision (bf16, no, float32, ...) as its catalog key."""
+    try:
+        return precision(text).catalog
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _range(text: str):
@@ -52,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", "-t", required=True, type=_count("--tokens"), help="training tokens: 15.6T, 300B, 1e12")
     p.add_argument("--accelerator", "-a", required=True, help="catalog key, case-insensitive (see `catalog`)")
     p.add_argument("--count", "-n", required=True, type=int, help="number of accelerators")
-    p.add_argument("--precision", default="bf16", choices=PRECISIONS, help="selects the peak (default bf16)")
+    p.add_argument("--precision", default="bf16", type=_precision, choices=PRECISIONS, help="selects the peak (default bf16)")
     p.add_argument("--recompute", default="none", choices=RECOMPUTE, help="activation recomputation of the target run")
     mfu = p.add_mutually_exclusive_group()
     mfu.add_argument("--mfu", type=_range, help="MFU, e.g. 0.45 or 0.45:0.35:0.55")
@@ -81,15 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, help="steps per run (overrides the sweep's)")
     c.add_argument("--nproc", type=int, help="processes of the data-parallel check (default 2)")
     c.add_argument("--repeats", type=int, help="rounds of the sweep (medians over rounds)")
+    c.add_argument("--publish", action="store_true",
+                   help="also write the report as docs/measured/calibration-DATE.md")
     return parser
 
 
 def cmd_project(args: argparse.Namespace) -> int:
+    from contracts.run import read_summary
     from estimate.assumptions import build_assumptions
     from estimate.plots import Interval, projection_range
     from estimate.project import project
     from estimate.report import projection_markdown, projection_text, write_outputs
-    from estimate.runs import read_summary
     from estimate.target import resolve_target
 
     target = resolve_target(args.model, params=args.params, active_params=args.active_params,
@@ -165,11 +179,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.quick and args.sweep:
         raise ValueError("--quick and --sweep both choose the sweep; give one")
     sweep = args.sweep or (QUICK_SWEEP if args.quick else DEFAULT_SWEEP)
-    return run_cli(sweep, args.data, args.out, args.steps, args.nproc, args.repeats)
+    command = shlex.join(["python", "-m", "estimate", *args.argv])
+    return run_cli(sweep, args.data, args.out, args.steps, args.nproc, args.repeats,
+                   args.publish, command)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, for the header of measured tables
     commands = {"project": cmd_project, "validate": cmd_validate, "catalog": cmd_catalog,
                 "calibrate": cmd_calibrate}
     try:

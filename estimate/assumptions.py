@@ -21,9 +21,10 @@ from pathlib import Path
 
 import yaml
 
+from contracts.run import RunSummary
 from estimate.hardware import Accelerator, match_device_name
-from estimate.runs import RunSummary
 from estimate.target import Target
+from model.precision import precision as precision_named
 
 DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
 CLI_SOURCE = "given on the command line"
@@ -250,7 +251,7 @@ def _mfu_from_run(run: RunSummary, target: Target, acc: Accelerator, n_acc: int,
                    "fraction of peak is reached on both")
             a.notes.append(msg)
             warnings.append(msg)
-    run_prec = {"no": "fp32"}.get(run.mixed_precision, run.mixed_precision)
+    run_prec = precision_named(run.mixed_precision).catalog
     if run_prec != precision:
         msg = (f"run trained in {run_prec}, projection uses the {precision} peak: MFU is assumed to "
                "carry over between precisions")

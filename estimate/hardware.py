@@ -13,10 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from model.precision import PRECISIONS as PRECISION_TABLE
 from model.precision import precision
 
 CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
-
 
 
 @dataclass
@@ -27,7 +27,9 @@ class Peak:
     source: str
 
 
-PRECISIONS = ("bf16", "fp16", "fp8", "tf32", "fp32")  # catalog columns, in display order
+# The catalog columns (`<key>_tflops`), model.precision's keys in display order: the reduced
+# precisions first, fp32 (the fallback) last.
+PRECISIONS = (*[k for k in PRECISION_TABLE if k != "fp32"], "fp32")
 REQUIRED_FIELDS = ("vendor", "memory_gb", "memory_bw_gbs", "interconnect_gbs", "tdp_w", "source")
 
 
@@ -70,10 +72,6 @@ class Accelerator:
     def get(self, field: str):
         """A catalog field (memory_gb, tdp_w, ...), None where the vendor gives none."""
         return self.entry.get(field)
-
-
-def accelerator_names(catalog: dict[str, dict] | None = None) -> list[str]:
-    return list(catalog if catalog is not None else load_catalog())
 
 
 def get_accelerator(name: str, catalog: dict[str, dict] | None = None) -> Accelerator:

@@ -1,5 +1,5 @@
-"""Markdown and text renderings of projections and validations (calibrate will reuse md_table,
-assumption_table and write_outputs)."""
+"""Markdown and text renderings of projections and validations; calibrate reuses md_table and
+write_outputs."""
 
 from __future__ import annotations
 

@@ -48,9 +48,6 @@ class StepTimeFit:
         """FLOP/s the fit tends to for very large steps (1/b)."""
         return 1.0 / self.b_s_per_flop
 
-    def achieved_flops_per_s(self, flops_per_step: float) -> float:
-        return flops_per_step / self.predict(flops_per_step)
-
     @property
     def residuals(self) -> list[float]:
         """Relative throughput error of each fit point, (predicted - measured) / measured

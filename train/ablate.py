@@ -2,7 +2,8 @@
 
 Each technique is switched on alone over the config (the baseline: fp32, no recomputation, no
 compilation, fused AdamW) and trained for `--steps` steps by the real training command
-(`python -m train`, one process). The table gives, per technique:
+(`python -m train`, one process, started by `contracts.run.launch_training`). The table gives,
+per technique:
 - tokens/s: median over the steps after warm-up (summary.json), and its ratio to the baseline;
 - step memory: the allocator's peak during one training step (forward, backward, optimizer)
   above what was allocated before it, measured in a separate probe process. On GPU this is
@@ -13,7 +14,9 @@ compilation, fused AdamW) and trained for `--steps` steps by the real training c
 - executed FLOPs per token relative to the model FLOPs (recomputation runs part of the
   forward pass again), and the published expectation, with its source, beside the measurement.
 
-Writes `OUT/ablation.md`, `OUT/ablation.json` and `OUT/ablation.png`.
+Writes `OUT/ablation.md` (headed by the date, machine, torch version and command:
+`contracts.measured.header`), `OUT/ablation.json` and `OUT/ablation.png`; with `--publish` also
+`docs/measured/ablation-DATE.md`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from contracts.dataset import read_dataset_meta
+from contracts.measured import DOCS, dated_path, header
+from contracts.run import launch_training
+
+TITLE = "Efficiency ablation"
 
 EXPECT_RECOMPUTE = (
     "one more forward pass of each block: ~+33% compute (Chen et al. 2016; Korthikanti et al. "
@@ -119,7 +128,6 @@ def peak_step_bytes(step_fn, device: torch.device) -> int:
 def probe(config: str, overrides: list[str], warmup: int = 2) -> dict:
     """Build the model as training does, take `warmup` steps, then measure one step's memory."""
     from train.config import load_config
-    from train.data import read_meta
     from train.loop import build_accelerator, set_threads
     from train.techniques import build_model
 
@@ -128,7 +136,7 @@ def probe(config: str, overrides: list[str], warmup: int = 2) -> dict:
     set_threads(cfg, accelerator)
     torch.manual_seed(cfg.seed)
     if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = read_meta(cfg.data_dir)["vocab_size"]
+        cfg.model.vocab_size = read_dataset_meta(cfg.data_dir).vocab_size
     model, optimizer = build_model(cfg, accelerator)
     seq_len = cfg.seq_len or cfg.model.seq_len
     x = torch.randint(0, cfg.model.vocab_size, (cfg.micro_batch_size, seq_len + 1),
@@ -148,35 +156,33 @@ def probe(config: str, overrides: list[str], warmup: int = 2) -> dict:
 def run_technique(technique: Technique, config: str, overrides: list[str], out: Path,
                   steps: int) -> dict:
     """Train and probe one technique in fresh processes; the row of the table."""
-    run_dir = out / "runs" / slug(technique.name)
+    run_dir = out.resolve() / "runs" / slug(technique.name)
     args = [config, *overrides, *technique.overrides]
-    train_args = [*args, f"out_dir={run_dir}", f"steps={steps}", f"eval_every={steps}",
-                  "eval_batches=2", "tracker=none", "sample_tokens=8", "peak_samples=2",
-                  "checkpoint_every=0"]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "train", *train_args], capture_output=True,
-                            text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{technique.name}: training failed\n{result.stderr[-3000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = launch_training(
+        Path(config).resolve(),
+        [*overrides, *technique.overrides, f"steps={steps}", f"eval_every={steps}",
+         "eval_batches=2", "tracker=none", "sample_tokens=8", "peak_samples=2",
+         "checkpoint_every=0"],
+        run_dir)
+    # the memory probe is not a training run: a process of its own, one step measured
     result = subprocess.run([sys.executable, "-m", "train.ablate", "--probe", *args],
-                            capture_output=True, text=True, env=env)
+                            capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     if result.returncode != 0:
         raise RuntimeError(f"{technique.name}: memory probe failed\n{result.stderr[-3000:]}")
     memory = json.loads(result.stdout.strip().splitlines()[-1])
     return {
         "technique": technique.name,
         "overrides": list(technique.overrides),
-        "tokens_per_s": summary["tokens_per_s"]["median"],
-        "tokens_per_s_p10": summary["tokens_per_s"]["p10"],
-        "tokens_per_s_p90": summary["tokens_per_s"]["p90"],
+        "tokens_per_s": summary.tokens_per_s_median,
+        "tokens_per_s_p10": summary.tokens_per_s["p10"],
+        "tokens_per_s_p90": summary.tokens_per_s["p90"],
         "step_peak_bytes": memory["step_peak_bytes"],
-        "peak_rss_bytes": summary["peak_mem_bytes"],
-        "flops_ratio": summary["hardware_flops_per_token"] / summary["model_flops_per_token"],
-        "mfu": summary["mfu"]["median"],
-        "final_train_loss": summary["final_train_loss"],
-        "device": summary["device"],
+        "peak_rss_bytes": summary.peak_mem_bytes,
+        "flops_ratio": summary.recompute_ratio,
+        "mfu": summary.mfu_median,
+        "final_train_loss": summary.raw["final_train_loss"],
+        "device": summary.device,
         "wall_s": time.monotonic() - started,
         "expectation": technique.expectation,
     }
@@ -204,8 +210,10 @@ def combine(rounds: list[list[dict]]) -> list[dict]:
 
 
 def markdown(rows: list[dict], machine: str, command: str) -> str:
+    """The table, headed by the date, machine, torch version and command."""
     lines = [
-        f"Measured on {machine}; `{command}`.",
+        header(TITLE, command),
+        f"Measured on {machine}.",
         "",
         "| technique | tokens/s | vs baseline | step memory (MiB) | vs baseline | peak RSS (MiB) "
         "| executed FLOPs | published expectation |",
@@ -271,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="rounds over all techniques; the table gives medians")
     parser.add_argument("--only", default="", help="comma-separated words: keep techniques "
                         "whose name contains one (the baseline is always run)")
+    parser.add_argument("--publish", action="store_true",
+                        help="also write the table as docs/measured/ablation-DATE.md")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
@@ -299,16 +309,28 @@ def main(argv: list[str] | None = None) -> None:
                          "expectation": t.expectation})
     command = "python -m train.ablate " + " ".join(
         [args.config, *args.overrides, f"--steps {args.steps}", f"--repeats {args.repeats}"]
-        + ([f"--only {args.only}"] if args.only else []))
-    machine = machine_description()
+        + ([f"--only {args.only}"] if args.only else []) + (["--publish"] if args.publish else []))
+    write_tables(out, rows, machine_description(), command, args.steps,
+                 DOCS if args.publish else None)
+
+
+def write_tables(out: Path, rows: list[dict], machine: str, command: str, steps: int,
+                 publish: Path | None = None) -> str:
+    """OUT/ablation.{md,json,png}, and with `publish` (a directory) PUBLISH/ablation-DATE.md."""
     table = markdown(rows, machine, command)
     (out / "ablation.md").write_text(table)
     (out / "ablation.json").write_text(json.dumps(
-        {"format": 1, "machine": machine, "command": command, "steps": args.steps, "rows": rows},
+        {"format": 1, "machine": machine, "command": command, "steps": steps, "rows": rows},
         indent=2))
     plot(rows, out / "ablation.png", f"{machine}\n{command}")
     print("\n" + table)
     print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
+    if publish is not None:
+        path = dated_path("ablation", publish)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(table)
+        print(f"published {path}")
+    return table
 
 
 if __name__ == "__main__":

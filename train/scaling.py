@@ -9,7 +9,10 @@ Scaling efficiency = T_N / (N · T1): 100% when N processes are N times as fast 
 loss of efficiency is the gradient all-reduce that backward does not hide, the ranks waiting
 for the slowest, and (strong scaling) smaller matmuls that use each core less well.
 
-Writes `OUT/scaling.md` and `OUT/scaling.json`.
+Runs start through `contracts.run.launch_training` (`launch/cpu.sh` for N processes), on the
+CPU. Writes `OUT/scaling.md` (headed by the date, machine, torch version and command:
+`contracts.measured.header`) and `OUT/scaling.json`; with `--publish` also
+`docs/measured/scaling-DATE.md`.
 """
 
 from __future__ import annotations
@@ -18,32 +21,59 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
+from contracts.measured import DOCS, dated_path, header
+from contracts.run import launch_training
 from train.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+TITLE = "Data-parallel scaling"
 
 
 def run(config: str, overrides: list[str], out: Path, nproc: int, micro: int, batch: int,
         steps: int, threads: int, port: int, extra: tuple[str, ...] = ()) -> dict:
-    """One training run through launch/cpu.sh; its summary's throughput figures."""
-    args = [config, *overrides, f"out_dir={out}", f"steps={steps}", f"eval_every={steps}",
-            f"micro_batch_size={micro}", f"batch_size={batch}", f"threads_per_process={threads}",
-            "eval_batches=2", "tracker=none", "sample_tokens=8", "peak_samples=2",
-            "checkpoint_every=0", *extra]
-    env = {**os.environ, "NPROC": str(nproc), "PY": sys.executable, "MASTER_PORT": str(port),
-           "WANDB_MODE": "disabled"}
-    result = subprocess.run([str(ROOT / "launch" / "cpu.sh"), *args], capture_output=True,
-                            text=True, env=env, cwd=ROOT)
-    if result.returncode != 0:
-        raise RuntimeError(f"{nproc}-process run failed:\n{result.stderr[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    return {"tokens_per_s": summary["tokens_per_s"]["median"],
-            "step_s": summary["step_s"]["median"],
-            "grad_allreduce_s": summary["grad_allreduce_s"]["median"]}
+    """One training run on the CPU; its summary's throughput figures."""
+    summary = launch_training(
+        Path(config).resolve(),
+        [*overrides, f"steps={steps}", f"eval_every={steps}", f"micro_batch_size={micro}",
+         f"batch_size={batch}", f"threads_per_process={threads}", "eval_batches=2",
+         "tracker=none", "sample_tokens=8", "peak_samples=2", "checkpoint_every=0", *extra],
+        out.resolve(), nproc=nproc, env={"ACCELERATE_USE_CPU": "1", "MASTER_PORT": str(port)})
+    return {"tokens_per_s": summary.tokens_per_s_median,
+            "step_s": summary.step_s["median"],
+            "grad_allreduce_s": summary.raw["grad_allreduce_s"]["median"]}
+
+
+def markdown(rows: list[dict], command: str, setup: str) -> str:
+    """The table, headed by the date, machine, torch version and command."""
+    lines = [header(TITLE, command), setup, "",
+             "| case | processes | micro-batch | global batch | tokens/s | speed-up | scaling efficiency "
+             "| step (ms) | all-reduce alone (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ar = f"{r['grad_allreduce_s'] * 1e3:.1f}" if r["grad_allreduce_s"] else "—"
+        lines.append(f"| {r['case']} | {r['processes']} | {r['micro_batch_size']} | {r['batch_size']} "
+                     f"| {r['tokens_per_s']:,.0f} | {r['speedup']:.2f}x | {r['scaling_efficiency']:.0%} "
+                     f"| {r['step_s'] * 1e3:.0f} | {ar} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(out: Path, rows: list[dict], command: str, setup: str, threads: int,
+                 publish: Path | None = None) -> str:
+    """OUT/scaling.{md,json}, and with `publish` (a directory) PUBLISH/scaling-DATE.md."""
+    table = markdown(rows, command, setup)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.md").write_text(table)
+    (out / "scaling.json").write_text(json.dumps({"format": 1, "command": command, "rows": rows,
+                                                  "threads_per_process": threads}, indent=2))
+    print("\n" + table)
+    print(f"wrote {out / 'scaling.md'}, {out / 'scaling.json'}")
+    if publish is not None:
+        path = dated_path("scaling", publish)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(table)
+        print(f"published {path}")
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--fsdp", action="store_true", help="also the N-process runs with fsdp=true")
     parser.add_argument("--out", default="runs/scaling")
+    parser.add_argument("--publish", action="store_true",
+                        help="also write the table as docs/measured/scaling-DATE.md")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     B, N = cfg.micro_batch_size, args.nproc
@@ -92,24 +124,12 @@ def main(argv: list[str] | None = None) -> None:
                      "speedup": tok / t1, "scaling_efficiency": tok / (nproc * t1)})
     command = "python -m train.scaling " + " ".join(
         [args.config, *args.overrides, f"--nproc {N}", f"--steps {args.steps}",
-         f"--threads {args.threads}", f"--repeats {args.repeats}"] + (["--fsdp"] if args.fsdp else []))
-    lines = [f"`{command}` ({cfg.model.n_layer} layers, d_model {cfg.model.d_model}, "
-             f"seq_len {cfg.seq_len or cfg.model.seq_len}; {args.threads} thread(s) per process, {os.cpu_count()} cores, median of "
-             f"{args.repeats} round(s))", "",
-             "| case | processes | micro-batch | global batch | tokens/s | speed-up | scaling efficiency "
-             "| step (ms) | all-reduce alone (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ar = f"{r['grad_allreduce_s'] * 1e3:.1f}" if r["grad_allreduce_s"] else "—"
-        lines.append(f"| {r['case']} | {r['processes']} | {r['micro_batch_size']} | {r['batch_size']} "
-                     f"| {r['tokens_per_s']:,.0f} | {r['speedup']:.2f}x | {r['scaling_efficiency']:.0%} "
-                     f"| {r['step_s'] * 1e3:.0f} | {ar} |")
-    table = "\n".join(lines) + "\n"
-    (out / "scaling.md").write_text(table)
-    (out / "scaling.json").write_text(json.dumps({"format": 1, "command": command, "rows": rows,
-                                                  "threads_per_process": args.threads}, indent=2))
-    print("\n" + table)
-    print(f"wrote {out / 'scaling.md'}, {out / 'scaling.json'}")
+         f"--threads {args.threads}", f"--repeats {args.repeats}"] + (["--fsdp"] if args.fsdp else [])
+        + (["--publish"] if args.publish else []))
+    setup = (f"{cfg.model.n_layer} layers, d_model {cfg.model.d_model}, "
+             f"seq_len {cfg.seq_len or cfg.model.seq_len}; {args.threads} thread(s) per process, "
+             f"{os.cpu_count()} cores, median of {args.repeats} round(s).")
+    write_tables(out, rows, command, setup, args.threads, DOCS if args.publish else None)
 
 
 if __name__ == "__main__":

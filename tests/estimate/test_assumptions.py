@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from contracts.run import read_summary
 from estimate.assumptions import build_assumptions, load_defaults
 from estimate.hardware import get_accelerator
-from estimate.runs import read_summary
 from estimate.target import resolve_target
 
 
@@ -13,6 +13,8 @@ def write_summary(path, **over):
         "format": 1,
         "mfu": {"median": 0.30, "p10": 0.27, "p90": 0.32},
         "tokens_per_s": {"median": 5000.0, "p10": 4500.0, "p90": 5200.0},
+        "step_s": {"median": 0.8, "p10": 0.75, "p90": 0.9},
+        "model": {"params": 70_000_000},
         "model_flops_per_token": 1.0e9,
         "hardware_flops_per_token": 1.0e9,
         "world_size": 2,

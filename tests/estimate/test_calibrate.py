@@ -1,16 +1,19 @@
+import datetime
 import json
 import sys
 
 import numpy as np
 import pytest
 
-from estimate.calibrate import (
+from contracts.run import RunSummary
+from estimate.calibrate.checks import assumption_checks
+from estimate.calibrate.report import Calibration, publish
+from estimate.calibrate.sweep import (
     DEFAULT_SWEEP,
     QUICK_SWEEP,
     Measured,
     RunSpec,
     Shape,
-    assumption_checks,
     load_sweep,
     plan,
 )
@@ -33,7 +36,6 @@ def test_fit_recovers_exact_line():
     assert fit.asymptotic_flops_per_s == pytest.approx(80e9, rel=1e-9)
     assert max(abs(r) for r in fit.residuals) < 1e-9
     assert fit.predict(1e11) == pytest.approx(a + b * 1e11, rel=1e-9)
-    assert fit.achieved_flops_per_s(1e11) == pytest.approx(1e11 / (a + b * 1e11))
 
 
 def test_fit_residuals_are_relative_throughput_errors():
@@ -78,7 +80,7 @@ def test_sweeps_load_and_plan():
         # the long-sequence check keeps the tokens per step
         long = next(r for r in runs if r.role == "long_seq")
         assert long.tokens_per_step() == sweep.seq_len * sweep.micro_batch_size
-        assert "model.preset=" + sweep.model["preset"] in long.overrides(sweep, "d", "o")
+        assert "model.preset=" + sweep.model["preset"] in long.overrides(sweep, "d")
     assert load_sweep(DEFAULT_SWEEP, steps=30, nproc=3).nproc == 3
 
 
@@ -98,9 +100,10 @@ def test_sweep_refusals(tmp_path):
 def _measured(spec: RunSpec, step_s: float, model_flops: float, hw_flops: float,
               peak: float = 1e11) -> Measured:
     m = Measured(spec, 1_000_000, model_flops, hw_flops, [], 0.0, 0.0, [], [], [], [], 0.0)
-    m.add({"step_s": {"median": step_s, "p10": step_s, "p90": step_s},
-           "tokens_per_s": {"median": spec.tokens_per_step() / step_s}, "mfu": {"median": 0.3},
-           "peak_flops_per_process": {"median": peak}}, "run", 1.0)
+    m.add(RunSummary("run", {"step_s": {"median": step_s, "p10": step_s, "p90": step_s},
+                             "tokens_per_s": {"median": spec.tokens_per_step() / step_s},
+                             "mfu": {"median": 0.3}, "peak_flops_per_process": {"median": peak}}),
+          "run", 1.0)
     return m
 
 
@@ -176,3 +179,36 @@ def test_calibrate_without_data_names_the_prep_command(tmp_path):
 
 def test_shape_label():
     assert Shape(4, 256).label == "L4 d256"
+
+
+def _fake_calibration() -> Calibration:
+    """A Calibration of synthetic runs (time proportional to FLOPs plus 10 ms): no training."""
+    sweep = load_sweep(QUICK_SWEEP)
+    runs, held_spec = plan(sweep)
+    m = {}
+    for spec in [*runs, held_spec]:
+        mf = model_flops_per_token(spec.model_config(sweep, 512), spec.seq_len)
+        hw = mf * (4 / 3 if spec.recompute == "full" else 1.0)
+        m[spec.name] = _measured(spec, 0.01 + hw * spec.micro_batch_size * spec.seq_len / 1e10,
+                                 mf, hw)
+    fit_runs = [x for x in m.values() if x.spec.role == "fit"]
+    fit = fit_step_time([x.hardware_flops_per_step for x in fit_runs], [x.step_s for x in fit_runs])
+    machine = {"cpu": "a test CPU", "logical_cores": 2, "torch": "0", "bf16_units": []}
+    held = m[held_spec.name]
+    return Calibration(sweep, machine, list(m.values()), fit,
+                       assumption_checks(m, sweep, machine), held,
+                       fit.predict(held.hardware_flops_per_step), 60.0, ([0.5] * 3, [0.5] * 3))
+
+
+def test_report_is_headed_and_published(tmp_path):
+    cal = _fake_calibration()
+    command = "python -m estimate calibrate --quick --publish"
+    md = cal.markdown({}, command)
+    assert md.startswith("# Throughput calibration\n\n- date: ")
+    assert f"- command: `{command}`" in md and "- torch " in md
+    assert "| assumption | published expectation |" in md and "![" not in md
+    path = publish(cal, command, tmp_path)
+    assert path == tmp_path / f"calibration-{datetime.date.today().isoformat()}.md"
+    assert path.read_text() == md
+    assert abs(cal.held_out_error) < 1e-9  # the fake runs lie exactly on the fitted line
+    assert "held out" in cal.text() and json.loads(json.dumps(cal.record()))["format"] == 1
