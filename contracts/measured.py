@@ -55,3 +55,11 @@ def header(title: str, command: list[str] | str | None = None, device: str | Non
 def dated_path(name: str, directory: Path = DOCS) -> Path:
     """docs/measured/NAME-YYYY-MM-DD.md"""
     return directory / f"{name}-{dt.date.today().isoformat()}.md"
+
+
+def publish(name: str, markdown: str, directory: Path = DOCS) -> Path:
+    """Write a measured table as DIRECTORY/NAME-YYYY-MM-DD.md; returns its path."""
+    path = dated_path(name, directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown)
+    return path

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from contracts.measured import dated_path, header
+from contracts.measured import header, publish
 from data_prep.config import load_config
 from data_prep.minhash import MinHasher, parallel_signatures
 from data_prep.pipeline import run
@@ -208,10 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result, ["python", "-m", "data_prep.bench", *argv])
     print(text, end="")
     if args.publish:
-        path = dated_path("data_prep-bench")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        print(f"wrote {path}", file=sys.stderr)
+        print(f"wrote {publish('data_prep-bench', text)}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

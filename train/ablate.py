@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from contracts.dataset import read_dataset_meta
-from contracts.measured import DOCS, dated_path, header
+from contracts.measured import DOCS, header
+from contracts.measured import publish as publish_table
 from contracts.run import launch_training
 
 TITLE = "Efficiency ablation"
@@ -128,7 +129,7 @@ def peak_step_bytes(step_fn, device: torch.device) -> int:
 def probe(config: str, overrides: list[str], warmup: int = 2) -> dict:
     """Build the model as training does, take `warmup` steps, then measure one step's memory."""
     from train.config import load_config
-    from train.loop import build_accelerator, set_threads
+    from train.distributed import build_accelerator, set_threads
     from train.techniques import build_model
 
     cfg = load_config(config, overrides)
@@ -326,10 +327,7 @@ def write_tables(out: Path, rows: list[dict], machine: str, command: str, steps:
     print("\n" + table)
     print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
     if publish is not None:
-        path = dated_path("ablation", publish)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(table)
-        print(f"published {path}")
+        print(f"published {publish_table('ablation', table, publish)}")
     return table
 
 

@@ -23,7 +23,8 @@ import os
 import statistics
 from pathlib import Path
 
-from contracts.measured import DOCS, dated_path, header
+from contracts.measured import DOCS, header
+from contracts.measured import publish as publish_table
 from contracts.run import launch_training
 from train.config import load_config
 
@@ -69,10 +70,7 @@ def write_tables(out: Path, rows: list[dict], command: str, setup: str, threads:
     print("\n" + table)
     print(f"wrote {out / 'scaling.md'}, {out / 'scaling.json'}")
     if publish is not None:
-        path = dated_path("scaling", publish)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(table)
-        print(f"published {path}")
+        print(f"published {publish_table('scaling', table, publish)}")
     return table
 
 

@@ -8,7 +8,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contracts.measured import DOCS, dated_path, header
+from contracts.measured import DOCS, header
+from contracts.measured import publish as publish_table
 from estimate.calibrate.checks import Check
 from estimate.calibrate.sweep import RERUN_OTHERS_CORES, Measured, Sweep
 from estimate.report import md_table
@@ -209,7 +210,4 @@ def write_plots(cal: Calibration, out: Path) -> dict[str, str]:
 
 def publish(cal: Calibration, command: str | None = None, directory: Path = DOCS) -> Path:
     """Write the report, without its plots, as docs/measured/calibration-DATE.md."""
-    path = dated_path("calibration", directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(cal.markdown({}, command))
-    return path
+    return publish_table("calibration", cal.markdown({}, command), directory)
