@@ -1,4 +1,4 @@
-"""The hardware catalog: dense peak FLOP/s per precision, memory and links of GPUs and TPUs.
+"""The hardware catalog: dense peaks, measured matmul ceilings, memory, links and network.
 
 MFU is only as honest as its denominator. For accelerators we use the vendor's dense (no
 sparsity) peak from `catalog.yaml`, each figure with its source. A CPU has no meaningful
@@ -30,7 +30,10 @@ class Peak:
 # The catalog columns (`<key>_tflops`), model.precision's keys in display order: the reduced
 # precisions first, fp32 (the fallback) last.
 PRECISIONS = (*[k for k in PRECISION_TABLE if k != "fp32"], "fp32")
-REQUIRED_FIELDS = ("vendor", "memory_gb", "memory_bw_gbs", "interconnect_gbs", "tdp_w", "source")
+REQUIRED_FIELDS = (
+    "vendor", "memory_gb", "memory_bw_gbs", "interconnect_gbs", "tdp_w", "source",
+    "matmul_ceiling", "network_gbs", "node_size", "network_source",
+)
 
 
 def load_catalog(path: Path = CATALOG_PATH) -> dict[str, dict]:
@@ -68,6 +71,39 @@ class Accelerator:
                 f"available: {', '.join(self.precisions()) or 'none'}"
             )
         return float(tflops) * 1e12
+
+    def matmul_ceiling(self, precision_name: str) -> float | None:
+        """Measured max achievable matmul FLOP/s as a fraction of the dense peak, or None.
+
+        `precision_name` is any spelling model.precision accepts; its catalog key is looked up.
+        fp16 takes bf16's figure when it has none of its own (same tensor-core rate); tf32 and
+        fp32 are never measured: None. None also where the entry has no measurement (`missing`
+        says why) and the caller uses its stated default.
+        """
+        key = precision(precision_name).catalog
+        table = self.entry.get("matmul_ceiling") or {}
+        if key in ("tf32", "fp32"):
+            return None
+        value = table.get(key)
+        if value is None and key == "fp16":
+            value = table.get("bf16")
+        return None if value is None else float(value)
+
+    def network_gbs(self) -> float:
+        """Scale-out bandwidth per accelerator, one direction, GB/s; raises naming the entry."""
+        value = self.entry.get("network_gbs")
+        if value is None:
+            why = (self.entry.get("missing") or {}).get("network_gbs", "not in the catalog")
+            raise ValueError(f"{self.name} has no network_gbs in the catalog: {why}")
+        return float(value)
+
+    def node_size(self) -> int:
+        """Accelerators per scale-up domain (NVLink/Infinity Fabric node, TPU pod)."""
+        value = self.entry.get("node_size")
+        if value is None:
+            why = (self.entry.get("missing") or {}).get("node_size", "not in the catalog")
+            raise ValueError(f"{self.name} has no node_size in the catalog: {why}")
+        return int(value)
 
     def get(self, field: str):
         """A catalog field (memory_gb, tdp_w, ...), None where the vendor gives none."""

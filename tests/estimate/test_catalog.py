@@ -93,3 +93,81 @@ def test_get_accelerator_case_insensitive_and_error_lists_names():
 def test_missing_precision_names_available_ones():
     with pytest.raises(ValueError, match="available: fp16, fp32"):
         get_accelerator("V100-SXM2-32GB").peak_flops("bf16")
+
+
+# --- estimate v2: matmul ceilings, scale-out network, node size ---------------------------------
+
+NEW_ACCELERATORS = ["TPU-v3", "TPU-v6e"]
+
+
+def test_new_tpu_entries():
+    catalog = load_catalog()
+    for name in NEW_ACCELERATORS:
+        assert name in catalog
+    v3, v6e = get_accelerator("TPU-v3"), get_accelerator("TPU-v6e")
+    assert v3.peak_flops("bf16") == 123e12 and v3.get("memory_bw_gbs") == 900
+    assert v3.node_size() == 1024
+    assert v6e.peak_flops("bf16") == 918e12 and v6e.get("memory_gb") == 32
+    assert v6e.get("interconnect_gbs") == 800 and v6e.network_gbs() == 400
+    assert v6e.node_size() == 256
+
+
+@pytest.mark.parametrize("name", list(load_catalog()))
+def test_matmul_ceiling_network_and_node_have_sources(name):
+    entry = load_catalog()[name]
+    ceiling = entry["matmul_ceiling"]
+    if ceiling is None:
+        assert len(entry["missing"]["matmul_ceiling"]) > 10
+    else:
+        assert len(ceiling["source"]) > 20
+        figures = {k: v for k, v in ceiling.items() if k != "source"}
+        assert figures, f"{name}: matmul_ceiling without a figure"
+        for key, value in figures.items():
+            assert key in PRECISIONS and key not in ("tf32", "fp32")
+            assert entry.get(f"{key}_tflops"), f"{name}: ceiling for {key} but no {key} peak"
+            assert 0.3 < value <= 1, f"{name}: {key} ceiling {value}"
+    assert len(entry["network_source"]) > 20
+    if entry["network_gbs"] is not None:
+        assert 1 <= entry["network_gbs"] <= 2000
+    assert isinstance(entry["node_size"], int) and 1 <= entry["node_size"] <= 10000
+
+
+def test_matmul_ceiling_per_precision():
+    h100 = get_accelerator("H100-SXM5-80GB")
+    assert h100.matmul_ceiling("bf16") == pytest.approx(794.5 / 989, abs=0.001)
+    assert h100.matmul_ceiling("fp8") == pytest.approx(1402.6 / 1979, abs=0.001)
+    assert h100.matmul_ceiling("fp16") == h100.matmul_ceiling("bf16")  # no fp16 row: bf16's
+    assert h100.matmul_ceiling("bfloat16") == h100.matmul_ceiling("bf16")  # any spelling
+    assert h100.matmul_ceiling("tf32") is None and h100.matmul_ceiling("fp32") is None
+    assert get_accelerator("A100-SXM4-80GB").matmul_ceiling("fp8") is None  # not measured
+    assert get_accelerator("V100-SXM2-32GB").matmul_ceiling("fp16") is None
+    # same silicon reuses the measured part's figure
+    assert get_accelerator("H800-SXM5-80GB").matmul_ceiling("fp8") == h100.matmul_ceiling("fp8")
+    assert "same silicon" in get_accelerator("A800-SXM4-80GB").get("matmul_ceiling")["source"]
+    # ceiling x catalog peak reproduces the measured MAMF figure
+    mi300x = get_accelerator("MI300X")
+    achievable = mi300x.matmul_ceiling("bf16") * mi300x.peak_flops("bf16")
+    assert achievable == pytest.approx(668.4e12, rel=0.002)
+    with pytest.raises(ValueError, match="unknown precision"):
+        h100.matmul_ceiling("int4")
+
+
+def test_network_and_node_size():
+    assert get_accelerator("H100-SXM5-80GB").network_gbs() == 50
+    assert get_accelerator("A100-SXM4-80GB").network_gbs() == 25
+    assert get_accelerator("H800-SXM5-80GB").network_gbs() == 50  # DeepSeek-V3: IB 50 GB/s
+    assert get_accelerator("V100-SXM2-32GB").network_gbs() == 6.25
+    assert get_accelerator("GB200").node_size() == 72
+    assert get_accelerator("H100-SXM5-80GB").node_size() == 8
+    assert get_accelerator("TPU-v5p").node_size() == 8960
+
+
+def test_missing_network_or_node_raises_naming_entry():
+    from estimate.hardware import Accelerator
+
+    acc = Accelerator("Foo-1", {"missing": {"network_gbs": "no sheet"}})
+    with pytest.raises(ValueError, match="Foo-1.*no sheet"):
+        acc.network_gbs()
+    with pytest.raises(ValueError, match="Foo-1 has no node_size"):
+        acc.node_size()
+    assert acc.matmul_ceiling("bf16") is None
