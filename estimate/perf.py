@@ -1,0 +1,423 @@
+"""Step time from what a step does on given hardware: the performance model behind `project`.
+
+A training step on one of n accelerators (all do the same work) is modelled as
+
+    step = (GEMMs + attention core + memory-bound work + exposed communication)
+           x (1 + pipeline bubble) / stack efficiency
+
+- **GEMMs**: every weight matrix of the block (attention projections, MLP or experts, MTP
+  modules) and the LM head as a matmul of the micro-batch's tokens, shaped as tensor and expert
+  parallelism cut it, timed by the roofline of that one matmul: max(FLOPs / achievable matmul
+  rate, bytes / HBM bandwidth) (Williams et al. 2009). The achievable rate is the measured
+  "maximum achievable matmul FLOPS" of the accelerator (catalog `matmul_ceiling`), below the
+  datasheet peak; narrow models and small matmuls drop below it through the bandwidth term.
+  Backward is two matmuls of the same shape per forward one; recomputation re-runs forwards.
+- **Attention core**: causal kernels (FlashAttention, Dao 2023) skip the masked half and
+  recompute the scores in the backward pass (5 matmuls backward for 2 forward), at a fraction
+  of peak (`attention_efficiency`).
+- **Memory-bound work**: norms, activations, residual adds, RoPE, the loss and the optimizer
+  update, as bytes moved over HBM bandwidth.
+- **Communication** (ring collectives, Patarasuk & Yuan 2009: each device sends 2(g-1)/g of an
+  all-reduced message, (g-1)/g of a reduce-scatter or all-gather):
+  - tensor parallel: 4 collectives of the micro-batch's activations per layer (Megatron,
+    Shoeybi et al. 2019; with sequence parallelism, Korthikanti et al. 2022, the same bytes)
+    over the scale-up links (NVLink, ICI), partly hidden behind GEMMs (`tp_exposed`);
+  - expert parallel: dispatch and combine all-to-alls, forward and backward, of k copies of
+    each token, the share leaving the node over the scale-out network; `dualpipe` schedules
+    (DeepSeek-AI 2024, sec. 3.2.1) hide them behind compute;
+  - data parallel: reduce-scatter of gradients and all-gather of parameters (ZeRO,
+    Rajbhandari et al. 2020) once per step over the scale-out network, hidden behind the last
+    micro-batch's backward pass where it fits;
+  - pipeline: point-to-point activations between stages.
+- **Pipeline bubble**: (pp - 1) / (m v) of the compute for 1F1B with v interleaved chunks and
+  m micro-batches (Narayanan et al. 2021, sec. 2.2); DualPipe's (pp/2 - 1)(F&B + B - 3W)
+  (DeepSeek-AI 2024, table 2) is taken as 2/3 of (pp/2 - 1)(F + B).
+- **Stack efficiency**: what the terms above leave out (launch overheads, stragglers, load
+  imbalance), one number fitted on published runs (`estimate.validate`, leave-one-out).
+
+The run then takes tokens / tokens-per-step steps, divided by the goodput of `goodput()`.
+Every number the model uses is a `Factor` with a central value, a range and a source
+(`defaults.yaml`, `performance:`); the range of a projection comes from these ranges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from estimate.hardware import Accelerator
+from model.config import ModelConfig
+from model.flops import (
+    _attention_core_flops_forward,
+    model_flops_per_token,
+    recomputed_layers,
+)
+from model.precision import precision as precision_of
+
+BYTES_PER_GB = 1e9
+SCHEDULES = ("1f1b", "dualpipe")
+
+
+@dataclass(frozen=True)
+class Factor:
+    """A number the model depends on; `better` says which end makes the run faster."""
+
+    key: str
+    central: float
+    low: float
+    high: float
+    better: str  # "high" or "low"
+    source: str
+
+    def at(self, case: str) -> float:
+        if case == "central":
+            return self.central
+        good = self.high if self.better == "high" else self.low
+        bad = self.low if self.better == "high" else self.high
+        return {"best": good, "worst": bad}[case]
+
+
+def load_factors(defaults: dict, stack_efficiency: Factor) -> dict[str, Factor]:
+    """The model's factors from defaults.yaml's `performance:` section, plus the fitted stack
+    efficiency."""
+    out = {"stack_efficiency": stack_efficiency}
+    for key, e in defaults["performance"].items():
+        if "central" in e:
+            out[key] = Factor(key, float(e["central"]), float(e["low"]), float(e["high"]),
+                              e["better"], " ".join(str(e["source"]).split()))
+    return out
+
+
+@dataclass
+class Layout:
+    """How the n accelerators split the work (Megatron-style 4D parallelism, plus experts).
+
+    tp x pp x cp x dp = n; expert parallelism (ep) is carved out of the data-parallel ranks,
+    as in DeepSeek-V3 and Megatron-Core, so it does not change n."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    ep: int = 1
+    micro_batch: int = 1  # sequences per micro-batch
+    global_batch_tokens: float = 4e6
+    virtual_stages: int = 1  # interleaved 1F1B chunks per device
+    schedule: str = "1f1b"
+    max_nodes_per_token: int | None = None  # node-limited expert routing (DeepSeek-V3: 4)
+    source: str = "given"
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    def check(self, n: int, cfg: ModelConfig) -> None:
+        for name in ("tp", "pp", "dp", "cp", "ep", "micro_batch", "virtual_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"layout {name}={getattr(self, name)} must be >= 1")
+        if not n / 2 < self.devices <= n:
+            raise ValueError(f"layout tp x pp x cp x dp = {self.tp} x {self.pp} x {self.cp} x "
+                             f"{self.dp} = {self.devices} does not fit {n} accelerators")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"layout schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.ep > 1 and not cfg.is_moe:
+            raise ValueError(f"layout ep={self.ep} needs a mixture-of-experts model")
+        if self.ep > self.dp * self.tp:
+            raise ValueError(f"layout ep={self.ep} exceeds the data x tensor parallel ranks "
+                             f"({self.dp * self.tp}) it is carved from")
+        if self.micro_batches(cfg.seq_len) < 1:
+            raise ValueError(
+                f"layout dp={self.dp} x micro_batch={self.micro_batch} x {cfg.seq_len} tokens "
+                f"is more than the {self.global_batch_tokens:.4g} tokens of a step: some data-"
+                "parallel ranks would have no data")
+
+    def micro_batches(self, seq_len: int) -> float:
+        """Micro-batches each pipeline processes per step."""
+        return self.global_batch_tokens / (self.dp * self.micro_batch * seq_len)
+
+
+def choose_layout(cfg: ModelConfig, n: int, acc: Accelerator, seq_len: int,
+                  global_batch_tokens: float, node_size: int = 8) -> Layout:
+    """A layout by a stated rule, for runs that publish none:
+
+    - tensor parallel within a node, growing with width: the largest power of two up to
+      1.5 x d_model / 2048 and the node size (d = 8192-12288: tp 8, as Megatron-LM's GPT-3
+      175B and Llama 2 70B configurations; d = 4096: tp 2);
+    - pipeline stages: the fewest (a power of two) that bring the 16-bit weights and gradients
+      (4 bytes per parameter) under 40% of the accelerator's memory, the optimizer state being
+      sharded over data-parallel ranks (ZeRO-1), each stage interleaved into v chunks of about
+      two layers (Narayanan et al. 2021, sec. 2.2.2);
+    - more model parallelism while the data-parallel ranks outnumber the step's sequences;
+    - experts spread over up to 64 data-parallel ranks;
+    - data parallel takes the rest (ranks left over when n is no product of these stay idle);
+      one sequence per micro-batch.
+    """
+    from model.flops import count_params
+
+    tp = 1
+    while tp * 2 <= min(node_size, n) and tp * 2 <= max(1.0, cfg.d_model / 2048 * 1.5):
+        tp *= 2
+    mem = float(acc.get("memory_gb") or 80) * BYTES_PER_GB
+    weights = 4 * count_params(cfg)
+    pp = 1
+    while weights / (tp * pp) > 0.4 * mem and tp * pp * 2 <= n and pp * 2 <= cfg.n_layer:
+        pp *= 2
+    sequences = global_batch_tokens / seq_len
+    while n // (tp * pp) > sequences and pp * 2 <= cfg.n_layer and tp * pp * 2 <= n:
+        pp *= 2
+    dp = max(1, n // (tp * pp))
+    ep = 1
+    if cfg.is_moe:
+        while ep * 2 <= min(64, dp * tp, cfg.n_experts):
+            ep *= 2
+    return Layout(tp=tp, pp=pp, dp=dp, ep=ep, micro_batch=1,
+                  global_batch_tokens=global_batch_tokens,
+                  virtual_stages=interleave(cfg.n_layer, pp),
+                  source="chosen by rule (estimate.perf.choose_layout)")
+
+
+def interleave(n_layer: int, pp: int) -> int:
+    """Interleaved 1F1B chunks per device when a run publishes none: stages of about two
+    layers each (a stated default; Narayanan et al. 2021 interleave Megatron's stages so)."""
+    return max(1, round(n_layer / pp / 2)) if pp > 1 else 1
+
+
+@dataclass
+class StepTime:
+    """Seconds per optimizer step on each accelerator, by where they go."""
+
+    gemm: float
+    recompute: float
+    attention: float
+    memory: float
+    tp_comm: float
+    ep_comm: float
+    dp_comm: float
+    pp_comm: float
+    bubble: float
+    stack: float  # the share of the step the stack efficiency adds
+    tokens: float  # tokens per step (all accelerators)
+    model_flops: float  # model FLOPs per step (all accelerators)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return (self.gemm + self.recompute + self.attention + self.memory + self.tp_comm
+                + self.ep_comm + self.dp_comm + self.pp_comm + self.bubble + self.stack)
+
+    def parts(self) -> dict[str, float]:
+        """Where the time goes, in seconds per step: compute, recompute, communication,
+        bubble and the rest (memory-bound work and the stack's overheads)."""
+        return {"compute": self.gemm + self.attention, "recompute": self.recompute,
+                "memory-bound": self.memory,
+                "communication": self.tp_comm + self.ep_comm + self.dp_comm + self.pp_comm,
+                "pipeline bubble": self.bubble, "overheads": self.stack}
+
+
+def _gemm_seconds(m: float, k: float, n: float, rate: float, bw: float, elem_bytes: float) -> float:
+    """One [m, k] x [k, n] matmul: the slower of its FLOPs at the achievable rate and its bytes
+    (both inputs and the output, once each) at the memory bandwidth."""
+    if m <= 0 or k <= 0 or n <= 0:
+        return 0.0
+    return max(2.0 * m * k * n / rate, elem_bytes * (m * k + k * n + m * n) / bw)
+
+
+def _block_gemms(cfg: ModelConfig, layer: int, m: float, lay: Layout) -> list[tuple[float, float, float]]:
+    """The forward matmuls of block `layer` on one device for a micro-batch of m tokens, as
+    (m, k, n): column-parallel weights split n, row-parallel ones k, by tp (Megatron)."""
+    d, H, tp = cfg.d_model, cfg.n_head, lay.tp
+    out: list[tuple[float, float, float]] = []
+    if cfg.is_mla:
+        q_out = H * cfg.qk_head_dim
+        if cfg.q_lora_rank:
+            out += [(m, d, cfg.q_lora_rank), (m, cfg.q_lora_rank, q_out / tp)]
+        else:
+            out.append((m, d, q_out / tp))
+        out += [(m, d, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+                (m, cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim) / tp),
+                (m, H * cfg.v_head_dim / tp, d)]
+    else:
+        qkv = (H + 2 * cfg.n_kv_head) * cfg.head_dim
+        out += [(m, d, qkv / tp), (m, H * cfg.head_dim / tp, d)]
+    if not cfg.is_moe_layer(layer):
+        f = cfg.ffn_hidden / tp
+        return out + [(m, d, f), (m, d, f), (m, f, d)]
+    # Router, shared experts (split by tp), routed experts: the ep ranks' tokens meet at the
+    # experts each rank holds, k copies per token, spread evenly (balanced routing).
+    out.append((m, d, cfg.n_experts))
+    if cfg.n_shared_experts:
+        f = cfg.n_shared_experts * cfg.moe_ffn_hidden / tp
+        out += [(m, d, f), (m, d, f), (m, f, d)]
+    local_experts = cfg.n_experts / lay.ep
+    tokens_per_expert = m * cfg.n_experts_active / cfg.n_experts * lay.ep
+    if lay.ep == 1:  # experts split by tp instead
+        tokens_per_expert = m * cfg.n_experts_active / cfg.n_experts
+    f = cfg.moe_ffn_hidden / (tp if lay.ep == 1 else 1)
+    one = [(tokens_per_expert, d, f), (tokens_per_expert, d, f), (tokens_per_expert, f, d)]
+    return out + [g for _ in range(int(round(local_experts))) for g in one]
+
+
+def rates(acc: Accelerator, precision: str, f: dict[str, float],
+          peak_flops: float | None = None) -> tuple[float, float, float]:
+    """(GEMM rate, rate of what stays in 16-bit, the precision's peak) in FLOP/s.
+
+    The achievable GEMM rate is the peak times the measured matmul ceiling (catalog), or the
+    stated default where none was measured. Under fp8 only the block GEMMs run in fp8
+    (DeepSeek-V3 sec. 3.3.1 keeps the embedding, output head, gating, norms and attention in
+    bf16/fp32): the rest runs at the 16-bit rate. `peak_flops` overrides the catalog peak."""
+    prec = precision_of(precision).catalog
+    peak = peak_flops or acc.peak_flops(prec)
+    wide = "bf16" if "bf16" in acc.precisions() else "fp16"
+    wide_peak = peak if prec not in ("fp8",) else acc.peak_flops(wide)
+    ceiling = None if peak_flops else acc.matmul_ceiling(prec)
+    wide_ceiling = None if peak_flops else acc.matmul_ceiling(wide)
+    unknown = f["matmul_ceiling_unknown"]
+    return peak * (ceiling or unknown), wide_peak * (wide_ceiling or unknown), peak
+
+
+def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Layout,
+              precision: str, recompute: str, factors: dict[str, Factor], case: str = "central",
+              peak_flops: float | None = None) -> StepTime:
+    """Seconds per optimizer step of `cfg` at `seq_len` on n accelerators laid out as `lay`."""
+    lay.check(n, cfg)
+    f = {k: v.at(case) for k, v in factors.items()}
+    rate, wide_rate, peak = rates(acc, precision, f, peak_flops)
+    wide_peak = wide_rate / rate * peak if rate else peak
+    fp8 = precision_of(precision).catalog == "fp8"
+    bw = float(acc.get("memory_bw_gbs")) * BYTES_PER_GB * f["memory_efficiency"]
+    act_bytes = 2.0  # bf16/fp16 activations between kernels
+    gemm_bytes = 1.0 if fp8 else act_bytes
+    T, L, tp, pp, cp = seq_len, cfg.n_layer, lay.tp, lay.pp, lay.cp
+    m_tokens = lay.micro_batch * T / cp  # tokens of a micro-batch on one device
+    mb = lay.micro_batches(T)  # micro-batches per pipeline per step
+    notes: list[str] = []
+
+    # GEMMs, forward, per micro-batch on one device: the blocks of its stage (blocks spread
+    # evenly over stages), the MTP modules and the LM head (on the last stage; spread here).
+    def layer_gemm(layer: int) -> float:
+        return sum(_gemm_seconds(*g, rate, bw, gemm_bytes) for g in _block_gemms(cfg, layer, m_tokens, lay))
+
+    per_layer = [layer_gemm(i) for i in range(L)]
+    head = _gemm_seconds(m_tokens, cfg.d_model, cfg.vocab_size / tp, wide_rate, bw, act_bytes)
+    mtp = cfg.mtp_depth * (per_layer[-1] + head + _gemm_seconds(
+        m_tokens, 2 * cfg.d_model, cfg.d_model, rate, bw, gemm_bytes))
+    fwd = (sum(per_layer) + head + mtp) / pp
+    gemm = 3 * fwd * mb  # forward, and the two backward matmuls of each
+    re_layers = recomputed_layers(L, recompute) if recompute in ("full", "every_k") else []
+    recompute_s = mb * sum(per_layer[i] for i in re_layers) / pp
+
+    # Attention core: counted FLOPs x 1/2 (causal) x 7/6 (flash backward: 5 matmuls, not 4),
+    # in 16-bit.
+    core_fwd = _attention_core_flops_forward(cfg, T) * lay.micro_batch * T / (tp * cp * pp)
+    attn_rate = wide_peak * f["attention_efficiency"]
+    attention = mb * 3 * core_fwd * 0.5 * (7 / 6) / attn_rate
+    if recompute != "none":
+        share = len(re_layers) / L if re_layers else 1.0  # selective, attention: every layer
+        recompute_s += mb * core_fwd * 0.5 * share / attn_rate
+
+    # Memory-bound work: elementwise traffic per token and layer (split over tp by sequence
+    # parallelism), fp8 casts of the GEMM inputs, the fp32 loss over the vocabulary, and the
+    # optimizer update.
+    tokens_dev = mb * m_tokens
+    elem = f["elementwise_bytes_per_dim"] * cfg.d_model
+    if fp8:  # casts: read 16-bit, write 8-bit, each GEMM input, forward and both backward
+        width = cfg.ffn_hidden if not cfg.is_moe else (
+            (cfg.n_experts_active + cfg.n_shared_experts) * cfg.moe_ffn_hidden)
+        elem += 3 * 3 * (2 * cfg.d_model + cfg.n_head * cfg.value_head_dim + width)
+    memory = tokens_dev * (L + cfg.mtp_depth) / pp / tp * elem / bw
+    memory += tokens_dev / pp * 12 * cfg.vocab_size / tp / bw  # fp32 logits: write, read, grad
+    params = _params(cfg)
+    memory += 32 * params / n / bw  # Adam: fp32 master weights, m, v read and written, bf16 copy
+
+    # Tensor-parallel collectives: 4 per layer (2 forward, 2 backward), each of the micro-batch's
+    # activations; a ring moves 2(tp-1)/tp of the message, over the scale-up links one way.
+    scale_up = acc.get("interconnect_gbs")  # both directions; TPU v3 gives only its pod's
+    link = (scale_up / 2 if scale_up else acc.network_gbs()) * BYTES_PER_GB * f["comm_efficiency"]
+    tp_comm = 0.0
+    if tp > 1:
+        msg = m_tokens * cfg.d_model * act_bytes
+        tp_comm = mb * (L / pp) * 4 * 2 * (tp - 1) / tp * msg / link * f["tp_exposed"]
+
+    # Expert-parallel all-to-alls: dispatch and combine, forward and backward, k copies of each
+    # token; the share bound for other nodes crosses the scale-out network.
+    net = acc.network_gbs() * BYTES_PER_GB * f["comm_efficiency"]
+    node = acc.node_size()
+    ep_comm = 0.0
+    if cfg.is_moe and lay.ep > 1:
+        moe_layers = sum(cfg.is_moe_layer(i) for i in range(L)) / pp
+        per_token = (gemm_bytes + act_bytes) * 2 * remote_copies(cfg, lay, node) * cfg.d_model
+        ep_comm = mb * moe_layers * m_tokens * per_token / net
+        if lay.schedule == "dualpipe":  # overlapped with another micro-batch's compute
+            ep_comm = max(0.0, ep_comm - (gemm + attention))
+        else:
+            ep_comm *= f["ep_exposed"]
+
+    # Data-parallel gradient reduce-scatter + parameter all-gather (16-bit), once per step over
+    # the network. Sharded data parallelism prefetches the all-gather during the forward pass
+    # and reduce-scatters layer by layer during the backward pass, so both hide behind the
+    # last micro-batch's forward and backward where they fit.
+    dp_comm = 0.0
+    dp_group = lay.dp * lay.cp
+    if dp_group > 1:
+        local = params / (tp * pp * (lay.ep if cfg.is_moe else 1))
+        ring = 2 * (dp_group - 1) / dp_group * local * act_bytes
+        last = gemm / mb  # forward + backward GEMMs of one micro-batch
+        dp_comm = max(0.0, ring / net - last * f["dp_overlap"])
+
+    # Pipeline: activations to the next stage and their gradients back, per micro-batch.
+    pp_comm = mb * 2 * m_tokens * cfg.d_model * act_bytes / tp / net if pp > 1 else 0.0
+
+    compute = gemm + recompute_s + attention + memory + tp_comm
+    bubble = 0.0
+    if pp > 1:
+        if lay.schedule == "dualpipe":
+            frac = max(0.0, pp / 2 - 1) * (2 / 3) / mb
+        else:
+            frac = (pp - 1) / (mb * lay.virtual_stages)
+        bubble = compute * frac
+        if mb < pp:
+            notes.append(f"{mb:.3g} micro-batches per step for {pp} pipeline stages: the "
+                         "bubble dominates")
+    busy = compute + ep_comm + dp_comm + pp_comm + bubble
+    stack = busy * (1 / f["stack_efficiency"] - 1)
+    tokens = lay.global_batch_tokens
+    return StepTime(gemm, recompute_s, attention, memory, tp_comm, ep_comm, dp_comm, pp_comm,
+                    bubble, stack, tokens, model_flops_per_token(cfg, T) * tokens, notes)
+
+
+def remote_copies(cfg: ModelConfig, lay: Layout, node: int) -> float:
+    """Copies of a token that cross the network to reach its k experts, spread evenly over
+    ep / node nodes. Without node-limited routing each routed expert gets its own copy (k
+    copies, the remote share of them leaving the node); with it (DeepSeek-V3 sec. 3.2.2: at
+    most M nodes per token, one IB transfer per node, then NVLink inside it) a copy per
+    distinct remote node, at most M."""
+    nodes = lay.ep / node
+    if nodes <= 1:
+        return 0.0
+    remote = (nodes - 1) / nodes
+    k = cfg.n_experts_active
+    if lay.max_nodes_per_token is None:
+        return k * remote
+    distinct = nodes * (1 - (1 - 1 / nodes) ** k)
+    return min(lay.max_nodes_per_token, distinct) * remote
+
+
+def _params(cfg: ModelConfig) -> float:
+    from model.flops import count_params
+
+    return float(count_params(cfg))
+
+
+def mfu(st: StepTime, n: int, peak: float) -> float:
+    """Model FLOPs utilisation of a modelled step."""
+    return st.model_flops / (n * peak * st.total)
+
+
+def goodput(n: int, factors: dict[str, Factor], case: str = "central") -> float:
+    """Fraction of wall-clock time that trains on n accelerators: interruptions arrive at
+    `interruptions_per_acc_hour` x n per hour (Llama 3: 419 unexpected interruptions in 54
+    days on 16,384 H100, Llama Team 2024 sec. 3.3.4); each costs a restart plus, on average,
+    half a checkpoint interval of redone work."""
+    f = {k: v.at(case) for k, v in factors.items()}
+    per_hour = f["interruptions_per_acc_hour"] * n
+    lost = f["restart_hours"] + f["checkpoint_interval_hours"] / 2
+    return 1.0 / (1.0 + per_hour * lost)

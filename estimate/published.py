@@ -1,0 +1,257 @@
+"""Published training runs (`published_runs.yaml`) as inputs of the performance model, and the
+one number fitted on them: the stack efficiency.
+
+Each run's model, tokens, accelerator, precision and (where published) parallel layout go
+through `estimate.perf`; where a run publishes no accelerator count, layout or batch, a
+stated rule fills it in (`perf.choose_layout`, `default_global_batch_tokens`,
+`default_run_days`). Hours whose `hours_basis` is `compute` (derived from throughput: no
+failures in them) are compared without goodput; the others with it.
+
+The stack efficiency is what the modelled terms leave out. Its value is the median, over the
+runs used, of modelled / reported accelerator-hours with an efficiency of 1: the median
+minimises the median |ln error| the validation reports. Predicting a published run fits it
+on the other runs only (leave-one-out), so no run's own figure helps predict it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from estimate.assumptions import load_defaults
+from estimate.hardware import Accelerator, get_accelerator
+from estimate.perf import (
+    Factor,
+    Layout,
+    choose_layout,
+    goodput,
+    interleave,
+    load_factors,
+    step_time,
+)
+from estimate.units import SECONDS_PER_HOUR, parse_count
+from model.config import PRESETS, ModelConfig, get_preset
+from model.precision import precision as precision_of
+
+RUNS_PATH = Path(__file__).with_name("published_runs.yaml")
+_RUN_KEYS = ("name", "model", "params", "active_params", "tokens", "accelerator", "precision",
+             "count", "reported", "citations", "uncertain")
+_REPORTED_KEYS = ("accelerator_hours", "days", "flops", "mfu")
+LAYOUT_KEYS = ("tp", "pp", "dp", "cp", "ep", "micro_batch", "global_batch_tokens",
+               "virtual_stages", "schedule", "recompute", "max_nodes_per_token")
+BASES = ("compute", "wallclock", "unknown")
+UNIT = Factor("stack_efficiency", 1.0, 1.0, 1.0, "high", "1: nothing left out")
+
+
+def load_runs(path: str | Path = RUNS_PATH) -> list[dict]:
+    """The published runs, checked for required keys and at least one citation each."""
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    runs = data["runs"]
+    for run in runs:
+        where = f"{path}: run {run.get('name', '?')!r}"
+        missing = [k for k in _RUN_KEYS if k not in run]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}")
+        missing = [k for k in _REPORTED_KEYS if k not in run["reported"]]
+        if missing:
+            raise ValueError(f"{where}: reported lacks {', '.join(missing)} (use null for unknown)")
+        if not run["citations"] or not all(c.get("what") and c.get("source") for c in run["citations"]):
+            raise ValueError(f"{where} needs citations with 'what' and 'source'")
+        run.setdefault("hours_basis", "unknown")
+        if run["hours_basis"] not in BASES:
+            raise ValueError(f"{where}: hours_basis {run['hours_basis']!r}; valid: {', '.join(BASES)}")
+        unknown = set(run.get("layout") or {}) - set(LAYOUT_KEYS)
+        if unknown:
+            raise ValueError(f"{where}: unknown layout key(s) {sorted(unknown)}")
+        # YAML 1.1 reads 30.84e6 (no sign in the exponent) as a string: normalise the numbers.
+        for key in ("params", "active_params", "tokens"):
+            run[key] = parse_count(run[key], f"{where} {key}")
+        run["count"] = None if run["count"] is None else int(parse_count(run["count"], f"{where} count"))
+        for key in _REPORTED_KEYS:
+            if run["reported"][key] is not None:
+                run["reported"][key] = parse_count(run["reported"][key], f"{where} reported.{key}")
+        layout = run.get("layout") or {}
+        if layout.get("global_batch_tokens") is not None:
+            layout["global_batch_tokens"] = parse_count(layout["global_batch_tokens"], where)
+    return runs
+
+
+def published_setup(preset: str, path: str | Path = RUNS_PATH) -> dict | None:
+    """The published training set-up of a preset's run (the first run in published_runs.yaml
+    whose model is the preset): name, precision, count, layout and tokens; None if none."""
+    for run in load_runs(path):
+        if run["model"] == preset:
+            layout = {k: v for k, v in (run.get("layout") or {}).items() if v is not None}
+            return {"name": run["name"], "precision": run["precision"], "count": run["count"],
+                    "layout": layout, "tokens": run["tokens"], "hours": reported_hours(run)[0],
+                    "hours_basis": run["hours_basis"]}
+    return None
+
+
+def run_config(run: dict) -> ModelConfig:
+    model = run["model"]
+    if isinstance(model, dict):
+        return ModelConfig(**model)
+    if model not in PRESETS:
+        raise ValueError(f"run {run['name']!r}: unknown preset {model!r}")
+    return get_preset(model)
+
+
+def reported_hours(run: dict) -> tuple[float | None, str]:
+    """Accelerator-hours as published, or count x days x 24; and how they were obtained."""
+    rep = run["reported"]
+    if rep["accelerator_hours"] is not None:
+        return float(rep["accelerator_hours"]), "reported"
+    if rep["days"] is not None and run["count"]:
+        return float(run["count"]) * float(rep["days"]) * 24.0, "count x days x 24"
+    return None, "none"
+
+
+@dataclass
+class Modelled:
+    """A published run through the performance model."""
+
+    run: dict
+    cfg: ModelConfig
+    acc: Accelerator
+    count: int
+    count_rule: bool  # the count was not published: chosen by the default_run_days rule
+    layout: Layout
+    recompute: str
+    seconds_per_step: float
+    steps: float
+    goodput: float  # 1 for hours that count training time only
+
+    @property
+    def hours(self) -> float:
+        return self.steps * self.seconds_per_step * self.count / SECONDS_PER_HOUR / self.goodput
+
+
+def model_run(run: dict, factors: dict[str, Factor], case: str = "central",
+              count: int | None = None, wallclock_goodput: float | None = None) -> Modelled:
+    """The run's accelerator-hours as the performance model predicts them. `count` overrides
+    the published (or rule-chosen) number of accelerators; hours that count the whole wall-clock
+    time are divided by `wallclock_goodput` (the published runs' fitted figure), or else by the
+    failure model's goodput; the other hours count training time only."""
+    d = load_defaults()["performance"]
+    cfg = run_config(run)
+    acc = get_accelerator(run["accelerator"])
+    given = {k: v for k, v in (run.get("layout") or {}).items() if v is not None}
+    recompute = given.pop("recompute", None) or "selective"
+    batch = given.pop("global_batch_tokens", None) or float(d["default_global_batch_tokens"]["value"])
+    T = cfg.seq_len
+    precision = precision_of(run["precision"]).catalog
+
+    def modelled(n: int) -> Modelled:
+        lay = complete_layout(cfg, n, acc, T, batch, given)
+        st = step_time(cfg, T, acc, n, lay, precision, recompute, factors, case)
+        g = 1.0
+        if run["hours_basis"] == "wallclock":
+            g = wallclock_goodput or goodput(n, factors, case)
+        return Modelled(run, cfg, acc, n, run["count"] is None, lay, recompute, st.total,
+                        run["tokens"] / batch, g)
+
+    if count or run["count"]:
+        return modelled(int(count or run["count"]))
+    # No published count: the fewest accelerators (a power of two) that train the run within
+    # default_run_days; the fastest count when none does. Counts whose layout has more
+    # data-parallel ranks than sequences, or idles a quarter of its time in the pipeline
+    # bubble, are not counts a run would choose.
+    days = float(d["default_run_days"]["value"])
+    fastest = None
+    for n in (2 ** i for i in range(3, 17)):
+        try:
+            m = modelled(n)
+        except ValueError:  # infeasible: more data-parallel ranks than sequences
+            continue
+        lay = m.layout
+        if (lay.pp - 1) / (lay.micro_batches(T) * lay.virtual_stages) > 0.25:
+            continue
+        if m.hours / n / 24 <= days:
+            return m
+        if fastest is None or m.hours / n < fastest.hours / fastest.count:
+            fastest = m
+    if fastest is None:
+        raise ValueError(f"run {run['name']!r}: no accelerator count from 8 to 65536 fits")
+    return fastest
+
+
+def complete_layout(cfg: ModelConfig, n: int, acc: Accelerator, seq_len: int, batch: float,
+                    given: dict) -> Layout:
+    """The published layout, completed by the rule where parts are missing."""
+    rule = choose_layout(cfg, n, acc, seq_len, batch, acc.node_size())
+    cp = int(given.get("cp") or 1)
+    tp = int(given.get("tp") or rule.tp)
+    if "pp" in given:
+        pp = int(given["pp"])
+    elif "dp" in given:  # the pipeline takes what tp and dp leave
+        pp = max(1, n // (tp * cp * int(given["dp"])))
+    else:
+        pp = rule.pp
+    dp = int(given.get("dp") or max(1, n // (tp * pp * cp)))
+    return Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=int(given.get("ep") or rule.ep),
+                  micro_batch=int(given.get("micro_batch") or 1), global_batch_tokens=batch,
+                  virtual_stages=int(given.get("virtual_stages") or interleave(cfg.n_layer, pp)),
+                  schedule=given.get("schedule") or "1f1b",
+                  max_nodes_per_token=given.get("max_nodes_per_token"),
+                  source="published" if given else rule.source)
+
+
+def ratio_at_unit_efficiency(run: dict, base: dict[str, Factor]) -> float | None:
+    """Modelled / reported accelerator-hours with a stack efficiency and a goodput of 1."""
+    hours, _ = reported_hours(run)
+    if hours is None:
+        return None
+    return model_run(run, {**base, "stack_efficiency": UNIT}, wallclock_goodput=1.0).hours / hours
+
+
+@cache
+def _ratios(path: str) -> dict[str, tuple[float, str]]:
+    base = load_factors(load_defaults(), UNIT)
+    out = {}
+    for run in load_runs(path):
+        r = ratio_at_unit_efficiency(run, base)
+        if r is not None:
+            out[run["name"]] = (r, run["hours_basis"])
+    return out
+
+
+@dataclass
+class Fit:
+    """The two numbers fitted on published runs."""
+
+    stack: Factor  # stack efficiency, on the runs whose hours count training time
+    wallclock_goodput: float  # training / wall-clock time of runs published as wall-clock
+    runs: int
+
+
+def fit(exclude: str | None = None, path: str | Path = RUNS_PATH) -> Fit:
+    """Fit on the published runs, leaving out `exclude`.
+
+    - stack efficiency: the median, over runs whose hours count training time (basis compute
+      or unknown: the Llama model cards' 'GPU hours of computation'), of modelled hours at
+      efficiency 1 / reported hours; its range: their 25th-75th percentiles;
+    - wall-clock goodput: the same median over the runs published as wall-clock time, with
+      the stack efficiency applied: what failures, restarts and idle time cost those runs.
+    The median minimises the median |ln error| the validation reports."""
+    ratios = {k: v for k, v in _ratios(str(path)).items() if k != exclude}
+    train = [r for r, basis in ratios.values() if basis != "wallclock"]
+    wall = [r for r, basis in ratios.values() if basis == "wallclock"]
+    if len(train) < 3 or len(wall) < 2:
+        raise ValueError(f"{path}: too few runs with accelerator-hours to fit the model")
+    q1, med, q3 = statistics.quantiles(train, n=4, method="inclusive")
+    left_out = f", {exclude} left out" if exclude else ""
+    stack = Factor("stack_efficiency", med, q1, q3, "high",
+                   f"fitted: median over {len(train)} published runs{left_out} of modelled "
+                   f"hours at efficiency 1 / reported hours; range: their 25th-75th "
+                   f"percentiles ({q1:.2f}-{q3:.2f})")
+    return Fit(stack, min(1.0, statistics.median(r / med for r in wall)), len(ratios))
+
+
+def stack_efficiency(exclude: str | None = None, path: str | Path = RUNS_PATH) -> Factor:
+    return fit(exclude, path).stack
