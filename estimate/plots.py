@@ -42,7 +42,7 @@ def predicted_vs_reported(points: Sequence[Point], path: str | Path, *, xlabel: 
     ax.plot([lo, hi], [lo, hi], color="black", lw=1, label="predicted = reported")
     if band:
         ax.fill_between([lo, hi], [lo / band, hi / band], [lo * band, hi * band], color="0.9",
-                        label=f"within {band:g}x")
+                        label=f"within {band:g}x" if band >= 1.5 else f"within {band - 1:.0%}")
     for p in points:
         yerr = None
         if p.low is not None and p.high is not None:
@@ -123,3 +123,28 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def time_breakdown(parts: dict[str, float], path: str | Path, *, title: str, unit: str,
+                   published: float | None = None, published_label: str = "published") -> Path:
+    """One horizontal bar split into where the time goes (e.g. compute, recompute,
+    communication, pipeline bubble, failures), with the published figure marked if known."""
+    if not parts:
+        raise ValueError("time_breakdown needs at least one part")
+    fig, ax = plt.subplots(figsize=(9, 2.8))
+    left = 0.0
+    colors = plt.get_cmap("tab10").colors
+    for i, (name, value) in enumerate(parts.items()):
+        ax.barh(0, value, left=left, height=0.5, color=colors[i % len(colors)],
+                label=f"{name}: {value:.3g}")
+        left += value
+    if published is not None:
+        ax.axvline(published, color="black", ls="--", lw=1.5)
+        ax.annotate(f"{published_label}: {published:.3g}", (published, 0.3), xytext=(-4, 0),
+                    textcoords="offset points", fontsize=8, ha="right")
+    ax.set_yticks([])
+    ax.set_xlim(0, max(left, published or 0) * 1.1)
+    ax.set_xlabel(unit)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=4, fontsize=8, frameon=False)
+    return _save(fig, path)

@@ -1,14 +1,14 @@
-"""Back-testing the projection on published training runs (`published_runs.yaml`).
+"""Back-testing the performance model on published training runs (`published_runs.yaml`).
 
-For each run the estimator predicts accelerator-hours from the run's model, tokens, accelerator
-and precision under its DEFAULT assumptions - it is not told the run's own MFU - and compares
-them with what was reported. It also works backwards from the reported hours to the run's
-implied (effective) MFU, downtime included:
+For each run the model predicts accelerator-hours from the run's model, tokens, accelerator,
+precision and (where published) parallel layout, with the default factors of defaults.yaml and
+a stack efficiency fitted on the OTHER runs (leave-one-out, `estimate.published`): no run's
+own reported figure helps predict it. The error is |ln(predicted / reported)|.
 
-    implied MFU = model FLOPs / (reported accelerator-hours x 3600 x peak)
-
-so implied MFU = MFU x scaling x goodput of the default model, which is what to compare with
-the default central product (0.40 x 1.0 x 0.9 = 0.36 for bf16).
+Beside it stands the rule of thumb the model must beat: a constant MFU, hours = model FLOPs /
+(MFU x peak). The best constant is chosen on all runs (in-sample, the most favourable case for
+the constant) and, fairly, leave-one-out too. The implied MFU of a run, model FLOPs /
+(reported hours x peak), is the constant that would have predicted it exactly.
 """
 
 from __future__ import annotations
@@ -18,81 +18,71 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from estimate.assumptions import build_assumptions, load_defaults
-from estimate.hardware import Accelerator, get_accelerator
-from estimate.project import Projection, project
+from estimate.assumptions import load_defaults
+from estimate.hardware import Accelerator
+from estimate.perf import Factor, load_factors
+from estimate.published import (
+    RUNS_PATH,
+    Modelled,
+    fit,
+    load_runs,
+    model_run,
+    reported_hours,
+)
 from estimate.report import md_table
-from estimate.target import Target, resolve_target
-from estimate.units import SECONDS_PER_HOUR, human, parse_count
+from estimate.units import SECONDS_PER_HOUR, human
+from model.flops import model_flops_per_token
+from model.precision import precision as precision_of
 
-RUNS_PATH = Path(__file__).with_name("published_runs.yaml")
-_RUN_KEYS = ("name", "model", "params", "active_params", "tokens", "accelerator", "precision",
-             "count", "reported", "citations", "uncertain")
-_REPORTED_KEYS = ("accelerator_hours", "days", "flops", "mfu")
-
-
-def load_runs(path: str | Path = RUNS_PATH) -> list[dict]:
-    """The published runs, checked for required keys and at least one citation each."""
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    runs = data["runs"]
-    for run in runs:
-        missing = [k for k in _RUN_KEYS if k not in run]
-        if missing:
-            raise ValueError(f"{path}: run {run.get('name', '?')!r} lacks {', '.join(missing)}")
-        missing = [k for k in _REPORTED_KEYS if k not in run["reported"]]
-        if missing:
-            raise ValueError(f"{path}: run {run['name']!r} reported lacks {', '.join(missing)} "
-                             "(use null for unknown)")
-        if not run["citations"] or not all(c.get("what") and c.get("source") for c in run["citations"]):
-            raise ValueError(f"{path}: run {run['name']!r} needs citations with 'what' and 'source'")
-        # YAML 1.1 reads 30.84e6 (no sign in the exponent) as a string: normalise the numbers.
-        where = f"{path}: run {run['name']!r}"
-        for key in ("params", "active_params", "tokens"):
-            run[key] = parse_count(run[key], f"{where} {key}")
-        run["count"] = None if run["count"] is None else int(parse_count(run["count"], f"{where} count"))
-        for key in _REPORTED_KEYS:
-            if run["reported"][key] is not None:
-                run["reported"][key] = parse_count(run["reported"][key], f"{where} reported.{key}")
-    return runs
+RULE_OF_THUMB_MFU = 0.40  # the flat MFU the issue measured the old projection against
+CASES = ("best", "central", "worst")
 
 
 @dataclass
 class RunCheck:
-    """The estimator's default prediction for one published run, next to what was reported."""
+    """The model's leave-one-out prediction for one published run, next to what was reported."""
 
     run: dict
-    target: Target
-    accelerator: Accelerator
-    projection: Projection
+    predicted: dict[str, Modelled]  # by case
+    stack: Factor  # fitted without this run
     reported_hours: float | None
-    hours_derived: bool  # reported hours computed as count x days x 24
+    hours_how: str
+    model_flops: float
+    peak: float
 
     @property
     def name(self) -> str:
         return self.run["name"]
 
     @property
-    def peak(self) -> float:
-        return self.projection.peak_flops
+    def accelerator(self) -> Accelerator:
+        return self.predicted["central"].acc
 
     @property
     def predicted_hours(self) -> float:
-        return self.projection.outcomes["central"].accelerator_hours
+        return self.predicted["central"].hours
 
     @property
     def predicted_range(self) -> tuple[float, float]:
-        o = self.projection.outcomes
-        return o["best"].accelerator_hours, o["worst"].accelerator_hours
+        return self.predicted["best"].hours, self.predicted["worst"].hours
 
     @property
-    def error(self) -> float | None:
-        """(predicted - reported) / reported accelerator-hours."""
+    def log_error(self) -> float | None:
+        """ln(predicted / reported) accelerator-hours."""
         if self.reported_hours is None:
             return None
-        return self.predicted_hours / self.reported_hours - 1.0
+        return math.log(self.predicted_hours / self.reported_hours)
+
+    @property
+    def implied_mfu(self) -> float | None:
+        """Model FLOPs / (reported hours x peak): the constant MFU that predicts this run."""
+        if self.reported_hours is None:
+            return None
+        return self.model_flops / (self.reported_hours * SECONDS_PER_HOUR * self.peak)
+
+    @property
+    def predicted_mfu(self) -> float:
+        return self.model_flops / (self.predicted_hours * SECONDS_PER_HOUR * self.peak)
 
     @property
     def within_range(self) -> bool | None:
@@ -101,72 +91,62 @@ class RunCheck:
         lo, hi = self.predicted_range
         return lo <= self.reported_hours <= hi
 
-    @property
-    def predicted_days(self) -> float | None:
-        return self.projection.central.days if self.run["count"] else None
 
-    @property
-    def days_error(self) -> float | None:
-        days = self.run["reported"]["days"]
-        if days is None or self.predicted_days is None:
-            return None
-        return self.predicted_days / days - 1.0
-
-    @property
-    def implied_mfu(self) -> float | None:
-        """Model FLOPs over (reported hours x peak): the run's effective MFU, downtime included."""
-        if self.reported_hours is None:
-            return None
-        return self.projection.total_model_flops / (self.reported_hours * SECONDS_PER_HOUR * self.peak)
-
-    @property
-    def flops_ratio(self) -> float | None:
-        """Our model FLOPs over the FLOPs the authors reported."""
-        flops = self.run["reported"]["flops"]
-        return None if flops is None else self.projection.total_model_flops / float(flops)
+def check_run(run: dict, path: str | Path = RUNS_PATH) -> RunCheck:
+    """Predict one published run, the stack efficiency fitted without it."""
+    fitted = fit(exclude=run["name"], path=path)
+    factors = load_factors(load_defaults(), fitted.stack)
+    c = model_run(run, factors, wallclock_goodput=fitted.wallclock_goodput)
+    predicted = {case: model_run(run, factors, case, c.count, fitted.wallclock_goodput)
+                 for case in CASES}
+    stack = fitted.stack
+    hours, how = reported_hours(run)
+    flops = model_flops_per_token(c.cfg, c.cfg.seq_len) * run["tokens"]
+    peak = c.acc.peak_flops(precision_of(run["precision"]).catalog)
+    return RunCheck(run, predicted, stack, hours, how, flops, peak)
 
 
-def check_run(run: dict, defaults: dict | None = None) -> RunCheck:
-    """Predict one published run under the default assumptions."""
-    d = defaults if defaults is not None else load_defaults()
-    model = run["model"]
-    if isinstance(model, dict):
-        from model.config import ModelConfig
+def best_constant_mfu(implied: list[float]) -> tuple[float, float]:
+    """The constant MFU minimising the median |ln(implied / MFU)|, and that median. The
+    optimum sits at a run's log implied MFU or midway between two: all are tried."""
+    logs = [math.log(m) for m in implied]
+    candidates = {(a + b) / 2 for a in logs for b in logs}
 
-        model = ModelConfig(**model)
-    target = resolve_target(model, params=float(run["params"]),
-                            active_params=float(run["active_params"]), name=run["name"])
-    acc = get_accelerator(run["accelerator"])
-    count = int(run["count"]) if run["count"] else 1  # hours do not depend on the count
-    assumptions = build_assumptions(target, acc, count, run["precision"], defaults=d)
-    p = project(target, parse_count(run["tokens"], "tokens"), acc, count, assumptions,
-                run["precision"])
-    rep = run["reported"]
-    hours, derived = rep["accelerator_hours"], False
-    if hours is None and rep["days"] is not None and run["count"]:
-        hours, derived = float(run["count"]) * float(rep["days"]) * 24.0, True
-    return RunCheck(run, target, acc, p, None if hours is None else float(hours), derived)
+    def median_error(c: float) -> float:
+        return statistics.median(abs(x - c) for x in logs)
+
+    best = min(sorted(candidates), key=median_error)
+    return math.exp(best), median_error(best)
 
 
 def summarize(checks: list[RunCheck]) -> dict:
     """Error statistics over the runs with reported (or derived) accelerator-hours."""
-    scored = [c for c in checks if c.error is not None]
-    errors = [c.error for c in scored]
-    if not errors:
+    scored = [c for c in checks if c.log_error is not None]
+    if not scored:
         return {"n": 0}
-    abs_pct = [100 * abs(e) for e in errors]
-    log_ratios = [math.log(1 + e) for e in errors]
+    errors = [abs(c.log_error) for c in scored]
     implied = [c.implied_mfu for c in scored]
+    best_c, best_med = best_constant_mfu(implied)
+    loo_const = []
+    for i, c in enumerate(scored):
+        others = implied[:i] + implied[i + 1:]
+        loo_const.append(abs(math.log(c.implied_mfu / best_constant_mfu(others)[0])))
+    flat = [abs(math.log(m / RULE_OF_THUMB_MFU)) for m in implied]
     return {
-        "n": len(errors),
-        "n_derived_hours": sum(c.hours_derived for c in scored),
-        "median_abs_pct_error": statistics.median(abs_pct),
-        "mean_abs_pct_error": statistics.fmean(abs_pct),
-        "max_abs_pct_error": max(abs_pct),
-        "median_pct_error": 100 * statistics.median(errors),
-        "geometric_mean_ratio": math.exp(statistics.fmean(log_ratios)),
+        "n": len(scored),
+        "n_derived_hours": sum(c.hours_how != "reported" for c in scored),
+        "median_abs_log_error": statistics.median(errors),
+        "mean_abs_log_error": statistics.fmean(errors),
+        "worst_abs_log_error": max(errors),
+        "worst_run": scored[errors.index(max(errors))].name,
+        "median_log_error": statistics.median(c.log_error for c in scored),
         "within_predicted_range": sum(bool(c.within_range) for c in scored),
-        "within_factor_1_5": sum(1 / 1.5 <= 1 + e <= 1.5 for e in errors),
+        "within_20_percent": sum(abs(e) <= math.log(1.2) for e in errors),
+        "best_constant_mfu": best_c,
+        "best_constant_median_abs_log_error": best_med,
+        "best_constant_loo_median_abs_log_error": statistics.median(loo_const),
+        "flat_mfu": RULE_OF_THUMB_MFU,
+        "flat_mfu_median_abs_log_error": statistics.median(flat),
         "median_implied_mfu": statistics.median(implied),
         "min_implied_mfu": min(implied),
         "max_implied_mfu": max(implied),
@@ -174,73 +154,66 @@ def summarize(checks: list[RunCheck]) -> dict:
 
 
 def validate(path: str | Path = RUNS_PATH) -> tuple[list[RunCheck], dict]:
-    runs = load_runs(path)
-    defaults = load_defaults()
-    checks = [check_run(r, defaults) for r in runs]
+    checks = [check_run(r, path) for r in load_runs(path)]
     return checks, summarize(checks)
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:+.0f}%"
+def _layout(m: Modelled) -> str:
+    lay = m.layout
+    parts = [f"tp{lay.tp} pp{lay.pp} dp{lay.dp}"] + ([f"ep{lay.ep}"] if lay.ep > 1 else [])
+    return " ".join(parts) + ("" if lay.source == "published" else " (rule)")
 
 
 def validation_table(checks: list[RunCheck]) -> str:
     rows = []
     for c in checks:
+        m = c.predicted["central"]
         lo, hi = c.predicted_range
-        rep = "n/a" if c.reported_hours is None else human(c.reported_hours) + (" (derived)" if c.hours_derived else "")
-        a = c.projection.assumptions
+        rep = "n/a" if c.reported_hours is None else human(c.reported_hours) + (
+            "" if c.hours_how == "reported" else " (derived)")
         rows.append([
             c.name,
-            f"{c.run['count'] or '?'} x {c.accelerator.name} ({c.run['precision']})",
-            human(parse_count(c.run["tokens"])),
-            f"{c.projection.total_model_flops:.3g}",
-            f"{c.flops_ratio:.2f}" if c.flops_ratio else "n/a",
+            f"{m.count}{'*' if m.count_rule else ''} x {m.acc.name} ({c.run['precision']})",
+            _layout(m),
+            c.run["hours_basis"],
             rep,
             f"{human(c.predicted_hours)} ({human(lo)}–{human(hi)})",
-            _pct(c.error),
-            {True: "yes", False: "no", None: "n/a"}[c.within_range],
-            f"{c.predicted_days:.3g}" if c.predicted_days else "n/a",
-            "n/a" if c.run["reported"]["days"] is None else f"{c.run['reported']['days']:g}",
-            f"{c.implied_mfu:.2f}" if c.implied_mfu else "n/a",
-            f"{c.run['reported']['mfu']:.3g}" if c.run["reported"]["mfu"] else "n/a",
-            f"{a.mfu.central:.2f}x{a.scaling.central:.2f}x{a.goodput.central:.2f}",
+            "n/a" if c.log_error is None else f"{c.log_error:+.2f}",
+            f"{c.predicted_mfu:.2f}",
+            "n/a" if c.implied_mfu is None else f"{c.implied_mfu:.2f}",
+            f"{c.stack.central:.2f}",
         ])
-    return md_table(["run", "hardware", "tokens", "model FLOPs", "FLOPs / reported",
-                     "reported acc-hours", "predicted acc-hours (range)", "error",
-                     "in range", "pred. days", "rep. days", "implied MFU", "rep. MFU",
-                     "MFU x scaling x goodput"], rows)
+    return md_table(["run", "accelerators", "layout", "hours basis", "reported acc-hours",
+                     "predicted (range)", "ln error", "pred. MFU", "implied MFU",
+                     "stack eff. (LOO)"], rows)
+
+
+def summary_line(s: dict) -> str:
+    return (f"median |ln error| {s['median_abs_log_error']:.3f} over {s['n']} runs (worst "
+            f"{s['worst_abs_log_error']:.2f}, {s['worst_run']}); {s['within_20_percent']}/{s['n']} "
+            f"within 20%; best constant MFU {s['best_constant_mfu']:.3f}: "
+            f"{s['best_constant_median_abs_log_error']:.3f} in-sample, "
+            f"{s['best_constant_loo_median_abs_log_error']:.3f} leave-one-out; flat MFU "
+            f"{s['flat_mfu']:.2f}: {s['flat_mfu_median_abs_log_error']:.3f}")
 
 
 def validation_markdown(checks: list[RunCheck], stats: dict, plot_name: str | None = None) -> str:
     """report.md of `python -m estimate validate`."""
-    s = stats
     parts = [
         "# Validation against published training runs",
         "",
-        "Each prediction uses the run's model, tokens, accelerator and precision with the "
-        "estimator's DEFAULT assumptions (estimate/defaults.yaml), not the run's own MFU. "
-        "error = predicted / reported accelerator-hours - 1. implied MFU = model FLOPs / "
-        "(reported accelerator-hours x peak): the run's effective MFU with downtime included, to "
-        "compare with MFU x scaling x goodput. 'FLOPs / reported' compares our FLOP count "
-        "(6N + 12LdT) with the authors' own.",
+        "Each prediction runs the performance model (estimate/perf.py) on the run's model, "
+        "tokens, accelerator, precision and published layout (`(rule)`: chosen by "
+        "`perf.choose_layout`; `*`: count not published, chosen to finish in about 30 days), "
+        "with the default factors and a stack efficiency fitted on the other runs "
+        "(leave-one-out). ln error = ln(predicted / reported accelerator-hours). Hours whose "
+        "basis is `compute` count training time only and are predicted without failures.",
         "",
         validation_table(checks),
         "",
     ]
-    if s.get("n"):
-        parts += [
-            f"**Summary over {s['n']} runs with reported accelerator-hours** "
-            f"({s['n_derived_hours']} derived from days x count): median absolute error "
-            f"{s['median_abs_pct_error']:.0f}%, mean {s['mean_abs_pct_error']:.0f}%, max "
-            f"{s['max_abs_pct_error']:.0f}%; median signed error {s['median_pct_error']:+.0f}%; "
-            f"geometric-mean predicted/reported {s['geometric_mean_ratio']:.2f}; "
-            f"{s['within_factor_1_5']}/{s['n']} within a factor 1.5; "
-            f"{s['within_predicted_range']}/{s['n']} inside the predicted best-worst range. "
-            f"Implied MFU: median {s['median_implied_mfu']:.2f} "
-            f"(range {s['min_implied_mfu']:.2f}-{s['max_implied_mfu']:.2f}).",
-            "",
-        ]
+    if stats.get("n"):
+        parts += [f"**Summary:** {summary_line(stats)}.", ""]
     if plot_name:
         parts += [f"![predicted vs reported accelerator-hours]({plot_name})", ""]
     parts += ["## Sources and caveats", ""]
@@ -248,7 +221,6 @@ def validation_markdown(checks: list[RunCheck], stats: dict, plot_name: str | No
         parts.append(f"### {c.name}")
         parts += [f"- {cit['what']} — {cit['source']}" for cit in c.run["citations"]]
         parts += [f"- *uncertain:* {u}" for u in c.run["uncertain"]]
-        parts += [f"- *model:* {n}" for n in c.target.notes]
         parts.append("")
     return "\n".join(parts)
 
@@ -257,26 +229,28 @@ def validation_record(checks: list[RunCheck], stats: dict) -> dict:
     """validation.json: one entry per run plus the summary."""
     return {
         "kind": "validation",
-        "format": 1,
+        "format": 2,
         "summary": stats,
         "runs": [
             {
                 "name": c.name,
                 "accelerator": c.accelerator.name,
-                "count": c.run["count"],
+                "count": c.predicted["central"].count,
+                "count_from_rule": c.predicted["central"].count_rule,
+                "layout": vars(c.predicted["central"].layout),
                 "precision": c.run["precision"],
-                "tokens": parse_count(c.run["tokens"]),
-                "model_flops": c.projection.total_model_flops,
+                "tokens": c.run["tokens"],
+                "model_flops": c.model_flops,
+                "hours_basis": c.run["hours_basis"],
                 "reported": c.run["reported"],
                 "reported_hours_used": c.reported_hours,
-                "hours_derived": c.hours_derived,
-                "predicted_hours": {k: o.accelerator_hours for k, o in c.projection.outcomes.items()},
-                "error": c.error,
+                "hours_how": c.hours_how,
+                "predicted_hours": {k: m.hours for k, m in c.predicted.items()},
+                "log_error": c.log_error,
                 "within_range": c.within_range,
-                "predicted_days": c.predicted_days,
-                "days_error": c.days_error,
+                "predicted_mfu": c.predicted_mfu,
                 "implied_mfu": c.implied_mfu,
-                "flops_ratio": c.flops_ratio,
+                "stack_efficiency_loo": c.stack.central,
                 "citations": c.run["citations"],
                 "uncertain": c.run["uncertain"],
             }
