@@ -29,6 +29,7 @@ demo: install
 	$(PY) -m train.report $(RUN)
 	$(PY) -m estimate project $(TARGET) --out $(RUN)/projection
 	$(PY) -m estimate project $(TARGET) --mfu-from $(RUN) --out $(RUN)/projection-measured-mfu
+	$(PY) -m estimate project --model deepseek-r1 --out $(RUN)/deepseek-r1
 
 prep: install
 	$(PY) -m data_prep $(PREP) out_dir=$(DATA)

@@ -61,11 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=_count("--params"), help="total parameters, e.g. 70B (dense: also N in 6N)")
     p.add_argument("--active-params", type=_count("--active-params"), help="N in 6N: parameters per token (MoE)")
     p.add_argument("--seq-len", type=int, help="context length for the attention FLOPs (default: the model's)")
-    p.add_argument("--tokens", "-t", required=True, type=_count("--tokens"), help="training tokens: 15.6T, 300B, 1e12")
-    p.add_argument("--accelerator", "-a", required=True, help="catalog key, case-insensitive (see `catalog`)")
-    p.add_argument("--count", "-n", required=True, type=int, help="number of accelerators")
-    p.add_argument("--precision", default="bf16", type=_precision, choices=PRECISIONS, help="selects the peak (default bf16)")
-    p.add_argument("--recompute", default="none", choices=RECOMPUTE, help="activation recomputation of the target run")
+    p.add_argument("--tokens", "-t", type=_count("--tokens"), help="training tokens: 15.6T, 300B, 1e12")
+    p.add_argument("--accelerator", "-a", help="catalog key, case-insensitive (see `catalog`)")
+    p.add_argument("--stages", help="a stages YAML (configs/estimate/deepseek-r1.yaml): project "
+                   "every stage of a training recipe beside its published figure")
+    p.add_argument("--count", "-n", type=int, help="number of accelerators (default: the published "
+                   "run's for a preset that has one, else the fewest that train in ~30 days)")
+    p.add_argument("--precision", type=_precision, choices=PRECISIONS,
+                   help="selects the peak (default: the published run's for a preset that has one, else bf16)")
+    p.add_argument("--peak-tflops", type=float, help="dense peak per accelerator in TFLOP/s, in place of the catalog's")
+    lay = p.add_argument_group("parallel layout (default: the published run's for a preset that "
+                               "has one, else estimate.perf.choose_layout's rule)")
+    for name in ("tp", "pp", "dp", "cp", "ep", "micro-batch", "virtual-stages"):
+        lay.add_argument(f"--{name}", type=int)
+    lay.add_argument("--global-batch", type=_count("--global-batch"), help="tokens per optimizer step")
+    lay.add_argument("--schedule", choices=("1f1b", "dualpipe"))
+    p.add_argument("--recompute", choices=RECOMPUTE, help="activation recomputation of the target "
+                   "run (default: the published run's for a preset that has one, else none)")
     mfu = p.add_mutually_exclusive_group()
     mfu.add_argument("--mfu", type=_range, help="MFU, e.g. 0.45 or 0.45:0.35:0.55")
     mfu.add_argument("--mfu-from", metavar="RUN_DIR", help="take MFU from RUN_DIR/summary.json")
@@ -76,10 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pue", type=_range, help="data-centre power usage effectiveness")
     p.add_argument("--price", type=_range, help="USD per accelerator-hour (enables cost)")
     p.add_argument("--out", "-o", help="write report.md, projection.json and projection.png here")
+    p.add_argument("--publish", action="store_true",
+                   help="with a stages file: also write its table as docs/measured/NAME-DATE.md")
 
     v = sub.add_parser("validate", help="compare default predictions with published training runs")
     v.add_argument("--runs", help="published runs YAML (default: estimate/published_runs.yaml)")
     v.add_argument("--out", "-o", help="write report.md, validation.json and validation.png here")
+    v.add_argument("--publish", action="store_true",
+                   help="also write the table as docs/measured/estimate-validate-DATE.md")
 
     sub.add_parser("catalog", help="list the accelerator catalog")
 
@@ -101,33 +117,117 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_project(args: argparse.Namespace) -> int:
     from contracts.run import read_summary
     from estimate.assumptions import build_assumptions
-    from estimate.plots import Interval, projection_range
     from estimate.project import project
+    from estimate.published import published_setup
     from estimate.report import projection_markdown, projection_text, write_outputs
+    from estimate.stages import run_stages, stages_file, stages_markdown
     from estimate.target import resolve_target
 
+    stages = args.stages or (stages_file(args.model) if args.model else None)
+    if stages:
+        spec, results = run_stages(stages)
+        text = stages_markdown(spec, results)
+        print(text)
+        if args.publish:
+            print(f"published {_publish(Path(stages).stem, spec.get('question') or spec['name'], text, args)}")
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "report.md").write_text(text)
+            print(f"wrote {Path(args.out) / 'report.md'}")
+        return 0
+    if args.tokens is None or args.accelerator is None:
+        raise ValueError("project needs --tokens and --accelerator (or a stages file: "
+                         "--stages FILE, or --model NAME for configs/estimate/NAME.yaml)")
+    if args.model is None and args.seq_len is not None:
+        raise ValueError("--seq-len needs a model shape (--model): with --params alone only the "
+                         "6N term is counted, which does not depend on the sequence length")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ValueError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     target = resolve_target(args.model, params=args.params, active_params=args.active_params,
                             seq_len=args.seq_len)
     acc = get_accelerator(args.accelerator)
+    setup = published_setup(args.model) if args.model else None
+    layout = dict(setup["layout"]) if setup else {}
+    given = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "cp": args.cp, "ep": args.ep,
+             "micro_batch": args.micro_batch, "virtual_stages": args.virtual_stages,
+             "global_batch_tokens": args.global_batch, "schedule": args.schedule}
+    if any(v is not None for v in given.values()):
+        layout = {k: v for k, v in layout.items() if k in ("global_batch_tokens", "schedule",
+                                                           "max_nodes_per_token")}
+    layout |= {k: v for k, v in given.items() if v is not None}
+    recompute = args.recompute or layout.pop("recompute", None) or "none"
+    layout.pop("recompute", None)
+    precision = args.precision or (setup["precision"] if setup else "bf16")
+    count = args.count or (setup["count"] if setup else None) or _count_for(
+        target, acc, precision, recompute, layout, args)
+    if count < 1:
+        raise ValueError(f"--count must be >= 1, got {count}")
+    if setup:
+        print(f"(defaults from the published run {setup['name']!r}: precision {precision}, "
+              f"recompute {recompute}, layout {layout or 'by rule'}; options override them)")
     run = read_summary(args.mfu_from) if args.mfu_from else None
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     assumptions = build_assumptions(
-        target, acc, args.count, args.precision, args.recompute, mfu=args.mfu,
+        target, acc, count, precision, recompute, mfu=args.mfu,
         mfu_recompute=args.mfu_recompute, mfu_run=run, scaling=args.scaling,
-        goodput=args.goodput, power_w=args.power_w, pue=args.pue, price=args.price)
-    p = project(target, args.tokens, acc, args.count, assumptions, args.precision, args.recompute)
+        goodput=args.goodput, power_w=args.power_w, pue=args.pue, price=args.price,
+        layout=layout, peak_flops=peak)
+    p = project(target, args.tokens, acc, count, assumptions, precision, recompute, peak)
     print(projection_text(p))
     if args.out:
-        o = p.outcomes
-        label = f"{target.name}, {args.count} x {acc.name}"
-        plot = projection_range(
-            {"wall-clock days": [Interval(label, o["best"].days, o["central"].days, o["worst"].days)],
-             "accelerator-hours (millions)": [Interval(label, o["best"].accelerator_hours / 1e6,
-                                                       o["central"].accelerator_hours / 1e6,
-                                                       o["worst"].accelerator_hours / 1e6)]},
-            Path(args.out) / "projection.png", title=f"Projection: {target.name}")
-        md, js = write_outputs(args.out, projection_markdown(p, plot.name), p.to_dict())
-        print(f"wrote {md}, {js}, {plot}")
+        plots = _projection_plots(p, Path(args.out), setup, count)
+        md, js = write_outputs(args.out, projection_markdown(p, *[x.name for x in plots]),
+                               p.to_dict())
+        print(f"wrote {md}, {js}, " + ", ".join(str(x) for x in plots))
     return 0
+
+
+def _projection_plots(p, out: Path, setup: dict | None, count: int) -> list[Path]:
+    """projection.png: where the wall-clock time goes, with the published figure of the same
+    run marked when there is one (same tokens and count); projection-range.png: the best /
+    central / worst days and accelerator-hours."""
+    from estimate.plots import Interval, projection_range, time_breakdown
+    from estimate.report import time_parts
+
+    o = p.outcomes
+    label = f"{p.target.name}, {count} x {p.accelerator.name}"
+    paths = []
+    parts = time_parts(p)
+    if parts:
+        published = None
+        if setup and setup["hours"] and setup["count"] == count and setup["tokens"] == p.tokens:
+            published = setup["hours"] / count / 24
+        paths.append(time_breakdown(
+            parts, out / "projection.png", unit="wall-clock days (central case)",
+            title=f"Where the time goes: {label}", published=published,
+            published_label=f"published ({setup['name']}, {setup['hours_basis']} hours)"
+            if setup else "published"))
+    paths.append(projection_range(
+        {"wall-clock days": [Interval(label, o["best"].days, o["central"].days, o["worst"].days)],
+         "accelerator-hours (millions)": [Interval(label, o["best"].accelerator_hours / 1e6,
+                                                   o["central"].accelerator_hours / 1e6,
+                                                   o["worst"].accelerator_hours / 1e6)]},
+        out / ("projection-range.png" if parts else "projection.png"),
+        title=f"Projection: {p.target.name}"))
+    return paths
+
+
+def _count_for(target, acc, precision: str, recompute: str, layout: dict, args) -> int:
+    """No --count: the fewest accelerators (a power of two, up to 65,536) that train the run
+    in about 30 days under the performance model; refused for a target without a shape."""
+    from estimate.assumptions import build_assumptions
+    from estimate.project import project
+
+    if target.cfg is None:
+        raise ValueError("--count is needed when the model is given by size only")
+    for n in (2 ** i for i in range(0, 17)):
+        try:
+            a = build_assumptions(target, acc, n, precision, recompute, layout=layout)
+        except ValueError:
+            continue
+        if project(target, args.tokens, acc, n, a, precision, recompute).central.days <= 30:
+            return n
+    return 65536
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -135,6 +235,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from estimate.report import write_outputs
     from estimate.validate import (
         RUNS_PATH,
+        summary_line,
         validate,
         validation_markdown,
         validation_record,
@@ -144,21 +245,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     checks, stats = validate(args.runs or RUNS_PATH)
     print(validation_table(checks))
     if stats.get("n"):
-        print(f"\nmedian absolute error {stats['median_abs_pct_error']:.0f}% over {stats['n']} runs "
-              f"(mean {stats['mean_abs_pct_error']:.0f}%, max {stats['max_abs_pct_error']:.0f}%); "
-              f"{stats['within_predicted_range']}/{stats['n']} inside the predicted range; "
-              f"median implied MFU {stats['median_implied_mfu']:.2f}")
+        print("\n" + summary_line(stats))
+    if args.publish:
+        body = validation_table(checks) + "\n\n" + summary_line(stats) + "\n"
+        print(f"published {_publish('estimate-validate', 'Validation against published training runs', body, args)}")
     if args.out:
         points = [Point(c.name, c.reported_hours, c.predicted_hours, *c.predicted_range)
                   for c in checks if c.reported_hours is not None]
         plot = predicted_vs_reported(
             points, Path(args.out) / "validation.png", xlabel="reported accelerator-hours",
-            ylabel="predicted accelerator-hours (default assumptions)",
-            title="Predicted vs reported accelerator-hours")
+            ylabel="predicted accelerator-hours (leave-one-out)", band=1.2,
+            title="Predicted vs reported accelerator-hours (band: within 20%)")
         md, js = write_outputs(args.out, validation_markdown(checks, stats, plot.name),
                                validation_record(checks, stats))
         print(f"wrote {md}, {js}, {plot}")
     return 0
+
+
+def _publish(name: str, title: str, body: str, args: argparse.Namespace) -> Path:
+    """docs/measured/NAME-DATE.md: the measured header, then `body` (its own title dropped)."""
+    from contracts.measured import header, publish
+
+    command = shlex.join(["python", "-m", "estimate", *args.argv])
+    text = body.split("\n", 1)[1].lstrip("\n") if body.startswith("# ") else body
+    return publish(name, header(title, command) + "\nArithmetic only: the machine does not "
+                   "change the figures.\n\n" + text)
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:

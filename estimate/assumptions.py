@@ -83,6 +83,18 @@ class Setting:
 
 
 @dataclass
+class Performance:
+    """What the performance model (estimate/perf.py) said about the target: its layout, the
+    step time by part in each case, its factors and the fit on published runs."""
+
+    layout: object  # perf.Layout
+    steps: dict  # case -> perf.StepTime
+    factors: dict  # key -> perf.Factor
+    fitted_runs: int
+    wallclock_goodput: float
+
+
+@dataclass
 class AssumptionSet:
     mfu: Assumption
     scaling: Assumption
@@ -92,6 +104,7 @@ class AssumptionSet:
     price: Assumption | None  # None: no price given
     settings: list[Setting]
     warnings: list[str] = field(default_factory=list)
+    performance: Performance | None = None  # set when the MFU comes from the performance model
 
     def numeric(self) -> list[Assumption]:
         return [a for a in (self.mfu, self.scaling, self.goodput, self.power_w, self.pue,
@@ -142,17 +155,27 @@ def build_assumptions(
     pue: Range | None = None,
     price: Range | None = None,
     defaults: dict | None = None,
+    layout: dict | None = None,
+    peak_flops: float | None = None,
 ) -> AssumptionSet:
-    """Every assumption of a projection, from defaults.yaml and the command-line overrides."""
+    """Every assumption of a projection, from defaults.yaml and the command-line overrides.
+
+    Without --mfu / --mfu-from, a target with a shape gets its MFU and goodput from the
+    performance model (`layout` gives parts of the parallel layout; the rest follows the
+    stated rule) and no separate scaling factor: the model counts communication and the
+    pipeline bubble at the target scale. A target given only by size falls back to the flat
+    published-MFU range of defaults.yaml."""
     d = defaults if defaults is not None else load_defaults()
     if recompute not in target.recompute_ratio:
         raise ValueError(f"recompute={recompute!r}; valid: {', '.join(target.recompute_ratio)}")
-    acc.peak_flops(precision)  # fail early, naming the precisions this accelerator has
+    peak = peak_flops or acc.peak_flops(precision)  # fails naming the precisions there are
     warnings: list[str] = []
+    performance = None
+    peak_source = ("given on the command line (--peak-tflops)" if peak_flops
+                   else f"{acc.name}: dense {precision} ({acc.source})")
     settings = [
         Setting("precision", "precision (selects the peak)", precision,
-                f"{acc.name}: {acc.peak_flops(precision) / 1e12:.4g} TFLOP/s dense {precision} "
-                f"({acc.source})"),
+                f"{peak / 1e12:.4g} TFLOP/s, {peak_source}"),
         Setting("recompute", "activation recomputation", recompute,
                 f"hardware FLOPs = {target.recompute_ratio[recompute]:.3f} x model FLOPs "
                 "(model.flops.hardware_flops_per_token); MFU counts model FLOPs only"),
@@ -170,6 +193,10 @@ def build_assumptions(
                                          f"for recompute={recompute} at the same HFU")
         scale_key = "published"
         mfu_a.notes.append("taken to be the MFU at the target scale (pass --scaling otherwise)")
+    elif target.cfg is not None:
+        mfu_a, modelled_goodput, performance = _modelled(
+            target, acc, n_acc, precision, recompute, layout or {}, peak_flops, d)
+        scale_key = None
     else:
         mfu_a = _default_mfu(d["mfu"], target, acc, precision, recompute)
         scale_key = "published"
@@ -180,16 +207,23 @@ def build_assumptions(
 
     if scaling is not None:
         scaling_a = _from_cli(scaling, "scaling", "scaling efficiency", "", "high")
+    elif scale_key is None:
+        scaling_a = Assumption("scaling", "scaling efficiency", 1.0, 1.0, 1.0, "", "high",
+                               "included in the performance model: communication and the "
+                               "pipeline bubble are modelled at the target's layout and count")
     else:
         scaling_a = _from_yaml(d["scaling_efficiency"][scale_key], "scaling",
                                "scaling efficiency", "", "high")
     _check_bounds(scaling_a, 0.0, 1.0)
 
-    goodput_a = (_from_cli(goodput, "goodput", "goodput (useful / elapsed time)", "", "high")
-                 if goodput is not None else
-                 _from_yaml(d["goodput"], "goodput", "goodput (useful / elapsed time)", "", "high"))
+    if goodput is not None:
+        goodput_a = _from_cli(goodput, "goodput", "goodput (useful / elapsed time)", "", "high")
+    elif scale_key is None:
+        goodput_a = modelled_goodput
+    else:
+        goodput_a = _from_yaml(d["goodput"], "goodput", "goodput (useful / elapsed time)", "", "high")
     _check_bounds(goodput_a, 0.0, 1.0)
-    if goodput_a.central > 0.97:
+    if goodput is not None and goodput_a.central > 0.97:
         warnings.append(f"goodput {goodput_a.central:.2f}: no large run we know of reports more than ~0.9-0.95")
 
     power_a = _power(d["power_fraction_of_tdp"], acc, power_w, warnings)
@@ -200,7 +234,44 @@ def build_assumptions(
     if price is not None:
         price_a = _from_cli(price, "price", "price per accelerator-hour", "USD", "low")
         _check_bounds(price_a, -1e-12, 1e6)
-    return AssumptionSet(mfu_a, scaling_a, goodput_a, pue_a, power_a, price_a, settings, warnings)
+    return AssumptionSet(mfu_a, scaling_a, goodput_a, pue_a, power_a, price_a, settings, warnings,
+                         performance)
+
+
+def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str, recompute: str,
+              given: dict, peak_flops: float | None,
+              d: dict) -> tuple[Assumption, Assumption, Performance]:
+    """MFU and goodput from the performance model, in the three cases, and its record."""
+    from estimate.perf import goodput, load_factors, step_time
+    from estimate.published import complete_layout, fit
+
+    fitted = fit()
+    factors = load_factors(d, fitted.stack)
+    cfg, T = target.cfg, target.seq_len
+    batch = given.get("global_batch_tokens") or float(
+        d["performance"]["default_global_batch_tokens"]["value"])
+    lay = complete_layout(cfg, n_acc, acc, T, batch, {k: v for k, v in given.items()
+                                                      if v is not None and k != "global_batch_tokens"})
+    steps = {case: step_time(cfg, T, acc, n_acc, lay, precision, recompute, factors, case,
+                             peak_flops) for case in ("best", "central", "worst")}
+    peak = peak_flops or acc.peak_flops(precision)
+    mfu = {case: st.model_flops / (n_acc * peak * st.total) for case, st in steps.items()}
+    where = ("published/given" if lay.source == "published" else "chosen by rule")
+    a = Assumption(
+        "mfu", MFU_LABEL, mfu["central"], mfu["worst"], mfu["best"], "", "high",
+        f"performance model (estimate/perf.py): layout tp {lay.tp} x pp {lay.pp} x dp {lay.dp}"
+        f"{f' (ep {lay.ep})' if lay.ep > 1 else ''}, {where}; {batch:.4g} tokens per step; "
+        f"stack efficiency {fitted.stack.central:.2f} fitted on {fitted.runs} published runs; "
+        "range: every factor at its favourable / unfavourable end")
+    a.notes += steps["central"].notes
+    g = {case: goodput(n_acc, factors, case) for case in ("best", "central", "worst")}
+    low = min(g["worst"], fitted.wallclock_goodput)
+    src = factors["interruptions_per_acc_hour"].source
+    gp = Assumption("goodput", "goodput (useful / elapsed time)", g["central"], low, g["best"], "",
+                    "high", f"failure model (estimate/perf.goodput) at {n_acc} accelerators: {src} "
+                    f"Low end: the goodput fitted on published wall-clock runs "
+                    f"({fitted.wallclock_goodput:.2f}) where lower.")
+    return a, gp, Performance(lay, steps, factors, fitted.runs, fitted.wallclock_goodput)
 
 
 def _default_mfu(d: dict, target: Target, acc: Accelerator, precision: str,

@@ -115,11 +115,11 @@ class Projection:
 
 def project(target: Target, tokens: float, acc: Accelerator, n_acc: int,
             assumptions: AssumptionSet, precision: str = "bf16",
-            recompute: str = "none") -> Projection:
+            recompute: str = "none", peak_flops: float | None = None) -> Projection:
     """Project the training time, accelerator-hours, energy and cost in the three cases."""
     if n_acc < 1 or int(n_acc) != n_acc:
         raise ValueError(f"accelerator count must be a positive integer, got {n_acc!r}")
-    peak = acc.peak_flops(precision)
+    peak = peak_flops or acc.peak_flops(precision)
     total = target.model_flops_per_token * tokens
     a = assumptions
     outcomes = {}

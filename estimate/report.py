@@ -66,6 +66,47 @@ def _headline(p: Projection) -> str:
             f"{p.peak_flops / 1e12:.4g} TFLOP/s dense peak each)")
 
 
+def time_parts(p: Projection, case: str = "central") -> dict[str, float]:
+    """Where the wall-clock days of a modelled projection go: the step's parts scaled to the
+    run, plus the time failures cost (1 - goodput). Empty without the performance model."""
+    perf = p.assumptions.performance
+    if perf is None:
+        return {}
+    o = p.outcomes[case]
+    step = perf.steps[case]
+    trained = o.days * o.goodput
+    parts = {k: trained * v / step.total for k, v in step.parts().items()}
+    parts["failures and restarts"] = o.days - trained
+    return {k: v for k, v in parts.items() if v > 0}
+
+
+def performance_markdown(p: Projection) -> list[str]:
+    """The performance model's layout, where the time goes and its factors."""
+    perf = p.assumptions.performance
+    if perf is None:
+        return []
+    lay = perf.layout
+    parts = time_parts(p)
+    total = sum(parts.values())
+    rows = [[k, f"{v:.3g}", f"{v / total:.0%}"] for k, v in parts.items()]
+    frows = [[f.key, f"{f.central:.3g}", f"{f.low:.3g} – {f.high:.3g}",
+              "higher" if f.better == "high" else "lower", f.source]
+             for f in perf.factors.values()]
+    return [
+        "## Performance model", "",
+        f"Layout: tensor {lay.tp} x pipeline {lay.pp} (interleaved {lay.virtual_stages}, "
+        f"{lay.schedule}) x context {lay.cp} x data {lay.dp}"
+        + (f", experts over {lay.ep} ranks" if lay.ep > 1 else "")
+        + f"; {lay.global_batch_tokens:.4g} tokens per step, micro-batches of {lay.micro_batch} "
+        f"sequence(s); {lay.source}.", "",
+        "Where the central case's wall-clock time goes:", "",
+        md_table(["part", "days", "share"], rows), "",
+        "Factors (defaults.yaml `performance:`; the stack efficiency is fitted on "
+        f"{perf.fitted_runs} published runs, see `python -m estimate validate`):", "",
+        md_table(["factor", "central", "low – high", "better when", "source"], frows), "",
+    ]
+
+
 def projection_text(p: Projection) -> str:
     """The stdout summary."""
     c, b, w = (p.outcomes[k] for k in ("central", "best", "worst"))
@@ -85,13 +126,21 @@ def projection_text(p: Projection) -> str:
     lines.append(f"  assumptions        MFU {a.mfu.central:.3g} ({a.mfu.low:.3g}-{a.mfu.high:.3g}), "
                  f"scaling {a.scaling.central:.3g} ({a.scaling.low:.3g}-{a.scaling.high:.3g}), "
                  f"goodput {a.goodput.central:.3g} ({a.goodput.low:.3g}-{a.goodput.high:.3g})")
+    parts = time_parts(p)
+    if parts:
+        total = sum(parts.values())
+        lines.append("  where time goes    " + ", ".join(f"{k} {v / total:.0%}" for k, v in parts.items()))
+        lay = p.assumptions.performance.layout
+        lines.append(f"  layout             tp {lay.tp} x pp {lay.pp} x dp {lay.dp}"
+                     + (f" (ep {lay.ep})" if lay.ep > 1 else "")
+                     + f", {lay.global_batch_tokens:.4g} tokens/step ({lay.source})")
     for ch in p.checks:
         if ch.status == "warn":
             lines.append(f"  WARNING [{ch.name}] {ch.message}")
     return "\n".join(lines)
 
 
-def projection_markdown(p: Projection, plot_name: str | None = None) -> str:
+def projection_markdown(p: Projection, *plot_names: str) -> str:
     """report.md of `python -m estimate project`."""
     parts = [
         "# Training-time projection",
@@ -100,7 +149,8 @@ def projection_markdown(p: Projection, plot_name: str | None = None) -> str:
         "",
         "time = total model FLOPs / (accelerators x peak x MFU x scaling efficiency x goodput); "
         "best = every assumption at its favourable end, worst = every one at its unfavourable "
-        "end (an envelope, not a confidence interval).",
+        "end (an envelope, not a confidence interval). Pre-training only, unless the stages "
+        "say otherwise.",
         "",
         md_table(["", "best", "central", "worst"], _outcome_rows(p)),
         "",
@@ -109,8 +159,8 @@ def projection_markdown(p: Projection, plot_name: str | None = None) -> str:
         f"{p.total_hardware_flops:.4g}.",
         "",
     ]
-    if plot_name:
-        parts += [f"![projection range]({plot_name})", ""]
+    parts += [f"![projection]({name})\n" for name in plot_names]
+    parts += performance_markdown(p)
     parts += ["## Assumptions", "", assumption_table(p.assumptions), "",
               "## Target", ""] + [f"- {n}" for n in p.target.notes] + ["", "## Checks", ""]
     parts += [f"- **{c.status}** ({c.name}): {c.message}" for c in p.checks]

@@ -41,26 +41,45 @@ def test_defaults_have_sources_and_ordered_ranges():
         assert anchor in src
 
 
-def test_default_dense_bf16():
-    t = resolve_target("llama3-405b")
+def test_default_without_a_shape_is_the_flat_published_range():
+    t = resolve_target(params=405e9)
     a = build_assumptions(t, get_accelerator("H100-SXM5-80GB"), 16384)
     assert (a.mfu.low, a.mfu.central, a.mfu.high) == (0.35, 0.40, 0.55)
     assert a.goodput.central == 0.9 and a.scaling.central == 1.0
     assert a.power_w.central == 700  # TDP x 1.0
     assert a.price is None
+    assert a.performance is None
     for x in a.numeric():
         assert x.low <= x.central <= x.high and x.source
 
 
 def test_moe_lowers_low_end_and_fp8_uses_fp8_defaults():
     acc = get_accelerator("H800-SXM5-80GB")
-    moe = build_assumptions(resolve_target("deepseek-v3"), acc, 2048)
+    moe = build_assumptions(resolve_target(params=671e9, active_params=37e9), acc, 2048)
     assert moe.mfu.low == pytest.approx(0.22)
     assert moe.mfu.central == 0.40
-    fp8 = build_assumptions(resolve_target("llama3-405b"), acc, 2048, precision="fp8")
+    fp8 = build_assumptions(resolve_target(params=405e9), acc, 2048, precision="fp8")
     assert (fp8.mfu.low, fp8.mfu.central, fp8.mfu.high) == (0.20, 0.30, 0.45)
-    moe_fp8 = build_assumptions(resolve_target("deepseek-v3"), acc, 2048, precision="fp8")
+    moe_fp8 = build_assumptions(resolve_target(params=671e9, active_params=37e9), acc, 2048,
+                                precision="fp8")
     assert moe_fp8.mfu.low == pytest.approx(0.22 * 989 / 1979)  # against the fp8 peak
+
+
+def test_default_with_a_shape_comes_from_the_performance_model():
+    t = resolve_target("llama3-405b")
+    acc = get_accelerator("H100-SXM5-80GB")
+    a = build_assumptions(t, acc, 16384, layout={"tp": 8, "pp": 16, "global_batch_tokens": 16e6})
+    assert a.performance is not None and "performance model" in a.mfu.source
+    assert a.performance.layout.dp == 128
+    assert 0.2 < a.mfu.low < a.mfu.central < a.mfu.high < 0.6
+    assert a.scaling.low == a.scaling.high == 1.0  # communication is in the model
+    # goodput: the failure model at 16,384 accelerators, the published wall-clock fit below
+    assert 0.8 < a.goodput.central < 0.95 and a.goodput.low < a.goodput.central
+    # the peak can be given by hand; MFU is then against it
+    given = build_assumptions(t, acc, 16384, layout={"tp": 8, "pp": 16, "global_batch_tokens": 16e6},
+                              peak_flops=500e12)
+    assert given.mfu.central > a.mfu.central
+    assert "--peak-tflops" in given.settings[0].source
 
 
 def test_cli_overrides_point_and_range():

@@ -12,19 +12,51 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_project_writes_report_json_and_plot(tmp_path, capsys):
+    """A preset with a published run takes its precision, count and layout (DeepSeek-V3:
+    fp8 on 2,048 H800, DualPipe); projection.png shows where the time goes."""
     out = tmp_path / "proj"
     rc = main(["project", "-m", "deepseek-v3", "--tokens", "14.8T", "--accelerator", "h800-sxm5-80gb",
-               "--count", "2048", "--price", "2:1.5:3", "--out", str(out)])
+               "--price", "2:1.5:3", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "days" in text and "accelerator-hours" in text and "cost" in text
+    assert "published run 'DeepSeek-V3'" in text and "fp8" in text and "where time goes" in text
     report = (out / "report.md").read_text()
-    assert "| assumption |" in report and "46.2%" in report  # the MFU default's citation
+    assert "| assumption |" in report and "performance model" in report
+    assert "Where the central case's wall-clock time goes" in report
     record = json.loads((out / "projection.json").read_text())
+    assert record["accelerator"]["count"] == 2048 and record["precision"] == "fp8"
     o = record["outcomes"]
     assert o["best"]["days"] <= o["central"]["days"] <= o["worst"]["days"]
     assert record["target"]["active_params"] < 0.1 * record["target"]["params"]
-    assert (out / "projection.png").read_bytes()[:4] == b"\x89PNG"
+    for png in ("projection.png", "projection-range.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_project_inputs_are_applied_or_refused(capsys):
+    # --seq-len needs a shape; --count may be left out for a shaped model (~30-day rule)
+    assert main(["project", "--params", "70B", "--seq-len", "8192", "-t", "2T",
+                 "-a", "H100-SXM5-80GB", "-n", "1024"]) == 2
+    assert "--seq-len needs a model shape" in capsys.readouterr().err
+    assert main(["project", "--params", "70B", "-t", "2T", "-a", "H100-SXM5-80GB"]) == 2
+    assert "--count is needed" in capsys.readouterr().err
+    assert main(["project", "-m", "llama2-70b", "-t", "2T", "-a", "A100-SXM4-80GB",
+                 "--peak-tflops", "300", "--global-batch", "4M"]) == 0
+    out = capsys.readouterr().out
+    assert "300 TFLOP/s dense peak" in out and "tokens/step" in out
+    short = main(["project", "-m", "llama2-70b", "--seq-len", "1024", "-t", "2T", "-a",
+                  "A100-SXM4-80GB", "-n", "2048", "--global-batch", "4M"])
+    assert short == 0 and "2048 x A100" in capsys.readouterr().out
+
+
+def test_deepseek_r1_stages(tmp_path, capsys):
+    assert main(["project", "--model", "deepseek-r1", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    for stage in ("pre-training", "context extension", "R1-Zero", "SFT data creation", "total"):
+        assert stage in text
+    assert "2.66M" in text and "119K" in text and "101K" in text  # published beside
+    assert "it is not pre-training alone" in text and "$" in text
+    assert (tmp_path / "report.md").read_text() in text
 
 
 def test_project_with_mfu_from_run(tmp_path, capsys):
@@ -60,7 +92,7 @@ def test_mfu_and_mfu_from_are_exclusive(capsys):
 
 def test_validate_writes_outputs(tmp_path, capsys):
     assert main(["validate", "--out", str(tmp_path)]) == 0
-    assert "median absolute error" in capsys.readouterr().out
+    assert "median |ln error|" in capsys.readouterr().out
     data = json.loads((tmp_path / "validation.json").read_text())
     assert data["summary"]["n"] >= 8
     assert (tmp_path / "validation.png").stat().st_size > 1000

@@ -1,0 +1,68 @@
+"""Multi-stage projections: the RL rollout model by hand, grouping, and refusals."""
+
+import pytest
+
+from estimate.assumptions import load_defaults
+from estimate.hardware import get_accelerator
+from estimate.perf import Factor, load_factors
+from estimate.stages import (
+    StageResult,
+    decode_seconds,
+    groups,
+    kv_bytes_per_token,
+    run_stages,
+    stages_file,
+)
+from model.config import get_preset
+from model.flops import count_params
+
+
+def test_kv_cache_bytes():
+    # DeepSeek-V3 caches the 512-wide latent and the 64-wide rope key per layer, in 16 bits
+    assert kv_bytes_per_token(get_preset("deepseek-v3")) == 2 * (512 + 64) * 61
+    # Llama 2 70B: keys and values of 8 KV heads of 128 channels per layer
+    assert kv_bytes_per_token(get_preset("llama2-70b")) == 2 * 2 * 8 * 128 * 80
+
+
+def test_decode_is_bandwidth_bound_by_hand():
+    """One sequence decoding: every active weight and its own cache read once per token."""
+    cfg = get_preset("llama2-70b")
+    acc = get_accelerator("H100-SXM5-80GB")
+    f = {k: v.central for k, v in load_factors(
+        load_defaults(), Factor("stack_efficiency", 1, 1, 1, "high", "t")).items()}
+    s = decode_seconds(cfg, acc, 8, 1, 1000, "bf16", f)
+    bytes_ = count_params(cfg) * 2 + 1000 * kv_bytes_per_token(cfg)
+    assert s == pytest.approx(bytes_ / (8 * 3350e9 * f["memory_efficiency"]))
+    # a large batch reads the weights once for all: far less than proportional time per token
+    assert decode_seconds(cfg, acc, 8, 64, 1000, "bf16", f) < 8 * s
+
+
+def test_groups_merge_stages_that_share_a_published_figure():
+    a = StageResult("a", "pretrain", {}, 8, 10.0, "", "g")
+    b = StageResult("b", "pretrain", {}, 8, 10.0, "", "g")
+    c = StageResult("c", "rl", {}, 8, None, "", None)
+    out = groups([a, b, c])
+    assert [(label, [r.name for r in rs], pub) for label, rs, pub in out] == [
+        ("g", ["a", "b"], 10.0), ("c", ["c"], None)]
+
+
+def test_deepseek_r1_stages_cover_the_recipe():
+    path = stages_file("deepseek-r1")
+    spec, results = run_stages(path)
+    assert spec["accelerator"] == "H800-SXM5-80GB"
+    names = [r.name for r in results]
+    assert any("pre-training" in n for n in names) and any("R1-Zero" in n for n in names)
+    pre = results[0]
+    assert pre.published_hours == pytest.approx(2.664e6)
+    assert pre.hours["best"] <= pre.hours["central"] <= pre.hours["worst"]
+    # the RL stage's assumed inputs are swept: its range is wide
+    zero = next(r for r in results if "R1-Zero" in r.name)
+    assert zero.hours["worst"] / zero.hours["best"] > 3
+    assert stages_file("llama3-405b-no-such-file") is None
+
+
+def test_bad_stage_is_refused(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("name: x\naccelerator: H100-SXM5-80GB\nstages:\n  - {name: s, kind: finetune}\n")
+    with pytest.raises(ValueError, match="kind 'finetune'"):
+        run_stages(bad)
