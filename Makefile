@@ -13,7 +13,7 @@ TARGET ?= --model llama3-405b --tokens 15.6T --accelerator H100-SXM5-80GB --coun
 # Training overrides for the demo, e.g. `make demo ARGS="mixed_precision=bf16 steps=100"`.
 ARGS ?=
 
-.PHONY: install demo prep train project test test-slow lint clean
+.PHONY: install demo prep train project test test-slow test-all lint clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ test: install
 
 test-slow: install
 	WANDB_MODE=disabled $(PY) -m pytest -q -m slow
+
+# Both tiers: the default one (unit tests and a smoke run, a few minutes) and the slow one
+# (multi-process training, the fault suite's real runs, calibrate end to end).
+test-all: test test-slow
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -144,6 +144,7 @@ def quick_run(tiny_data, tmp_path_factory):
     return out, result.stdout
 
 
+@pytest.mark.slow
 def test_quick_calibrate_end_to_end(quick_run):
     """A real sweep of tiny runs: tables printed, files written, the held-out run predicted."""
     out, stdout = quick_run

@@ -16,6 +16,9 @@ from safetensors.torch import load_file
 
 from tests.utils import run_cmd
 
+# Real training subprocesses: `make test-slow` (CI runs both tiers).
+pytestmark = pytest.mark.slow
+
 COMMON = ["steps=3", "eval_every=100", "eval_batches=1", "sample_tokens=1", "tracker=none",
           "optim.warmup_steps=1"]  # fp32 (the default precision)
 

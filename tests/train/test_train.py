@@ -40,6 +40,7 @@ def test_loss_falls_over_50_steps(tiny_data, tmp_path):
         "fused_optimizer": True}  # fused AdamW exists for CPU
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_end_with_identical_weights(tiny_data, tmp_path):
     out = tmp_path / "run2"
     result = run_cmd(

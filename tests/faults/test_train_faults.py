@@ -21,6 +21,9 @@ from tests.utils import ROOT, run_cmd
 from train.checkpoint import Checkpointer, load
 from train.load import load_run
 
+# Real training subprocesses: `make test-slow` (CI runs both tiers).
+pytestmark = pytest.mark.slow
+
 STEPS = 16
 COMMON = ["configs/train/tiny.yaml", f"steps={STEPS}", "checkpoint_every=3", "eval_every=8",
           "keep_checkpoints=2"]
