@@ -103,6 +103,24 @@ class RunSummary:
         return self.peak_source.startswith("catalog:")
 
 
+def read_metrics(path: Path) -> tuple[list[dict], bool]:
+    """The records of metrics.jsonl, and whether its last line was torn (a run killed or a
+    disk filled mid-append leaves half a record there: it is skipped, and the caller who
+    rewrites the file drops it). A bad line anywhere else is an error naming it."""
+    records, torn = [], False
+    lines = Path(path).read_text().splitlines() if Path(path).is_file() else []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+            torn = True
+    return records, torn
+
+
 def write_summary(run_dir: str | Path, summary: dict) -> Path:
     """Write summary.json, refusing a summary without the keys readers rely on."""
     missing = [k for k in REQUIRED if k not in summary]

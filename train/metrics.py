@@ -15,6 +15,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from contracts.run import read_metrics
 from train.clock import PeakSampler, PhaseTimer, peak_memory_bytes
 
 log = logging.getLogger("train")
@@ -70,8 +71,11 @@ class MetricsLog:
     def resume(self, step: int) -> None:
         """Keep the records up to `step` (those of the checkpoint resumed from) and drop the
         rest, so that a resumed run's file has every step exactly once."""
-        lines = self.path.read_text().splitlines() if self.path.is_file() else []
-        self.records = [r for r in map(json.loads, lines) if r["step"] <= step]
+        records, torn = read_metrics(self.path)
+        if torn:
+            log.warning(f"{self.path}: its last line is torn (a crash or a full disk during an "
+                        "append); resuming from the complete records before it")
+        self.records = [r for r in records if r["step"] <= step]
         if self.enabled:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 

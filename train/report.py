@@ -11,7 +11,6 @@ finished or not, copied from a cluster or not.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -22,24 +21,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
-from contracts.run import RunDir, read_summary  # noqa: E402
+from contracts.run import RunDir, read_metrics, read_summary  # noqa: E402
 
 PHASES = ("data_wait_s", "fwd_bwd_s", "optim_s")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of metrics.jsonl; a truncated last line (a run killed mid-write) is skipped."""
-    records = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
-    return records
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -212,7 +196,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     out = Path(out_dir) if out_dir else run.root
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    records = read_metrics(run.metrics)
+    records, _ = read_metrics(run.metrics)
     lines = [f"# Run report: {run.root.resolve().name}", "", f"Run directory: `{run.root}`", ""]
     try:
         summary = read_summary(run.root).raw if run.summary.is_file() else None
