@@ -243,6 +243,7 @@ def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str, reco
               d: dict) -> tuple[Assumption, Assumption, Performance]:
     """MFU and goodput from the performance model, in the three cases, and its record."""
     from estimate.perf import goodput, load_factors, step_time
+    from estimate.perf import mfu as perf_mfu
     from estimate.published import complete_layout, fit
 
     fitted = fit()
@@ -255,7 +256,7 @@ def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str, reco
     steps = {case: step_time(cfg, T, acc, n_acc, lay, precision, recompute, factors, case,
                              peak_flops) for case in ("best", "central", "worst")}
     peak = peak_flops or acc.peak_flops(precision)
-    mfu = {case: st.model_flops / (n_acc * peak * st.total) for case, st in steps.items()}
+    mfu = {case: perf_mfu(st, n_acc, peak) for case, st in steps.items()}
     where = ("published/given" if lay.source == "published" else "chosen by rule")
     a = Assumption(
         "mfu", MFU_LABEL, mfu["central"], mfu["worst"], mfu["best"], "", "high",

@@ -91,19 +91,18 @@ class Accelerator:
 
     def network_gbs(self) -> float:
         """Scale-out bandwidth per accelerator, one direction, GB/s; raises naming the entry."""
-        value = self.entry.get("network_gbs")
-        if value is None:
-            why = (self.entry.get("missing") or {}).get("network_gbs", "not in the catalog")
-            raise ValueError(f"{self.name} has no network_gbs in the catalog: {why}")
-        return float(value)
+        return float(self._required("network_gbs"))
 
     def node_size(self) -> int:
         """Accelerators per scale-up domain (NVLink/Infinity Fabric node, TPU pod)."""
-        value = self.entry.get("node_size")
+        return int(self._required("node_size"))
+
+    def _required(self, field: str):
+        value = self.entry.get(field)
         if value is None:
-            why = (self.entry.get("missing") or {}).get("node_size", "not in the catalog")
-            raise ValueError(f"{self.name} has no node_size in the catalog: {why}")
-        return int(value)
+            why = (self.entry.get("missing") or {}).get(field, "not in the catalog")
+            raise ValueError(f"{self.name} has no {field} in the catalog: {why}")
+        return value
 
     def get(self, field: str):
         """A catalog field (memory_gb, tdp_w, ...), None where the vendor gives none."""

@@ -48,6 +48,7 @@ from estimate.hardware import Accelerator
 from model.config import ModelConfig
 from model.flops import (
     _attention_core_flops_forward,
+    count_params,
     model_flops_per_token,
     recomputed_layers,
 )
@@ -151,8 +152,6 @@ def choose_layout(cfg: ModelConfig, n: int, acc: Accelerator, seq_len: int,
     - data parallel takes the rest (ranks left over when n is no product of these stay idle);
       one sequence per micro-batch.
     """
-    from model.flops import count_params
-
     tp = 1
     while tp * 2 <= min(node_size, n) and tp * 2 <= max(1.0, cfg.d_model / 2048 * 1.5):
         tp *= 2
@@ -325,7 +324,7 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
         elem += 3 * 3 * (2 * cfg.d_model + cfg.n_head * cfg.value_head_dim + width)
     memory = tokens_dev * (L + cfg.mtp_depth) / pp / tp * elem / bw
     memory += tokens_dev / pp * 12 * cfg.vocab_size / tp / bw  # fp32 logits: write, read, grad
-    params = _params(cfg)
+    params = float(count_params(cfg))
     memory += 32 * params / n / bw  # Adam: fp32 master weights, m, v read and written, bf16 copy
 
     # Tensor-parallel collectives: 4 per layer (2 forward, 2 backward), each of the micro-batch's
@@ -399,12 +398,6 @@ def remote_copies(cfg: ModelConfig, lay: Layout, node: int) -> float:
         return k * remote
     distinct = nodes * (1 - (1 - 1 / nodes) ** k)
     return min(lay.max_nodes_per_token, distinct) * remote
-
-
-def _params(cfg: ModelConfig) -> float:
-    from model.flops import count_params
-
-    return float(count_params(cfg))
 
 
 def mfu(st: StepTime, n: int, peak: float) -> float:

@@ -251,7 +251,3 @@ def fit(exclude: str | None = None, path: str | Path = RUNS_PATH) -> Fit:
                    f"hours at efficiency 1 / reported hours; range: their 25th-75th "
                    f"percentiles ({q1:.2f}-{q3:.2f})")
     return Fit(stack, min(1.0, statistics.median(r / med for r in wall)), len(ratios))
-
-
-def stack_efficiency(exclude: str | None = None, path: str | Path = RUNS_PATH) -> Factor:
-    return fit(exclude, path).stack

@@ -14,7 +14,6 @@ without a shape the attention term is left out and the report says so.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,13 +53,10 @@ def load_model_yaml(path: str | Path) -> ModelConfig:
         data = yaml.safe_load(f) or {}
     if isinstance(data.get("model"), dict):
         data = data["model"]
-    valid = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown model field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
-        )
-    return ModelConfig(**data)
+    try:
+        return ModelConfig.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _recompute_ratios(cfg: ModelConfig, seq_len: int) -> dict[str, float]:

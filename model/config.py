@@ -142,9 +142,8 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:
-            raise ValueError(
-                f"model config has unknown keys {unknown}; this version knows {sorted(known)}"
-            )
+            raise ValueError(f"unknown model field(s) {', '.join(unknown)}; valid: "
+                             f"{', '.join(sorted(known))}")
         return cls(**section)
 
     def replace(self, **changes) -> ModelConfig:
