@@ -140,8 +140,9 @@ def time_breakdown(parts: dict[str, float], path: str | Path, *, title: str, uni
         left += value
     if published is not None:
         ax.axvline(published, color="black", ls="--", lw=1.5)
-        ax.annotate(f"{published_label}: {published:.3g}", (published, 0.3), xytext=(-4, 0),
-                    textcoords="offset points", fontsize=8, ha="right")
+        ax.annotate(f"{published_label}: {published:.3g}", (published, 0), xytext=(-4, 0),
+                    textcoords="offset points", fontsize=8, ha="right", va="center",
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     ax.set_yticks([])
     ax.set_xlim(0, max(left, published or 0) * 1.1)
     ax.set_xlabel(unit)
