@@ -24,6 +24,7 @@ import yaml
 from contracts.run import RunSummary
 from estimate.hardware import Accelerator, match_device_name
 from estimate.target import Target
+from model.config import ModelConfig
 from model.precision import precision as precision_named
 
 DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
@@ -318,7 +319,11 @@ def _mfu_from_run(run: RunSummary, target: Target, acc: Accelerator, n_acc: int,
         warnings.append(msg)
     else:
         measured_on = match_device_name(run.device)
-        if measured_on is not None and measured_on.name != acc.name:
+        corrected = _size_correction(run, measured_on, target, acc, n_acc, precision, recompute)
+        if corrected is not None:
+            factor, why = corrected
+            a = a.scaled(factor, why)
+        elif measured_on is not None and measured_on.name != acc.name:
             msg = (f"MFU measured on {measured_on.name}, projected onto {acc.name}: assumes the same "
                    "fraction of peak is reached on both")
             a.notes.append(msg)
@@ -341,6 +346,39 @@ def _mfu_from_run(run: RunSummary, target: Target, acc: Accelerator, n_acc: int,
                              f"MFU x{factor:.3f} at the same HFU")
     scale_key = "measured_smaller" if run.world_size < n_acc else "measured_same"
     return a, scale_key
+
+
+def _size_correction(run: RunSummary, measured_on: Accelerator | None, target: Target,
+                     acc: Accelerator, n_acc: int, precision: str,
+                     recompute: str) -> tuple[float, str] | None:
+    """How the MFU of a GPU run changes on the way to the target, by the performance model:
+    the model's MFU for the target over its MFU for the run as it ran (its model, sequence
+    length, batch and processes, data parallel). The unmodelled stack efficiency cancels in
+    the ratio. None when the run's summary has no model shape or its GPU no catalog entry."""
+    from estimate.perf import Layout, load_factors, mfu, step_time
+    from estimate.published import UNIT, complete_layout
+
+    section = {k: v for k, v in run.raw.get("model", {}).items() if k != "params"}
+    if measured_on is None or target.cfg is None or "d_model" not in section:
+        return None
+    src = ModelConfig.from_dict(section)
+    T = int(run.raw.get("seq_len") or src.seq_len)
+    n = run.world_size
+    d = load_defaults()
+    factors = load_factors(d, UNIT)
+    lay = Layout(dp=n, global_batch_tokens=float(run.raw.get("batch_size", n)) * T)
+    run_prec = precision_named(run.mixed_precision).catalog
+    src_mfu = mfu(step_time(src, T, measured_on, n, lay, run_prec if run_prec != "fp32" else "bf16",
+                            "none", factors), n, measured_on.peak_flops(precision))
+    batch = float(d["performance"]["default_global_batch_tokens"]["value"])
+    tlay = complete_layout(target.cfg, n_acc, acc, target.seq_len, batch, {})
+    tgt_mfu = mfu(step_time(target.cfg, target.seq_len, acc, n_acc, tlay, precision, recompute,
+                            factors), n_acc, acc.peak_flops(precision))
+    factor = tgt_mfu / src_mfu
+    return factor, (f"size correction x{factor:.3f}: the performance model gives MFU "
+                    f"{src_mfu:.3f} for the run as it ran ({n} x {measured_on.name}, "
+                    f"{src.n_layer} layers of {src.d_model}) and {tgt_mfu:.3f} for the target "
+                    f"({n_acc} x {acc.name}, layout by rule)")
 
 
 def _power(d: dict, acc: Accelerator, power_w: Range | None,

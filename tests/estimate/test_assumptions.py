@@ -176,3 +176,22 @@ def test_gpu_run_on_other_accelerator_is_flagged(tmp_path):
     same = build_assumptions(resolve_target("gpt2-124m"), get_accelerator("H100-SXM5-80GB"), 8,
                              mfu_run=run)
     assert same.warnings == []
+
+
+def test_gpu_run_mfu_gets_a_size_correction(tmp_path):
+    """A GPU run of a small model projected to a large one: the performance model's ratio of
+    MFUs (target over the run as it ran) scales the measured MFU; without a shape, no change."""
+    small = {"vocab_size": 50304, "seq_len": 1024, "n_layer": 12, "d_model": 768, "n_head": 12,
+             "ffn_hidden": 2048, "params": 124_000_000}
+    run = read_summary(write_summary(tmp_path / "gpu", model=small, seq_len=1024, batch_size=16,
+                                     world_size=1))
+    t = resolve_target("llama2-70b")
+    acc = get_accelerator("H100-SXM5-80GB")
+    a = build_assumptions(t, acc, 2048, mfu_run=run)
+    note = next(n for n in a.mfu.notes if n.startswith("size correction"))
+    factor = float(note.split("x", 1)[1].split(":")[0])
+    assert a.mfu.central == pytest.approx(0.30 * factor, rel=2e-3)  # the note rounds
+    assert factor != 1.0
+    bare = read_summary(write_summary(tmp_path / "bare"))  # no model shape in the summary
+    b = build_assumptions(t, acc, 2048, mfu_run=bare)
+    assert b.mfu.central == 0.30 and not any(n.startswith("size correction") for n in b.mfu.notes)
