@@ -10,7 +10,11 @@ A checkpoint is `RUN/checkpoints/step_NNNNNNNN/` holding
 
 Under `fsdp=true` the weights and optimizer state are sharded instead (torch.distributed.checkpoint):
 `__R_0.distcp` holds rank R's slices and `.metadata` DCP's index of them, in place of
-`model.safetensors` and `optimizer.pt`; `trainer.json` says `"sharded": true`.
+`model.safetensors` and `optimizer.pt`; `trainer.json` says `"sharded": true`. DCP's
+`.metadata` is a pickle: loading it can run code, so nothing reads a checkpoint's weights before
+`check_loadable` has matched every file against the manifest (and found no DCP file the manifest
+does not list). The manifest guards against corruption, not against a forger: whoever can write
+the files can write a manifest that matches them (docs/faults.md, "Trusting a checkpoint").
 
 Checkpoints are written into `step_NNNNNNNN.tmp/` and renamed when complete. A directory
 without a manifest, or whose files do not match it, is not a checkpoint.
@@ -28,6 +32,7 @@ MANIFEST = "manifest.json"
 TRAINER = "trainer.json"
 WEIGHTS = "model.safetensors"
 SHARDED_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint
+DCP_SUFFIXES = (".metadata", ".distcp")  # files torch.distributed.checkpoint may read (pickles)
 
 
 def checkpoint_name(step: int) -> str:
@@ -42,36 +47,75 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(directory: Path, step: int, fingerprint: dict) -> dict:
-    """Write `manifest.json` over every other file of `directory`; returns it."""
-    files = sorted(p for p in Path(directory).iterdir() if p.is_file() and p.name != MANIFEST)
-    config_sha256 = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-    manifest = {"format": FORMAT, "step": step, "config_sha256": config_sha256,
-                "fingerprint": fingerprint,
-                "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                          for p in files}}
-    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2))
+def write_manifest(directory: Path, step: int | None = None, fingerprint: dict | None = None,
+                   names: list[str] | None = None) -> dict:
+    """Write `manifest.json` over `names` (default: every other file of `directory`); returns
+    it. A checkpoint's manifest also records its step and fingerprint."""
+    directory = Path(directory)
+    if names is None:
+        names = [p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST]
+    manifest: dict = {"format": FORMAT}
+    if step is not None:
+        manifest["step"] = step
+    if fingerprint is not None:
+        manifest["config_sha256"] = hashlib.sha256(
+            json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+        manifest["fingerprint"] = fingerprint
+    manifest["files"] = {name: {"sha256": sha256_file(directory / name),
+                                "bytes": (directory / name).stat().st_size}
+                         for name in sorted(names)}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
-def verify_checkpoint(path: Path) -> str | None:
-    """None if every file of the checkpoint matches its manifest, else what is wrong."""
+def read_manifest(path: Path) -> tuple[dict | None, str | None]:
+    """(the manifest's `files` entries, None), or (None, what is wrong with manifest.json)."""
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
-        return f"no {MANIFEST}: the write did not finish"
+        return None, f"no {MANIFEST}: the write did not finish"
     try:
-        manifest = json.loads(manifest_path.read_text())
+        files = json.loads(manifest_path.read_text())["files"]
+        if not isinstance(files, dict) or not all(
+                isinstance(e, dict) and {"sha256", "bytes"} <= e.keys() for e in files.values()):
+            raise TypeError
     except json.JSONDecodeError as e:
-        return f"{MANIFEST} is not valid JSON ({e})"
-    for name, entry in manifest["files"].items():
+        return None, f"{MANIFEST} is not valid JSON ({e})"
+    except (KeyError, TypeError):
+        return None, f"{MANIFEST} has no valid 'files' table of sha256 and bytes"
+    return files, None
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if every file of the checkpoint matches its manifest, else what is wrong, naming
+    the file. A DCP file (`.metadata`, `*.distcp`) the manifest does not list is wrong too:
+    torch.distributed.checkpoint would read it."""
+    files, problem = read_manifest(path)
+    if problem:
+        return problem
+    for name, entry in files.items():
         file = Path(path) / name
-        if not file.is_file():
+        if Path(name).name != name or not file.is_file():  # a manifest names files, not paths
             return f"{name} is missing"
         if file.stat().st_size != entry["bytes"]:
             return f"{name} has {file.stat().st_size} bytes, manifest says {entry['bytes']}"
         if sha256_file(file) != entry["sha256"]:
-            return f"{name} does not match its SHA-256"
+            return f"{name} does not match its SHA-256 in {MANIFEST}"
+    for p in sorted(Path(path).iterdir()):
+        if p.name.endswith(DCP_SUFFIXES) and p.name not in files:
+            return f"{p.name} is not listed in {MANIFEST}"
     return None
+
+
+def check_loadable(path: Path, weights: str) -> None:
+    """Raise ValueError (one line, naming the file) unless every file of directory `path`
+    matches its manifest and the manifest lists `weights`, the file about to be read (WEIGHTS,
+    or SHARDED_INDEX for DCP). Called before any checkpoint's weights are loaded."""
+    problem = verify_checkpoint(path)
+    if problem is None and weights not in read_manifest(path)[0]:
+        problem = f"{weights} is not listed in {MANIFEST}"
+    if problem:
+        raise ValueError(f"refusing to load {path}: {problem} (a checkpoint is loaded only when "
+                         f"its files match the {MANIFEST} written with them)")
 
 
 def write_trainer(directory: Path, sharded: bool, trainer: dict) -> None:

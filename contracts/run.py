@@ -8,6 +8,8 @@
       tokenizer.json     copied from the dataset
       data_meta.json     the dataset's meta.json (generate and export read its eos token)
       samples.txt        a sample from the final model
+      manifest.json      written last: SHA-256 and size of the files generate and export read
+                         (RUN_MANIFEST_FILES); removed when a resume starts rewriting them
       checkpoints/       step_NNNNNNNN/ (see contracts.checkpoint)
 
 summary.json keys every reader may rely on (`REQUIRED`): `format`, `device`, `world_size`,
@@ -31,7 +33,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from contracts.checkpoint import SHARDED_INDEX, WEIGHTS, is_checkpoint_dir, read_trainer
+from contracts.checkpoint import (
+    MANIFEST,
+    SHARDED_INDEX,
+    WEIGHTS,
+    check_loadable,
+    is_checkpoint_dir,
+    read_trainer,
+    write_manifest,
+)
 from contracts.dataset import META, parse_dataset_meta
 
 FORMAT = 1
@@ -58,6 +68,17 @@ class RunDir:
     data_meta = property(lambda self: self.root / "data_meta.json")
     samples = property(lambda self: self.root / "samples.txt")
     checkpoints = property(lambda self: self.root / "checkpoints")
+    manifest = property(lambda self: self.root / MANIFEST)
+
+
+# The final files of a run that generate and export read, covered by the run's manifest.json
+RUN_MANIFEST_FILES = ("config.yaml", WEIGHTS, "tokenizer.json", "data_meta.json")
+
+
+def write_run_manifest(run_dir: str | Path) -> dict:
+    """Write the run directory's manifest.json over its final files (the trainer's last write)."""
+    run = RunDir(run_dir)
+    return write_manifest(run.root, names=[n for n in RUN_MANIFEST_FILES if (run.root / n).is_file()])
 
 
 @dataclass(frozen=True)
@@ -209,19 +230,27 @@ def find_eos_token(tokenizer: Path | None, run_dir: Path, config: dict) -> str:
 
 
 def locate_run(path: str | Path) -> RunFiles:
-    """The config, weights, tokenizer and end-of-text token of a run directory or checkpoint."""
+    """The config, weights, tokenizer and end-of-text token of a run directory or checkpoint,
+    after checking the files: a checkpoint must match its manifest.json (and the manifest must
+    list its weights) or it is refused; a run directory is checked against its manifest.json
+    when it has one (runs written before it existed have none). The weights of a run directory
+    are always `model.safetensors`; only a checkpoint can be sharded (`"sharded": true` in its
+    trainer.json), and then its DCP files are read only after they matched the manifest."""
     path = Path(path)
     config, run_dir = read_run_config(path)
-    weights = path / WEIGHTS
-    sharded = not weights.is_file() and (path / SHARDED_INDEX).is_file()
-    if sharded:
-        weights = path / SHARDED_INDEX
+    checkpoint = not RunDir(path).config.is_file()  # read_run_config found trainer.json
+    sharded = checkpoint and bool(read_trainer(path)["sharded"])
+    weights = path / (SHARDED_INDEX if sharded else WEIGHTS)
+    if checkpoint:
+        check_loadable(path, weights.name)
     elif not weights.is_file():
         raise FileNotFoundError(
             f"{weights} is missing: the run has not finished (only finished runs and checkpoints "
             "hold weights); pass a checkpoint directory such as "
             f"{RunDir(run_dir).checkpoints / 'step_00000100'}"
         )
+    elif RunDir(path).manifest.is_file():
+        check_loadable(path, weights.name)
     tokenizer = find_tokenizer(run_dir, config)
     return RunFiles(config, run_dir, weights, sharded, tokenizer,
                     find_eos_token(tokenizer, run_dir, config))

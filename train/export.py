@@ -4,8 +4,9 @@
     # then, with transformers installed:
     #   AutoModelForCausalLM.from_pretrained("runs/demo/hf"), AutoTokenizer.from_pretrained(...)
 
-PATH is a run directory or one of its checkpoints (see `train.load.load_run`). The mapping of
-our parameters and config onto Llama's is `model.hf`; this module writes the files:
+PATH is a run directory or one of its checkpoints (see `train.load.load_run`; files that do
+not match their manifest.json are refused, one line and exit 2, and nothing is written). The
+mapping of our parameters and config onto Llama's is `model.hf`; this module writes the files:
 `config.json` (LlamaForCausalLM), `generation_config.json`, `model.safetensors` (Llama
 parameter names, float32), `tokenizer.json` (copied) and `tokenizer_config.json` /
 `special_tokens_map.json` (PreTrainedTokenizerFast with the data's end-of-text token as bos, eos
@@ -105,8 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         out = export_run(args.path, args.out_dir)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (FileNotFoundError, ValueError) as e:  # a bad or unverified run: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"exported {args.path} -> {out} (load with transformers' "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
 

@@ -14,6 +14,8 @@ and LM head), the layout torchtitan uses.
 Sharded checkpoints use torch.distributed.checkpoint (DCP): every rank writes its own slices,
 in parallel, with a metadata file that lets a run with another world size load them. The
 run's checkpoints (`train/checkpoint.py`) hold them in place of the safetensors weights.
+DCP's `.metadata` is a pickle, so `load_sharded` first matches every file against the
+checkpoint's manifest (`contracts.checkpoint.check_loadable`) and refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from contracts.checkpoint import SHARDED_INDEX, check_loadable
 from model.transformer import Transformer
 
 log = logging.getLogger("train")
@@ -79,7 +82,9 @@ def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.opti
 
 
 def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a `save_sharded` checkpoint into a model sharded like (or unlike) the one saved."""
+    """Load a `save_sharded` checkpoint into a model sharded like (or unlike) the one saved,
+    once its files match its manifest (ValueError naming the file otherwise: DCP unpickles)."""
+    check_loadable(path, SHARDED_INDEX)
     model_state, optim_state = get_state_dict(model, _inner(optimizer))
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(path))

@@ -5,7 +5,8 @@
 
 PATH is a run directory (`config.yaml`, `model.safetensors`, `tokenizer.json`) or one of its
 checkpoints (`checkpoints/step_NNNNNNNN/`, whose `trainer.json` holds the config; the tokenizer
-is the run directory's, or the dataset's named in the config), loaded by `train.load.load_run`.
+is the run directory's, or the dataset's named in the config), loaded by `train.load.load_run`,
+which first checks the files against their manifest.json: a mismatch is one line and exit 2.
 Sampling is `Transformer.generate`: temperature 0 is greedy, top-k and top-p (nucleus) restrict
 the draw, the KV cache is on unless `--no-cache`, and a sequence stops at the end-of-text token
 or after `--max-new-tokens`. That token is the `eos_token` of the dataset's `meta.json` when it
@@ -122,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
             use_cache=not args.no_cache, stop_at_eos=not args.no_stop,
             dtype=getattr(torch, args.dtype),
         )
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (FileNotFoundError, ValueError) as e:  # a bad or unverified run: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i + 1} ---")

@@ -3,6 +3,12 @@
 Where the files are (config, weights, tokenizer, end-of-text token) is `contracts.run.locate_run`;
 this module rebuilds the `Transformer` and loads its weights: `model.safetensors`, or the sharded
 files of an FSDP checkpoint (torch.distributed.checkpoint), into one unsharded model.
+
+`locate_run` refuses a checkpoint whose files do not match its manifest, and a run directory
+whose files do not match its manifest when it has one. Loading safetensors runs no code; DCP's
+`.metadata` is a pickle, unpickled only after that check (`check_loadable`, repeated here before
+the DCP read). The check catches corruption, not a forger who rewrites the manifest too: loading
+a sharded checkpoint you did not write means trusting whoever wrote it (docs/faults.md).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_model
 
+from contracts.checkpoint import SHARDED_INDEX, check_loadable
 from contracts.run import EOS_TOKEN, locate_run
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -42,7 +49,9 @@ def model_config_from_dict(section: dict) -> ModelConfig:
 
 def load_sharded_weights(model: Transformer, path: Path) -> None:
     """Load the weights of an FSDP checkpoint (torch.distributed.checkpoint: one file of slices
-    per rank, indexed by `.metadata`) into an unsharded model, in this one process."""
+    per rank, indexed by `.metadata`) into an unsharded model, in this one process. Refuses
+    (ValueError) a directory whose files do not match its manifest before DCP reads anything."""
+    check_loadable(path, SHARDED_INDEX)
     state = {"model": model.state_dict()}  # the run saved {"model": ..., "optimizer": ...}
     with warnings.catch_warnings():  # "...assuming the intent is to load in a single process"
         warnings.filterwarnings("ignore", message=".*load in a single process")

@@ -1,6 +1,7 @@
 """The files around training: the dataset it reads, and the run directory it writes
 (`contracts.run.RunDir`: config.yaml, metrics.jsonl, summary.json, model.safetensors,
-tokenizer.json, data_meta.json, samples.txt)."""
+tokenizer.json, data_meta.json, samples.txt, and manifest.json over the files generate and
+export read, written last)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import save_model
 
 from contracts.dataset import META, DatasetMeta, read_dataset_meta
-from contracts.run import RunDir, write_summary
+from contracts.run import RunDir, write_run_manifest, write_summary
 from model.transformer import Transformer
 from train.config import TrainConfig, to_yaml
 from train.metrics import report
@@ -50,9 +51,11 @@ def check_tokenizer(meta: DatasetMeta) -> None:
 def prepare_run_dir(cfg: TrainConfig, meta: DatasetMeta, fresh: bool) -> RunDir:
     """Write the resolved config and copy the dataset's tokenizer and meta.json (generate and
     export read its eos token) into the run directory (main rank only). A fresh run starts a
-    new metrics.jsonl; a resumed one keeps it."""
+    new metrics.jsonl; a resumed one keeps it. The manifest of a finished run goes first: its
+    files are about to change, and write_outputs writes a new one at the end."""
     run = RunDir(cfg.out_dir)
     run.root.mkdir(parents=True, exist_ok=True)
+    run.manifest.unlink(missing_ok=True)
     run.config.write_text(to_yaml(cfg))
     if fresh:
         run.metrics.unlink(missing_ok=True)
@@ -80,11 +83,12 @@ def sample_text(model: Transformer, tokenizer_path: Path, cfg: TrainConfig, devi
 
 def write_outputs(cfg: TrainConfig, summary: dict, model: Transformer, device,
                   eos_id: int) -> None:
-    """The main rank's end-of-run files (summary.json, model.safetensors, samples.txt) and the
-    report on stdout."""
+    """The main rank's end-of-run files (summary.json, model.safetensors, samples.txt, then
+    manifest.json over the files generate and export read) and the report on stdout."""
     run = RunDir(cfg.out_dir)
     write_summary(run.root, summary)
     save_model(model, str(run.weights))
     text = sample_text(model, run.tokenizer, cfg, device, eos_id)
     run.samples.write_text(f"prompt: {cfg.sample_prompt!r}\n\n{text}\n")
+    write_run_manifest(run.root)
     report(summary, text)

@@ -6,11 +6,13 @@ which needs the optimizer state (Adam's moments and step) to have been restored 
 """
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
+from contracts.checkpoint import write_manifest
 from model.config import get_preset
 from model.transformer import Transformer
 from train import fsdp
@@ -42,6 +44,9 @@ def main(path: str) -> None:
     for s in range(2):
         step(model, optimizer, seed=10 * s + rank)
     fsdp.save_sharded(path, model, optimizer)
+    if rank == 0:  # as train/checkpoint.py does: load_sharded refuses files without a manifest
+        write_manifest(Path(path), 2, {})
+    dist.barrier()
     other, other_optimizer = build(acc, seed=1)  # different initial weights
     fsdp.load_sharded(path, other, other_optimizer)
     for m, o in ((model, optimizer), (other, other_optimizer)):

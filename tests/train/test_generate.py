@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
+from contracts.checkpoint import write_manifest
 from model.config import ModelConfig
 from model.transformer import Transformer
 from tests.utils import run_cmd
@@ -71,6 +72,7 @@ def test_load_checkpoint_dir(run_dir, tmp_path):
     save_model(model, str(ckpt / "model.safetensors"))
     config = dataclasses.asdict(TrainConfig(model=CFG, data_dir="/nonexistent"))
     (ckpt / "trainer.json").write_text(json.dumps({"format": 1, "step": 10, "config": config}))
+    write_manifest(ckpt, 10, {})  # a checkpoint loads only when its files match their manifest
     shutil.copy(run_dir / "tokenizer.json", run / "tokenizer.json")
     loaded = load_run(ckpt)
     assert torch.equal(loaded.model.tok_emb.weight, model.tok_emb.weight)
