@@ -2,7 +2,8 @@
 
 OmegaConf structured configs give us typed fields, dotted overrides (`train.lr=3e-4` style:
 here `optim.lr=3e-4`) and errors for unknown keys. A `model.preset` key picks a preset from
-`model.config.PRESETS` whose fields the rest of the `model:` section then overrides.
+`model.config.PRESETS` whose explicit fields the rest of the `model:` section then overrides;
+derived fields (SwiGLU width, kv heads, expert width) follow the final shape unless given.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from contracts.config import load_structured
-from model.config import ModelConfig, get_preset
+from model.config import DERIVED, ModelConfig, preset_fields
 from model.flops import TRAINABLE_RECOMPUTE
 from model.precision import TRAINING_SWITCHES
 
@@ -104,8 +105,15 @@ def _presets_and_off_words(base, user, overrides: list[str]):
             user[key] = OFF_WORDS[key]  # a dotlist would read `no` back as False
             continue
         kept.append(override)
+    # The model section starts from the preset's explicit fields (or the defaults) with the
+    # derived ones (DERIVED: ffn_hidden, n_kv_head, moe_ffn_hidden) unset, so that they are
+    # computed from the final shape unless the preset or the user gives them.
+    model = OmegaConf.structured(ModelConfig)
+    for name in DERIVED:
+        model[name] = None
     if preset is not None:
-        base.model = OmegaConf.structured(get_preset(str(preset)))
+        model = OmegaConf.merge(model, preset_fields(str(preset)))
+    base.model = model
     return base, user, kept
 
 
@@ -131,10 +139,17 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"compile_scope={cfg.compile_scope!r}; valid: {', '.join(COMPILE_SCOPES)}")
     if cfg.tracker not in ("wandb", "tensorboard", "none"):
         raise ValueError(f"tracker={cfg.tracker!r}; valid: wandb, tensorboard, none")
-    for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "log_every",
-                 "max_bad_steps"):
+    for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches",
+                 "log_every", "max_bad_steps"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if not cfg.optim.lr > 0:
+        raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.optim.warmup_steps < 0 or cfg.warmup_steps_excluded < 0:
+        raise ValueError("optim.warmup_steps and warmup_steps_excluded must be >= 0, got "
+                         f"{cfg.optim.warmup_steps} and {cfg.warmup_steps_excluded}")
+    if cfg.seq_len < 0:
+        raise ValueError(f"seq_len must be > 0, or 0 for model.seq_len, got {cfg.seq_len}")
     if cfg.checkpoint_every < 0 or cfg.keep_checkpoints < 0:
         raise ValueError("checkpoint_every and keep_checkpoints must be >= 0")
     if cfg.seq_len > cfg.model.seq_len:
