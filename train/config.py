@@ -8,13 +8,16 @@ derived fields (SwiGLU width, kv heads, expert width) follow the final shape unl
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from contracts.config import load_structured
-from model.config import DERIVED, ModelConfig, preset_fields
+from model.config import DERIVED, PRESET_FIELDS, ModelConfig, preset_fields
 from model.flops import TRAINABLE_RECOMPUTE
 from model.precision import TRAINING_SWITCHES
 
@@ -159,3 +162,35 @@ def validate(cfg: TrainConfig) -> None:
 
 def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def describe_keys() -> str:
+    """Every config key with its default and the comment beside its field (for --help), then
+    the model presets."""
+    lines = []
+    for prefix, schema in (("", TrainConfig), ("optim.", OptimConfig), ("model.", ModelConfig)):
+        comments = _field_comments(schema)
+        defaults = OmegaConf.to_container(OmegaConf.structured(schema))
+        for f in dataclasses.fields(schema):
+            if f.name in ("model", "optim"):
+                continue
+            value = defaults[f.name]
+            if prefix == "model." and f.name in DERIVED:
+                value = "(derived)"
+            elif isinstance(value, str) and (not value or value != value.strip()):
+                value = repr(value)
+            note = comments.get(f.name, "")
+            lines.append(f"  {prefix + f.name}={value}" + (f"  # {note}" if note else ""))
+    lines.append("  model.preset=NAME  # start the model section from a preset: "
+                 + ", ".join(PRESET_FIELDS))
+    return "\n".join(lines)
+
+
+def _field_comments(schema: type) -> dict[str, str]:
+    """`name: type = default  # comment` lines of a dataclass's source, by field name."""
+    comments = {}
+    for line in inspect.getsource(schema).splitlines():
+        m = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments

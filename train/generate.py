@@ -22,6 +22,7 @@ import time
 import torch
 from tokenizers import Tokenizer
 
+from contracts.cli import USER_ERRORS, report
 from train.load import LoadedRun, load_run
 
 
@@ -122,8 +123,8 @@ def main(argv: list[str] | None = None) -> None:
             use_cache=not args.no_cache, stop_at_eos=not args.no_stop,
             dtype=getattr(torch, args.dtype),
         )
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except USER_ERRORS as e:
+        sys.exit(report(e))
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i + 1} ---")

@@ -1,0 +1,116 @@
+"""Bad input at the command line: refused early, in one line, blaming the right place
+(issue 15 items 5 and 8)."""
+
+import importlib
+import sys
+
+import pytest
+
+from contracts.cli import DEBUG_ENV, report, run_main
+from tests.utils import ROOT, run_cmd
+
+TRAIN_CONFIG = "configs/train/tiny.yaml"
+PREP_CONFIG = "configs/prep/tiny.yaml"
+
+
+@pytest.mark.parametrize("module, path", [("train.config", TRAIN_CONFIG),
+                                          ("data_prep.config", PREP_CONFIG)])
+def test_unknown_override_is_blamed_on_the_command_line(module, path):
+    load_config = importlib.import_module(module).load_config
+    with pytest.raises(ValueError) as e:
+        load_config(ROOT / path, ["no_such_key=1"])
+    message = str(e.value)
+    assert "command-line override 'no_such_key=1'" in message
+    assert path not in message  # not blamed on the YAML file
+
+
+def test_run_main_prints_one_line_and_exits_2(capsys, monkeypatch):
+    def bad():
+        raise ValueError("optim.lr must be > 0, got 0")
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    assert run_main(bad) == 2
+    assert capsys.readouterr().err == "error: optim.lr must be > 0, got 0\n"
+    assert run_main(lambda: None) == 0
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(ValueError):
+        run_main(bad)
+    with pytest.raises(FileNotFoundError):
+        report(FileNotFoundError("x"))
+
+
+def _one_error_line(stderr: str, *words: str) -> None:
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert lines and lines[-1].startswith("error: "), stderr
+    assert "Traceback" not in stderr, stderr
+    for word in words:
+        assert word in lines[-1], stderr
+
+
+def test_train_user_errors_are_one_line(tmp_path):
+    """A bad value at config time, and a missing dataset at run time (a traceback before)."""
+    bad = run_cmd([sys.executable, "-m", "train", TRAIN_CONFIG, "eval_batches=0"], check=False)
+    assert bad.returncode == 2
+    _one_error_line(bad.stderr, "eval_batches must be > 0, got 0")
+    missing = tmp_path / "nothing"
+    result = run_cmd([sys.executable, "-m", "train", TRAIN_CONFIG, f"data_dir={missing}",
+                      f"out_dir={tmp_path / 'run'}", "tracker=none"], check=False)
+    assert result.returncode == 2
+    _one_error_line(result.stderr, str(missing))
+    debug = run_cmd([sys.executable, "-m", "train", TRAIN_CONFIG, f"data_dir={missing}",
+                     f"out_dir={tmp_path / 'run'}", "tracker=none"], env={DEBUG_ENV: "1"},
+                    check=False)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("module", ["train.generate", "train.export"])
+def test_generate_and_export_missing_run_is_one_line(module, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    args = [str(tmp_path / "nope")] + ([str(tmp_path / "out")] if module == "train.export" else [])
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(args)
+    assert e.value.code == 2
+    _one_error_line(capsys.readouterr().err, "nope")
+
+
+def test_prep_and_estimate_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from data_prep.__main__ import main as prep
+    from estimate.__main__ import main as estimate
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    assert prep([str(tmp_path / "missing.yaml")]) == 2
+    _one_error_line(capsys.readouterr().err, "missing.yaml")
+    assert estimate(["project", "--model", "nope", "--tokens", "1T", "--accelerator", "H100"]) == 2
+    _one_error_line(capsys.readouterr().err, "nope")
+
+
+def test_console_scripts_exist_and_answer_help(capsys):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"tokenclock-train", "tokenclock-prep", "tokenclock-estimate"}
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        main = getattr(importlib.import_module(module), function)
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        assert e.value.code == 0, name
+        assert "usage:" in capsys.readouterr().out, name
+
+
+def test_train_help_lists_keys_defaults_and_presets(capsys):
+    from train.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for text in ("optim.lr=0.001", "eval_batches=8", "model.ffn_hidden=(derived)",
+                 "--print-config", "small", "llama3-405b", DEBUG_ENV):
+        assert text in out, text
+
+
+def test_print_config_prints_the_resolved_config_and_exits(capsys):
+    from train.__main__ import main
+
+    assert main([TRAIN_CONFIG, "model.preset=small", "model.d_model=384", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "d_model: 384" in out and "ffn_hidden: 1024" in out and "data_dir:" in out
