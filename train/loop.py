@@ -39,6 +39,7 @@ from train.config import TrainConfig
 from train.data import BatchLoader, TokenWindows
 from train.distributed import build_accelerator, finish, global_sum, set_threads, weight_checksums
 from train.fsdp import full_copy
+from train.memory import check_memory
 from train.metrics import MetricsLog, RunInfo, StepResult, step_line, summarize
 from train.optim import lr_at
 from train.rundir import open_dataset, prepare_run_dir, write_outputs
@@ -130,6 +131,7 @@ def run(cfg: TrainConfig) -> dict:
     val_loader = BatchLoader(TokenWindows(meta, "val", seq_len, cfg.model.vocab_size),
                              cfg.micro_batch_size, rank, world, cfg.seed, shuffle=False)
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    check_memory(cfg, accelerator)  # refuse a model too big for the device before allocating it
     model, optimizer = build_model(cfg, accelerator)  # techniques, DDP or FSDP, optimizer
     raw_model = accelerator.unwrap_model(model)
 
