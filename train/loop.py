@@ -42,7 +42,7 @@ from train.fsdp import full_copy
 from train.memory import check_memory
 from train.metrics import MetricsLog, RunInfo, StepResult, step_line, summarize
 from train.optim import lr_at
-from train.rundir import open_dataset, prepare_run_dir, write_outputs
+from train.rundir import disk_space, open_dataset, prepare_run_dir, state_bytes, write_outputs
 from train.stop import EXIT_STOPPED, Stopper
 from train.techniques import build_model, executed_flops_per_token, techniques_in_use
 
@@ -184,8 +184,9 @@ def run(cfg: TrainConfig) -> dict:
         trainer = {**dataclasses.asdict(state), "fingerprint": run_fingerprint,
                    "config": dataclasses.asdict(cfg),
                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
-        path = checkpointer.save(step, raw_model, optimizer, trainer,
-                                 {"rng": rng_state(), "data": train_loader.state_dict()})
+        with disk_space(checkpointer.root, lambda: state_bytes(raw_model, optimizer)):
+            path = checkpointer.save(step, raw_model, optimizer, trainer,
+                                     {"rng": rng_state(), "data": train_loader.state_dict()})
         log.info(f"step {step}: saved checkpoint {path}")
 
     timer = PhaseTimer(accelerator.device)

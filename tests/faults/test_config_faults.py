@@ -1,12 +1,15 @@
 """Bad input at the command line: refused early, in one line, blaming the right place
 (issue 15 items 5 and 8)."""
 
+import errno
 import importlib
+import re
 import sys
+from pathlib import Path
 
 import pytest
 
-from contracts.cli import DEBUG_ENV, report, run_main
+from contracts.cli import DEBUG_ENV, NoSpace, report, run_main
 from tests.utils import ROOT, run_cmd
 
 TRAIN_CONFIG = "configs/train/tiny.yaml"
@@ -125,3 +128,56 @@ def test_model_too_big_for_the_device_is_refused_before_allocation(tiny_data, tm
     assert result.returncode == 2
     _one_error_line(result.stderr, "the model does not fit", "GB (weights", "activations",
                     "micro_batch_size=")
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_space_names_the_path_and_the_size(tmp_path, monkeypatch):
+    from train import rundir
+
+    with pytest.raises(NoSpace, match=rf"^no space left on device: {tmp_path} needs ~3 MB$"):
+        with rundir.disk_space(tmp_path, 3_000_000):
+            _enospc()
+    # torch.save's report of a full disk carries no errno: the free space decides
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # plenty free: not the disk
+        with rundir.disk_space(tmp_path, 10):
+            raise RuntimeError("unexpected pos 1053760 vs 1053648")
+    monkeypatch.setattr(rundir, "_free_bytes", lambda path: 100)
+    with pytest.raises(NoSpace, match="needs ~1 MB"):
+        with rundir.disk_space(tmp_path / "summary.json", lambda: 1_000_000):
+            raise RuntimeError("unexpected pos 1053760 vs 1053648")
+
+
+def _train_in_process(tiny_data, out, *overrides) -> int:
+    from train.__main__ import main
+
+    return main([TRAIN_CONFIG, f"data_dir={tiny_data}", f"out_dir={out}", "tracker=none",
+                 "steps=2", "eval_every=2", "eval_batches=1", "sample_tokens=4", *overrides])
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "summary", "config"])
+def test_full_disk_is_one_line(where, tiny_data, tmp_path, capsys, monkeypatch):
+    """A full disk during a run's writes: one line naming the path and the size needed (was
+    `unexpected pos 1053760 vs 1053648` and a traceback)."""
+    from train import checkpoint, rundir
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    out = tmp_path / "run"
+    if where == "checkpoint":
+        monkeypatch.setattr(checkpoint.Checkpointer, "save", _enospc)
+        expected = rf"{out / 'checkpoints'} needs ~\d+ MB"
+    elif where == "summary":
+        def torn(*args):
+            raise RuntimeError("unexpected pos 1053760 vs 1053648")
+        monkeypatch.setattr(rundir, "write_summary", torn)
+        monkeypatch.setattr(rundir, "_free_bytes", lambda path: 0)
+        expected = rf"{out / 'summary.json'} needs ~1 MB"
+    else:
+        monkeypatch.setattr(Path, "write_text", _enospc)
+        expected = rf"{out} needs ~\d+ MB"
+    assert _train_in_process(tiny_data, out, "checkpoint_every=2") == 2
+    err = capsys.readouterr().err
+    _one_error_line(err, "no space left on device: ")
+    assert re.search(expected, err.splitlines()[-1]), err
