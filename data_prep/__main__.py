@@ -1,4 +1,5 @@
-"""`python -m data_prep CONFIG [key=value ...]`: prepare the dataset a YAML config describes."""
+"""`python -m data_prep CONFIG [key=value ...]` (or `tokenclock-prep`): prepare the dataset a YAML
+config describes."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import argparse
 import logging
 import sys
 
+from contracts.cli import run_main
 from data_prep.config import load_config
 from data_prep.pipeline import run
-from data_prep.tokenizer import PretrainedTokenizerError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,16 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        out = run(cfg)
-    except PretrainedTokenizerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(prepare, args)
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """A bad config, a missing input or an unusable tokenizer (PretrainedTokenizerError, a
+    ValueError) is one `error:` line and exit code 2 (contracts.cli.run_main)."""
+    out = run(load_config(args.config, args.overrides))
     print(f"prepared dataset: {out}")
     return 0
 

@@ -1,4 +1,4 @@
-"""`python -m estimate`: project training time, validate against published runs, list hardware.
+"""`python -m estimate` (or `tokenclock-estimate`): project training time, validate against published runs, list hardware.
 
     python -m estimate project --model llama3-405b --tokens 15.6T --accelerator H100-SXM5-80GB \\
         --count 16384 [--mfu 0.4:0.35:0.55 | --mfu-from runs/my_run] [--goodput 0.9] \\
@@ -19,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from contracts.cli import run_main
 from estimate.hardware import PRECISIONS, get_accelerator, load_catalog
 from estimate.units import parse_count, parse_value_range
 from model.flops import RECOMPUTE_MODES
@@ -301,11 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # the command as given, for the header of measured tables
     commands = {"project": cmd_project, "validate": cmd_validate, "catalog": cmd_catalog,
                 "calibrate": cmd_calibrate}
-    try:
-        return commands[args.command](args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(commands[args.command], args)
 
 
 if __name__ == "__main__":

@@ -153,38 +153,40 @@ class ModelConfig:
 
 # Shapes of published models are taken from their papers; where our architecture (SwiGLU,
 # RMSNorm, RoPE, no biases) differs, the note says how the shape was matched.
-PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(
+# Each preset is the fields it sets explicitly; the derived ones it leaves out (DERIVED) are
+# computed from the final shape, so overriding `d_model` of `small` re-derives its SwiGLU width.
+PRESET_FIELDS: dict[str, dict] = {
+    "tiny": dict(
         seq_len=64, n_layer=2, d_model=64, n_head=4, n_kv_head=2, notes="unit tests"
     ),
-    "small": ModelConfig(
+    "small": dict(
         seq_len=256, n_layer=4, d_model=256, n_head=8, n_kv_head=4, notes="CPU demo"
     ),
-    "gpt2-124m": ModelConfig(
+    "gpt2-124m": dict(
         vocab_size=50304, seq_len=1024, n_layer=12, d_model=768, n_head=12, ffn_hidden=2048,
         notes="GPT-2 small shape (Radford et al. 2019); SwiGLU width 8d/3 keeps its 4d MLP's "
         "parameter count; vocab 50257 padded to 50304",
     ),
-    "llama-1b": ModelConfig(
+    "llama-1b": dict(
         vocab_size=32000, seq_len=2048, n_layer=22, d_model=2048, n_head=32, n_kv_head=4,
         ffn_hidden=5632, tie_embeddings=False,
         notes="Llama-2-style ~1.1B (the TinyLlama shape, Zhang et al. 2024)",
     ),
-    "gpt3-175b": ModelConfig(
+    "gpt3-175b": dict(
         vocab_size=50257, seq_len=2048, n_layer=96, d_model=12288, n_head=96, ffn_hidden=32768,
         notes="GPT-3 175B (Brown et al. 2020, table 2.1); SwiGLU width 8d/3 matches its 4d MLP's "
         "parameters",
     ),
-    "llama2-70b": ModelConfig(
+    "llama2-70b": dict(
         vocab_size=32000, seq_len=4096, n_layer=80, d_model=8192, n_head=64, n_kv_head=8,
         ffn_hidden=28672, tie_embeddings=False, notes="Llama 2 70B (Touvron et al. 2023)",
     ),
-    "llama3-405b": ModelConfig(
+    "llama3-405b": dict(
         vocab_size=128256, seq_len=8192, n_layer=126, d_model=16384, n_head=128, n_kv_head=8,
         ffn_hidden=53248, tie_embeddings=False, rope_theta=500000.0,
         notes="Llama 3.1 405B (Llama Team 2024, table 3)",
     ),
-    "deepseek-v3": ModelConfig(
+    "deepseek-v3": dict(
         vocab_size=129280, seq_len=4096, n_layer=61, d_model=7168, n_head=128, ffn_hidden=18432,
         tie_embeddings=False, n_experts=256, n_experts_active=8, n_shared_experts=1,
         moe_ffn_hidden=2048, n_dense_layers=3, kv_lora_rank=512, q_lora_rank=1536,
@@ -193,10 +195,20 @@ PRESETS: dict[str, ModelConfig] = {
         "latent attention with its real dimensions; one multi-token-prediction module",
     ),
 }
+PRESETS: dict[str, ModelConfig] = {name: ModelConfig(**f) for name, f in PRESET_FIELDS.items()}
+# Fields computed from others when left unset (None): n_kv_head from n_head, ffn_hidden from
+# d_model and multiple_of, moe_ffn_hidden from ffn_hidden.
+DERIVED = ("n_kv_head", "ffn_hidden", "moe_ffn_hidden")
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:
-    """The preset `name` with `overrides` applied; unknown names list the valid ones."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; valid: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    """The preset `name` with `overrides` applied, its derived fields (DERIVED) computed from
+    the result unless the preset or `overrides` set them; unknown names list the valid ones."""
+    return ModelConfig(**{**preset_fields(name), **overrides})
+
+
+def preset_fields(name: str) -> dict:
+    """The fields the preset `name` sets explicitly (a copy)."""
+    if name not in PRESET_FIELDS:
+        raise ValueError(f"unknown model preset {name!r}; valid: {', '.join(PRESET_FIELDS)}")
+    return dict(PRESET_FIELDS[name])

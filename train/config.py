@@ -2,18 +2,22 @@
 
 OmegaConf structured configs give us typed fields, dotted overrides (`train.lr=3e-4` style:
 here `optim.lr=3e-4`) and errors for unknown keys. A `model.preset` key picks a preset from
-`model.config.PRESETS` whose fields the rest of the `model:` section then overrides.
+`model.config.PRESETS` whose explicit fields the rest of the `model:` section then overrides;
+derived fields (SwiGLU width, kv heads, expert width) follow the final shape unless given.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from contracts.config import load_structured
-from model.config import ModelConfig, get_preset
+from model.config import DERIVED, PRESET_FIELDS, ModelConfig, preset_fields
 from model.flops import TRAINABLE_RECOMPUTE
 from model.precision import TRAINING_SWITCHES
 
@@ -104,8 +108,15 @@ def _presets_and_off_words(base, user, overrides: list[str]):
             user[key] = OFF_WORDS[key]  # a dotlist would read `no` back as False
             continue
         kept.append(override)
+    # The model section starts from the preset's explicit fields (or the defaults) with the
+    # derived ones (DERIVED: ffn_hidden, n_kv_head, moe_ffn_hidden) unset, so that they are
+    # computed from the final shape unless the preset or the user gives them.
+    model = OmegaConf.structured(ModelConfig)
+    for name in DERIVED:
+        model[name] = None
     if preset is not None:
-        base.model = OmegaConf.structured(get_preset(str(preset)))
+        model = OmegaConf.merge(model, preset_fields(str(preset)))
+    base.model = model
     return base, user, kept
 
 
@@ -131,10 +142,17 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"compile_scope={cfg.compile_scope!r}; valid: {', '.join(COMPILE_SCOPES)}")
     if cfg.tracker not in ("wandb", "tensorboard", "none"):
         raise ValueError(f"tracker={cfg.tracker!r}; valid: wandb, tensorboard, none")
-    for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "log_every",
-                 "max_bad_steps"):
+    for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches",
+                 "log_every", "max_bad_steps"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if not cfg.optim.lr > 0:
+        raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.optim.warmup_steps < 0 or cfg.warmup_steps_excluded < 0:
+        raise ValueError("optim.warmup_steps and warmup_steps_excluded must be >= 0, got "
+                         f"{cfg.optim.warmup_steps} and {cfg.warmup_steps_excluded}")
+    if cfg.seq_len < 0:
+        raise ValueError(f"seq_len must be > 0, or 0 for model.seq_len, got {cfg.seq_len}")
     if cfg.checkpoint_every < 0 or cfg.keep_checkpoints < 0:
         raise ValueError("checkpoint_every and keep_checkpoints must be >= 0")
     if cfg.seq_len > cfg.model.seq_len:
@@ -144,3 +162,35 @@ def validate(cfg: TrainConfig) -> None:
 
 def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def describe_keys() -> str:
+    """Every config key with its default and the comment beside its field (for --help), then
+    the model presets."""
+    lines = []
+    for prefix, schema in (("", TrainConfig), ("optim.", OptimConfig), ("model.", ModelConfig)):
+        comments = _field_comments(schema)
+        defaults = OmegaConf.to_container(OmegaConf.structured(schema))
+        for f in dataclasses.fields(schema):
+            if f.name in ("model", "optim"):
+                continue
+            value = defaults[f.name]
+            if prefix == "model." and f.name in DERIVED:
+                value = "(derived)"
+            elif isinstance(value, str) and (not value or value != value.strip()):
+                value = repr(value)
+            note = comments.get(f.name, "")
+            lines.append(f"  {prefix + f.name}={value}" + (f"  # {note}" if note else ""))
+    lines.append("  model.preset=NAME  # start the model section from a preset: "
+                 + ", ".join(PRESET_FIELDS))
+    return "\n".join(lines)
+
+
+def _field_comments(schema: type) -> dict[str, str]:
+    """`name: type = default  # comment` lines of a dataclass's source, by field name."""
+    comments = {}
+    for line in inspect.getsource(schema).splitlines():
+        m = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments

@@ -27,6 +27,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from contracts.cli import USER_ERRORS, report
 from contracts.run import EOS_TOKEN
 from model.hf import check_exportable, llama_config, llama_state_dict
 from model.transformer import Transformer
@@ -106,9 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         out = export_run(args.path, args.out_dir)
-    except (FileNotFoundError, ValueError) as e:  # a bad or unverified run: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except USER_ERRORS as e:
+        sys.exit(report(e))
     print(f"exported {args.path} -> {out} (load with transformers' "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
 

@@ -23,6 +23,7 @@ import time
 import torch
 from tokenizers import Tokenizer
 
+from contracts.cli import USER_ERRORS, report
 from train.load import LoadedRun, load_run
 
 
@@ -123,9 +124,8 @@ def main(argv: list[str] | None = None) -> None:
             use_cache=not args.no_cache, stop_at_eos=not args.no_stop,
             dtype=getattr(torch, args.dtype),
         )
-    except (FileNotFoundError, ValueError) as e:  # a bad or unverified run: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except USER_ERRORS as e:
+        sys.exit(report(e))
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i + 1} ---")

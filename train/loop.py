@@ -39,9 +39,10 @@ from train.config import TrainConfig
 from train.data import BatchLoader, TokenWindows
 from train.distributed import build_accelerator, finish, global_sum, set_threads, weight_checksums
 from train.fsdp import full_copy
+from train.memory import check_memory
 from train.metrics import MetricsLog, RunInfo, StepResult, step_line, summarize
 from train.optim import lr_at
-from train.rundir import open_dataset, prepare_run_dir, write_outputs
+from train.rundir import disk_space, open_dataset, prepare_run_dir, state_bytes, write_outputs
 from train.stop import EXIT_STOPPED, Stopper
 from train.techniques import build_model, executed_flops_per_token, techniques_in_use
 
@@ -130,6 +131,7 @@ def run(cfg: TrainConfig) -> dict:
     val_loader = BatchLoader(TokenWindows(meta, "val", seq_len, cfg.model.vocab_size),
                              cfg.micro_batch_size, rank, world, cfg.seed, shuffle=False)
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    check_memory(cfg, accelerator)  # refuse a model too big for the device before allocating it
     model, optimizer = build_model(cfg, accelerator)  # techniques, DDP or FSDP, optimizer
     raw_model = accelerator.unwrap_model(model)
 
@@ -182,8 +184,9 @@ def run(cfg: TrainConfig) -> dict:
         trainer = {**dataclasses.asdict(state), "fingerprint": run_fingerprint,
                    "config": dataclasses.asdict(cfg),
                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
-        path = checkpointer.save(step, raw_model, optimizer, trainer,
-                                 {"rng": rng_state(), "data": train_loader.state_dict()})
+        with disk_space(checkpointer.root, lambda: state_bytes(raw_model, optimizer)):
+            path = checkpointer.save(step, raw_model, optimizer, trainer,
+                                     {"rng": rng_state(), "data": train_loader.state_dict()})
         log.info(f"step {step}: saved checkpoint {path}")
 
     timer = PhaseTimer(accelerator.device)

@@ -5,12 +5,15 @@ export read, written last)."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_model
 
+from contracts.cli import NoSpace, is_no_space
 from contracts.dataset import META, DatasetMeta, read_dataset_meta
 from contracts.run import RunDir, write_run_manifest, write_summary
 from model.transformer import Transformer
@@ -48,6 +51,50 @@ def check_tokenizer(meta: DatasetMeta) -> None:
         )
 
 
+@contextlib.contextmanager
+def disk_space(path: Path | str, needed: int | Callable[[], int]) -> Iterator[None]:
+    """Turn a write into `path` that fails for lack of space into one line, NoSpace: "no space
+    left on device: PATH needs ~N MB". `needed` (bytes, or a function computing them) is what
+    the write takes. A failure counts as a full disk when its errno is ENOSPC, or when the disk
+    holds less than `needed` free: torch.save reports a full disk as `RuntimeError: unexpected
+    pos ...`, without the errno."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, NoSpace):
+            raise
+        need = needed() if callable(needed) else needed
+        if is_no_space(e) or _free_bytes(path) < need:
+            raise NoSpace(path, need) from e
+        raise
+
+
+def _free_bytes(path: Path | str) -> int:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62  # unknown: not the reason
+
+
+def state_bytes(*states) -> int:
+    """Bytes of the tensors in modules, optimizers or (nested) state dicts: what writing them
+    takes on disk."""
+    total = 0
+    for state in states:
+        if hasattr(state, "state_dict"):
+            state = state.state_dict()
+        if isinstance(state, torch.Tensor):
+            total += state.numel() * state.element_size()
+        elif isinstance(state, dict):
+            total += state_bytes(*state.values())
+        elif isinstance(state, (list, tuple)):
+            total += state_bytes(*state)
+    return total
+
+
 def prepare_run_dir(cfg: TrainConfig, meta: DatasetMeta, fresh: bool) -> RunDir:
     """Write the resolved config and copy the dataset's tokenizer and meta.json (generate and
     export read its eos token) into the run directory (main rank only). A fresh run starts a
@@ -56,11 +103,14 @@ def prepare_run_dir(cfg: TrainConfig, meta: DatasetMeta, fresh: bool) -> RunDir:
     run = RunDir(cfg.out_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     run.manifest.unlink(missing_ok=True)
-    run.config.write_text(to_yaml(cfg))
-    if fresh:
-        run.metrics.unlink(missing_ok=True)
-    shutil.copy(meta.tokenizer_path, run.tokenizer)
-    shutil.copy(meta.root / META, run.data_meta)
+    text = to_yaml(cfg)
+    needed = len(text) + meta.tokenizer_path.stat().st_size + (meta.root / META).stat().st_size
+    with disk_space(run.root, needed):
+        run.config.write_text(text)
+        if fresh:
+            run.metrics.unlink(missing_ok=True)
+        shutil.copy(meta.tokenizer_path, run.tokenizer)
+        shutil.copy(meta.root / META, run.data_meta)
     return run
 
 
@@ -86,9 +136,12 @@ def write_outputs(cfg: TrainConfig, summary: dict, model: Transformer, device,
     """The main rank's end-of-run files (summary.json, model.safetensors, samples.txt, then
     manifest.json over the files generate and export read) and the report on stdout."""
     run = RunDir(cfg.out_dir)
-    write_summary(run.root, summary)
-    save_model(model, str(run.weights))
+    with disk_space(run.summary, 1 << 20):
+        write_summary(run.root, summary)
+    with disk_space(run.weights, lambda: state_bytes(model)):
+        save_model(model, str(run.weights))
     text = sample_text(model, run.tokenizer, cfg, device, eos_id)
-    run.samples.write_text(f"prompt: {cfg.sample_prompt!r}\n\n{text}\n")
-    write_run_manifest(run.root)
+    with disk_space(run.samples, len(text.encode()) + 1024):
+        run.samples.write_text(f"prompt: {cfg.sample_prompt!r}\n\n{text}\n")
+        write_run_manifest(run.root)
     report(summary, text)

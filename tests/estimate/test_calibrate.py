@@ -129,8 +129,9 @@ def test_assumption_checks_on_synthetic_runs():
     by = {c.assumption.split(" ")[0]: c for c in checks}
     assert all(c.holds for c in checks if not c.assumption.startswith("time per token")), \
         [(c.assumption, c.measured) for c in checks if not c.holds]
-    # time proportional to FLOPs, not N: the slope is a little above 1 (attention), within 0.15
-    assert by["time"].holds and 1.0 <= by["time"].values["slope"] < 1.15
+    # time proportional to FLOPs, not N: the slope is near 1 (attention adds a little, the
+    # SwiGLU width rounding of each size can take a little), within the check's 0.15
+    assert by["time"].holds and 0.95 <= by["time"].values["slope"] < 1.15
     assert checks[3].values["share"] == pytest.approx(checks[3].values["expected_share"])
     assert by["data-parallel"].values["efficiency"] == pytest.approx(0.95)
     assert "holds (" in by["bf16"].verdict

@@ -52,3 +52,54 @@ def test_off_switches_in_a_yaml_file_and_resume(tmp_path):
     assert load_config(None, ["resume=null"]).resume == "none"
     assert load_config(None, ["resume=no"]).resume == "none"  # YAML's False, not a path "no"
     assert load_config(None, ["mixed_precision=bf16"]).mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lr=0"], "optim.lr must be > 0, got 0"),
+        (["optim.lr=-1e-3"], "optim.lr must be > 0"),
+        (["eval_batches=0"], "eval_batches must be > 0, got 0"),
+        (["optim.warmup_steps=-5"], "optim.warmup_steps .* must be >= 0"),
+        (["seq_len=-4"], r"seq_len must be > 0, or 0 for model.seq_len, got -4"),
+    ],
+)
+def test_bad_numbers_are_refused_at_config_time(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_seq_len_zero_means_the_models():
+    assert load_config(None, ["seq_len=0"]).seq_len == 0
+
+
+def test_preset_override_recomputes_derived_fields(tmp_path):
+    """`small` derives its SwiGLU width 704 from d_model=256; d_model=384 must give 1024."""
+    cfg = load_config(None, ["model.preset=small", "model.d_model=384"])
+    assert cfg.model.ffn_hidden == 1024
+    assert cfg.model.n_kv_head == 4  # set explicitly by the preset: kept
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  preset: small\n  d_model: 384\n  n_head: 4\n  n_kv_head: null\n")
+    cfg = load_config(path)
+    assert (cfg.model.ffn_hidden, cfg.model.n_kv_head) == (1024, 4)
+    assert load_config(None, ["model.d_model=384"]).model.ffn_hidden == 1024  # no preset
+    assert load_config(None, ["model.preset=small"]).model.ffn_hidden == 704
+
+
+def test_explicit_derived_fields_are_kept():
+    cfg = load_config(None, ["model.preset=small", "model.d_model=384", "model.ffn_hidden=512"])
+    assert cfg.model.ffn_hidden == 512
+    # gpt2-124m sets ffn_hidden itself: a preset's explicit field stays
+    assert load_config(None, ["model.preset=gpt2-124m", "model.d_model=384"]).model.ffn_hidden == 2048
+    moe = load_config(None, ["model.preset=small", "model.n_experts=4", "model.n_experts_active=2",
+                             "model.d_model=384"]).model
+    assert moe.moe_ffn_hidden == moe.ffn_hidden == 1024
+
+
+def test_get_preset_recomputes_derived_fields():
+    from model.config import PRESETS, get_preset
+
+    assert PRESETS["small"].ffn_hidden == 704
+    assert get_preset("small", d_model=384).ffn_hidden == 1024
+    assert get_preset("small", d_model=384, ffn_hidden=512).ffn_hidden == 512
+    assert get_preset("llama2-70b", n_layer=2) == PRESETS["llama2-70b"].replace(n_layer=2)
