@@ -139,3 +139,12 @@ def test_local_processes_follow_local_world_size(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 of 4 processes on this host
     sampler = PeakSampler(torch.device("cpu"), precision("fp32"), world=4, machine=machine)
     assert sampler.processes_on_host == 2 and sampler.median() == 4e11
+
+
+def test_a_gpu_keeps_its_catalog_peak_per_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # one process per GPU: no sharing
+    sampler = PeakSampler(torch.device("cuda", 0), precision("bf16"), world=8)
+    assert sampler.machine.method == "catalog" and sampler.processes_on_host == 1
+    assert sampler.source.startswith("catalog:")  # contracts.run.RunSummary.peak_from_catalog
+    assert sampler.median() == sampler.machine.flops > 1e14
