@@ -151,8 +151,9 @@ def run(cfg: TrainConfig) -> dict:
         log_changed_settings(saved["config"], cfg)
         log.info(f"resumed from {resume_from} at step {state.step}")
 
-    peaks = PeakSampler(accelerator.device, precision(cfg.mixed_precision))
-    peaks.sample()
+    peaks = PeakSampler(accelerator.device, precision(cfg.mixed_precision), world=world,
+                        local_main=accelerator.is_local_main_process,
+                        barrier=accelerator.wait_for_everyone)  # one figure for the whole run
     info = RunInfo(
         steps=cfg.steps, world_size=world, device=device_name(accelerator.device),
         params=raw_model.num_params(), seq_len=seq_len,
@@ -174,7 +175,7 @@ def run(cfg: TrainConfig) -> dict:
         f"micro-batch(es) of {cfg.micro_batch_size} per rank | "
         f"train windows {len(train_loader.windows)}"
     )
-    log.info(f"peak FLOP/s per process: {peaks.median() / 1e12:.3f} TFLOP/s ({peaks.source})")
+    log.info(peaks.describe())
     if resume_from is None:
         state.initial_val_loss = evaluate(model, val_loader, cfg.eval_batches, accelerator)
         log.info(f"step 0: val loss {state.initial_val_loss:.4f}")
@@ -208,8 +209,6 @@ def run(cfg: TrainConfig) -> dict:
                         f"({state.bad_steps} in a row)")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record["val_loss"] = evaluate(model, val_loader, cfg.eval_batches, accelerator)
-            if len(peaks.samples) < cfg.peak_samples:
-                peaks.sample()  # interleave peak measurements with the work
             if world > 1:
                 record["grad_allreduce_s"] = time_allreduce(info.params, accelerator.device)
         metrics.write(record)

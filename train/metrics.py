@@ -2,9 +2,11 @@
 
 A step's record holds its loss, learning rate and gradient norm, the phase timings of
 `train.clock.PhaseTimer`, throughput (tokens/s of all ranks), MFU and HFU against the peak of
-all processes, peak memory and an ETA. summary.json (`contracts.run`) keeps medians and spread
-over the steps after `warmup_steps_excluded`, because the first steps pay for allocation,
-compilation and cold caches.
+all processes (one figure per machine for the whole run, `train.clock.PeakSampler`), peak memory
+and an ETA. summary.json (`contracts.run`) keeps medians and spread over the steps after
+`warmup_steps_excluded`, because the first steps pay for allocation, compilation and cold caches.
+An MFU above 100% cannot be a measurement (the FLOP count or the peak is wrong): the first such
+step is logged as a warning, and the summary counts them all (`mfu_steps_above_100_percent`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, info: RunInfo, peaks: PeakSampler):
         self.path, self.enabled, self.info, self.peaks = path, enabled, info, peaks
         self.records: list[dict] = []
+        self.warned_mfu = False
 
     def resume(self, step: int) -> None:
         """Keep the records up to `step` (those of the checkpoint resumed from) and drop the
@@ -106,6 +109,11 @@ class MetricsLog:
         }
         if result.skipped:
             record["skipped"] = True
+        if record["mfu"] > 1.0 and not self.warned_mfu:
+            self.warned_mfu = True
+            log.warning(f"step {step}: MFU {record['mfu']:.1%} is above 100%, which no hardware "
+                        f"reaches: the FLOP count or the peak ({self.peaks.source}) is wrong. "
+                        "Every such step is counted in summary.json")
         return record
 
 
@@ -116,6 +124,14 @@ def step_line(record: dict, steps: int) -> str:
             f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
             f"MFU {record['mfu']:.1%} | data {record['data_wait_s'] * 1e3:.1f} ms | "
             f"ETA {record['eta_s']:.0f} s")
+
+
+def mfu_above_100(records: list[dict]) -> dict:
+    """The steps whose MFU is above 100%: how many, the highest MFU, the first few steps."""
+    above = [r for r in records if isinstance(r.get("mfu"), int | float) and r["mfu"] > 1.0]
+    return {"count": len(above), "of_steps": sum("mfu" in r for r in records),
+            "max": max((r["mfu"] for r in above), default=None),
+            "steps": [r["step"] for r in above][:20]}
 
 
 def summarize(cfg, info: RunInfo, metrics: MetricsLog, state) -> dict:
@@ -161,6 +177,8 @@ def summarize(cfg, info: RunInfo, metrics: MetricsLog, state) -> dict:
         "mfu_range_from_peak_spread": mfu_range,
         "hfu": {"median": tok_s["median"] * hw_flops_tok / (peak["median"] * world)},
         "peak_flops_per_process": peak,
+        "peak_flops_machine": {**metrics.peaks.machine.to_dict(),
+                               "processes_on_host": metrics.peaks.processes_on_host},
         "step_s": distribution([r["step_s"] for r in steady]),
         "data_wait_s": distribution([r["data_wait_s"] for r in steady]),
         "fwd_bwd_s": distribution([r["fwd_bwd_s"] for r in steady]),
@@ -168,16 +186,15 @@ def summarize(cfg, info: RunInfo, metrics: MetricsLog, state) -> dict:
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in steady),
         "grad_allreduce_s": distribution([r["grad_allreduce_s"] for r in records
                                           if "grad_allreduce_s" in r]),
-        "mfu_above_100_percent": bool(mfu["median"] and mfu["median"] > 1.0),
+        "mfu_steps_above_100_percent": (above := mfu_above_100(records)),
+        "mfu_above_100_percent": above["count"] > 0,  # any step, warm-up included
     }
-    if summary["mfu_above_100_percent"]:
-        log.error("MFU above 100%: the FLOP count or the measured peak is wrong; see summary.json")
     return summary
 
 
 def report(summary: dict, sample: str) -> None:
     """The end-of-run report on stdout."""
-    peak = summary["peak_flops_per_process"]
+    peak, machine = summary["peak_flops_per_process"], summary["peak_flops_machine"]
     lines = [
         "",
         "=" * 72,
@@ -187,10 +204,17 @@ def report(summary: dict, sample: str) -> None:
         f"  tokens/s (median)  {summary['tokens_per_s']['median']:,.0f} "
         f"(p10 {summary['tokens_per_s']['p10']:,.0f}, p90 {summary['tokens_per_s']['p90']:,.0f})",
         f"  MFU (median)       {summary['mfu']['median']:.2%} "
-        f"(peak spread gives {summary['mfu_range_from_peak_spread']['at_max_peak']:.2%}"
-        f"..{summary['mfu_range_from_peak_spread']['at_min_peak']:.2%})",
-        f"  peak per process   {peak['median'] / 1e12:.3f} TFLOP/s, min {peak['min'] / 1e12:.3f}, "
-        f"max {peak['max'] / 1e12:.3f} ({peak['source']})",
+        f"(p10 {summary['mfu']['p10']:.2%}, p90 {summary['mfu']['p90']:.2%})",
+        *([f"  MFU above 100%     at {above['count']} of {above['of_steps']} steps (max "
+           f"{above['max']:.1%}): the FLOP count or the peak is wrong, not a measurement"]
+          if (above := summary["mfu_steps_above_100_percent"])["count"] else []),
+        f"  peak per process   {peak['median'] / 1e12:.4g} TFLOP/s = machine "
+        f"{machine['flops'] / 1e12:.4g} / {machine['processes_on_host']} process(es) on the host "
+        f"({machine['method']}" + (f": {machine['source']})" if machine["method"] == "catalog"
+                                   else ")"),
+        *[f"  {name:<18} {fig['flops'] / 1e12:.4g} TFLOP/s machine ({fig['source']})"
+          for name in ("theoretical", "measured") if (fig := machine.get(name))],
+        *([f"  peak note          {machine['note']}"] if machine.get("note") else []),
         f"  step time          {summary['step_s']['median'] * 1e3:.0f} ms median, data wait "
         f"{summary['data_wait_s']['median'] * 1e3:.2f} ms",
         f"  peak memory        {summary['peak_mem_bytes'] / 2**20:.0f} MiB per process",

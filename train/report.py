@@ -65,7 +65,9 @@ def plot_loss(records: list[dict], path: Path) -> Path | str:
 
 
 def plot_throughput(records: list[dict], path: Path) -> Path | str:
-    """tokens/s (all processes) on the left axis, MFU in percent on the right."""
+    """tokens/s (all processes) on the left axis, MFU in percent on the right, with a line at
+    100% and every step above it marked (no hardware reaches it: the FLOP count or the peak is
+    wrong there)."""
     steps, tok = series(records, "tokens_per_s")
     msteps, mfu = series(records, "mfu")
     if not steps:
@@ -75,8 +77,13 @@ def plot_throughput(records: list[dict], path: Path) -> Path | str:
     if msteps:
         right = ax.twinx()
         right.plot(msteps, [100 * m for m in mfu], lw=1, color="tab:orange", label="MFU")
+        right.axhline(100, color="tab:red", lw=0.8, ls="--", label="100% of peak")
+        above = [(s, 100 * m) for s, m in zip(msteps, mfu, strict=True) if m > 1.0]
+        if above:
+            right.plot([s for s, _ in above], [m for _, m in above], "x", color="tab:red", ms=6,
+                       label=f"MFU > 100% ({len(above)} steps)")
         right.set_ylabel("MFU (%)")
-        right.set_ylim(bottom=0)
+        right.set_ylim(0, 1.1 * max([100.0, *(100 * m for m in mfu)]))
         lines = ax.get_lines() + right.get_lines()
         ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
     ax.set_ylim(bottom=0)
@@ -142,7 +149,9 @@ PLOTS: dict[str, tuple[str, Callable[[list[dict], Path], Path | str]]] = {
 
 CAPTIONS = {
     "throughput": "Tokens of all processes per second of step time; MFU = model FLOPs per second "
-    "over the peak of all processes (measured matmul peak on CPU, catalog peak on GPU).",
+    "over the peak of all processes, one figure for the whole run (catalog peak on GPU; on CPU "
+    "the machine's theoretical peak, or its measured matmul peak: `peak_flops_machine` in "
+    "summary.json). The dashed line is 100%; crosses mark steps above it.",
     "memory": "Recorded by the main process: the allocator's peak on GPU, the peak resident set "
     "size on CPU (which never decreases).",
     "step_time": "Under DDP the gradient all-reduce overlaps the last backward, so it is inside "
@@ -165,7 +174,7 @@ def summary_table(summary: dict) -> list[str]:
             node = node.get(k) if isinstance(node, dict) else None
         return node
 
-    mem = get("peak_mem_bytes")
+    mem, machine = get("peak_mem_bytes"), get("peak_flops_machine", "flops")
     rows = [
         ("processes", get("world_size"), "", ""),
         ("device", get("device"), "", ""),
@@ -178,6 +187,9 @@ def summary_table(summary: dict) -> list[str]:
         ("tokens/s, median (p10-p90)", get("tokens_per_s", "median"), ",.0f",
          f" ({_fmt(get('tokens_per_s', 'p10'), ',.0f')}-{_fmt(get('tokens_per_s', 'p90'), ',.0f')})"),
         ("MFU, median", get("mfu", "median"), ".2%", ""),
+        ("steps with MFU above 100%", get("mfu_steps_above_100_percent", "count"), "", ""),
+        ("peak, whole machine", machine / 1e12 if machine else None, ".4g",
+         f" TFLOP/s ({get('peak_flops_machine', 'method')})"),
         ("step time, median", (get("step_s", "median") or math.nan) * 1e3, ".1f", " ms"),
         ("peak memory per process", mem / 2**20 if mem else None, ".0f", " MiB"),
     ]
@@ -205,8 +217,13 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         lines += [f"_summary.json not shown: {e}._", ""]
     if summary is not None:
         lines += ["## Summary", "", *summary_table(summary), ""]
-        if summary.get("mfu_above_100_percent"):
-            lines += ["**MFU above 100%: the FLOP count or the measured peak is wrong.**", ""]
+        above = summary.get("mfu_steps_above_100_percent")
+        if isinstance(above, dict) and above.get("count"):
+            lines += [f"**MFU above 100% at {above['count']} of {above.get('of_steps', '?')} "
+                      f"steps (max {_fmt(above.get('max'), '.1%')}): not a measurement; the FLOP "
+                      "count or the peak is wrong.**", ""]
+        elif summary.get("mfu_above_100_percent"):
+            lines += ["**MFU above 100%: the FLOP count or the peak is wrong.**", ""]
     elif not run.summary.is_file():
         lines += ["_No summary.json: the run has not finished; plots show the steps so far._", ""]
     for name, (title, plot) in PLOTS.items():

@@ -28,8 +28,9 @@ def test_loss_falls_over_50_steps(tiny_data, tmp_path):
     for key in ("tokens_per_s", "step_s", "data_wait_s", "mfu", "peak_mem_bytes"):
         assert records[-1][key] > 0, key
     assert 0 < summary["mfu"]["median"] < 1
-    assert summary["peak_flops_per_process"]["source"].startswith("measured")
-    assert len(summary["peak_flops_per_process"]["samples"]) == 2
+    machine = summary["peak_flops_machine"]  # one figure per machine, both CPU figures kept
+    assert machine["method"] in ("theoretical", "measured") and machine["measured"]["flops"] > 0
+    assert summary["peak_flops_per_process"]["median"] == machine["flops"]  # 1 process
     assert (out / "model.safetensors").is_file() and (out / "samples.txt").read_text()
     assert "data_dir" in (out / "config.yaml").read_text()
     assert json.loads((out / "data_meta.json").read_text()) == json.loads(

@@ -1,0 +1,150 @@
+"""The peak FLOP/s: /proc/cpuinfo parsing, the theoretical CPU peak, the measured peak's cache,
+and the choice between them. No test depends on this machine's speed: peaks are injected."""
+
+import pytest
+import torch
+
+from estimate.hardware import Peak
+from model.precision import precision
+from train.clock import (
+    CpuInfo,
+    MachinePeak,
+    PeakSampler,
+    choose_cpu_peak,
+    cpu_machine_peak,
+    flops_per_cycle,
+    parse_cpuinfo,
+    peak_cache_path,
+    rate_precision,
+    theoretical_cpu_peak,
+)
+
+CPUINFO = """processor\t: {i}
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 106
+model name\t: Intel(R) Xeon(R) Test CPU @ 2.00GHz
+cpu MHz\t\t: {mhz}
+physical id\t: 0
+core id\t\t: {core}
+flags\t\t: fpu sse2 avx fma avx2 {extra}
+"""
+
+
+def cpuinfo_text(cores=2, smt=2, extra="", mhz=2000.0):
+    """`cores` physical cores with `smt` hardware threads each."""
+    return "\n".join(CPUINFO.format(i=i, core=i % cores, mhz=mhz, extra=extra)
+                     for i in range(cores * smt))
+
+
+def cpu(flags, vendor="GenuineIntel", family=6, cores=4, logical=8, mhz=3000.0):
+    return CpuInfo("test cpu", vendor, family, 1, frozenset(flags.split()), logical, cores, mhz,
+                   "test clock")
+
+
+def test_parse_cpuinfo_counts_physical_cores_and_prefers_the_sys_clock():
+    info = parse_cpuinfo(cpuinfo_text(cores=2, smt=2))
+    assert (info.logical, info.cores, info.clock_mhz) == (4, 2, 2000.0)
+    assert "cpu MHz" in info.clock_source and "avx2" in info.flags
+    info = parse_cpuinfo(cpuinfo_text(cores=2, smt=2), max_freq_khz={0: 3.5e6, 1: 3.4e6})
+    assert info.clock_mhz == 3500.0 and "cpuinfo_max_freq" in info.clock_source
+    only_two = parse_cpuinfo(cpuinfo_text(cores=2, smt=2), cpus={0, 1})  # the affinity set
+    assert (only_two.logical, only_two.cores) == (2, 2)
+
+
+def test_theoretical_peak_is_cores_times_flop_per_cycle_times_clock():
+    avx2 = cpu("avx fma avx2")
+    peak = theoretical_cpu_peak("fp32", avx2)
+    assert peak.flops == pytest.approx(4 * 32 * 3.0e9)
+    assert "4 cores x 32 FLOP/cycle" in peak.source and "test clock" in peak.source
+    assert flops_per_cycle(cpu("avx fma avx2 avx512f"), "fp32")[0] == 64
+    zen4 = cpu("avx fma avx2 avx512f avx512_bf16", vendor="AuthenticAMD", family=0x19)
+    assert flops_per_cycle(zen4, "fp32")[0] == 32 and flops_per_cycle(zen4, "bf16")[0] == 64
+    assert flops_per_cycle(cpu("avx fma avx2 avx512f amx_bf16"), "bf16")[0] == 1024
+    assert theoretical_cpu_peak("fp32", cpu("sse2 neon")) is None  # unknown ISA: measured only
+
+
+def test_bf16_without_native_support_is_the_fp32_rate_and_says_so():
+    plain = cpu("avx fma avx2 avx512f")
+    rate, note = rate_precision("bf16", plain.flags)
+    assert rate == "fp32" and "no native support" in note and "avx512_bf16" in note
+    assert theoretical_cpu_peak("bf16", plain).flops == theoretical_cpu_peak("fp32", plain).flops
+    assert theoretical_cpu_peak("bf16", plain).source.startswith("theoretical fp32")
+    native = cpu("avx fma avx2 avx512f avx512_bf16")
+    assert rate_precision("bf16", native.flags) == ("bf16", None)
+    assert theoretical_cpu_peak("bf16", native).flops == 2 * theoretical_cpu_peak("fp32", native).flops
+
+
+def test_measured_peak_is_cached_and_measured_once(tmp_path):
+    calls = []
+
+    def measure(catalog, info):
+        calls.append(catalog)
+        return Peak(1e11, f"fake {catalog}")
+
+    info = cpu("avx fma avx2")
+    first = cpu_machine_peak("fp32", info, cache_dir=tmp_path, measure=measure)
+    second = cpu_machine_peak("fp32", info, cache_dir=tmp_path, measure=measure)
+    assert calls == ["fp32"]
+    assert first == second and first.measured["flops"] == 1e11
+    assert first.measured["cache"] == str(peak_cache_path("fp32", info, tmp_path))
+    cpu_machine_peak("bf16", cpu("avx fma avx2 avx512_bf16"), cache_dir=tmp_path, measure=measure)
+    assert calls == ["fp32", "bf16"]  # another dtype (and another CPU): another entry
+
+
+def test_only_the_local_main_process_measures_and_the_others_read_its_cache(tmp_path):
+    calls, order = [], []
+    info = cpu("avx fma avx2")
+
+    def measure(catalog, _):
+        calls.append(catalog)
+        return Peak(1e11, "fake")
+
+    # A non-main rank reaches the barrier first, then reads what the main rank wrote.
+    cpu_machine_peak("fp32", info, local_main=True, cache_dir=tmp_path, measure=measure,
+                     barrier=lambda: order.append("barrier"))
+    other = cpu_machine_peak("fp32", info, local_main=False, cache_dir=tmp_path, measure=measure,
+                             barrier=lambda: order.append("barrier"))
+    assert calls == ["fp32"] and order == ["barrier", "barrier"]
+    assert other.measured["flops"] == 1e11
+
+
+def test_the_theoretical_figure_is_used_unless_the_matmul_beats_it():
+    theo, slow, fast = Peak(4e11, "theo"), Peak(1e11, "meas"), Peak(5e11, "meas")
+    assert choose_cpu_peak(theo, slow, "fp32").method == "theoretical"
+    beaten = choose_cpu_peak(theo, fast, "fp32")
+    assert beaten.method == "measured" and beaten.flops == 5e11 and "beat" in beaten.note
+    assert choose_cpu_peak(None, slow, "fp32").method == "measured"
+
+
+def test_peak_per_process_is_the_machine_peak_over_the_processes_on_the_host(monkeypatch):
+    for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        monkeypatch.delenv(name, raising=False)
+    machine = MachinePeak(8e11, "theoretical", "theo", "fp32",
+                          theoretical={"flops": 8e11, "source": "theo"},
+                          measured={"flops": 3e11, "source": "meas"})
+    one = PeakSampler(torch.device("cpu"), precision("fp32"), machine=machine)
+    four = PeakSampler(torch.device("cpu"), precision("fp32"), world=4, machine=machine)
+    assert one.median() == 8e11 and four.median() == 2e11  # LOCAL_WORLD_SIZE unset: world
+    assert four.spread() == {"median": 2e11, "min": 2e11, "max": 2e11, "samples": [2e11],
+                             "source": four.source}
+    text = four.describe()
+    assert "0.2 TFLOP/s = 0.8 TFLOP/s machine peak / 4 processes" in text
+    assert "theoretical machine peak: 0.8 TFLOP/s (theo) [used]" in text
+    assert "measured machine peak: 0.3 TFLOP/s" in text
+
+
+def test_local_processes_follow_local_world_size(monkeypatch):
+    machine = MachinePeak(8e11, "theoretical", "theo", "fp32")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 of 4 processes on this host
+    sampler = PeakSampler(torch.device("cpu"), precision("fp32"), world=4, machine=machine)
+    assert sampler.processes_on_host == 2 and sampler.median() == 4e11
+
+
+def test_a_gpu_keeps_its_catalog_peak_per_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # one process per GPU: no sharing
+    sampler = PeakSampler(torch.device("cuda", 0), precision("bf16"), world=8)
+    assert sampler.machine.method == "catalog" and sampler.processes_on_host == 1
+    assert sampler.source.startswith("catalog:")  # contracts.run.RunSummary.peak_from_catalog
+    assert sampler.median() == sampler.machine.flops > 1e14
