@@ -307,14 +307,14 @@ def _mfu_from_run(run: RunSummary, target: Target, acc: Accelerator, n_acc: int,
     )
     a.notes.append("the p10-p90 range covers step-to-step noise only, not the transfer to another setup")
     if run.on_cpu:
-        msg = (f"MFU measured on {run.device} against a measured matmul peak: a CPU MFU does not "
+        msg = (f"MFU measured on {run.device} against a CPU peak ({run.peak_source}): a CPU MFU does not "
                f"transfer to a GPU/TPU ({acc.name}); kernels, memory bandwidth and communication "
                "differ. Read this projection as the arithmetic applied to that number, not a forecast")
         a.notes.append(msg)
         warnings.append(msg)
     elif not run.peak_from_catalog:
-        msg = (f"MFU measured on {run.device} against a measured matmul peak (no datasheet figure "
-               f"for it): not comparable with an MFU against {acc.name}'s datasheet peak")
+        msg = (f"MFU measured on {run.device} against a peak that is no datasheet figure "
+               f"({run.peak_source}): not comparable with an MFU against {acc.name}'s datasheet peak")
         a.notes.append(msg)
         warnings.append(msg)
     else:
