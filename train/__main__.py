@@ -6,10 +6,12 @@ import argparse
 import sys
 
 from train.config import load_config
+from train.distributed import check_launch, exit_status
 from train.loop import run
 
 
 def main(argv: list[str] | None = None) -> None:
+    check_launch()  # a launch that started fewer processes than asked for stops here
     parser = argparse.ArgumentParser(
         prog="python -m train",
         description="Train a decoder-only transformer (launch through `accelerate launch -m train`).",
@@ -25,4 +27,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_status():  # exit codes: 0 done, 2 bad launch, 75 stopped (train/stop.py)
+        main()
