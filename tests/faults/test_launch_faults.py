@@ -47,7 +47,8 @@ def wait_for(out, step, script, log):
 
 def launcher_and_ranks(script: subprocess.Popen, nproc: int):
     """The accelerate process under the script, and its rank processes once all have started."""
-    launcher = next(p for p in psutil.Process(script.pid).children(recursive=True)
+    script_proc = psutil.Process(script.pid)  # the script, or the launcher it exec'd into
+    launcher = next(p for p in (script_proc, *script_proc.children(recursive=True))
                     if "launch" in p.cmdline())
     ranks = [p for p in launcher.children() if "train" in p.cmdline()]
     assert len(ranks) == nproc, [p.cmdline() for p in ranks]
