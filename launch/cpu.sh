@@ -15,11 +15,11 @@ ACCELERATE="$(dirname "$PY")/accelerate"
 if [ "$NPROC" -gt 1 ]; then
   DIST=(--config_file "$HERE/accelerate/cpu_ddp.yaml" --num_processes "$NPROC" --main_process_port "$PORT")
 else
-  DIST=(--config_file "$HERE/accelerate/cpu_1proc.yaml")
+  DIST=(--config_file "$HERE/accelerate/cpu_1proc.yaml" --quiet)  # quiet: no traceback on exit 75
 fi
 # WANDB_MODE is left to train/trackers.py: online with wandb credentials, offline without.
-export ACCELERATE_USE_CPU=1
-# DRY_RUN=1: print the command, shell-quoted, instead of running it. exec: the launcher replaces
-# this shell, so SIGTERM/SIGINT (SLURM preemption, Ctrl-C) reach it and the ranks directly.
-run() { if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@" | sed 's/ $//'; echo; else exec "$@"; fi; }
-run "$ACCELERATE" launch "${DIST[@]}" -m train "$@" world_size="$NPROC"
+# run: DRY_RUN=1 prints the command; signals go to the ranks; exit 75 when they stopped (lib.sh).
+# shellcheck source=launch/lib.sh
+source "$HERE/lib.sh"
+LOCAL_PROCS="$NPROC"
+run ACCELERATE_USE_CPU=1 "$ACCELERATE" launch "${DIST[@]}" -m train "$@" world_size="$NPROC"

@@ -15,16 +15,17 @@ ACCELERATE="$(dirname "$PY")/accelerate"
 [ -x "$ACCELERATE" ] || ACCELERATE=accelerate
 PORT=${MASTER_PORT:-29500}
 case "$MODE" in
-  single) DIST=(--config_file "$HERE/accelerate/gpu_1.yaml"); NPROC=1; EXTRA=(mixed_precision=bf16) ;;
+  single) DIST=(--config_file "$HERE/accelerate/gpu_1.yaml" --quiet); NPROC=1; EXTRA=(mixed_precision=bf16) ;;
   ddp)    DIST=(--config_file "$HERE/accelerate/gpu_ddp.yaml" --num_processes "$NPROC" --main_process_port "$PORT")
           EXTRA=(mixed_precision=bf16) ;;
   fsdp2)  DIST=(--config_file "$HERE/accelerate/gpu_fsdp2.yaml" --num_processes "$NPROC" --main_process_port "$PORT")
           EXTRA=(mixed_precision=bf16 fsdp=true) ;;
   *) echo "gpu.sh: MODE=$MODE; valid: single, ddp, fsdp2" >&2; exit 2 ;;
 esac
-# DRY_RUN=1: print the command, shell-quoted, instead of running it. exec: the launcher replaces
-# this shell, so SIGTERM/SIGINT (SLURM preemption, Ctrl-C) reach it and the ranks directly.
-run() { if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@" | sed 's/ $//'; echo; else exec "$@"; fi; }
+# run: DRY_RUN=1 prints the command; signals go to the ranks; exit 75 when they stopped (lib.sh).
+# shellcheck source=launch/lib.sh
+source "$HERE/lib.sh"
+LOCAL_PROCS="$NPROC"
 CONFIG=${1:?usage: MODE=ddp launch/gpu.sh CONFIG [key=value ...]}; shift
 # The mode's settings come first, so that key=value arguments given here override them.
 run "$ACCELERATE" launch "${DIST[@]}" -m train "$CONFIG" "${EXTRA[@]}" "$@" world_size="$NPROC"

@@ -20,9 +20,10 @@ fi
 ACCELERATE="$(dirname "$PY")/accelerate"
 [ -x "$ACCELERATE" ] || ACCELERATE=accelerate
 WORLD=$((NNODES * PROCS_PER_NODE))
-# DRY_RUN=1: print the command, shell-quoted, instead of running it. exec: the launcher replaces
-# this shell, so SIGTERM/SIGINT (SLURM preemption, Ctrl-C) reach it and the ranks directly.
-run() { if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@" | sed 's/ $//'; echo; else exec "$@"; fi; }
+# run: DRY_RUN=1 prints the command; signals go to the ranks; exit 75 when they stopped (lib.sh).
+# shellcheck source=launch/lib.sh
+source "$HERE/lib.sh"
+LOCAL_PROCS="$PROCS_PER_NODE"
 run "$ACCELERATE" launch --config_file "$CONFIG_FILE" --num_machines "$NNODES" \
   --num_processes "$WORLD" --machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR" \
   --main_process_port "$MASTER_PORT" -m train "$@" world_size="$WORLD"

@@ -2,6 +2,8 @@
 
 `python -m train --help` lists every key with its default and the model presets;
 `--print-config` prints the resolved config and exits. Also installed as `tokenclock-train`.
+Exit codes: 0 done, 2 a user error or a bad launch (one `error:` line), 75 checkpointed and
+stopped (train/stop.py).
 """
 
 from __future__ import annotations
@@ -40,9 +42,14 @@ def train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_main(train, args)
+    from train.distributed import check_launch
+
+    check_launch()  # a launch that started fewer processes than asked for stops here
+    return run_main(train, parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.distributed import exit_status
+
+    with exit_status():  # records each rank's exit code for the launch scripts
+        sys.exit(main())

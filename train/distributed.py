@@ -2,16 +2,116 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
 from train import trackers
 from train.config import TrainConfig
+
+PARENT_PID = os.getppid()  # the process that started this one: a launcher, a shell, ...
+CPU_LAUNCH = ("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {n} -m train "
+              "CONFIG, or NPROC={n} launch/cpu.sh CONFIG")
+
+
+class LaunchError(Exception):
+    """The launch started another number of processes than was asked for (a user error)."""
+
+
+def launcher_command(pid: int = PARENT_PID) -> tuple[str, list[str]] | None:
+    """("accelerate", its launch arguments) or ("torchrun", its arguments) when the process
+    `pid` (by default this one's parent) is such a launcher, else None."""
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except (psutil.Error, OSError):
+        return None
+    for i, arg in enumerate(cmdline):
+        name = os.path.basename(arg)
+        if name == "accelerate" and cmdline[i + 1 : i + 2] == ["launch"]:
+            return "accelerate", cmdline[i + 2 :]
+        if arg == "accelerate.commands.launch":
+            return "accelerate", cmdline[i + 1 :]
+        if name == "torchrun" or arg == "torch.distributed.run":
+            return "torchrun", cmdline[i + 1 :]
+    return None
+
+
+def requested_processes(launch_args: list[str]) -> int | None:
+    """The process count an `accelerate launch` command line asks for: its --num_processes, else
+    its config file's num_processes; None when neither says."""
+    from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        args, _ = launch_command_parser().parse_known_args(launch_args)
+    except SystemExit:  # not a command line accelerate itself would have accepted
+        return None
+    if args.num_processes is not None:
+        return int(args.num_processes)
+    config_file = args.config_file or default_config_file
+    if not os.path.isfile(config_file):
+        return None
+    try:
+        return load_config_from_file(config_file).num_processes
+    except Exception:  # an unreadable config file: accelerate would have refused it
+        return None
+
+
+def check_launch() -> None:
+    """Refuse a launch that started fewer processes than its launcher was asked for.
+
+    `accelerate launch --num_processes 2` without --multi_gpu (and without a multi-device
+    config) starts ONE process and sets no WORLD_SIZE, so the run would silently train alone.
+    Launchers that start the ranks themselves (torchrun, --multi_gpu) set WORLD_SIZE; the
+    Accelerator's process count is checked against it in build_accelerator."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    launcher = launcher_command()
+    if launcher is None or launcher[0] != "accelerate":
+        return
+    asked = requested_processes(launcher[1])
+    if asked is not None and asked > 1:
+        raise LaunchError(
+            f"accelerate launch was asked for --num_processes {asked} but started 1 process "
+            f"(without --multi_gpu it starts only one). For {asked} CPU processes run "
+            + CPU_LAUNCH.format(n=asked)
+        )
+
+
+EXIT_DIR = "TOKENCLOCK_EXIT_DIR"  # set by launch/*.sh: each rank leaves its exit code there
+
+
+@contextlib.contextmanager
+def exit_status() -> Iterator[None]:
+    """Around a rank's whole life: a LaunchError becomes one `error:` line and exit code 2, and
+    the exit code is written to $TOKENCLOCK_EXIT_DIR/rank_<RANK> when the launch scripts set it.
+    `accelerate launch` reports any rank's non-zero exit as its own exit 1; the scripts read
+    these files to exit 75 (checkpointed and stopped) when every rank did."""
+    code: int = 1
+    try:
+        yield
+        code = 0
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+        raise SystemExit(2) from None
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise
+    finally:
+        if os.environ.get(EXIT_DIR):
+            with contextlib.suppress(OSError):
+                path = Path(os.environ[EXIT_DIR]) / f"rank_{os.environ.get('RANK', '0')}"
+                path.write_text(f"{code}\n")
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -28,10 +128,10 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     )
     expected = cfg.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
-        raise RuntimeError(
+        raise LaunchError(
             f"asked for world_size={expected} but got {accelerator.num_processes} process(es) "
             f"(distributed type {accelerator.distributed_type}). On a CPU-only host launch with "
-            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m train ..."
+            + CPU_LAUNCH.format(n=expected)
         )
     if cfg.batch_size % (cfg.micro_batch_size * accelerator.num_processes):
         raise ValueError(

@@ -43,7 +43,9 @@ def train_args(command: list[str]) -> list[str]:
 def test_cpu_launcher_two_processes():
     (cmd,) = dry_run("cpu.sh", "configs/train/tiny.yaml", "steps=3",
                      env={"NPROC": "2", "PY": sys.executable, "MASTER_PORT": "29123"})
-    assert cmd[0].endswith("accelerate") and cmd[1] == "launch"
+    # printed ready to paste: without ACCELERATE_USE_CPU=1 the ranks would look for GPUs
+    assert cmd[0] == "ACCELERATE_USE_CPU=1"
+    assert cmd[1].endswith("accelerate") and cmd[2] == "launch"
     assert train_args(cmd) == ["configs/train/tiny.yaml", "steps=3", "world_size=2"]
     args, _ = resolve(cmd)
     assert args.multi_gpu and args.num_processes == 2 and args.main_process_port == 29123
@@ -51,6 +53,7 @@ def test_cpu_launcher_two_processes():
 
 def test_cpu_launcher_one_process():
     (cmd,) = dry_run("cpu.sh", "configs/train/tiny.yaml", env={"NPROC": "1", "PY": sys.executable})
+    assert cmd[0] == "ACCELERATE_USE_CPU=1"
     args, _ = resolve(cmd)
     assert not args.multi_gpu and args.num_processes == 1
     assert train_args(cmd)[-1] == "world_size=1"

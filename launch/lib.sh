@@ -1,0 +1,61 @@
+# Sourced by cpu.sh, gpu.sh and multinode.sh: `run [NAME=value ...] COMMAND ...` runs the launcher.
+# DRY_RUN=1: print the command, shell-quoted and ready to paste (environment settings first),
+# instead of running it. Otherwise the launcher runs in a session of its own as a child of this
+# shell, which:
+#  - forwards SIGTERM, SIGHUP (as SIGTERM) and SIGINT (SLURM preemption, Ctrl-C) once, to the
+#    ranks, which checkpoint at the end of their step and exit 75. (accelerate's own handling
+#    would print a SignalException traceback and SIGKILL the ranks 30 s later, mid-save or not.)
+#  - waits for the ranks, even when the launcher was killed under them;
+#  - exits with the launcher's code, except 75 when every local rank exited 75 (checkpointed and
+#    stopped: a signal, the time limit, or the launcher's death), where accelerate exits 1.
+# LOCAL_PROCS: the number of ranks this machine runs.
+run() {
+  if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@" | sed 's/ $//'; echo; return 0; fi
+  local rc=0
+  _EXIT_DIR=$(mktemp -d)
+  trap 'rm -rf "$_EXIT_DIR"' EXIT
+  export TOKENCLOCK_EXIT_DIR="$_EXIT_DIR"
+  # A session of its own: a terminal's Ctrl-C reaches only this shell, which forwards it once.
+  # The subshell restores SIGINT, which bash ignores in background commands.
+  if command -v setsid >/dev/null; then
+    (trap - INT QUIT; exec setsid env "$@") &
+  else
+    (trap - INT QUIT; exec env "$@") &
+  fi
+  _PID=$!
+  trap '_forward TERM' TERM HUP
+  trap '_forward INT' INT
+  # Poll rather than `wait`, to know the ranks: if the launcher is killed they go on to
+  # checkpoint and stop (train/stop.py), and this script must not end (nor SLURM's job) before.
+  local ranks=""
+  while kill -0 "$_PID" 2>/dev/null; do
+    ranks=$(pgrep -P "$_PID" || true)
+    sleep 1 & wait $! || true
+  done
+  wait "$_PID" || rc=$?
+  while _alive $ranks; do sleep 1 & wait $! || true; done
+  local stopped=0 f
+  for f in "$_EXIT_DIR"/rank_*; do
+    if [ -f "$f" ] && [ "$(cat "$f")" = 75 ]; then stopped=$((stopped + 1)); fi
+  done
+  if [ "$rc" -ne 0 ] && [ "$stopped" -eq "${LOCAL_PROCS:-1}" ]; then
+    echo "${0##*/}: every rank checkpointed and stopped (exit 75); resume with resume=auto" >&2
+    exit 75
+  fi
+  exit "$rc"
+}
+
+# Whether any of the processes given is still running.
+_alive() {
+  local p
+  for p in "$@"; do kill -0 "$p" 2>/dev/null && return 0; done
+  return 1
+}
+
+# Send signal $1 to the launcher's children (the ranks), or to the launcher before it has any.
+_forward() {
+  local ranks
+  ranks=$(pgrep -P "$_PID" || true)
+  # shellcheck disable=SC2086
+  kill -s "$1" ${ranks:-$_PID} 2>/dev/null || true
+}

@@ -1,0 +1,118 @@
+"""Launch faults: a launch that starts fewer processes than asked for, a launcher killed under
+its ranks, and SIGTERM/SIGINT to the launch script (which must exit 75, as documented)."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.faults.test_train_faults import launch_args, wait_for_step
+from tests.utils import ROOT, run_cmd
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def test_accelerate_launch_without_multi_gpu_is_refused(tiny_data, tmp_path):
+    """`accelerate launch --num_processes 2` on a CPU host starts ONE process: refused with one
+    line saying how to start 2, instead of training alone with exit code 0."""
+    result = run_cmd([ACCELERATE, "launch", "--num_processes", "2", "-m", "train",
+                      "configs/train/tiny.yaml", f"data_dir={tiny_data}",
+                      f"out_dir={tmp_path / 'run'}", "steps=1"], check=False, timeout=300)
+    assert result.returncode != 0
+    line = ("error: accelerate launch was asked for --num_processes 2 but started 1 process "
+            "(without --multi_gpu it starts only one). For 2 CPU processes run "
+            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m train CONFIG, "
+            "or NPROC=2 launch/cpu.sh CONFIG")
+    assert line in result.stderr.splitlines(), result.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def start_script(args, log, nproc):
+    """Start launch/cpu.sh with its output in a file (a pipe nobody reads could fill up)."""
+    return subprocess.Popen(
+        args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "WANDB_MODE": "disabled", "NPROC": str(nproc), "PY": sys.executable},
+    )
+
+
+def wait_for(out, step, script, log):
+    """wait_for_step for a script whose output goes to the file `log`."""
+    script.stdout = open(log)  # read by wait_for_step when the run ends early
+    wait_for_step(out, step, script)
+
+
+def launcher_and_ranks(script: subprocess.Popen, nproc: int):
+    """The accelerate process under the script, and its rank processes once all have started."""
+    script_proc = psutil.Process(script.pid)  # the script, or the launcher it exec'd into
+    launcher = next(p for p in (script_proc, *script_proc.children(recursive=True))
+                    if "launch" in p.cmdline())
+    ranks = [p for p in launcher.children() if "train" in p.cmdline()]
+    assert len(ranks) == nproc, [p.cmdline() for p in ranks]
+    return launcher, ranks
+
+
+def finished_checkpoints(out):
+    return [p for p in sorted((out / "checkpoints").iterdir()) if (p / "manifest.json").is_file()]
+
+
+def kill_leftovers(script, procs):
+    for p in procs:
+        if p.is_running():
+            p.kill()
+    if script.poll() is None:
+        os.killpg(script.pid, signal.SIGKILL)
+    script.wait()
+
+
+@pytest.mark.slow
+def test_ranks_stop_when_their_launcher_is_killed(tiny_data, tmp_path):
+    """SIGKILL to accelerate's process alone: the ranks notice their parent is gone, checkpoint
+    at the end of the step and exit 75, instead of training on to the end unwatched."""
+    out = tmp_path / "run"
+    with open(tmp_path / "log", "w") as log:
+        script = start_script(launch_args(tiny_data, out, "steps=100000", "checkpoint_every=0"),
+                              log, 2)
+    ranks: list[psutil.Process] = []
+    try:
+        wait_for(out, 2, script, tmp_path / "log")
+        launcher, ranks = launcher_and_ranks(script, 2)
+        launcher.kill()
+        _, alive = psutil.wait_procs(ranks, timeout=120)
+        assert not alive, (tmp_path / "log").read_text()
+        assert script.wait(timeout=60) == 75, (tmp_path / "log").read_text()
+        assert len(finished_checkpoints(out)) == 1
+        assert "the launcher (pid" in (tmp_path / "log").read_text()
+    finally:
+        kill_leftovers(script, ranks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), (2, signal.SIGTERM),
+                                        (2, signal.SIGINT)])
+def test_signal_to_the_launch_script_exits_75(tiny_data, tmp_path, nproc, sig):
+    """SIGTERM (SLURM, `kill`) or SIGINT (Ctrl-C) to launch/cpu.sh: one checkpoint, exit code 75
+    from the script itself, and no SignalException traceback from accelerate. (With 2 ranks
+    torchrun's ChildFailedError report, listing exit code 75 per rank, remains.)"""
+    out = tmp_path / "run"
+    with open(tmp_path / "log", "w") as log:
+        script = start_script(launch_args(tiny_data, out, "steps=100000", "checkpoint_every=0"),
+                              log, nproc)
+    ranks: list[psutil.Process] = []
+    try:
+        wait_for(out, 2, script, tmp_path / "log")
+        _, ranks = launcher_and_ranks(script, nproc)
+        script.send_signal(sig)
+        rc = script.wait(timeout=120)
+        text = (tmp_path / "log").read_text()
+        assert rc == 75, text
+        assert "every rank checkpointed and stopped (exit 75)" in text
+        assert "SignalException" not in text
+        if nproc == 1:  # accelerate's --quiet: no CalledProcessError traceback either
+            assert "Traceback" not in text
+        assert len(finished_checkpoints(out)) == 1
+    finally:
+        kill_leftovers(script, ranks)
