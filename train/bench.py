@@ -290,6 +290,22 @@ def row(name: str, results: list[dict], flops_token: float, peak_flops: float) -
             "peak_mem_bytes": max(mem) if mem else None, "repeats": len(results)}
 
 
+def environment() -> dict:
+    """Versions and the GPU, for a measured table's reader."""
+    import platform
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda (torch built with)": torch.version.cuda or "none",
+           "cuda available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        env |= {"gpu": torch.cuda.get_device_name(),
+                "compute capability": ".".join(map(str, torch.cuda.get_device_capability())),
+                "gpus visible": torch.cuda.device_count()}
+    for name in ("accelerate", "transformers", "torchao", "omegaconf", "safetensors", "tokenizers"):
+        env[name] = _version(name)
+    return env
+
+
 def device_label(device: str) -> str:
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
@@ -319,6 +335,112 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- launch/gpu_check.sh's closing report ---------------------------------------------------
+
+LOOP_STAGES = ("loop-eager", "loop-compiled", "loop-recompute", "loop-fp8")
+GPU_TABLE = ("| date | GPU | torch | matmul ceiling bf16 | bench eager: tokenclock / Llama "
+             "| bench compiled: tokenclock / Llama | real loop eager | real loop compiled "
+             "| recompute | fp8 |")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def loop_figures(work: Path) -> list[dict]:
+    """The summaries of the loop stages' runs (WORK/runs/NAME), as one dict per run."""
+    from contracts.run import read_summary
+
+    rows = []
+    for stage in LOOP_STAGES:
+        run = work / "runs" / stage.removeprefix("loop-")
+        try:
+            s = read_summary(run)
+        except (OSError, ValueError, KeyError):
+            continue
+        rows.append({"stage": stage, "tokens_per_s": s.tokens_per_s_median, "mfu": s.mfu_median,
+                     "step_s": float(s.step_s["median"]), "peak_mem_bytes": s.peak_mem_bytes,
+                     "device": s.device, "mixed_precision": s.mixed_precision,
+                     "compile": s.raw.get("compile"),
+                     "activation_checkpointing": s.raw.get("activation_checkpointing"),
+                     "final_train_loss": s.raw.get("final_train_loss"),
+                     "peak_source": s.peak_source, "run_dir": str(run)})
+    return rows
+
+
+def write_report(out: Path, work: Path) -> Path:
+    """OUT/summary.md (and OUT/loops.jsonl) from the files the stages left in OUT and WORK: the
+    stage table, the ceiling, both bench tables, the real loops against the bare step, the
+    generation and export tails, and the README's GPU table row filled in."""
+    stages = [line.split("\t") for line in (out / "stages.tsv").read_text().splitlines()
+              if line.strip()] if (out / "stages.tsv").is_file() else []
+    lines = [header("GPU check (launch/gpu_check.sh)", "launch/gpu_check.sh",
+                    device=device_label("cuda") if torch.cuda.is_available() else "cpu"),
+             "| stage | status | seconds | timeout (s) | note |", "|---|---|---:|---:|---|"]
+    lines += [f"| {' | '.join((st + [''] * 5)[:5])} |" for st in stages]
+    ceil = _read_json(out / "ceiling.json")
+    if ceil:
+        lines += ["", f"Matmul ceiling: {ceil['flops_median'] / 1e12:,.4g} TFLOP/s ({ceil['dtype']}"
+                  f" {ceil['n']}^3, median of {ceil['calls']}) on {ceil['device']}."]
+    benches = {}
+    for mode in ("eager", "compiled"):
+        b = _read_json(out / f"bench-{mode}.json")
+        if b:
+            benches[mode] = b
+            table = markdown(b, b.get("command", "python -m train.bench"))
+            lines += ["", f"## Bench, {mode}", "", table.split("\n\n", 1)[1].strip()]
+    loops = loop_figures(work)
+    (out / "loops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in loops))
+    if loops:
+        lines += ["", "## The real loop (MODE=single launch/gpu.sh)", "",
+                  "| stage | tokens/s | MFU | vs bare step | step (ms) | peak memory (GiB) "
+                  "| final loss |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in loops:
+            bare = benches.get("compiled" if r["compile"] else "eager")
+            ratio = (f"{r['tokens_per_s'] / bare['rows'][0]['tokens_per_s']:.3f}x"
+                     if bare else "—")
+            lines.append(f"| {r['stage']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {ratio} "
+                         f"| {r['step_s'] * 1e3:,.1f} | {r['peak_mem_bytes'] / 2**30:.1f} "
+                         f"| {r['final_train_loss']} |")
+    for name in ("generate", "export"):
+        path = work / f"{name}.out"
+        if path.is_file():
+            tail = path.read_text().strip().splitlines()[-8:]
+            lines += ["", f"## {name} (last lines)", "", "```", *tail, "```"]
+    lines += ["", "## README GPU table row", "", GPU_TABLE, "|---" * GPU_TABLE.count(" | ") + "|---|",
+              gpu_row(ceil, benches, {r["stage"]: r for r in loops})]
+    path = out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
+    return path
+
+
+def gpu_row(ceil: dict | None, benches: dict, loops: dict) -> str:
+    """The README's GPU table row from what was measured ("—" where a stage did not run)."""
+    import datetime as dt
+
+    def tok(x):
+        return f"{x / 1e3:,.1f}k" if x else "—"
+
+    def pair(mode):
+        b = benches.get(mode)
+        return f"{tok(b['rows'][0]['tokens_per_s'])} / {tok(b['rows'][1]['tokens_per_s'])}" \
+            if b else "—"
+
+    def loop(stage):
+        r = loops.get(stage)
+        return f"{tok(r['tokens_per_s'])} ({r['mfu']:.1%} MFU)" if r else "—"
+
+    gpu = next((b["device_name"] for b in benches.values()), ceil["device"] if ceil else "—")
+    cells = [dt.date.today().isoformat(), gpu, torch.__version__,
+             f"{ceil['flops_median'] / 1e12:,.4g} TFLOP/s" if ceil else "—", pair("eager"),
+             pair("compiled"), *(loop(s) for s in LOOP_STAGES)]
+    return "| " + " | ".join(cells) + " |"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="gpt2-124m", choices=PRESETS)
@@ -338,6 +460,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ceiling-only", action="store_true",
                    help="measure the matmul ceiling only (OUT/ceiling.json)")
     p.add_argument("--ceiling-n", type=int, default=8192)
+    p.add_argument("--ceiling-seconds", type=float, default=2.0)
+    p.add_argument("--env", action="store_true", help="print the environment (versions, GPU)")
+    p.add_argument("--gpu-check-report", type=Path, metavar="WORK",
+                   help="write OUT/summary.md from launch/gpu_check.sh's files (OUT, WORK)")
     return p.parse_args(argv)
 
 
@@ -364,13 +490,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "train.bench", *(sys.argv[1:] if argv is None else argv)])
+    if args.env:
+        print("\n".join(f"{k}: {v}" for k, v in environment().items()))
+        return environment()
+    if args.gpu_check_report is not None:
+        return {"summary": str(write_report(args.out, args.gpu_check_report))}
     if args.ceiling_only:
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
         device = "cpu" if device == "auto" else device
-        result = ceiling(device, args.ceiling_n, args.precision) | {"command": command}
+        result = ceiling(device, args.ceiling_n, args.precision, args.ceiling_seconds)
+        result |= {"command": command}
         (args.out / "ceiling.json").write_text(json.dumps(result, indent=2))
         print(f"matmul ceiling {result['dtype']} {result['n']}^3 on {result['device']}: "
-              f"{result['flops_median'] / 1e12:,.1f} TFLOP/s (median of {result['calls']})")
+              f"{result['flops_median'] / 1e12:,.4g} TFLOP/s (median of {result['calls']})")
         return result
     result = run_bench(setup_from(args), args.data, args.out) | {"command": command}
     table = markdown(result, command)
