@@ -6,6 +6,9 @@ Definitions (all per optimizer step):
   all-reduce, which overlaps the last backward);
 - `optim_s`: gradient clipping + optimizer step + zeroing;
 - `step_s`: wall time of the whole step; `tokens_per_s` counts tokens of all ranks;
+- on a GPU the phases come from CUDA events, stamped when the device reaches them and read at
+  log steps, so no phase waits for the device: `data_wait_s` is then the time the device waited
+  for its batch (zero while the host keeps ahead), the others the device's time per phase;
 - `mfu`: model FLOPs (6N + 12LdT per token, `model.flops`) per second over the peak of all
   processes; `hfu` uses the FLOPs actually executed under activation recomputation.
 
@@ -51,27 +54,73 @@ MATMUL_QUANTILE = 0.9  # the quantile of the per-call rates taken as the peak
 NATIVE = {"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16")}
 
 
-class PhaseTimer:
-    """Wall-clock phases of one step; synchronises CUDA so GPU work is attributed correctly."""
+class StepTimes:
+    """The marks of one step's phases, read later: `resolve` turns them into seconds.
 
-    def __init__(self, device: torch.device):
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    On CPU the marks are perf_counter readings. On GPU they are CUDA events recorded on the
+    current stream: each is stamped when the device reaches it, so the phases are the device's
+    (`data_wait_s` is the time the device waited for its batch), and reading them waits only
+    for the last event, at a log step, after the device has done that work anyway.
+    """
+
+    def __init__(self, marks: list[tuple[str, object]]):
+        self.marks = marks
         self.phases: dict[str, float] = {}
-        self._start = self._last = 0.0
+        self._total = 0.0
 
-    def start(self) -> None:
-        self.sync()
+    def resolve(self) -> StepTimes:
+        """Seconds per phase (`phases`) and for the whole step (`total()`); returns self."""
+        first = self.marks[0][1] if self.marks else 0.0
+        if isinstance(first, float):
+            seconds = [m - first for _, m in self.marks] or [0.0]
+        else:  # CUDA events: the last one done means all are
+            self.marks[-1][1].synchronize()
+            seconds = [0.0] + [first.elapsed_time(m) / 1e3 for _, m in self.marks[1:]]
         self.phases = {}
-        self._start = self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        self.sync()
-        now = time.perf_counter()
-        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
-        self._last = now
+        for (name, _), before, after in zip(self.marks[1:], seconds, seconds[1:], strict=False):
+            self.phases[name] = self.phases.get(name, 0.0) + after - before
+        self._total = seconds[-1]
+        return self
 
     def total(self) -> float:
-        return self._last - self._start
+        return self._total
+
+
+class PhaseTimer:
+    """Phases of one step, without waiting for the device: on CPU perf_counter laps; on GPU
+    CUDA events, read at log steps (`snapshot().resolve()`). `wall()` is the host's own clock
+    of the step, known at once (the stopper's estimate of a step's length)."""
+
+    def __init__(self, device: torch.device, event: Callable[[], object] | None = None):
+        if event is None and device.type == "cuda":
+            def event():
+                return torch.cuda.Event(enable_timing=True)
+        self._event = event  # None: perf_counter marks
+        self._marks: list[tuple[str, object]] = []
+        self._host_start = self._host_last = 0.0
+
+    def _mark(self) -> object:
+        if self._event is None:
+            return time.perf_counter()
+        e = self._event()
+        e.record()
+        return e
+
+    def start(self) -> None:
+        self._marks = [("start", self._mark())]
+        self._host_start = self._host_last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        self._marks.append((name, self._mark()))
+        self._host_last = time.perf_counter()
+
+    def wall(self) -> float:
+        """Host seconds from `start` to the last lap."""
+        return self._host_last - self._host_start
+
+    def snapshot(self) -> StepTimes:
+        """This step's marks, to resolve later (after the next `start` too)."""
+        return StepTimes(list(self._marks))
 
 
 def matmul_rates(dtype: torch.dtype, device: str | torch.device = "cpu", n: int = MATMUL_N,

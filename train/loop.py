@@ -5,9 +5,17 @@ multi-process command). Every rank runs this file; the main rank writes the run 
 (`contracts.run.RunDir`): config.yaml, metrics.jsonl, checkpoints/, and at the end
 summary.json, model.safetensors and samples.txt.
 
-Each step: set the learning rate, take the step (`train_step`), record its figures, evaluate
-every `eval_every` steps, log, checkpoint every `checkpoint_every` steps, and stop early on a
-signal or before the time limit (exit code 75: resume with `resume=auto`).
+Each step: set the learning rate, take the step (`train_step`), evaluate every `eval_every`
+steps, log, checkpoint every `checkpoint_every` steps, and stop early on a signal or before the
+time limit (exit code 75: resume with `resume=auto`).
+
+A step never waits for the device: its loss, gradient norm and non-finite flag stay device
+tensors, and a non-finite step is skipped on the device (the fused AdamW's `found_inf`, as the
+grad scaler does). They are read at "flush" steps only: log steps, step 1, evaluations,
+checkpoints, a stop and the last step; every step of the interval is then written to
+metrics.jsonl. So a run with `max_bad_steps` non-finite steps in a row stops at the next
+flush step (its message names the step where the count was reached, and the metrics end
+there); checkpoints come at flush steps, so "keep the last good checkpoint" is exact.
 """
 
 from __future__ import annotations
@@ -15,9 +23,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -34,13 +42,13 @@ from train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from train.clock import PeakSampler, PhaseTimer, device_name, time_allreduce
+from train.clock import PeakSampler, PhaseTimer, StepTimes, device_name, time_allreduce
 from train.config import TrainConfig
-from train.data import BatchLoader, TokenWindows
+from train.data import BatchLoader, DeviceBatches, TokenWindows
 from train.distributed import build_accelerator, finish, global_sum, set_threads, weight_checksums
 from train.fsdp import full_copy
 from train.memory import check_memory
-from train.metrics import MetricsLog, RunInfo, StepResult, step_line, summarize
+from train.metrics import MetricsLog, RunInfo, StepResult, resolve_steps, step_line, summarize
 from train.optim import lr_at
 from train.rundir import disk_space, open_dataset, prepare_run_dir, state_bytes, write_outputs
 from train.stop import EXIT_STOPPED, Stopper
@@ -59,10 +67,26 @@ class TrainState:
     skipped_steps: int = 0  # steps without an update, in the whole run
     initial_val_loss: float | None = None
 
-    def advance(self, step: int, result: StepResult) -> None:
-        self.step, self.tokens = step, self.tokens + int(result.tokens)
+    def advance(self, step: int, tokens: float) -> None:
+        """A step finished (known at once, without reading the device)."""
+        self.step, self.tokens = step, self.tokens + int(tokens)
+
+    def count(self, result: StepResult) -> None:
+        """A step's non-finite and skip flags, once read (`resolve_steps`)."""
         self.bad_steps = self.bad_steps + 1 if result.bad else 0
         self.skipped_steps += int(result.skipped)
+
+
+@dataclasses.dataclass
+class PendingStep:
+    """A finished step whose figures are still on the device, until the next flush."""
+
+    step: int
+    lr: float
+    tokens: int  # the run's tokens after this step
+    result: StepResult
+    times: StepTimes
+    extra: dict  # val_loss, grad_allreduce_s at evaluation steps
 
 
 @torch.no_grad()
@@ -82,37 +106,63 @@ def evaluate(model, loader: BatchLoader, batches: int, accelerator: Accelerator)
 
 def train_step(model, optimizer, batches: list, accelerator: Accelerator, timer: PhaseTimer,
                grad_clip: float, poison: bool = False) -> StepResult:
-    """Forward and backward over this rank's micro-batches, then one update of the weights.
+    """Forward and backward over this rank's micro-batches, then one update of the weights,
+    without waiting for the device: the result's loss, grad norm and flags are device tensors.
     `poison` turns the loss into NaN (inject_nan_at_steps, to test the handling below)."""
     device, world = accelerator.device, accelerator.num_processes
     # Normalise by the number of target tokens of the whole step on all ranks, so that
     # every token weighs the same however it is split into micro-batches and ranks (DDP
-    # averages gradients over ranks, hence the factor `world`).
-    step_tokens = global_sum(sum(y.numel() for _, y in batches), accelerator)
+    # averages gradients over ranks, hence the factor `world`). Every micro-batch is full
+    # and every rank has the same shapes (`BatchLoader`), and no target is ignored (-100),
+    # so the count follows from the shapes, with no all-reduce.
+    step_tokens = float(world * sum(y.numel() for _, y in batches))
     loss_sum = torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
         # Gradients are all-reduced once per step, in the last micro-batch's backward.
         last = i == len(batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             if poison:
                 loss = loss * float("nan")
             accelerator.backward(loss * world / step_tokens)
         loss_sum += loss.detach()
     timer.lap("fwd_bwd_s")
-    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip or float("inf")))
-    train_loss = global_sum(loss_sum, accelerator) / step_tokens
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    loss_total = loss_sum.double()  # summed over ranks, as the logged loss and the NaN check need
+    if world > 1:
+        dist.all_reduce(loss_total)  # queued on the device like any collective; nobody waits
+    train_loss = loss_total / step_tokens
     # A non-finite loss or gradient skips the update (the same on every rank: both are
     # all-reduced). Under fp16 the grad scaler skips overflowing steps by itself.
+    loss_bad = ~torch.isfinite(train_loss)
+    found_inf = loss_bad | ~torch.isfinite(grad_norm.detach().to(loss_bad.device))
     fp16 = accelerator.scaler is not None
-    finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
-    if finite or fp16:
+    if fp16:
         optimizer.step()
-    skipped = not finite or accelerator.optimizer_step_was_skipped
+    else:
+        skip_update(optimizer, found_inf)
+    skipped = True if fp16 and accelerator.optimizer_step_was_skipped else found_inf
     optimizer.zero_grad(set_to_none=True)
     timer.lap("optim_s")
-    bad = not math.isfinite(train_loss) or (not finite and not fp16)
-    return StepResult(train_loss, grad_norm, step_tokens, skipped, bad)
+    return StepResult(train_loss, grad_norm, step_tokens, skipped, loss_bad if fp16 else found_inf)
+
+
+def skip_update(optimizer, found_inf: torch.Tensor) -> None:
+    """optimizer.step(), left out where `found_inf` is true, without reading it: the fused
+    AdamW kernel takes the flag as the grad scaler passes it (`found_inf` attribute, read when
+    `_step_supports_amp_scaling`) and leaves weights, moments and step count untouched. Other
+    optimizers (the foreach AdamW of optim.fused=false) read the flag: one wait per step."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
+    if getattr(inner, "_step_supports_amp_scaling", False) and inner.defaults.get("fused"):
+        inner.found_inf = found_inf.float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bool(found_inf):
+        optimizer.step()
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -160,6 +210,7 @@ def run(cfg: TrainConfig) -> dict:
         model_flops_per_token=model_flops_per_token(cfg.model, seq_len),
         hardware_flops_per_token=executed_flops_per_token(cfg, seq_len),
         techniques=techniques_in_use(cfg, optimizer), threads_per_process=torch.get_num_threads(),
+        warmup_steps_excluded=cfg.warmup_steps_excluded,
     )
     if main:
         prepare_run_dir(cfg, meta, fresh=resume_from is None)
@@ -187,44 +238,64 @@ def run(cfg: TrainConfig) -> dict:
                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
         with disk_space(checkpointer.root, lambda: state_bytes(raw_model, optimizer)):
             path = checkpointer.save(step, raw_model, optimizer, trainer,
-                                     {"rng": rng_state(), "data": train_loader.state_dict()})
+                                     {"rng": rng_state(), "data": train_batches.state_dict()})
         log.info(f"step {step}: saved checkpoint {path}")
 
+    def flush(pending: list[PendingStep]) -> dict | None:
+        """Read the pending steps' figures (one wait for the device), write their records and
+        count their non-finite steps; stop the run where max_bad_steps in a row are reached."""
+        record = None
+        for p, result in zip(pending, resolve_steps([p.result for p in pending]), strict=True):
+            state.count(result)
+            record = {**metrics.step_record(p.step, p.lr, result, p.tokens, p.times.resolve()),
+                      **p.extra}
+            if result.skipped:
+                log.warning(f"step {p.step}: non-finite loss or gradient, update skipped "
+                            f"({state.bad_steps} in a row)")
+            metrics.write(record)
+            if cfg.tracker != "none":
+                accelerator.log(record, step=p.step)
+            if state.bad_steps >= cfg.max_bad_steps:
+                raise RuntimeError(
+                    f"{state.bad_steps} non-finite steps in a row (up to step {p.step}): "
+                    f"stopping. Last good checkpoint: {checkpointer.latest_valid() or 'none'}. "
+                    "Lower optim.lr or inspect the data."
+                )
+        pending.clear()
+        return record
+
+    train_batches = DeviceBatches(train_loader, accelerator.device)  # pinned, ahead, on GPU
     timer = PhaseTimer(accelerator.device)
-    stopper = Stopper(cfg.time_limit_s, lambda flag: global_sum(float(flag), accelerator) > 0)
+    # The stop vote: a collective (and a wait) per step with several ranks; none with one.
+    any_rank = ((lambda flag: global_sum(float(flag), accelerator) > 0) if world > 1 else bool)
+    stopper = Stopper(cfg.time_limit_s, any_rank)
+    pending: list[PendingStep] = []
     for step in range(state.step + 1, cfg.steps + 1):
         lr = lr_at(step - 1, cfg.steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
         timer.start()
-        batches = [train_loader.next() for _ in range(accum)]
+        batches = [train_batches.next() for _ in range(accum)]
         timer.lap("data_wait_s")
         result = train_step(model, optimizer, batches, accelerator, timer, cfg.optim.grad_clip,
                             poison=step in cfg.inject_nan_at_steps)
-        state.advance(step, result)
+        state.advance(step, result.tokens)
+        pending.append(PendingStep(step, lr, state.tokens, result, timer.snapshot(), {}))
 
-        record = metrics.step_record(step, lr, result, state.tokens, timer)
-        if result.skipped:
-            log.warning(f"step {step}: non-finite loss or gradient, update skipped "
-                        f"({state.bad_steps} in a row)")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            record["val_loss"] = evaluate(model, val_loader, cfg.eval_batches, accelerator)
+        evaluated = step % cfg.eval_every == 0 or step == cfg.steps
+        if evaluated:
+            pending[-1].extra["val_loss"] = evaluate(model, val_loader, cfg.eval_batches,
+                                                     accelerator)
             if world > 1:
-                record["grad_allreduce_s"] = time_allreduce(info.params, accelerator.device)
-        metrics.write(record)
-        if cfg.tracker != "none":
-            accelerator.log(record, step=step)
-        if main and (step % cfg.log_every == 0 or step == 1 or "val_loss" in record):
-            log.info(step_line(record, cfg.steps))
-
-        if state.bad_steps >= cfg.max_bad_steps:
-            raise RuntimeError(
-                f"{state.bad_steps} non-finite steps in a row (up to step {step}): stopping. "
-                f"Last good checkpoint: {checkpointer.latest_valid() or 'none'}. "
-                "Lower optim.lr or inspect the data."
-            )
-        stop = stopper.check(timer.total(), checkpointer.last_save_s)
+                pending[-1].extra["grad_allreduce_s"] = time_allreduce(info.params,
+                                                                       accelerator.device)
+        stop = stopper.check(timer.wall(), checkpointer.last_save_s)
         periodic = cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps)
+        logged = step % cfg.log_every == 0 or step == 1 or evaluated
+        if logged or periodic or stop:
+            record = flush(pending)
+            if main and logged:
+                log.info(step_line(record, cfg.steps))
         if (periodic or stop) and state.bad_steps == 0:  # keep the last good checkpoints
             save_checkpoint(step)
         if stop:

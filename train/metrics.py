@@ -3,7 +3,9 @@
 A step's record holds its loss, learning rate and gradient norm, the phase timings of
 `train.clock.PhaseTimer`, throughput (tokens/s of all ranks), MFU and HFU against the peak of
 all processes (one figure per machine for the whole run, `train.clock.PeakSampler`), peak memory
-and an ETA. summary.json (`contracts.run`) keeps medians and spread over the steps after
+and an ETA (the median step time after warm-up, times the steps left). The loop writes the
+records of a log interval together, at its log step, when it reads the device's figures.
+summary.json (`contracts.run`) keeps medians and spread over the steps after
 `warmup_steps_excluded`, because the first steps pay for allocation, compilation and cold caches.
 An MFU above 100% cannot be a measurement (the FLOP count or the peak is wrong): the first such
 step is logged as a warning, and the summary counts them all (`mfu_steps_above_100_percent`).
@@ -14,25 +16,48 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import torch
 
 from contracts.run import read_metrics
 from train.clock import PeakSampler, PhaseTimer, peak_memory_bytes
 
 log = logging.getLogger("train")
 SUMMARY_FORMAT = 1
+ETA_WINDOW = 100  # steps whose median step time makes the ETA
 
 
 @dataclass
 class StepResult:
-    """The figures of one optimizer step, the same on every rank (all-reduced)."""
+    """The figures of one optimizer step, the same on every rank (all-reduced).
 
-    loss: float  # mean train loss per token over the step's tokens of all ranks
-    grad_norm: float  # global gradient norm before clipping
+    The training step leaves loss, grad_norm, skipped and bad as 0-d device tensors, so that
+    it never waits for the device; `resolve_steps` reads those of many steps at once.
+    """
+
+    loss: float | torch.Tensor  # mean train loss per token over the step's tokens of all ranks
+    grad_norm: float | torch.Tensor  # global gradient norm before clipping
     tokens: float  # target tokens of the step, all ranks
-    skipped: bool  # no update was applied (non-finite values, or an fp16 overflow)
-    bad: bool  # the loss or gradient was non-finite without a grad scaler to absorb it
+    skipped: bool | torch.Tensor  # no update was applied (non-finite values, or an fp16 overflow)
+    bad: bool | torch.Tensor  # non-finite loss or gradient without a grad scaler to absorb it
+
+
+DEVICE_FIELDS = {"loss": float, "grad_norm": float, "skipped": bool, "bad": bool}
+
+
+def resolve_steps(results: list[StepResult]) -> list[StepResult]:
+    """The steps' figures as Python numbers: every device tensor among them is read in one
+    transfer (one wait for the device, at a log step, instead of several per step)."""
+    slots = [(i, name) for i, r in enumerate(results) for name in DEVICE_FIELDS
+             if isinstance(getattr(r, name), torch.Tensor)]
+    values = torch.stack([getattr(results[i], name).detach().reshape(()).double()
+                          for i, name in slots]).tolist() if slots else []
+    resolved = [replace(r) for r in results]
+    for (i, name), value in zip(slots, values, strict=True):
+        setattr(resolved[i], name, DEVICE_FIELDS[name](value))
+    return resolved
 
 
 @dataclass
@@ -48,6 +73,7 @@ class RunInfo:
     hardware_flops_per_token: float  # with activation recomputation
     techniques: dict
     threads_per_process: int
+    warmup_steps_excluded: int = 0  # steps left out of the ETA (compilation, cold caches)
 
 
 def distribution(values: list[float]) -> dict:
@@ -70,6 +96,7 @@ class MetricsLog:
         self.path, self.enabled, self.info, self.peaks = path, enabled, info, peaks
         self.records: list[dict] = []
         self.warned_mfu = False
+        self.steady_step_s: list[float] = []  # step times after warm-up, for the ETA
 
     def resume(self, step: int) -> None:
         """Keep the records up to `step` (those of the checkpoint resumed from) and drop the
@@ -79,6 +106,8 @@ class MetricsLog:
             log.warning(f"{self.path}: its last line is torn (a crash or a full disk during an "
                         "append); resuming from the complete records before it")
         self.records = [r for r in records if r["step"] <= step]
+        self.steady_step_s = [r["step_s"] for r in self.records if "step_s" in r
+                              and r["step"] > self.info.warmup_steps_excluded]
         if self.enabled:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
@@ -105,7 +134,7 @@ class MetricsLog:
             "mfu": info.model_flops_per_token * tokens_per_s / peak_total,
             "hfu": info.hardware_flops_per_token * tokens_per_s / peak_total,
             "peak_mem_bytes": peak_memory_bytes(self.peaks.device),
-            "eta_s": step_s * (info.steps - step),
+            "eta_s": self.eta(step, step_s),
         }
         if result.skipped:
             record["skipped"] = True
@@ -117,13 +146,24 @@ class MetricsLog:
         return record
 
 
+    def eta(self, step: int, step_s: float) -> float | None:
+        """Seconds left: the median step time of the last ETA_WINDOW steps after warm-up
+        (`warmup_steps_excluded`: compilation and cold caches would inflate it), times the
+        steps left. None while every step so far is a warm-up step."""
+        if step > self.info.warmup_steps_excluded:
+            self.steady_step_s.append(step_s)
+        recent = self.steady_step_s[-ETA_WINDOW:]
+        return statistics.median(recent) * (self.info.steps - step) if recent else None
+
+
 def step_line(record: dict, steps: int) -> str:
     """The progress log line of a step."""
     val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
     return (f"step {record['step']}/{steps} | loss {record['loss']:.4f}{val} | "
             f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
             f"MFU {record['mfu']:.1%} | data {record['data_wait_s'] * 1e3:.1f} ms | "
-            f"ETA {record['eta_s']:.0f} s")
+            + (f"ETA {record['eta_s']:.0f} s" if record.get("eta_s") is not None
+               else "ETA after warm-up"))
 
 
 def mfu_above_100(records: list[dict]) -> dict:

@@ -27,6 +27,8 @@ def test_loss_falls_over_50_steps(tiny_data, tmp_path):
     assert records[-1]["loss"] < records[1]["loss"] - 0.5
     for key in ("tokens_per_s", "step_s", "data_wait_s", "mfu", "peak_mem_bytes"):
         assert records[-1][key] > 0, key
+    # the ETA leaves out the warm-up steps (warmup_steps_excluded=2 in tiny.yaml)
+    assert [r["eta_s"] for r in records[1:3]] == [None, None] and records[3]["eta_s"] > 0
     assert 0 < summary["mfu"]["median"] < 1
     machine = summary["peak_flops_machine"]  # one figure per machine, both CPU figures kept
     assert machine["method"] in ("theoretical", "measured") and machine["measured"]["flops"] > 0
