@@ -7,15 +7,9 @@ summary.json, model.safetensors and samples.txt.
 
 Each step: set the learning rate, take the step (`train_step`), evaluate every `eval_every`
 steps, log, checkpoint every `checkpoint_every` steps, and stop early on a signal or before the
-time limit (exit code 75: resume with `resume=auto`).
-
-A step never waits for the device: its loss, gradient norm and non-finite flag stay device
-tensors, and a non-finite step is skipped on the device (the fused AdamW's `found_inf`, as the
-grad scaler does). They are read at "flush" steps only: log steps, step 1, evaluations,
-checkpoints, a stop and the last step; every step of the interval is then written to
-metrics.jsonl. So a run with `max_bad_steps` non-finite steps in a row stops at the next
-flush step (its message names the step where the count was reached, and the metrics end
-there); checkpoints come at flush steps, so "keep the last good checkpoint" is exact.
+time limit (exit code 75: resume with `resume=auto`). A step never waits for the device: its
+figures are read at "flush" steps only (`MetricsLog.flush` says which, and what that means for
+`max_bad_steps`).
 """
 
 from __future__ import annotations
@@ -30,7 +24,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from contracts.run import RunDir
-from model.flops import model_flops_per_token
 from model.precision import precision
 from train import trackers
 from train.checkpoint import (
@@ -42,17 +35,25 @@ from train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from train.clock import PeakSampler, PhaseTimer, StepTimes, device_name, time_allreduce
+from train.clock import PeakSampler, PhaseTimer, time_allreduce
 from train.config import TrainConfig
 from train.data import BatchLoader, DeviceBatches, TokenWindows
 from train.distributed import build_accelerator, finish, global_sum, set_threads, weight_checksums
 from train.fsdp import full_copy
 from train.memory import check_memory
-from train.metrics import MetricsLog, RunInfo, StepResult, resolve_steps, step_line, summarize
-from train.optim import lr_at
+from train.metrics import (
+    MetricsLog,
+    PendingStep,
+    RunInfo,
+    StepResult,
+    evaluate,
+    step_line,
+    summarize,
+)
+from train.optim import lr_at, skip_update
 from train.rundir import disk_space, open_dataset, prepare_run_dir, state_bytes, write_outputs
 from train.stop import EXIT_STOPPED, Stopper
-from train.techniques import build_model, executed_flops_per_token, techniques_in_use
+from train.techniques import build_model
 
 log = logging.getLogger("train")
 
@@ -75,33 +76,6 @@ class TrainState:
         """A step's non-finite and skip flags, once read (`resolve_steps`)."""
         self.bad_steps = self.bad_steps + 1 if result.bad else 0
         self.skipped_steps += int(result.skipped)
-
-
-@dataclasses.dataclass
-class PendingStep:
-    """A finished step whose figures are still on the device, until the next flush."""
-
-    step: int
-    lr: float
-    tokens: int  # the run's tokens after this step
-    result: StepResult
-    times: StepTimes
-    extra: dict  # val_loss, grad_allreduce_s at evaluation steps
-
-
-@torch.no_grad()
-def evaluate(model, loader: BatchLoader, batches: int, accelerator: Accelerator) -> float:
-    """Mean validation loss per token over `batches` micro-batches on every rank."""
-    model.eval()
-    loader.load_state_dict({"epoch": 0, "cursor": 0})  # the same val windows every time
-    loss_sum, tokens = 0.0, 0
-    for _ in range(min(batches, loader.per_rank // loader.micro_batch_size)):
-        x, y = loader.next()
-        _, batch_loss = model(x.to(accelerator.device), y.to(accelerator.device))
-        loss_sum += float(batch_loss)
-        tokens += y.numel()
-    model.train()
-    return global_sum(loss_sum, accelerator) / global_sum(tokens, accelerator)
 
 
 def train_step(model, optimizer, batches: list, accelerator: Accelerator, timer: PhaseTimer,
@@ -149,22 +123,6 @@ def train_step(model, optimizer, batches: list, accelerator: Accelerator, timer:
     return StepResult(train_loss, grad_norm, step_tokens, skipped, loss_bad if fp16 else found_inf)
 
 
-def skip_update(optimizer, found_inf: torch.Tensor) -> None:
-    """optimizer.step(), left out where `found_inf` is true, without reading it: the fused
-    AdamW kernel takes the flag as the grad scaler passes it (`found_inf` attribute, read when
-    `_step_supports_amp_scaling`) and leaves weights, moments and step count untouched. Other
-    optimizers (the foreach AdamW of optim.fused=false) read the flag: one wait per step."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
-    if getattr(inner, "_step_supports_amp_scaling", False) and inner.defaults.get("fused"):
-        inner.found_inf = found_inf.float()
-        try:
-            optimizer.step()
-        finally:
-            del inner.found_inf
-    elif not bool(found_inf):
-        optimizer.step()
-
-
 def run(cfg: TrainConfig) -> dict:
     """Train as configured; returns the summary (also written to out_dir/summary.json)."""
     accelerator = build_accelerator(cfg)
@@ -204,28 +162,14 @@ def run(cfg: TrainConfig) -> dict:
     peaks = PeakSampler(accelerator.device, precision(cfg.mixed_precision), world=world,
                         local_main=accelerator.is_local_main_process,
                         barrier=accelerator.wait_for_everyone)  # one figure for the whole run
-    info = RunInfo(
-        steps=cfg.steps, world_size=world, device=device_name(accelerator.device),
-        params=raw_model.num_params(), seq_len=seq_len,
-        model_flops_per_token=model_flops_per_token(cfg.model, seq_len),
-        hardware_flops_per_token=executed_flops_per_token(cfg, seq_len),
-        techniques=techniques_in_use(cfg, optimizer), threads_per_process=torch.get_num_threads(),
-        warmup_steps_excluded=cfg.warmup_steps_excluded,
-    )
+    info = RunInfo.of(cfg, accelerator, raw_model, optimizer, seq_len)
     if main:
         prepare_run_dir(cfg, meta, fresh=resume_from is None)
     if cfg.tracker != "none":
         accelerator.init_trackers(**trackers.init_args(cfg, RunDir(cfg.out_dir).root))
     metrics = MetricsLog(RunDir(cfg.out_dir).metrics, main, info, peaks)
     metrics.resume(state.step)
-    log.info(
-        f"model: {info.params / 1e6:.2f}M params, {info.model_flops_per_token / 1e6:.1f} "
-        f"MFLOP/token | {world} process(es) on {accelerator.device} "
-        f"({accelerator.distributed_type}), {info.threads_per_process} threads each | precision "
-        f"{cfg.mixed_precision} | batch {cfg.batch_size} x {seq_len} tokens = {accum} "
-        f"micro-batch(es) of {cfg.micro_batch_size} per rank | "
-        f"train windows {len(train_loader.windows)}"
-    )
+    log.info(info.describe(cfg, accelerator, accum, len(train_loader.windows)))
     log.info(peaks.describe())
     if resume_from is None:
         state.initial_val_loss = evaluate(model, val_loader, cfg.eval_batches, accelerator)
@@ -241,28 +185,20 @@ def run(cfg: TrainConfig) -> dict:
                                      {"rng": rng_state(), "data": train_batches.state_dict()})
         log.info(f"step {step}: saved checkpoint {path}")
 
-    def flush(pending: list[PendingStep]) -> dict | None:
-        """Read the pending steps' figures (one wait for the device), write their records and
-        count their non-finite steps; stop the run where max_bad_steps in a row are reached."""
-        record = None
-        for p, result in zip(pending, resolve_steps([p.result for p in pending]), strict=True):
-            state.count(result)
-            record = {**metrics.step_record(p.step, p.lr, result, p.tokens, p.times.resolve()),
-                      **p.extra}
-            if result.skipped:
-                log.warning(f"step {p.step}: non-finite loss or gradient, update skipped "
-                            f"({state.bad_steps} in a row)")
-            metrics.write(record)
-            if cfg.tracker != "none":
-                accelerator.log(record, step=p.step)
-            if state.bad_steps >= cfg.max_bad_steps:
-                raise RuntimeError(
-                    f"{state.bad_steps} non-finite steps in a row (up to step {p.step}): "
-                    f"stopping. Last good checkpoint: {checkpointer.latest_valid() or 'none'}. "
-                    "Lower optim.lr or inspect the data."
-                )
-        pending.clear()
-        return record
+    def account(step: int, result: StepResult, record: dict) -> None:
+        """Count a written step's non-finite update; stop where max_bad_steps in a row."""
+        state.count(result)
+        if result.skipped:
+            log.warning(f"step {step}: non-finite loss or gradient, update skipped "
+                        f"({state.bad_steps} in a row)")
+        if cfg.tracker != "none":
+            accelerator.log(record, step=step)
+        if state.bad_steps >= cfg.max_bad_steps:
+            raise RuntimeError(
+                f"{state.bad_steps} non-finite steps in a row (up to step {step}): stopping. "
+                f"Last good checkpoint: {checkpointer.latest_valid() or 'none'}. "
+                "Lower optim.lr or inspect the data."
+            )
 
     train_batches = DeviceBatches(train_loader, accelerator.device)  # pinned, ahead, on GPU
     timer = PhaseTimer(accelerator.device)
@@ -293,7 +229,7 @@ def run(cfg: TrainConfig) -> dict:
         periodic = cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps)
         logged = step % cfg.log_every == 0 or step == 1 or evaluated
         if logged or periodic or stop:
-            record = flush(pending)
+            record = metrics.flush(pending, account)
             if main and logged:
                 log.info(step_line(record, cfg.steps))
         if (periodic or stop) and state.bad_steps == 0:  # keep the last good checkpoints

@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 
 from contracts.run import read_metrics
-from train.clock import PeakSampler, PhaseTimer, peak_memory_bytes
+from model.flops import model_flops_per_token
+from train.clock import PeakSampler, PhaseTimer, StepTimes, device_name, peak_memory_bytes
+from train.data import BatchLoader
+from train.distributed import global_sum
 
 log = logging.getLogger("train")
 SUMMARY_FORMAT = 1
@@ -75,6 +78,28 @@ class RunInfo:
     threads_per_process: int
     warmup_steps_excluded: int = 0  # steps left out of the ETA (compilation, cold caches)
 
+    @classmethod
+    def of(cls, cfg, accelerator, model, optimizer, seq_len: int) -> RunInfo:
+        from train.techniques import executed_flops_per_token, techniques_in_use
+
+        return cls(
+            steps=cfg.steps, world_size=accelerator.num_processes,
+            device=device_name(accelerator.device), params=model.num_params(), seq_len=seq_len,
+            model_flops_per_token=model_flops_per_token(cfg.model, seq_len),
+            hardware_flops_per_token=executed_flops_per_token(cfg, seq_len),
+            techniques=techniques_in_use(cfg, optimizer),
+            threads_per_process=torch.get_num_threads(),
+            warmup_steps_excluded=cfg.warmup_steps_excluded)
+
+    def describe(self, cfg, accelerator, accum: int, windows: int) -> str:
+        """The start-up line: the model, the processes and the batch."""
+        return (f"model: {self.params / 1e6:.2f}M params, {self.model_flops_per_token / 1e6:.1f} "
+                f"MFLOP/token | {self.world_size} process(es) on {accelerator.device} "
+                f"({accelerator.distributed_type}), {self.threads_per_process} threads each | "
+                f"precision {cfg.mixed_precision} | batch {cfg.batch_size} x {self.seq_len} "
+                f"tokens = {accum} micro-batch(es) of {cfg.micro_batch_size} per rank | "
+                f"train windows {windows}")
+
 
 def distribution(values: list[float]) -> dict:
     """Median and 10th/90th percentiles (nearest rank) of a list of numbers."""
@@ -86,6 +111,33 @@ def distribution(values: list[float]) -> dict:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     return {"median": statistics.median(ordered), "p10": pct(0.1), "p90": pct(0.9), "n": len(ordered)}
+
+
+@dataclass
+class PendingStep:
+    """A finished step whose figures are still on the device, until the next flush."""
+
+    step: int
+    lr: float
+    tokens: int  # the run's tokens after this step
+    result: StepResult
+    times: StepTimes
+    extra: dict  # val_loss, grad_allreduce_s at evaluation steps
+
+
+@torch.no_grad()
+def evaluate(model, loader: BatchLoader, batches: int, accelerator) -> float:
+    """Mean validation loss per token over `batches` micro-batches on every rank."""
+    model.eval()
+    loader.load_state_dict({"epoch": 0, "cursor": 0})  # the same val windows every time
+    loss_sum, tokens = 0.0, 0
+    for _ in range(min(batches, loader.per_rank // loader.micro_batch_size)):
+        x, y = loader.next()
+        _, batch_loss = model(x.to(accelerator.device), y.to(accelerator.device))
+        loss_sum += float(batch_loss)
+        tokens += y.numel()
+    model.train()
+    return global_sum(loss_sum, accelerator) / global_sum(tokens, accelerator)
 
 
 class MetricsLog:
@@ -110,6 +162,28 @@ class MetricsLog:
                               and r["step"] > self.info.warmup_steps_excluded]
         if self.enabled:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def flush(self, pending: list[PendingStep], account) -> dict | None:
+        """Read the pending steps' figures (one wait for the device), then write each step's
+        record in order and hand it to `account(step, result, record)`, which counts it and
+        may stop the run there. Returns the last record.
+
+        A training step never waits for the device: its loss, gradient norm and non-finite
+        flag stay device tensors, and a non-finite step is skipped on the device (the fused
+        AdamW's `found_inf`, as the grad scaler does: `train.optim.skip_update`). The loop
+        flushes at log steps, step 1, evaluations, checkpoints, a stop and the last step, so
+        metrics.jsonl still has every step. A run with `max_bad_steps` non-finite steps in a
+        row stops at the next flush (its message names the step where the count was reached,
+        and the metrics end there); checkpoints come at flushes, so "keep the last good
+        checkpoint" is exact."""
+        record = None
+        for p, result in zip(pending, resolve_steps([p.result for p in pending]), strict=True):
+            record = {**self.step_record(p.step, p.lr, result, p.tokens, p.times.resolve()),
+                      **p.extra}
+            self.write(record)
+            account(p.step, result, record)
+        pending.clear()
+        return record
 
     def write(self, record: dict) -> None:
         self.records.append(record)

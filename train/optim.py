@@ -37,3 +37,19 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def skip_update(optimizer, found_inf: torch.Tensor) -> None:
+    """optimizer.step(), left out where `found_inf` is true, without reading it: the fused
+    AdamW kernel takes the flag as the grad scaler passes it (`found_inf` attribute, read when
+    `_step_supports_amp_scaling`) and leaves weights, moments and step count untouched. Other
+    optimizers (the foreach AdamW of optim.fused=false) read the flag: one wait per step."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
+    if getattr(inner, "_step_supports_amp_scaling", False) and inner.defaults.get("fused"):
+        inner.found_inf = found_inf.float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bool(found_inf):
+        optimizer.step()

@@ -18,8 +18,9 @@ from train.clock import PhaseTimer, StepTimes
 from train.config import load_config
 from train.data import BatchLoader, DeviceBatches
 from train.distributed import build_accelerator, global_sum
-from train.loop import skip_update, train_step
+from train.loop import train_step
 from train.metrics import MetricsLog, RunInfo, StepResult, resolve_steps, step_line
+from train.optim import skip_update
 from train.techniques import build_model
 
 
