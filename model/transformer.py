@@ -27,7 +27,10 @@ from model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 for stability under bf16 autocast."""
+    """x / rms(x) * weight through `F.rms_norm` (one fused kernel where torch has one), which
+    accumulates in float32 even for bf16 inputs. x and weight are first brought to their common
+    dtype, as the product of the two always was (bf16 x, fp32 weight -> fp32): mixed dtypes
+    would miss the fused kernel."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -35,9 +38,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        dtype = torch.promote_types(x.dtype, self.weight.dtype)
+        return F.rms_norm(x.to(dtype), self.weight.shape, self.weight.to(dtype), self.eps)
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,46 +51,64 @@ def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + head_dim/2) of x [B, H, T, head_dim] ("rotate half" layout)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.type_as(x)
+    """Rotate channel pairs (i, i + head_dim/2) of x [B, H, T, head_dim] ("rotate half" layout),
+    in x's dtype: `Transformer.forward` casts the tables to the compute dtype once per forward
+    (the `.to` here is then a no-op), so bf16 activations make no float32 round trip."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x's device run in: autocast's when it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class LayerKV:
+    """One layer's cached keys and values, [B, H_kv, max_len, D] each, allocated on first use
+    with the dtype and device of the keys (so the cache follows autocast). Keys are stored with
+    n_kv_head heads, before they are repeated for grouped-query attention.
+
+    Each block is handed its own LayerKV and the position as an argument: nothing in a block's
+    forward depends on its layer index, so a compiled block (or the compiled model) is one
+    graph for every layer instead of one per layer.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H_kv, T, D] at positions [start, start+T); return all keys/values."""
+        if self.k is None:
+            B, H, _, _ = k.shape
+            self.k = k.new_zeros(B, H, self.max_len, k.size(-1))
+            self.v = v.new_zeros(B, H, self.max_len, v.size(-1))
+        end = start + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class KVCache:
-    """Keys and values of every layer for positions [0, pos), for incremental decoding.
-
-    Buffers are allocated on first use with the dtype and device of the keys (so the cache
-    follows autocast), sized `max_len` positions; keys are stored with n_kv_head heads, before
-    they are repeated for grouped-query attention. `Transformer.forward` advances `pos`.
-    """
+    """Keys and values of every layer for positions [0, pos), for incremental decoding: one
+    `LayerKV` per layer. `Transformer.forward` advances `pos`."""
 
     def __init__(self, n_layer: int, max_len: int) -> None:
         self.max_len = max_len
         self.pos = 0
-        self.k: list[torch.Tensor | None] = [None] * n_layer
-        self.v: list[torch.Tensor | None] = [None] * n_layer
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, H_kv, T, D] at positions [pos, pos+T); return all keys/values so far."""
-        if self.k[layer] is None:
-            B, H, _, _ = k.shape
-            self.k[layer] = k.new_zeros(B, H, self.max_len, k.size(-1))
-            self.v[layer] = v.new_zeros(B, H, self.max_len, v.size(-1))
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos : end] = k
-        self.v[layer][:, :, self.pos : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.layers = [LayerKV(max_len) for _ in range(n_layer)]
 
 
 class Attention(nn.Module):
     """Causal multi-head self-attention with RoPE and grouped-query key/value heads."""
 
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.layer = layer  # index into the KV cache
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
@@ -100,7 +120,8 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_cache: KVCache | None = None,
+        kv_cache: LayerKV | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -108,10 +129,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        start = 0
         if kv_cache is not None:
-            start = kv_cache.pos
-            k, v = kv_cache.update(self.layer, k, v)
+            k, v = kv_cache.update(k, v, start)
         if self.n_kv_head != self.n_head:  # query head h reads key/value head h // n_rep
             n_rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -119,15 +138,65 @@ class Attention(nn.Module):
         return self.wo(causal_attention(q, k, v, start).transpose(1, 2).reshape(B, T, -1))
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy(h @ weight^T, targets) over chunks of `chunk` rows of h, with the
+    gradients computed chunk by chunk in the forward pass (as Liger-Kernel's fused linear
+    cross-entropy does): only one chunk's logits [chunk, V] ever exist, in the compute dtype
+    and in float32, never the [N, V] float32 copy the plain loss makes (and keeps for the
+    backward). The matmuls run in `dtype`; softmax, loss and the weight gradient accumulate in
+    float32. No extra FLOPs: the backward only scales the stored gradients by grad_output.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype, chunk, need_grad):
+        w = weight.to(dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
+        for i in range(0, h.size(0), chunk):
+            hc, tc = h[i : i + chunk].to(dtype), targets[i : i + chunk]
+            logits = (hc @ w.t()).float()  # [n, V]: this chunk only
+            valid = (tc != -100).float()
+            picked = tc.clamp(min=0)[:, None]
+            lse = torch.logsumexp(logits, dim=-1)
+            loss = loss + ((lse - logits.gather(1, picked).squeeze(1)) * valid).sum()
+            if need_grad:  # d loss / d logits = softmax - onehot(target), 0 on ignored rows
+                probs = logits.sub_(lse[:, None]).exp_()  # in place: no second [n, V] copy
+                probs.scatter_add_(1, picked, -valid[:, None])
+                g = probs.mul_(valid[:, None]).to(dtype)
+                grad_h[i : i + chunk] = g @ w
+                grad_w += g.t() @ hc
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype),
+                None, None, None, None)
+
+
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype, chunk: int
+) -> torch.Tensor:
+    """sum over targets != -100 of cross-entropy(h @ weight^T, targets) for h [N, d], weight
+    [V, d], targets [N]: what `F.cross_entropy(F.linear(h, weight).float(), targets,
+    reduction="sum")` gives, without materialising the [N, V] logits (see _LinearCrossEntropy)."""
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(h, weight, targets, dtype, chunk, need_grad)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over [B, H, T, D] heads, each query seeing the keys up to its
     own position; `start` is the position of the first query (> 0 when decoding with a cache)."""
+    if start == 0:  # training and prefill: no mask tensor, so SDPA may take the flash kernel
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     T = q.size(2)
-    mask = None
-    if start > 0 and T > 1:  # new queries see the whole cache, and each other causally
+    mask = None  # T == 1: one query sees every key
+    if T > 1:  # new queries see the whole cache, and each other causally
         mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
-    # start == 0: plain causal attention; start > 0 and T == 1: one query sees every key.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class LatentAttention(nn.Module):
@@ -139,9 +208,9 @@ class LatentAttention(nn.Module):
     the memory saving MLA is built for.
     """
 
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.layer, self.n_head = layer, cfg.n_head
+        self.n_head = cfg.n_head
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         q_out = cfg.n_head * (self.nope + self.rope)
         if cfg.q_lora_rank:
@@ -156,7 +225,7 @@ class LatentAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * self.v_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: LayerKV | None = None, start: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_head
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
@@ -168,10 +237,8 @@ class LatentAttention(nn.Module):
         k_rope = apply_rope(k_rope[:, None], cos, sin).expand(B, H, T, self.rope)
         q = torch.cat((q_nope, apply_rope(q_rope, cos, sin)), dim=-1)
         k = torch.cat((k_nope, k_rope), dim=-1)
-        start = 0
         if kv_cache is not None:
-            start = kv_cache.pos
-            k, v = kv_cache.update(self.layer, k, v)
+            k, v = kv_cache.update(k, v, start)
         return self.wo(causal_attention(q, k, v, start).transpose(1, 2).reshape(B, T, -1))
 
 
@@ -235,7 +302,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = LatentAttention(cfg, layer) if cfg.is_mla else Attention(cfg, layer)
+        self.attn = LatentAttention(cfg) if cfg.is_mla else Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.d_model, cfg.ffn_hidden)
 
@@ -244,14 +311,17 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_cache: KVCache | None = None,
+        kv_cache: LayerKV | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
     """Decoder-only language model described by a `ModelConfig`."""
+
+    loss_chunk = 2048  # tokens per chunk of the LM head + cross-entropy (linear_cross_entropy)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -310,10 +380,14 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits [B, T, vocab] for token ids idx [B, T], and the SUM of the cross-entropy over
         targets != -100 (None without targets): the training loop divides by its own token
         count, so that gradient accumulation and data parallelism weight every token equally.
+
+        With targets the logits are None unless `return_logits`: the loss then comes from
+        `linear_cross_entropy`, which never holds more than `loss_chunk` tokens' logits.
 
         With a `kv_cache`, idx holds the tokens at positions [kv_cache.pos, kv_cache.pos + T),
         earlier ones are read from the cache, and the cache advances by T.
@@ -327,14 +401,25 @@ class Transformer(nn.Module):
                 f"sequence of {start + T} tokens (cache {start} + input {T}) exceeds "
                 f"model.seq_len={self.cfg.seq_len}"
             )
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.tok_emb(idx)
-        for block in self.blocks:
-            x = block(x, cos, sin) if kv_cache is None else block(x, cos, sin, kv_cache)
-        if kv_cache is not None:
+        dtype = compute_dtype(x)  # RoPE tables cast once, for every layer
+        cos = self.rope_cos[start : start + T].to(dtype)
+        sin = self.rope_sin[start : start + T].to(dtype)
+        if kv_cache is None:
+            for block in self.blocks:
+                x = block(x, cos, sin)
+        else:
+            for block, layer_kv in zip(self.blocks, kv_cache.layers, strict=True):
+                x = block(x, cos, sin, layer_kv, start)
             kv_cache.pos += T
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
 
+        if targets is not None and not return_logits:
+            loss_sum = linear_cross_entropy(
+                x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), dtype, self.loss_chunk
+            )
+            return None, loss_sum
+        logits = self.lm_head(x)
         loss_sum = None
         if targets is not None:  # in float32 even under bf16 autocast
             loss_sum = F.cross_entropy(
