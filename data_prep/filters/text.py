@@ -6,7 +6,6 @@ import string
 
 PUNCT = set(string.punctuation) | set("“”‘’«»…–—¡¿")
 _STRIP = "".join(sorted(PUNCT))
-TERMINAL_PUNCT = (".", "!", "?", '"', "'", "”", "’", "…", ":")
 
 
 WORD_DEFINITIONS = ("whitespace", "strip_punct")
