@@ -13,6 +13,10 @@ document is removed when too many of its lines or paragraphs are duplicates (by 
 or by characters, 0.2), when its most frequent 2-, 3- or 4-gram covers more than 20%, 18%, 16%
 of its characters, or when the n-grams occurring more than once cover more than 15%, 14%, 13%,
 12%, 11%, 10% of its characters for n = 5..10.
+
+A word is a whitespace-separated token, punctuation-only ones included (the paper's unit); the
+units of every rule and where they differ from datatrove and Dolma are in docs/data.md
+("Filter rules").
 """
 
 from __future__ import annotations
