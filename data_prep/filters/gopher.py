@@ -13,6 +13,10 @@ document is removed when too many of its lines or paragraphs are duplicates (by 
 or by characters, 0.2), when its most frequent 2-, 3- or 4-gram covers more than 20%, 18%, 16%
 of its characters, or when the n-grams occurring more than once cover more than 15%, 14%, 13%,
 12%, 11%, 10% of its characters for n = 5..10.
+
+A word is a whitespace-separated token, punctuation-only ones included (the paper's unit); the
+units of every rule and where they differ from datatrove and Dolma are in docs/data.md
+("Filter rules").
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from data_prep.document import Document, Drop
-from data_prep.filters.text import nonempty_lines, words_of
+from data_prep.filters.text import WORD_DEFINITIONS, bare, nonempty_lines, words_of
 from data_prep.steps import Step
 
 STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with"]
@@ -33,6 +37,9 @@ BULLETS = ("•", "*", "-", "‣", "◦", "⁃", "·", "●", "▪", "–")
 class GopherQualityConfig:
     enabled: bool = True
     domains: list[str] = field(default_factory=lambda: ["prose"])
+    # what a word is for every rule below: "whitespace" (the paper's unit, default) or
+    # "strip_punct" (surrounding punctuation removed, punctuation-only tokens not counted)
+    word_definition: str = "whitespace"
     min_words: int = 50
     max_words: int = 100_000
     min_mean_word_length: float = 3.0
@@ -64,12 +71,17 @@ class GopherQuality(Step):
     def __init__(self, cfg: GopherQualityConfig) -> None:
         self.cfg = cfg
         self.domains = tuple(cfg.domains)
-        self.stop_words = frozenset(cfg.stop_words)
+        self.stop_words = frozenset(w.lower() for w in cfg.stop_words)
+        if cfg.word_definition not in WORD_DEFINITIONS:
+            raise ValueError(
+                f"gopher_quality.word_definition={cfg.word_definition!r}; "
+                f"valid: {', '.join(WORD_DEFINITIONS)}"
+            )
 
     def process(self, doc: Document) -> Document | Drop:
         c = self.cfg
         text = doc.text
-        words = words_of(text)
+        words = words_of(text, c.word_definition)
         n = len(words)
         if n < c.min_words:
             return self.drop("too_few_words", f"{n} words < {c.min_words}")
@@ -97,7 +109,7 @@ class GopherQuality(Step):
         alpha = sum(any(ch.isalpha() for ch in w) for w in words) / n
         if alpha < c.min_alpha_words_ratio:
             return self.drop("non_alpha_words", f"{alpha:.2f} < {c.min_alpha_words_ratio}")
-        stops = len(self.stop_words.intersection(w.lower() for w in words))
+        stops = len(self.stop_words.intersection(map(bare, words)))
         if stops < c.min_stop_words:
             return self.drop("few_stop_words", f"{stops} distinct stop words < {c.min_stop_words}")
         return doc
