@@ -78,3 +78,18 @@ def test_bands_rows_under_a_budget_by_hand():
     assert choose_bands_rows_for_recall(0.5, 4, fp_budget=1.0) == (4, 1)
     with pytest.raises(ValueError):
         choose_bands_rows_for_recall(0.5, 4, fp_budget=0.01)
+
+
+def test_bench_quality_section(tmp_path, capsys):
+    import json
+
+    from data_prep.bench import main
+
+    out = tmp_path / "q.json"
+    assert main(["--quality-only", "--labelled-bases", "4", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "near-dup quality" in text and "--quality-only" in text
+    rows = {r["name"]: r for r in json.loads(out.read_text())["quality"]["rows"]}
+    assert (rows["before"]["bands"], rows["before"]["rows"]) == (9, 13)
+    assert (rows["after"]["bands"], rows["after"]["rows"]) == (13, 7)
+    assert rows["after"]["hard_negatives_merged"] == 0
