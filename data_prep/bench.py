@@ -17,6 +17,13 @@ bytes), then the whole run. The times are those the pipeline itself records in r
 Then MinHash signatures alone, on near_dedup's input documents: serially in this process, and
 through the same `parallel_signatures` path the pipeline uses (a fresh process pool each time).
 
+Then near-dup quality on the labelled set of `data_prep.labelled` (seeded edits of embedded-corpus
+documents at exact Jaccard, and hard negatives: same template, different content): pair
+precision, recall and F1 at threshold 0.8 with verification, before (the bands x rows of the
+weighted-area criterion, 9 x 13, single linkage: near_dedup until issue 14) and after (bands x rows
+chosen for recall under `fp_budget`, complete linkage), and the hard negatives merged.
+`--quality-only` runs just that section; `--labelled-bases N` sizes the set.
+
 It prints the table as Markdown headed by `contracts.measured.header` (date, machine, torch,
 command); `--publish` also writes it to docs/measured/data_prep-bench-<date>.md.
 """
@@ -37,8 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from contracts.measured import header, publish
-from data_prep.config import load_config
-from data_prep.minhash import MinHasher, parallel_signatures
+from data_prep.config import MinHashConfig, load_config
+from data_prep.dedup import near_duplicates
+from data_prep.labelled import build, score
+from data_prep.minhash import MinHasher, choose_bands_rows, parallel_signatures
 from data_prep.pipeline import run
 from data_prep.stage import worker_count
 from data_prep.store import read_docs
@@ -153,6 +162,46 @@ def bench(
     }
 
 
+def quality(bases: int = 150, seed: int = 0, threshold: float = 0.8) -> dict[str, Any]:
+    """Pair P/R/F1 of near_dedup on the labelled set, before and after issue 14's changes."""
+    ls = build(seed=seed, bases=bases, threshold=threshold)
+    m = MinHashConfig()
+    old_b, old_r = choose_bands_rows(threshold, m.num_perm, m.fp_weight, m.fn_weight)
+    rows = []
+    for name, kw in [
+        ("before", {"bands": old_b, "rows": old_r, "linkage": "single"}),
+        ("after", {"fp_budget": m.fp_budget, "linkage": m.linkage}),
+    ]:
+        t = time.perf_counter()
+        found = near_duplicates(ls.ids, ls.texts, ngram=m.ngram, num_perm=m.num_perm,
+                                threshold=threshold, verify=True, seed=m.seed, workers=1, **kw)
+        rows.append({"name": name, "bands": found.bands, "rows": found.rows,
+                     "linkage": kw["linkage"], "candidate_pairs": found.stats["candidate_pairs"],
+                     "seconds": round(time.perf_counter() - t, 3), **score(ls, found.clusters)})
+    return {"set": ls.describe(), "bases": bases, "seed": seed, "threshold": threshold,
+            "rows": rows}
+
+
+def render_quality(q: dict[str, Any]) -> str:
+    lines = [
+        f"near-dup quality (threshold {q['threshold']}, verify on): labelled set "
+        f"data_prep.labelled.build(seed={q['seed']}, bases={q['bases']}):",
+        f"  {q['set']}",
+        f"{'':<8}{'bands x rows':>13}{'linkage':>10}{'candidates':>11}{'pairs':>7}"
+        f"{'P':>8}{'R':>8}{'F1':>8}{'R 0.8-0.9':>10}{'hard neg':>9}",
+    ]
+    for r in q["rows"]:
+        lines.append(
+            f"{r['name']:<8}{str(r['bands']) + ' x ' + str(r['rows']):>13}{r['linkage']:>10}"
+            f"{r['candidate_pairs']:>11,}{r['predicted_pairs']:>7,}{r['precision']:>8.3f}"
+            f"{r['recall']:>8.3f}{r['f1']:>8.3f}{r['recall_0.8_0.9']:>10.3f}"
+            f"{r['hard_negatives_merged']:>9}"
+        )
+    lines.append("pairs: all pairs inside a cluster; truth: every pair with exact word 5-gram")
+    lines.append("Jaccard >= the threshold; hard neg: same-template pairs below it merged.")
+    return "\n".join(lines)
+
+
 def render(result: dict[str, Any]) -> str:
     """The table as text: one row per stage, its steps indented under it."""
     config = Path(result["config"])
@@ -178,6 +227,8 @@ def render(result: dict[str, Any]) -> str:
         )
     lines.append("s: stage wall time; indented steps: time inside the step, summed over worker")
     lines.append("processes; minhash rows: the signature computation alone. MB = 10^6 bytes.")
+    if result.get("quality"):
+        lines += ["", render_quality(result["quality"])]
     return "\n".join(lines)
 
 
@@ -194,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="prep YAML config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. workers=1")
     p.add_argument("--repeats", type=int, default=3, help="pipeline runs; medians are reported")
+    p.add_argument("--labelled-bases", type=int, default=150,
+                   help="base documents of the near-dup labelled set (0: skip that section)")
+    p.add_argument("--quality-only", action="store_true",
+                   help="only the near-dup quality section (no pipeline runs)")
     p.add_argument("--json", type=Path, default=None, help="also write the table here as JSON")
     p.add_argument("--publish", action="store_true",
                    help="also write the Markdown to docs/measured/data_prep-bench-<date>.md")
@@ -201,11 +256,23 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
-        result = bench(args.config, args.overrides, args.repeats)
+        if args.quality_only:
+            result = {"config": str(args.config), "overrides": args.overrides, "rows": [],
+                      "quality": quality(max(args.labelled_bases, 1))}
+        else:
+            result = bench(args.config, args.overrides, args.repeats)
+            if args.labelled_bases > 0:
+                result["quality"] = quality(args.labelled_bases)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = markdown(result, ["python", "-m", "data_prep.bench", *argv])
+    cmd = ["python", "-m", "data_prep.bench", *argv]
+    text = (
+        header("data_prep bench: near-dup quality", cmd) + "\n```\n"
+        + render_quality(result["quality"]) + "\n```\n"
+        if args.quality_only
+        else markdown(result, cmd)
+    )
     print(text, end="")
     if args.publish:
         print(f"wrote {publish('data_prep-bench', text)}", file=sys.stderr)

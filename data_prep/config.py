@@ -85,9 +85,16 @@ class MinHashConfig:
     threshold: float = 0.8  # Jaccard similarity the banding is tuned for
     bands: int = 0  # 0 = choose bands and rows for `threshold`
     rows: int = 0
-    fp_weight: float = 0.5  # weights of the false-positive / false-negative areas
+    # without verify: bands x rows minimise these weights of the false-positive / negative areas
+    fp_weight: float = 0.5
     fn_weight: float = 0.5
     verify: bool = False  # check each candidate pair's exact Jaccard >= threshold
+    # with verify: bands x rows minimise the false negatives with the mean false-candidate rate
+    # below the threshold <= fp_budget (0.2 at t=0.8, 128 perms: 13 x 7)
+    fp_budget: float = 0.2
+    # with verify: complete = two clusters join only if all pairs across them reach threshold;
+    # single = every verified pair joins its clusters (chains can merge dissimilar documents)
+    linkage: str = "complete"
     seed: int = 1  # of the permutations
     batch_docs: int = 64  # documents per signature job
 
@@ -180,6 +187,10 @@ def _validate(cfg: PrepConfig) -> None:
             f"dedup.minhash.bands={m.bands}, rows={m.rows}: give both (bands*rows <= num_perm="
             f"{m.num_perm}) or neither (0, 0) to choose them for the threshold"
         )
+    if m.linkage not in ("single", "complete"):
+        raise ValueError(f"dedup.minhash.linkage={m.linkage!r}; valid: single, complete")
+    if not 0.0 < m.fp_budget <= 1.0:
+        raise ValueError(f"dedup.minhash.fp_budget={m.fp_budget}; must be in (0, 1]")
     for name in FILTERS:
         for d in getattr(cfg.filters, name).domains:
             if d not in DOMAINS:

@@ -30,6 +30,7 @@ from data_prep.minhash import (
     UnionFind,
     band_candidates,
     choose_bands_rows,
+    choose_bands_rows_for_recall,
     estimated_jaccard,
     jaccard,
     parallel_signatures,
@@ -91,60 +92,102 @@ def near_duplicates(
     rows: int = 0,
     fp_weight: float = 0.5,
     fn_weight: float = 0.5,
+    fp_budget: float = 0.2,
     verify: bool = False,
+    linkage: str = "complete",
     seed: int = 1,
     workers: int = 1,
     batch_docs: int = 64,
+    progress: bool = False,
 ) -> NearDedupResult:
     """Cluster near-duplicate documents with MinHash LSH and union-find.
 
     Candidate pairs come from LSH buckets (each member paired with the bucket's first member).
-    With `verify`, a pair is merged only if the exact Jaccard of its shingle sets reaches
-    `threshold`; otherwise every candidate pair is merged. Documents without any word are
-    left to exact dedup.
+    Without `verify` every candidate pair is merged, and bands x rows (unless given) minimise
+    the weighted false-positive and false-negative areas (`choose_bands_rows`). With `verify`,
+    a pair is merged only if the exact Jaccard of its shingle sets reaches `threshold`, so
+    bands x rows minimise the false negatives under the budget `fp_budget` on the false
+    candidates (`choose_bands_rows_for_recall`), and the verified pairs are merged in order of
+    decreasing Jaccard (ties: by ids): with `linkage="single"` each one joins its two clusters;
+    with `linkage="complete"` (the default) two clusters join only if every pair across them
+    reaches `threshold` too, so no two documents of a cluster are below it: a chain
+    a ~ b ~ c never merges a and c when they are not near-duplicates themselves. Documents
+    without any word are left to exact dedup. `progress`: tqdm bars over the signatures and the
+    verification of candidates.
     """
+    if linkage not in ("single", "complete"):
+        raise ValueError(f"linkage={linkage!r}; valid: single, complete")
     if not (bands and rows):
-        bands, rows = choose_bands_rows(threshold, num_perm, fp_weight, fn_weight)
+        if verify:
+            bands, rows = choose_bands_rows_for_recall(threshold, num_perm, fp_budget)
+        else:
+            bands, rows = choose_bands_rows(threshold, num_perm, fp_weight, fn_weight)
     hasher = MinHasher(num_perm=num_perm, ngram=ngram, seed=seed)
     t0 = time.perf_counter()
-    sig, has = parallel_signatures(hasher, texts, workers=workers, batch_docs=batch_docs)
+    sig, has = parallel_signatures(
+        hasher, texts, workers=workers, batch_docs=batch_docs, progress=progress
+    )
     sig_s = time.perf_counter() - t0
     idx = np.flatnonzero(has)
     t1 = time.perf_counter()
     pairs = [(int(idx[a]), int(idx[b])) for a, b in band_candidates(sig[idx], bands, rows)]
     uf = UnionFind(len(ids))
     shingles: dict[int, np.ndarray] = {}
-    rejected = 0
-    for a, b in pairs:
-        if verify:
-            for i in (a, b):
-                if i not in shingles:
-                    shingles[i] = shingle_hashes(texts[i], ngram)
-            if jaccard(shingles[a], shingles[b]) < threshold:
+
+    def exact(a: int, b: int) -> float:
+        for i in (a, b):
+            if i not in shingles:
+                shingles[i] = shingle_hashes(texts[i], ngram)
+        return jaccard(shingles[a], shingles[b])
+
+    rejected = blocked = 0
+    if not verify:
+        for a, b in pairs:
+            uf.union(a, b)
+    else:
+        edges = []
+        for a, b in tqdm(pairs, desc="near_dedup verify", unit="pair", disable=not progress):
+            s = exact(a, b)
+            if s < threshold:
                 rejected += 1
+            else:
+                edges.append((-s, *sorted((ids[a], ids[b])), a, b))
+        edges.sort()
+        members = {i: [i] for e in edges for i in e[3:]}
+        for *_, a, b in edges:
+            ra, rb = uf.find(a), uf.find(b)
+            if ra == rb:
                 continue
-        uf.union(a, b)
+            if linkage == "complete" and any(
+                exact(x, y) < threshold for x in members[ra] for y in members[rb]
+            ):
+                blocked += 1
+                continue
+            uf.union(ra, rb)
+            root = uf.find(ra)
+            members[root] = members.pop(ra) + members.pop(rb)
     groups: dict[int, list[int]] = defaultdict(list)
     for i in {i for p in pairs for i in p}:
         groups[uf.find(i)].append(i)
     nbytes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
     drop: dict[str, tuple[str, float]] = {}
     clusters = []
-    for members in groups.values():
-        if len(members) < 2:
+    for group in groups.values():
+        if len(group) < 2:
             continue
-        keep = survivor(members, nbytes, ids)
-        rest = sorted((m for m in members if m != keep), key=lambda m: ids[m])
+        keep = survivor(group, nbytes, ids)
+        rest = sorted((m for m in group if m != keep), key=lambda m: ids[m])
         sims = [(ids[m], round(estimated_jaccard(sig[keep], sig[m]), 3)) for m in rest]
         for mid, s in sims:
             drop[mid] = (ids[keep], s)
-        clusters.append({"survivor": ids[keep], "size": len(members), "members": sims})
+        clusters.append({"survivor": ids[keep], "size": len(group), "members": sims})
     clusters.sort(key=lambda c: (-c["size"], c["survivor"]))
     stats = {
         "documents": len(ids),
         "documents_without_shingles": int(len(ids) - has.sum()),
         "candidate_pairs": len(pairs),
         "pairs_rejected_by_verification": rejected,
+        "merges_blocked_by_linkage": blocked,
         "clusters": len(clusters),
         "documents_in_clusters": sum(c["size"] for c in clusters),
         "signature_s": round(sig_s, 4),
@@ -217,8 +260,9 @@ class NearDedup(DedupStage):
         log.info("near_dedup: MinHash signatures of %d documents", len(ids))
         found = near_duplicates(
             ids, texts, ngram=m.ngram, num_perm=m.num_perm, threshold=m.threshold, bands=m.bands,
-            rows=m.rows, fp_weight=m.fp_weight, fn_weight=m.fn_weight, verify=m.verify,
-            seed=m.seed, workers=worker_count(cfg), batch_docs=m.batch_docs,
+            rows=m.rows, fp_weight=m.fp_weight, fn_weight=m.fn_weight, fp_budget=m.fp_budget,
+            verify=m.verify, linkage=m.linkage, seed=m.seed, workers=worker_count(cfg),
+            batch_docs=m.batch_docs, progress=cfg.progress,
         )
         drop = {
             i: f"near-duplicate of {sid} (estimated Jaccard {sim:.2f})"
