@@ -12,7 +12,7 @@ from .conftest import TINY
 
 def test_bench_tiny(tiny_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main([str(TINY), "--repeats", "1", "--json", str(out)]) == 0
+    assert main([str(TINY), "--repeats", "1", "--labelled-bases", "0", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["repeats"] == 1
