@@ -80,9 +80,14 @@ def doc(text: str, domain: str = "prose") -> Document:
     return Document("t", text, "test", domain)
 
 
-def reason_of(step, text: str, domain: str = "prose") -> str | None:
+def process(step, text: str, domain: str = "prose"):
+    """One document through one filter step, with fresh counters."""
     step._stats = StepStats(step.name)
-    out = step.process(doc(text, domain))
+    return step.process(doc(text, domain))
+
+
+def reason_of(step, text: str, domain: str = "prose") -> str | None:
+    out = process(step, text, domain)
     return out.reason if isinstance(out, Drop) else None
 
 

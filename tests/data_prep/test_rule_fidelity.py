@@ -10,7 +10,6 @@ import string
 
 import pytest
 
-from data_prep.document import Document, Drop
 from data_prep.filters import (
     C4Config,
     C4Filter,
@@ -21,23 +20,14 @@ from data_prep.filters import (
     GopherRepetition,
     GopherRepetitionConfig,
 )
-from data_prep.stats import StepStats
+from tests.data_prep.test_filters import process as run
+from tests.data_prep.test_filters import reason_of as reason
 
 
 def fillers(prefix: str = ""):
     """Distinct 5-character words (with a prefix, shorter)."""
     for t in itertools.product(string.ascii_lowercase, repeat=5 - len(prefix)):
         yield prefix + "".join(t)
-
-
-def run(step, text: str):
-    step._stats = StepStats(step.name)
-    return step.process(Document("t", text, "test", "prose"))
-
-
-def reason(step, text: str) -> str | None:
-    out = run(step, text)
-    return out.reason if isinstance(out, Drop) else None
 
 
 def gq(**kw) -> GopherQuality:
