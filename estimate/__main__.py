@@ -1,7 +1,8 @@
 """`python -m estimate` (or `tokenclock-estimate`): project training time, validate against published runs, list hardware.
 
     python -m estimate project --model llama3-405b --tokens 15.6T --accelerator H100-SXM5-80GB \\
-        --count 16384 [--mfu 0.4:0.35:0.55 | --mfu-from runs/my_run] [--goodput 0.9] \\
+        --count 16384 [--mfu 0.4:0.35:0.55 | --mfu-from runs/my_run |
+        --from-calibration reports/calibrate] [--goodput 0.9] \\
         [--precision bf16] [--recompute none] [--price 2.5] [--out reports/llama3]
     python -m estimate validate [--out reports/validate]
     python -m estimate catalog
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     mfu = p.add_mutually_exclusive_group()
     mfu.add_argument("--mfu", type=_range, help="MFU, e.g. 0.45 or 0.45:0.35:0.55")
     mfu.add_argument("--mfu-from", metavar="RUN_DIR", help="take MFU from RUN_DIR/summary.json")
+    p.add_argument("--from-calibration", metavar="DIR", help="scale the performance model's "
+                   "stack efficiency by calibrate's fitted efficiency at the target's size over "
+                   "its reference size (DIR: `calibrate --out DIR`)")
     p.add_argument("--mfu-recompute", choices=RECOMPUTE, help="recomputation under which --mfu was measured")
     p.add_argument("--scaling", type=_range, help="scaling efficiency to the target count")
     p.add_argument("--goodput", type=_range, help="useful fraction of wall-clock time")
@@ -125,6 +129,9 @@ def cmd_project(args: argparse.Namespace) -> int:
     from estimate.target import resolve_target
 
     stages = args.stages or (stages_file(args.model) if args.model else None)
+    if stages and args.from_calibration:
+        raise ValueError("--from-calibration applies to a single projection, not to a stages "
+                         f"file ({stages}); project one stage's model with --model instead")
     if stages:
         spec, results = run_stages(stages)
         text = stages_markdown(spec, results)
@@ -146,6 +153,13 @@ def cmd_project(args: argparse.Namespace) -> int:
         raise ValueError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     target = resolve_target(args.model, params=args.params, active_params=args.active_params,
                             seq_len=args.seq_len)
+    calibration = None
+    if args.from_calibration:
+        from estimate.assumptions import refuse_calibration
+        from estimate.calibrate.prior import read_calibration
+
+        refuse_calibration(args.mfu is not None, args.mfu_from is not None, target.cfg is not None)
+        calibration = read_calibration(args.from_calibration)
     acc = get_accelerator(args.accelerator)
     setup = published_setup(args.model) if args.model else None
     layout = dict(setup["layout"]) if setup else {}
@@ -160,7 +174,7 @@ def cmd_project(args: argparse.Namespace) -> int:
     layout.pop("recompute", None)
     precision = args.precision or (setup["precision"] if setup else "bf16")
     count = args.count or (setup["count"] if setup else None) or _count_for(
-        target, acc, precision, recompute, layout, args)
+        target, acc, precision, recompute, layout, args, calibration)
     if count < 1:
         raise ValueError(f"--count must be >= 1, got {count}")
     if setup:
@@ -172,7 +186,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         target, acc, count, precision, recompute, mfu=args.mfu,
         mfu_recompute=args.mfu_recompute, mfu_run=run, scaling=args.scaling,
         goodput=args.goodput, power_w=args.power_w, pue=args.pue, price=args.price,
-        layout=layout, peak_flops=peak)
+        layout=layout, peak_flops=peak, calibration=calibration)
     p = project(target, args.tokens, acc, count, assumptions, precision, recompute, peak)
     print(projection_text(p))
     if args.out:
@@ -213,7 +227,8 @@ def _projection_plots(p, out: Path, setup: dict | None, count: int) -> list[Path
     return paths
 
 
-def _count_for(target, acc, precision: str, recompute: str, layout: dict, args) -> int:
+def _count_for(target, acc, precision: str, recompute: str, layout: dict, args,
+               calibration=None) -> int:
     """No --count: the fewest accelerators (a power of two, up to 65,536) that train the run
     in about 30 days under the performance model; refused for a target without a shape."""
     from estimate.assumptions import build_assumptions
@@ -223,7 +238,8 @@ def _count_for(target, acc, precision: str, recompute: str, layout: dict, args) 
         raise ValueError("--count is needed when the model is given by size only")
     for n in (2 ** i for i in range(0, 17)):
         try:
-            a = build_assumptions(target, acc, n, precision, recompute, layout=layout)
+            a = build_assumptions(target, acc, n, precision, recompute, layout=layout,
+                                  calibration=calibration)
         except ValueError:
             continue
         if project(target, args.tokens, acc, n, a, precision, recompute).central.days <= 30:

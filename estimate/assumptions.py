@@ -106,6 +106,7 @@ class AssumptionSet:
     settings: list[Setting]
     warnings: list[str] = field(default_factory=list)
     performance: Performance | None = None  # set when the MFU comes from the performance model
+    calibration_prior: object | None = None  # calibrate.prior.SizePrior (--from-calibration)
 
     def numeric(self) -> list[Assumption]:
         return [a for a in (self.mfu, self.scaling, self.goodput, self.power_w, self.pue,
@@ -158,6 +159,7 @@ def build_assumptions(
     defaults: dict | None = None,
     layout: dict | None = None,
     peak_flops: float | None = None,
+    calibration: object | None = None,
 ) -> AssumptionSet:
     """Every assumption of a projection, from defaults.yaml and the command-line overrides.
 
@@ -165,7 +167,12 @@ def build_assumptions(
     performance model (`layout` gives parts of the parallel layout; the rest follows the
     stated rule) and no separate scaling factor: the model counts communication and the
     pipeline bubble at the target scale. A target given only by size falls back to the flat
-    published-MFU range of defaults.yaml."""
+    published-MFU range of defaults.yaml.
+
+    `calibration` (a calibrate.prior.CalibrationRecord, --from-calibration) scales the
+    performance model's stack efficiency by calibrate's fitted efficiency at the target's size
+    over that at its reference size; it needs the performance model, so it is refused with
+    --mfu, --mfu-from or a target given by size only."""
     d = defaults if defaults is not None else load_defaults()
     if recompute not in target.recompute_ratio:
         raise ValueError(f"recompute={recompute!r}; valid: {', '.join(target.recompute_ratio)}")
@@ -184,6 +191,9 @@ def build_assumptions(
 
     if mfu_run is not None and mfu is not None:
         raise ValueError("give --mfu or --mfu-from, not both")
+    if calibration is not None:
+        refuse_calibration(mfu is not None, mfu_run is not None, target.cfg is not None)
+    prior = None
     if mfu_run is not None:
         mfu_a, scale_key = _mfu_from_run(mfu_run, target, acc, n_acc, precision, recompute, warnings)
     elif mfu is not None:
@@ -195,8 +205,10 @@ def build_assumptions(
         scale_key = "published"
         mfu_a.notes.append("taken to be the MFU at the target scale (pass --scaling otherwise)")
     elif target.cfg is not None:
-        mfu_a, modelled_goodput, performance = _modelled(
-            target, acc, n_acc, precision, recompute, layout or {}, peak_flops, d)
+        mfu_a, modelled_goodput, performance, prior = _modelled(
+            target, acc, n_acc, precision, recompute, layout or {}, peak_flops, d, calibration)
+        if prior is not None and prior.outside:
+            warnings.append(f"--from-calibration {prior.outside}")
         scale_key = None
     else:
         mfu_a = _default_mfu(d["mfu"], target, acc, precision, recompute)
@@ -236,19 +248,42 @@ def build_assumptions(
         price_a = _from_cli(price, "price", "price per accelerator-hour", "USD", "low")
         _check_bounds(price_a, -1e-12, 1e6)
     return AssumptionSet(mfu_a, scaling_a, goodput_a, pue_a, power_a, price_a, settings, warnings,
-                         performance)
+                         performance, prior)
+
+
+def refuse_calibration(mfu: bool, mfu_run: bool, has_shape: bool) -> None:
+    """--from-calibration acts on the performance model's stack efficiency: one line saying
+    why when there is none to act on."""
+    if mfu_run:
+        raise ValueError("--from-calibration and --mfu-from both correct the efficiency for size: "
+                         "--mfu-from's MFU is already size-corrected by the performance model, "
+                         "in which the stack efficiency the calibration scales cancels; give one")
+    if mfu:
+        raise ValueError("--from-calibration scales the performance model's stack efficiency, "
+                         "which --mfu replaces; give one")
+    if not has_shape:
+        raise ValueError("--from-calibration needs a model shape (--model): a target given by "
+                         "--params alone has no performance model for the prior to act on")
 
 
 def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str, recompute: str,
-              given: dict, peak_flops: float | None,
-              d: dict) -> tuple[Assumption, Assumption, Performance]:
-    """MFU and goodput from the performance model, in the three cases, and its record."""
+              given: dict, peak_flops: float | None, d: dict,
+              calibration: object | None = None) -> tuple[Assumption, Assumption, Performance, object]:
+    """MFU and goodput from the performance model, in the three cases, its record, and the
+    calibration prior applied to its stack efficiency (None without `calibration`)."""
     from estimate.perf import goodput, load_factors, step_time
     from estimate.perf import mfu as perf_mfu
     from estimate.published import complete_layout, fit
 
     fitted = fit()
-    factors = load_factors(d, fitted.stack)
+    stack, prior = fitted.stack, None
+    if calibration is not None:
+        from estimate.calibrate.prior import size_prior
+
+        prior = size_prior(calibration, target.model_flops_per_token
+                           * target.recompute_ratio[recompute], acc.name)
+        stack = prior.apply(stack)
+    factors = load_factors(d, stack)
     cfg, T = target.cfg, target.seq_len
     batch = given.get("global_batch_tokens") or float(
         d["performance"]["default_global_batch_tokens"]["value"])
@@ -263,9 +298,12 @@ def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str, reco
         "mfu", MFU_LABEL, mfu["central"], mfu["worst"], mfu["best"], "", "high",
         f"performance model (estimate/perf.py): layout tp {lay.tp} x pp {lay.pp} x dp {lay.dp}"
         f"{f' (ep {lay.ep})' if lay.ep > 1 else ''}, {where}; {batch:.4g} tokens per step; "
-        f"stack efficiency {fitted.stack.central:.2f} fitted on {fitted.runs} published runs; "
-        "range: every factor at its favourable / unfavourable end")
+        f"stack efficiency {fitted.stack.central:.2f} fitted on {fitted.runs} published runs"
+        + (f" x{prior.factor:.3f} calibration prior (--from-calibration)" if prior else "")
+        + "; range: every factor at its favourable / unfavourable end")
     a.notes += steps["central"].notes
+    if prior is not None:
+        a.notes += ["calibration prior: " + line for line in prior.lines()]
     g = {case: goodput(n_acc, factors, case) for case in ("best", "central", "worst")}
     low = min(g["worst"], fitted.wallclock_goodput)
     src = factors["interruptions_per_acc_hour"].source
@@ -273,7 +311,7 @@ def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str, reco
                     "high", f"failure model (estimate/perf.goodput) at {n_acc} accelerators: {src} "
                     f"Low end: the goodput fitted on published wall-clock runs "
                     f"({fitted.wallclock_goodput:.2f}) where lower.")
-    return a, gp, Performance(lay, steps, factors, fitted.runs, fitted.wallclock_goodput)
+    return a, gp, Performance(lay, steps, factors, fitted.runs, fitted.wallclock_goodput), prior
 
 
 def _default_mfu(d: dict, target: Target, acc: Accelerator, precision: str,

@@ -110,7 +110,8 @@ class Projection:
             "settings": [asdict(s) for s in a.settings],
             "outcomes": {k: asdict(o) | {"days": o.days} for k, o in self.outcomes.items()},
             "checks": [asdict(c) for c in self.checks],
-        }
+        } | ({"calibration_prior": a.calibration_prior.to_dict()}
+             if a.calibration_prior is not None else {})
 
 
 def project(target: Target, tokens: float, acc: Accelerator, n_acc: int,

@@ -134,10 +134,24 @@ def projection_text(p: Projection) -> str:
         lines.append(f"  layout             tp {lay.tp} x pp {lay.pp} x dp {lay.dp}"
                      + (f" (ep {lay.ep})" if lay.ep > 1 else "")
                      + f", {lay.global_batch_tokens:.4g} tokens/step ({lay.source})")
+    prior = p.assumptions.calibration_prior
+    if prior is not None:
+        first, *rest = prior.lines()
+        lines.append("  calibration prior  " + first)
+        lines += ["                     " + x for x in rest]
     for ch in p.checks:
         if ch.status == "warn":
             lines.append(f"  WARNING [{ch.name}] {ch.message}")
     return "\n".join(lines)
+
+
+def calibration_markdown(p: Projection) -> list[str]:
+    """The --from-calibration prior: the factor, its range, its source, what transfers."""
+    prior = p.assumptions.calibration_prior
+    if prior is None:
+        return []
+    return ["## Calibration prior (--from-calibration)", "",
+            *[f"- {line}" for line in prior.lines()], ""]
 
 
 def projection_markdown(p: Projection, *plot_names: str) -> str:
@@ -161,6 +175,7 @@ def projection_markdown(p: Projection, *plot_names: str) -> str:
     ]
     parts += [f"![projection]({name})\n" for name in plot_names]
     parts += performance_markdown(p)
+    parts += calibration_markdown(p)
     parts += ["## Assumptions", "", assumption_table(p.assumptions), "",
               "## Target", ""] + [f"- {n}" for n in p.target.notes] + ["", "## Checks", ""]
     parts += [f"- **{c.status}** ({c.name}): {c.message}" for c in p.checks]

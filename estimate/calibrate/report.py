@@ -15,7 +15,7 @@ from estimate.calibrate.sweep import RERUN_OTHERS_CORES, Measured, Sweep
 from estimate.report import md_table
 from estimate.throughput_fit import StepTimeFit
 
-FORMAT = 1
+FORMAT = 2  # 2: adds "device" (and each run's "devices"); estimate.calibrate.prior reads 1 and 2
 TITLE = "Throughput calibration"
 
 
@@ -74,6 +74,14 @@ class Calibration:
     reruns: list[str] = field(default_factory=list)  # runs repeated because others were busy
 
     @property
+    def device(self) -> str:
+        """The device the fit runs trained on ('cpu', 'cuda', ...; 'unknown' when their
+        summaries did not say, 'mixed: ...' when they differ)."""
+        seen = sorted({d.split(":")[0] for x in self.measured if x.spec.role == "fit"
+                       for d in x.devices})
+        return seen[0] if len(seen) == 1 else ("mixed: " + ", ".join(seen) if seen else "unknown")
+
+    @property
     def held_out_error(self) -> float:
         """(predicted - measured) / measured tokens/s of the held-out run."""
         return self.held_out.step_s / self.held_out_predicted_step_s - 1
@@ -100,7 +108,8 @@ class Calibration:
 
     def record(self) -> dict:
         return {
-            "kind": "calibration", "format": FORMAT, "machine": self.machine,
+            "kind": "calibration", "format": FORMAT, "device": self.device,
+            "machine": self.machine,
             "sweep": dataclasses.asdict(self.sweep), "wall_s": self.wall_s,
             "load_avg_start_end": self.load_avg, "reruns": self.reruns,
             "fit": {"model": "step_s = a_s + b_s_per_flop * hardware_flops_per_step (fp32, "

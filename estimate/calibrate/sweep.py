@@ -201,6 +201,7 @@ class Measured:
     run_dirs: list[str]
     wall_s: float
     others_cores_rounds: list[float] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)  # summary.json's device, per round
 
     @property
     def step_s(self) -> float:
@@ -232,6 +233,8 @@ class Measured:
         self.wall_s += wall_s
         if others_cores is not None:
             self.others_cores_rounds.append(others_cores)
+        if summary.raw.get("device"):
+            self.devices.append(str(summary.raw["device"]))
 
     def to_dict(self) -> dict:
         return {"name": self.spec.name, "role": self.spec.role, "label": self.spec.label,
@@ -243,7 +246,7 @@ class Measured:
                 "tokens_per_s": self.tokens_per_s, "mfu_rounds": self.mfu_rounds,
                 "peak_flops_per_process_rounds": self.peak_flops_rounds,
                 "run_dirs": self.run_dirs, "wall_s": self.wall_s,
-                "others_cores_rounds": self.others_cores_rounds}
+                "others_cores_rounds": self.others_cores_rounds, "devices": self.devices}
 
 
 def cpu_seconds() -> tuple[float, float] | None:

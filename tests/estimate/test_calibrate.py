@@ -153,7 +153,7 @@ def test_quick_calibrate_end_to_end(quick_run):
                  "fit: step_s =", "held out", "bf16 units"):
         assert text in stdout
     record = json.loads((out / "calibration.json").read_text())
-    assert record["kind"] == "calibration" and record["format"] == 1
+    assert record["kind"] == "calibration" and record["format"] == 2
     assert len(record["checks"]) == 6
     assert all(c["tolerance"] and isinstance(c["holds"], bool) for c in record["checks"])
     held = record["held_out"]
@@ -170,6 +170,28 @@ def test_quick_calibrate_end_to_end(quick_run):
     assert "![throughput vs size](throughput_vs_size.png)" in report
     for png in ("throughput_vs_size.png", "measured_vs_predicted.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_project_from_quick_calibration(quick_run, capsys):
+    """The real sweep's calibration.json feeds `project --from-calibration`: the target is far
+    larger than the reference, so the stack efficiency rises (fewer hours), and the output
+    says by what factor, from where, and what transfers from this CPU."""
+    from estimate.__main__ import main
+
+    out, _ = quick_run
+    base = ["project", "--model", "llama2-70b", "--tokens", "2T", "-a", "A100-SXM4-80GB",
+            "-n", "2048"]
+    assert main([*base, "--out", str(out / "plain")]) == 0
+    assert main([*base, "--from-calibration", str(out), "--out", str(out / "prior")]) == 0
+    text = capsys.readouterr().out
+    plain, prior = (json.loads((out / d / "projection.json").read_text()) for d in ("plain", "prior"))
+    factor = prior["calibration_prior"]["factor"]
+    assert prior["calibration_prior"]["device"] == "cpu" and factor > 1
+    assert (prior["outcomes"]["central"]["accelerator_hours"]
+            < plain["outcomes"]["central"]["accelerator_hours"])
+    assert f"stack efficiency x{factor:.3f}" in text and f"source: {out}" in text
+    assert "extrapolation:" in text and "Does not transfer: kernels" in text
 
 
 def test_calibrate_without_data_names_the_prep_command(tmp_path):
@@ -213,4 +235,4 @@ def test_report_is_headed_and_published(tmp_path):
     assert path == tmp_path / f"calibration-{datetime.date.today().isoformat()}.md"
     assert path.read_text() == md
     assert abs(cal.held_out_error) < 1e-9  # the fake runs lie exactly on the fitted line
-    assert "held out" in cal.text() and json.loads(json.dumps(cal.record()))["format"] == 1
+    assert "held out" in cal.text() and json.loads(json.dumps(cal.record()))["format"] == 2
