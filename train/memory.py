@@ -11,7 +11,9 @@ Per process, in bytes (P = parameters, `model.flops.count_params`):
   whole forward is recomputed (activation_checkpointing full / every_k) keeps only its input,
   2*s*b*h, and one such layer's full activations exist during its backward; recomputing the
   attention sub-layer (attention) drops its 11*s*b*h + 5*a*s^2*b and keeps the input (2*s*b*h).
-  Plus the logits and their gradient in fp32: 2 * 4*s*b*V.
+- the LM head and cross-entropy (`loss_bytes`): the model computes them chunk by chunk
+  (`model.transformer.linear_cross_entropy`, `Transformer.loss_chunk` tokens at a time), so
+  only one chunk's logits exist, never the [s*b, V] float32 copy a plain cross-entropy keeps.
 
 It is an estimate (fused attention kernels store less, the allocator more), used to refuse a
 model that cannot fit long before it fails in the allocator: the free memory is
@@ -25,6 +27,7 @@ import os
 from dataclasses import dataclass
 
 from model.flops import count_params, recomputed_layers
+from model.transformer import Transformer
 from train.config import TrainConfig
 
 
@@ -34,19 +37,45 @@ class MemoryEstimate:
     grads: int
     optimizer: int
     activations: int
+    loss: int  # LM head + cross-entropy, chunked (loss_bytes)
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations
+        return self.weights + self.grads + self.optimizer + self.activations + self.loss
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {_gb(getattr(self, name))}"
-                          for name in ("weights", "grads", "optimizer", "activations"))
+                          for name in ("weights", "grads", "optimizer", "activations", "loss"))
         return f"~{_gb(self.total)} ({parts})"
 
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+
+
+def loss_bytes(tokens: int, vocab_size: int, d_model: int, compute_bytes: int,
+               chunk: int = Transformer.loss_chunk) -> int:
+    """Peak bytes of `linear_cross_entropy` over one micro-batch of `tokens` tokens, on top of
+    what the model holds anyway (n = min(chunk, tokens) tokens per chunk, e = compute_bytes):
+
+    - a chunk's logits in float32 and the two [n, V] float32 temporaries torch's logsumexp
+      makes (x - max, and its exp): 3 x 4nV;
+    - under 16-bit compute, with more than one chunk, the previous chunk's 16-bit logit
+      gradient, still referenced while the next chunk's logits are made: e nV more (a
+      chunk's 16-bit and float32 logits together, 6nV, stay below this peak);
+    - held from the forward pass to the backward: the weight gradient in float32 (4Vd) and
+      the input gradient (4 x tokens x d), and during the forward under 16-bit compute the
+      weight's 16-bit copy (e V d).
+
+    Measured against the process's peak resident memory in tests/train/test_memory.py."""
+    n = min(chunk, tokens)
+    logits = 12 * n * vocab_size
+    if compute_bytes < 4 and tokens > chunk:
+        logits += compute_bytes * n * vocab_size
+    held = 4 * vocab_size * d_model + 4 * tokens * d_model
+    if compute_bytes < 4:
+        held += compute_bytes * vocab_size * d_model
+    return logits + held
 
 
 def estimate_memory(cfg: TrainConfig, world: int = 1) -> MemoryEstimate:
@@ -65,10 +94,10 @@ def estimate_memory(cfg: TrainConfig, world: int = 1) -> MemoryEstimate:
         recomputed = set(recomputed_layers(m.n_layer, mode, cfg.checkpoint_every_k))
         per_layer = [kept if i in recomputed else full for i in range(m.n_layer)]
         per_layer += [full] if recomputed else []  # the layer being recomputed in backward
-    logits = 2 * 4 * s * b * m.vocab_size
+    loss = loss_bytes(s * b, m.vocab_size, h, 4 if cfg.mixed_precision == "no" else 2)
     return MemoryEstimate(weights=4 * params // shards, grads=4 * params // shards,
                           optimizer=8 * params // shards,
-                          activations=scale * sum(per_layer) + logits)
+                          activations=scale * sum(per_layer), loss=loss)
 
 
 def free_memory(device, local_processes: int = 1) -> tuple[int, str]:
