@@ -279,9 +279,11 @@ def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str, reco
     stack, prior = fitted.stack, None
     if calibration is not None:
         from estimate.calibrate.prior import size_prior
+        from estimate.published import fitted_flops_per_token
 
         prior = size_prior(calibration, target.model_flops_per_token
-                           * target.recompute_ratio[recompute], acc.name)
+                           * target.recompute_ratio[recompute], acc.name,
+                           fitted_at=fitted_flops_per_token())
         stack = prior.apply(stack)
     factors = load_factors(d, stack)
     cfg, T = target.cfg, target.seq_len

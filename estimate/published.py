@@ -251,3 +251,19 @@ def fit(exclude: str | None = None, path: str | Path = RUNS_PATH) -> Fit:
                    f"hours at efficiency 1 / reported hours; range: their 25th-75th "
                    f"percentiles ({q1:.2f}-{q3:.2f})")
     return Fit(stack, min(1.0, statistics.median(r / med for r in wall)), len(ratios))
+
+
+@cache
+def fitted_flops_per_token(path: str | Path = RUNS_PATH) -> float:
+    """The median hardware FLOPs per token (recomputation included) of the runs the stack
+    efficiency is fitted on: the size at which that efficiency holds."""
+    from model.flops import hardware_flops_per_token
+
+    sizes = []
+    for run in load_runs(path):
+        if run["hours_basis"] == "wallclock" or reported_hours(run)[0] is None:
+            continue
+        cfg = run_config(run)
+        recompute = (run.get("layout") or {}).get("recompute") or "selective"
+        sizes.append(hardware_flops_per_token(cfg, cfg.seq_len, recompute))
+    return statistics.median(sizes)

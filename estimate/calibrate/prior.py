@@ -12,13 +12,15 @@ FLOP/s that a model of x hardware FLOPs per token reaches there is
     eff(x) = b x t / (a + b x t)
 
 which rises with size: the part of a step that does not grow with FLOPs (per-op dispatch,
-launches, optimizer, elementwise work) weighs less on a larger model. That overhead is what the
-performance model's stack efficiency stands for (`estimate.perf`), so the prior scales it by
+launches, optimizer, elementwise work) weighs less on a larger model. That overhead is part of
+what the performance model's stack efficiency stands for (`estimate.perf`). The stack
+efficiency is fitted on the published runs, so the prior scales it by
 
-    factor = eff(x_target) / eff(x_reference)
+    factor = eff(x_target) / eff(x_fitted)
 
-with x_reference the sweep's reference shape (the one its checks are made on) and x_target
-clipped to the sizes the fit supports: from its smallest fit size to its largest, or to the
+with x_fitted the published runs' median hardware FLOPs per token (where the stack efficiency
+holds; `project` passes it; without it, the sweep's reference shape) and both sizes clipped to
+the sizes the fit supports: from its smallest fit size to its largest, or to the
 held-out run when the fit predicted that within HELD_OUT_TOLERANCE. Beyond them the factor is
 held at the edge, never extrapolated, and the output says by how far the target lies outside.
 The factor's range runs from 1 (nothing transfers) to the fitted factor, widened on both sides
@@ -189,6 +191,8 @@ class SizePrior:
     high: float
     outside: str | None  # how far outside the supported sizes the target lies, in words
     transfer: list[str] = field(default_factory=list)  # what carries over to the accelerator
+    reference_flops_per_token: float = 0.0  # the denominator's size, clipped
+    fitted_at: float | None = None  # the published runs' size (None: the sweep's reference)
 
     def apply(self, stack: Factor) -> Factor:
         """The stack efficiency times the factor (its range times the factor's), at most 1."""
@@ -202,10 +206,17 @@ class SizePrior:
         """One line: the factor, its value and range, and what it is."""
         r = self.record
         return (f"stack efficiency x{self.factor:.3f} (range {self.low:.3f} - {self.high:.3f}) = "
-                f"eff({self.clipped_flops_per_token:.3g}) / eff({r.reference.label}: "
-                f"{r.reference.flops_per_token:.3g}) of the fit eff = bF/(a + bF), F = hardware "
-                f"FLOPs per token x {r.tokens_per_step:g} tokens; target "
-                f"{self.target_flops_per_token:.3g} hardware FLOPs per token")
+                f"eff({self.clipped_flops_per_token:.3g}) / eff({self._denominator()}) of the fit "
+                f"eff = bF/(a + bF), F = hardware FLOPs per token x {r.tokens_per_step:g} tokens; "
+                f"target {self.target_flops_per_token:.3g} hardware FLOPs per token")
+
+    def _denominator(self) -> str:
+        r = self.record
+        if self.fitted_at is None:
+            return f"{r.reference.label}: {r.reference.flops_per_token:.3g}"
+        return (f"{self.reference_flops_per_token:.3g}: the published runs' median "
+                f"{self.fitted_at:.3g} hardware FLOPs per token, where the stack efficiency is "
+                "fitted, clipped to the calibrated sizes")
 
     def lines(self) -> list[str]:
         """The summary, its source, the extrapolation and what transfers, line by line."""
@@ -223,19 +234,26 @@ class SizePrior:
                 "clipped_to": self.clipped_flops_per_token,
                 "reference": {"label": self.record.reference.label,
                               "hardware_flops_per_token": self.record.reference.flops_per_token},
+                "fitted_at": self.fitted_at, "denominator_clipped_to": self.reference_flops_per_token,
                 "supported": [lo.flops_per_token, hi.flops_per_token],
                 "outside": self.outside, "transfer": self.transfer}
 
 
 def size_prior(record: CalibrationRecord, target_flops_per_token: float,
-               accelerator: str) -> SizePrior:
+               accelerator: str, fitted_at: float | None = None) -> SizePrior:
     """The prior for a target of `target_flops_per_token` hardware FLOPs per token (its model
-    FLOPs x its recomputation ratio), projected onto `accelerator`."""
+    FLOPs x its recomputation ratio), projected onto `accelerator`, relative to `fitted_at`,
+    the size at which the scaled efficiency holds (the sweep's reference shape if None)."""
     if not target_flops_per_token > 0:
         raise ValueError(f"target hardware FLOPs per token must be > 0, got {target_flops_per_token}")
     lo, hi = record.supported()
-    x = min(max(target_flops_per_token, lo.flops_per_token), hi.flops_per_token)
-    factor = record.efficiency(x) / record.efficiency(record.reference.flops_per_token)
+
+    def clip(v: float) -> float:
+        return min(max(v, lo.flops_per_token), hi.flops_per_token)
+
+    x = clip(target_flops_per_token)
+    ref = clip(fitted_at) if fitted_at else record.reference.flops_per_token
+    factor = record.efficiency(x) / record.efficiency(ref)
     low = min(1.0, factor) * (1 - record.rms_residual)
     high = max(1.0, factor) * (1 + record.rms_residual)
     outside = None
@@ -262,4 +280,5 @@ def size_prior(record: CalibrationRecord, target_flops_per_token: float,
             "size (this factor). Does not transfer: kernels, memory bandwidth, communication and "
             f"the absolute rate (the fit's {1 / record.b_s_per_flop / 1e9:.3g} GFLOP/s, its "
             f"MFU): those come from {accelerator}'s catalog entry and the performance model")
-    return SizePrior(record, target_flops_per_token, x, factor, low, high, outside, transfer)
+    return SizePrior(record, target_flops_per_token, x, factor, low, high, outside, transfer,
+                     ref, fitted_at)

@@ -132,9 +132,10 @@ def test_what_transfers_is_said(cal_dir, tmp_path):
 
 
 def test_project_from_calibration_moves_the_projection_as_stated(cal_dir, tmp_path, capsys):
-    """Llama 2 70B is far larger than the reference: the factor is > 1, so fewer hours; a
-    target smaller than the reference gets a factor < 1, so more hours. The factor, its range
-    and its source are printed and recorded."""
+    """The stack efficiency holds at the published runs' size, far beyond a CPU sweep's: Llama 2
+    70B, also far beyond it, gets a factor of 1 (the calibration says nothing there, and says
+    so); a target smaller than the calibrated sizes gets a factor < 1, so more hours. The
+    factor, its range and its source are printed and recorded."""
     def run(extra, name):
         assert main([*extra, "--out", str(tmp_path / name)]) == 0
         text = capsys.readouterr().out
@@ -143,10 +144,10 @@ def test_project_from_calibration_moves_the_projection_as_stated(cal_dir, tmp_pa
     plain, p0 = run(PROJECT, "plain")
     text, p1 = run([*PROJECT, "--from-calibration", str(cal_dir)], "cal")
     prior = p1["calibration_prior"]
-    assert prior["factor"] > 1 and prior["applies_to"] == "stack_efficiency"
-    for case in ("best", "central", "worst"):
-        assert p1["outcomes"][case]["accelerator_hours"] <= p0["outcomes"][case]["accelerator_hours"] * (1 + 1e-9)
-    assert p1["outcomes"]["central"]["accelerator_hours"] < p0["outcomes"]["central"]["accelerator_hours"]
+    assert prior["factor"] == pytest.approx(1.0) and prior["applies_to"] == "stack_efficiency"
+    assert prior["fitted_at"] > prior["supported"][1]  # the published runs' size, beyond the sweep
+    assert p1["outcomes"]["central"]["accelerator_hours"] == pytest.approx(
+        p0["outcomes"]["central"]["accelerator_hours"])
     assert (f"calibration prior  stack efficiency x{prior['factor']:.3f} "
             f"(range {prior['low']:.3f} - {prior['high']:.3f})") in text
     assert f"source: {cal_dir} (calibrated on cpu" in text and "L2 d128" in text
