@@ -106,6 +106,17 @@ def test_median_error_does_not_regress_past_the_documented_figure(validated):
     assert stats["median_abs_log_error"] <= stated + 1e-3
 
 
+def test_model_beats_every_constant_mfu(validated):
+    """The issue's bar: the leave-one-out model beats the best constant MFU, even chosen
+    in-sample (the constant's most favourable case), and the rule of thumb of a flat 0.40."""
+    _, stats = validated
+    model = stats["median_abs_log_error"]
+    assert model < stats["best_constant_median_abs_log_error"]
+    assert model < stats["best_constant_loo_median_abs_log_error"]
+    assert model < stats["flat_mfu_median_abs_log_error"]
+    assert model <= 0.15
+
+
 def test_load_runs_rejects_uncited(tmp_path):
     bad = tmp_path / "runs.yaml"
     bad.write_text(
