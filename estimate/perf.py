@@ -28,7 +28,8 @@ A training step on one of n accelerators (all do the same work) is modelled as
   - data parallel: reduce-scatter of gradients and all-gather of parameters (ZeRO,
     Rajbhandari et al. 2020) once per step over the scale-out network, hidden behind the last
     micro-batch's backward pass where it fits;
-  - pipeline: point-to-point activations between stages.
+  - pipeline: point-to-point activations between stages;
+  - context parallel: keys and values around the ring (ring attention), behind the attention.
 - **Pipeline bubble**: (pp - 1) / (m v) of the compute for 1F1B with v interleaved chunks and
   m micro-batches (Narayanan et al. 2021, sec. 2.2); DualPipe's (pp/2 - 1)(F&B + B - 3W)
   (DeepSeek-AI 2024, table 2) is taken as 2/3 of (pp/2 - 1)(F + B).
@@ -122,9 +123,9 @@ class Layout:
             raise ValueError(f"layout schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.ep > 1 and not cfg.is_moe:
             raise ValueError(f"layout ep={self.ep} needs a mixture-of-experts model")
-        if self.ep > self.dp * self.tp:
-            raise ValueError(f"layout ep={self.ep} exceeds the data x tensor parallel ranks "
-                             f"({self.dp * self.tp}) it is carved from")
+        if self.ep > self.dp * self.cp * self.tp:
+            raise ValueError(f"layout ep={self.ep} exceeds the data x context x tensor parallel "
+                             f"ranks ({self.dp * self.cp * self.tp}) it is carved from")
         if self.micro_batches(cfg.seq_len) < 1:
             raise ValueError(
                 f"layout dp={self.dp} x micro_batch={self.micro_batch} x {cfg.seq_len} tokens "
@@ -323,6 +324,12 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
             (cfg.n_experts_active + cfg.n_shared_experts) * cfg.moe_ffn_hidden)
         elem += 3 * 3 * (2 * cfg.d_model + cfg.n_head * cfg.value_head_dim + width)
     memory = tokens_dev * (L + cfg.mtp_depth) / pp / tp * elem / bw
+    if cfg.is_moe:  # token permutation: each of a token's k routed copies is gathered into
+        # its expert's block before the experts and scattered back, weighted, after them: a
+        # read and a write of d values each way, forward, and twice in the backward pass
+        moe_layers = sum(cfg.is_moe_layer(i) for i in range(L)) / pp
+        memory += (tokens_dev * moe_layers / tp * 3 * 2 * 2 * cfg.n_experts_active * cfg.d_model
+                   * act_bytes / bw)
     memory += tokens_dev / pp * 12 * cfg.vocab_size / tp / bw  # fp32 logits: write, read, grad
     params = float(count_params(cfg))
     memory += 32 * params / n / bw  # Adam: fp32 master weights, m, v read and written, bf16 copy
@@ -354,16 +361,33 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     # the network. Sharded data parallelism prefetches the all-gather during the forward pass
     # and reduce-scatters layer by layer during the backward pass, so both hide behind the
     # last micro-batch's forward and backward where they fit.
+    # Ranks are laid out tensor-parallel innermost, then data-parallel (Megatron-LM's order),
+    # so a node holds node / tp data-parallel replicas of each shard: the collective reduces
+    # among them over the scale-up links first, and each of their NICs carries 1/r of the
+    # message across nodes (hierarchical all-reduce, Jia et al. 2018, arXiv:1807.11205).
     dp_comm = 0.0
     dp_group = lay.dp * lay.cp
     if dp_group > 1:
         local = params / (tp * pp * (lay.ep if cfg.is_moe else 1))
-        ring = 2 * (dp_group - 1) / dp_group * local * act_bytes
+        r = max(1, min(dp_group, node // tp))
+        nodes = max(1.0, dp_group / r)
+        ring = 2 * (nodes - 1) / nodes * local * act_bytes / r if nodes > 1 else 0.0
+        inside = 2 * (r - 1) / r * local * act_bytes if r > 1 else 0.0
         last = gemm / mb  # forward + backward GEMMs of one micro-batch
-        dp_comm = max(0.0, ring / net - last * f["dp_overlap"])
+        dp_comm = max(0.0, ring / net + inside / link - last * f["dp_overlap"])
 
     # Pipeline: activations to the next stage and their gradients back, per micro-batch.
     pp_comm = mb * 2 * m_tokens * cfg.d_model * act_bytes / tp / net if pp > 1 else 0.0
+
+    # Context parallel (ring attention, Liu et al. 2023, arXiv:2310.01889): each device passes
+    # its chunk's keys and values around the ring of cp devices (cp - 1 hops), forward, and
+    # keys, values and their gradients backward, over the scale-up links; each hop overlaps
+    # with the attention of the chunk in hand, so only what exceeds that attention shows.
+    if cp > 1:
+        kv_heads = cfg.n_head if cfg.is_mla else cfg.n_kv_head  # MLA: keys, values expanded
+        kv = m_tokens * kv_heads / tp * (cfg.qk_head_dim + cfg.value_head_dim) * act_bytes
+        ring_s = mb * (L / pp) * 3 * (cp - 1) * kv / link
+        pp_comm += max(0.0, ring_s - attention)
 
     compute = gemm + recompute_s + attention + memory + tp_comm
     bubble = 0.0

@@ -133,11 +133,14 @@ class Modelled:
 
 
 def model_run(run: dict, factors: dict[str, Factor], case: str = "central",
-              count: int | None = None, wallclock_goodput: float | None = None) -> Modelled:
+              count: int | None = None, goodput_low: float | None = None,
+              unit_goodput: bool = False) -> Modelled:
     """The run's accelerator-hours as the performance model predicts them. `count` overrides
-    the published (or rule-chosen) number of accelerators; hours that count the whole wall-clock
-    time are divided by `wallclock_goodput` (the published runs' fitted figure), or else by the
-    failure model's goodput; the other hours count training time only."""
+    the published (or rule-chosen) number of accelerators. Hours that count the whole wall-clock
+    time are divided by the failure model's goodput at the run's count, as `project` does; in
+    the worst case by `goodput_low` (the goodput fitted on published wall-clock runs) where that
+    is lower. The other hours count training time only. `unit_goodput` takes a goodput of 1
+    (what the fit of `Fit.wallclock_goodput` needs)."""
     d = load_defaults()["performance"]
     cfg = run_config(run)
     acc = get_accelerator(run["accelerator"])
@@ -151,8 +154,10 @@ def model_run(run: dict, factors: dict[str, Factor], case: str = "central",
         lay = complete_layout(cfg, n, acc, T, batch, given)
         st = step_time(cfg, T, acc, n, lay, precision, recompute, factors, case)
         g = 1.0
-        if run["hours_basis"] == "wallclock":
-            g = wallclock_goodput or goodput(n, factors, case)
+        if run["hours_basis"] == "wallclock" and not unit_goodput:
+            g = goodput(n, factors, case)
+            if case == "worst" and goodput_low is not None:
+                g = min(g, goodput_low)
         return Modelled(run, cfg, acc, n, run["count"] is None, lay, recompute, st.total,
                         run["tokens"] / batch, g)
 
@@ -207,7 +212,7 @@ def ratio_at_unit_efficiency(run: dict, base: dict[str, Factor]) -> float | None
     hours, _ = reported_hours(run)
     if hours is None:
         return None
-    return model_run(run, {**base, "stack_efficiency": UNIT}, wallclock_goodput=1.0).hours / hours
+    return model_run(run, {**base, "stack_efficiency": UNIT}, unit_goodput=True).hours / hours
 
 
 @cache
@@ -237,7 +242,8 @@ def fit(exclude: str | None = None, path: str | Path = RUNS_PATH) -> Fit:
       or unknown: the Llama model cards' 'GPU hours of computation'), of modelled hours at
       efficiency 1 / reported hours; its range: their 25th-75th percentiles;
     - wall-clock goodput: the same median over the runs published as wall-clock time, with
-      the stack efficiency applied: what failures, restarts and idle time cost those runs.
+      the stack efficiency applied: what failures, restarts and idle time cost those runs. It is
+      the low end of the goodput range only; the central goodput is the failure model's.
     The median minimises the median |ln error| the validation reports."""
     ratios = {k: v for k, v in _ratios(str(path)).items() if k != exclude}
     train = [r for r, basis in ratios.values() if basis != "wallclock"]

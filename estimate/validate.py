@@ -96,7 +96,7 @@ def check_run(run: dict, path: str | Path = RUNS_PATH) -> RunCheck:
     """Predict one published run, the stack efficiency fitted without it."""
     fitted = fit(exclude=run["name"], path=path)
     factors = load_factors(load_defaults(), fitted.stack)
-    c = model_run(run, factors, wallclock_goodput=fitted.wallclock_goodput)
+    c = model_run(run, factors, goodput_low=fitted.wallclock_goodput)
     predicted = {case: model_run(run, factors, case, c.count, fitted.wallclock_goodput)
                  for case in CASES}
     stack = fitted.stack
