@@ -207,3 +207,26 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, mode, scope):
     calls.clear()
     apply_techniques(Transformer(cfg.model), load_config(None, [*TINY, "compile=true"]))
     assert [kw for _, kw in calls] == [{"mode": None}]  # compile_mode=default: torch's default
+
+
+def test_compile_step_settles_groups_loaded_from_a_fused_run():
+    """A resume loads the saved groups' settings (fused, a float lr); compile_step, which the
+    loop calls after loading, makes them those of the compiled foreach step again."""
+    from train.config import OptimConfig
+    from train.optim import compile_step, set_lr
+
+    model = torch.nn.Linear(4, 4)
+    fused = build_optimizer(model, OptimConfig(lr=0.1), torch.device("cpu"))
+    model(torch.ones(4)).sum().backward()
+    fused.step()
+    compiled = build_optimizer(model, OptimConfig(lr=0.1), torch.device("cpu"), compiled=True)
+    compiled.load_state_dict(fused.state_dict())
+    assert compiled.param_groups[0]["fused"] and not torch.is_tensor(compiled.param_groups[0]["lr"])
+    compile_step(compiled)
+    for group in compiled.param_groups:
+        assert group["foreach"] and not group["fused"] and group["capturable"]
+        assert torch.is_tensor(group["lr"]) and float(group["lr"]) == pytest.approx(0.1)
+    set_lr(compiled, 0.05)
+    assert all(float(g["lr"]) == pytest.approx(0.05) for g in compiled.param_groups)
+    assert compiled.step is not compiled.eager_step  # compiled once, not wrapped twice
+    assert compiled.eager_step.__func__ is torch.optim.AdamW.step
