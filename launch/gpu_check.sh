@@ -8,11 +8,15 @@
 #   env.txt         nvidia-smi, python, torch, CUDA, GPU, package versions
 #   ceiling.json    the bf16 matmul ceiling (8192^3, median of repeats)
 #   bench-eager.json, bench-compiled.json   python -m train.bench, gpt2-124m dims, 16 x 1024
-#   loops.jsonl     the real loop's summaries: eager, compiled, full recompute, fp8
+#   loops.jsonl     the real loop's summaries: eager, compiled, full recompute, fp8, CUDA graphs,
+#                   compiled optimizer
 # Stages: env, ceiling, bench eager, bench compiled, loop eager, loop compiled, loop recompute,
-# loop fp8 (skipped with one line when mixed_precision=fp8 is refused), generation on the
-# compiled run, export. A stage that would start past the budget (BUDGET_S, default 320 s of
-# stages; the closing report has 25 s more) is skipped, so the whole call stays under 6 minutes.
+# loop fp8 (mixed_precision=fp8; skipped with one line when it is refused), generation on the
+# compiled run, export, then two compile options: loop cudagraphs (compile_mode=reduce-overhead)
+# and loop compiled-optim (compile_optimizer=true). A stage that would start past the budget
+# (BUDGET_S, default 320 s of stages; the closing report has 25 s more) is skipped, so the whole
+# call stays under 6 minutes: the last ones run when the earlier ones leave time, or when
+# BUDGET_S is raised (the stages' timeouts add up to 990 s).
 #
 #   launch/gpu_check.sh                      # on the GPU machine, from the repository root
 #   WHEELS=wheels/ DATA=data/demo launch/gpu_check.sh   # no omegaconf there: carry its wheels
@@ -50,6 +54,9 @@ LOOP=(env MODE=single PY="$PY" "$HERE/gpu.sh" configs/train/demo.yaml model.pres
       model.vocab_size=50304 batch_size=16 micro_batch_size=16 seq_len=1024 "data_dir=$DATA"
       "steps=$LOOP_STEPS" warmup_steps_excluded=5 "eval_every=$LOOP_STEPS" eval_batches=2
       log_every=10 tracker=none checkpoint_every=0 sample_tokens=32 peak_samples=1)
+
+LOOP_AND_AFTER="loop-eager loop-compiled loop-recompute loop-fp8 generate export loop-cudagraphs
+  loop-compiled-optim"
 
 START=$SECONDS
 # record NAME STATUS SECONDS TIMEOUT NOTE: one line of stages.tsv
@@ -110,19 +117,24 @@ stage bench-eager 75 "$PY" -m train.bench "${BENCH[@]}" --out "$WORK/bench-eager
 if [ "$DEVICE" = cpu ]; then
   reason="DEVICE=cpu: the smoke mode runs env, ceiling and the eager bench only"
   skip bench-compiled 150 "$reason (torch.compile on a CPU takes minutes)"
-  for s in loop-eager loop-compiled loop-recompute loop-fp8 generate export; do skip "$s" 60 "$reason"; done
+  for s in $LOOP_AND_AFTER; do skip "$s" 60 "$reason"; done
 else
   stage bench-compiled 150 "$PY" -m train.bench "${BENCH[@]}" --compile --out "$WORK/bench-compiled"
   if [ -n "${DRY_RUN:-}" ] || [ -f "$DATA/meta.json" ]; then
-    stage loop-eager 60 "${LOOP[@]}" "out_dir=$WORK/runs/eager"
+    stage loop-eager 60 "${LOOP[@]}" compile=false "out_dir=$WORK/runs/eager"
     stage loop-compiled 120 "${LOOP[@]}" compile=true "out_dir=$WORK/runs/compiled"
-    stage loop-recompute 60 "${LOOP[@]}" activation_checkpointing=full "out_dir=$WORK/runs/recompute"
+    stage loop-recompute 60 "${LOOP[@]}" compile=false activation_checkpointing=full \
+      "out_dir=$WORK/runs/recompute"
     stage loop-fp8 120 "${LOOP[@]}" compile=true mixed_precision=fp8 "out_dir=$WORK/runs/fp8"
     stage generate 45 "$PY" -m train.generate "$WORK/runs/compiled" --prompt "def " \
       --max-new-tokens 64 --device "$DEVICE"
     stage export 45 "$PY" -m train.export "$WORK/runs/compiled" "$WORK/export"
+    stage loop-cudagraphs 120 "${LOOP[@]}" compile=true compile_mode=reduce-overhead \
+      "out_dir=$WORK/runs/cudagraphs"
+    stage loop-compiled-optim 120 "${LOOP[@]}" compile=true compile_optimizer=true \
+      "out_dir=$WORK/runs/compiled-optim"
   else
-    for s in loop-eager loop-compiled loop-recompute loop-fp8 generate export; do
+    for s in $LOOP_AND_AFTER; do
       skip "$s" 60 "no prepared dataset at DATA=$DATA (meta.json missing)"
     done
   fi

@@ -337,10 +337,11 @@ def markdown(result: dict, command: str) -> str:
 
 # --- launch/gpu_check.sh's closing report ---------------------------------------------------
 
-LOOP_STAGES = ("loop-eager", "loop-compiled", "loop-recompute", "loop-fp8")
+LOOP_STAGES = ("loop-eager", "loop-compiled", "loop-recompute", "loop-fp8", "loop-cudagraphs",
+               "loop-compiled-optim")
 GPU_TABLE = ("| date | GPU | torch | matmul ceiling bf16 | bench eager: tokenclock / Llama "
              "| bench compiled: tokenclock / Llama | real loop eager | real loop compiled "
-             "| recompute | fp8 |")
+             "| recompute | fp8 | CUDA graphs | compiled optimizer |")
 
 
 def _read_json(path: Path) -> dict | None:

@@ -24,10 +24,12 @@ from model.precision import TRAINING_SWITCHES
 PRECISIONS = TRAINING_SWITCHES
 CHECKPOINTING = TRAINABLE_RECOMPUTE
 COMPILE_SCOPES = ("model", "blocks")
+COMPILE_SWITCH = ("auto", "true", "false")  # auto: compile on a CUDA GPU, not on CPU or MPS
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's `mode`
 # Switches whose "off" is a word, and that word. YAML reads `no`, `off` and `false` as the
 # boolean False and `null` or `~` as None, so `mixed_precision=no` would arrive as False.
 OFF_WORDS = {"mixed_precision": "no", "activation_checkpointing": "none", "tracker": "none",
-             "resume": "none"}
+             "resume": "none", "compile": "false"}
 
 
 @dataclass
@@ -54,11 +56,13 @@ class TrainConfig:
     batch_size: int = 16  # global sequences per optimizer step (all ranks, all micro-batches)
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     seq_len: int = 0  # 0 = model.seq_len
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU) | fp8 (torchao float8, CUDA >= sm_89)
     activation_checkpointing: str = "none"  # none | full (every block) | every_k | attention
     checkpoint_every_k: int = 2  # with activation_checkpointing=every_k
-    compile: bool = False  # torch.compile the model
+    compile: str = "auto"  # auto (compile on a CUDA GPU, not on CPU/MPS) | true | false
     compile_scope: str = "model"  # model (one graph) | blocks (each block on its own)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
+    compile_optimizer: bool = False  # torch.compile the AdamW step (its foreach implementation)
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2, train/fsdp.py)
     world_size: int = 0  # processes this run must have; 0 = $WORLD_SIZE or 1
     threads_per_process: int = 0  # torch threads per process; 0 = cores / local processes
@@ -138,6 +142,11 @@ def validate(cfg: TrainConfig) -> None:
             f"activation_checkpointing={cfg.activation_checkpointing!r}; "
             f"valid: {', '.join(CHECKPOINTING)}"
         )
+    cfg.compile = str(cfg.compile).lower()  # YAML's true/false arrive as "True"/"False"
+    if cfg.compile not in COMPILE_SWITCH:
+        raise ValueError(f"compile={cfg.compile!r}; valid: {', '.join(COMPILE_SWITCH)}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode={cfg.compile_mode!r}; valid: {', '.join(COMPILE_MODES)}")
     if cfg.compile_scope not in COMPILE_SCOPES:
         raise ValueError(f"compile_scope={cfg.compile_scope!r}; valid: {', '.join(COMPILE_SCOPES)}")
     if cfg.tracker not in ("wandb", "tensorboard", "none"):

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-from train import trackers
+from model.precision import precision
+from train import fp8, trackers
 from train.config import TrainConfig
 
 PARENT_PID = os.getppid()  # the process that started this one: a launcher, a shell, ...
@@ -121,8 +122,10 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             "mixed_precision=fp16 needs a GPU: on CPU accelerate silently trains in fp32 instead. "
             "Use mixed_precision=bf16 or mixed_precision=no."
         )
+    if cfg.mixed_precision == "fp8":
+        fp8.check_available()  # one line where there is no CUDA, no sm_89+ or no torchao
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=precision(cfg.mixed_precision).accelerate,  # fp8: bf16 autocast around it
         log_with=trackers.log_with(cfg.tracker),  # wandb: online with credentials, else offline
         project_dir=cfg.out_dir,
     )

@@ -50,10 +50,10 @@ from train.metrics import (
     step_line,
     summarize,
 )
-from train.optim import lr_at, skip_update
+from train.optim import compile_step, lr_at, set_lr, skip_update
 from train.rundir import disk_space, open_dataset, prepare_run_dir, state_bytes, write_outputs
 from train.stop import EXIT_STOPPED, Stopper
-from train.techniques import build_model
+from train.techniques import build_model, resolve_compile
 
 log = logging.getLogger("train")
 
@@ -130,6 +130,7 @@ def run(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s")
+    resolve_compile(cfg, accelerator.device)  # compile=auto settled, bad modes refused: early
 
     # Data first: the vocabulary size and token dtype come from the prepared dataset.
     meta = open_dataset(cfg)
@@ -156,6 +157,8 @@ def run(cfg: TrainConfig) -> dict:
             accelerator.scaler.load_state_dict(saved["scaler"])  # fp16 loss scale and its tracker
         train_loader.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])
+        if cfg.compile_optimizer:
+            compile_step(optimizer)  # the loaded groups carry the saved run's settings
         log_changed_settings(saved["config"], cfg)
         log.info(f"resumed from {resume_from} at step {state.step}")
 
@@ -208,8 +211,7 @@ def run(cfg: TrainConfig) -> dict:
     pending: list[PendingStep] = []
     for step in range(state.step + 1, cfg.steps + 1):
         lr = lr_at(step - 1, cfg.steps, cfg.optim)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         timer.start()
         batches = [train_batches.next() for _ in range(accum)]
         timer.lap("data_wait_s")

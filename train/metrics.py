@@ -269,7 +269,7 @@ def summarize(cfg, info: RunInfo, metrics: MetricsLog, state) -> dict:
         "world_size": world,
         "mixed_precision": cfg.mixed_precision,
         "activation_checkpointing": cfg.activation_checkpointing,
-        "compile": cfg.compile,
+        "compile": info.techniques["compile"],  # what ran (compile=auto settled)
         "techniques": info.techniques,
         "threads_per_process": info.threads_per_process,
         "model": asdict(cfg.model) | {"params": info.params},

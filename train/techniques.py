@@ -6,9 +6,13 @@ parameter names unchanged so checkpoints do not depend on which switches were on
 | switch | what it does |
 |---|---|
 | `activation_checkpointing=full|every_k|attention` | recompute activations in the backward pass |
-| `compile=true compile_scope=model|blocks` | torch.compile the whole model, or each block alone |
+| `compile=auto|true|false` | torch.compile the model (auto: on a CUDA GPU, not on CPU/MPS) |
+| `compile_scope=model|blocks` | compile the whole model, or each block alone |
+| `compile_mode=default|reduce-overhead|max-autotune` | torch.compile's mode (CUDA graphs: 2nd) |
+| `compile_optimizer=true` | torch.compile the AdamW step (foreach; `train.optim.compile_step`) |
 | `optim.fused=true|false` | one fused AdamW kernel, or the multi-tensor (foreach) one |
 | `mixed_precision=no|bf16|fp16` | autocast through accelerate (fp16 with a grad scaler, GPU only) |
+| `mixed_precision=fp8` | torchao float8 linears, bf16 autocast around them (`train/fp8.py`) |
 | `fsdp=true` | shard parameters, gradients and optimizer state (FSDP2, `train/fsdp.py`) |
 """
 
@@ -23,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.flops import hardware_flops_per_token, recomputed_layers
 from model.transformer import Transformer
-from train import fsdp
+from train import fp8, fsdp
 from train.config import TrainConfig
 from train.optim import build_optimizer
 
@@ -50,13 +54,36 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator):
         if cfg.activation_checkpointing == "none":
             cfg.activation_checkpointing = "full"
             log.info("activation checkpointing from the FSDP config: activation_checkpointing=full")
+    resolve_compile(cfg, accelerator.device)  # done already by the loop; not by every caller
     model = apply_techniques(Transformer(cfg.model), cfg)
     if cfg.fsdp and not launched_fsdp:
         fsdp.shard(model, cfg.mixed_precision)
-        optimizer = build_optimizer(model, cfg.optim, accelerator.device)
+        optimizer = build_optimizer(model, cfg.optim, accelerator.device, cfg.compile_optimizer)
         return model, accelerator.prepare_optimizer(optimizer)
-    optimizer = build_optimizer(model, cfg.optim, accelerator.device)
+    optimizer = build_optimizer(model, cfg.optim, accelerator.device, cfg.compile_optimizer)
     return accelerator.prepare(model, optimizer)
+
+
+def resolve_compile(cfg: TrainConfig, device: torch.device) -> None:
+    """Settle `compile=auto` for `device` (in place: the run's config.yaml and summary say what
+    ran) and refuse compile settings that would not do what they say, in one line each."""
+    if cfg.compile == "auto":
+        cfg.compile = "true" if device.type == "cuda" else "false"
+        log.info(f"compile=auto on {device.type}: compile={cfg.compile}")
+    if cfg.compile_mode != "reduce-overhead":
+        return
+    if device.type != "cuda":
+        raise ValueError(f"compile_mode=reduce-overhead captures CUDA graphs and needs a CUDA GPU "
+                         f"(this run is on {device.type}); use compile_mode=default")
+    if cfg.compile != "true":
+        raise ValueError("compile_mode=reduce-overhead needs compile=true (or auto on a GPU)")
+    if cfg.model.n_experts:
+        raise ValueError("compile_mode=reduce-overhead needs static shapes, and MoE routing sends "
+                         "a data-dependent number of tokens to each expert: use "
+                         "compile_mode=default")
+    if cfg.fsdp:
+        raise ValueError("compile_mode=reduce-overhead with fsdp=true: FSDP's per-layer "
+                         "all-gathers cannot be captured in CUDA graphs; use compile_mode=default")
 
 
 def techniques_in_use(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> dict:
@@ -65,32 +92,43 @@ def techniques_in_use(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> dic
     is the one built, which falls back to foreach where torch has no fused one."""
     inner = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
     every_k = cfg.activation_checkpointing == "every_k"
+    compiled = cfg.compile == "true"  # "auto" is settled by build_model (resolve_compile)
     return {
-        "compile": cfg.compile,
-        "compile_scope": cfg.compile_scope if cfg.compile else None,
+        "compile": compiled,
+        "compile_scope": cfg.compile_scope if compiled else None,
+        "compile_mode": cfg.compile_mode if compiled else None,
+        "compile_optimizer": cfg.compile_optimizer,
         "fsdp": cfg.fsdp,
         "activation_checkpointing": cfg.activation_checkpointing,
         "checkpoint_every_k": cfg.checkpoint_every_k if every_k else None,
         "checkpointed_layers": checkpointed_layers(cfg),
         "mixed_precision": cfg.mixed_precision,
-        "fused_optimizer": bool(inner.defaults.get("fused")),
+        "fused_optimizer": bool(inner.param_groups[0].get("fused")),
     }
 
 
 def apply_techniques(model: Transformer, cfg: TrainConfig) -> torch.nn.Module:
-    """Activation checkpointing, then compilation, as configured; returns the same module.
+    """float8 linears (mixed_precision=fp8), activation checkpointing, then compilation, as
+    configured; returns the same module. `compile=auto` must be settled first
+    (`resolve_compile`; here it means no compilation).
 
     Compilation uses `nn.Module.compile()`, which compiles in place: unlike `torch.compile(m)`
     it adds no `_orig_mod.` wrapper, so state-dict keys, checkpoints and DDP/FSDP wrapping are
-    the same with and without it.
+    the same with and without it. `compile_mode=reduce-overhead` records CUDA graphs of the
+    compiled code; the loop's shapes are static (every micro-batch is full, `BatchLoader`, and
+    evaluation uses the same micro-batch), and graphs with a mutated input, such as generation's
+    KV cache, run without them.
     """
+    if cfg.mixed_precision == "fp8":
+        fp8.convert(model)
     checkpoint_modules(model, cfg)
-    if cfg.compile:
+    if cfg.compile == "true":
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
         if cfg.compile_scope == "blocks":
             for block in model.blocks:  # one graph per block, reused: shorter compile time
-                block.compile()
+                block.compile(mode=mode)
         else:
-            model.compile()  # one graph: the embedding, LM head and loss are fused in too
+            model.compile(mode=mode)  # one graph: the embedding, LM head and loss are fused in too
     return model
 
 

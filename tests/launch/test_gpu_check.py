@@ -13,7 +13,8 @@ from tests.utils import run_cmd
 from train import bench
 
 STAGES = ["env", "ceiling", "bench-eager", "bench-compiled", "loop-eager", "loop-compiled",
-          "loop-recompute", "loop-fp8", "generate", "export"]
+          "loop-recompute", "loop-fp8", "generate", "export", "loop-cudagraphs",
+          "loop-compiled-optim"]
 
 
 def dry_run(**env) -> list[str]:
@@ -36,13 +37,19 @@ def test_dry_run_prints_every_stage_with_its_timeout():
     assert eager[eager.index("--preset") + 1] == "gpt2-124m"
     assert eager[eager.index("--batch") + 1] == "16" and eager[eager.index("--seq-len") + 1] == "1024"
     assert "--compile" in compiled and "--compile" not in eager
-    for name in ("loop-eager", "loop-compiled", "loop-recompute", "loop-fp8"):
+    for name in STAGES[4:8] + STAGES[10:]:
         cmd = commands[name]
         assert cmd[:3] == ["env", "MODE=single", "PY=python3"] and cmd[3].endswith("launch/gpu.sh")
         assert "tracker=none" in cmd and "data_dir=data/demo" in cmd
+        assert cmd[-1] == f"out_dir=/tmp/tokenclock_gpu_check/runs/{name.removeprefix('loop-')}"
+    # compile=auto would compile on the GPU: the eager rows say compile=false
+    assert "compile=false" in commands["loop-eager"] and "compile=false" in commands["loop-recompute"]
     assert "compile=true" in commands["loop-compiled"]
     assert "activation_checkpointing=full" in commands["loop-recompute"]
-    assert "mixed_precision=fp8" in commands["loop-fp8"]
+    assert {"compile=true", "mixed_precision=fp8"} <= set(commands["loop-fp8"])
+    assert "compile_mode=reduce-overhead" in commands["loop-cudagraphs"]
+    assert "compile_optimizer=true" in commands["loop-compiled-optim"]
+    assert set(bench.LOOP_STAGES) == set(STAGES[4:8] + STAGES[10:])  # all in the report
     assert commands["generate"][3].endswith("runs/compiled")
     assert commands["export"][3].endswith("runs/compiled")
     files = lines[-1].split(": ", 1)[1].split()
@@ -117,4 +124,5 @@ def test_report_compares_the_loops_with_the_bare_step(tmp_path):
     assert "| loop-fp8 | skipped | 5 | 120 | refused |" in text
     row = text.strip().splitlines()[-1]
     assert "| NVIDIA H200 |" in row and "220.0k / 100.0k" in row and "200.0k (30.0% MFU)" in row
+    assert row.count("|") == bench.GPU_TABLE.count("|")  # a cell per column of the README table
     assert len((out / "loops.jsonl").read_text().splitlines()) == 2

@@ -148,3 +148,15 @@ def test_a_gpu_keeps_its_catalog_peak_per_device(monkeypatch):
     assert sampler.machine.method == "catalog" and sampler.processes_on_host == 1
     assert sampler.source.startswith("catalog:")  # contracts.run.RunSummary.peak_from_catalog
     assert sampler.median() == sampler.machine.flops > 1e14
+
+
+def test_float8_matmul_rates_use_the_scaled_matmul():
+    """The fp8 peak of a GPU missing from the catalog is measured with torch._scaled_mm (a
+    plain matmul has no float8 kernel); on CPU where this torch has the kernel too."""
+    from train.clock import matmul_rates
+
+    try:
+        rates = matmul_rates(torch.float8_e4m3fn, "cpu", n=64, seconds=0.0, min_calls=2)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"no float8 scaled matmul on this CPU build: {e}")
+    assert len(rates) >= 2 and all(r > 0 for r in rates)

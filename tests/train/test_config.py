@@ -17,7 +17,9 @@ def test_defaults_preset_and_overrides(tmp_path):
         (["optim.lrr=1"], "optim.lrr"),
         (["nonsense=1"], "nonsense"),
         (["model.preset=nope"], "nope"),
-        (["mixed_precision=fp8"], "mixed_precision"),
+        (["mixed_precision=fp4"], "mixed_precision"),
+        (["compile=maybe"], "compile='maybe'; valid: auto, true, false"),
+        (["compile_mode=fast"], "compile_mode='fast'; valid: default, reduce-overhead"),
         (["activation_checkpointing=some"], "activation_checkpointing"),
         (["steps=abc"], "steps"),
         (["steps"], "key=value"),
@@ -42,6 +44,15 @@ def test_off_switches_read_yaml_booleans_and_nulls_as_off(value):
     keys = ("mixed_precision", "activation_checkpointing", "tracker")
     cfg = load_config(None, [f"{key}={value}" for key in keys])
     assert (cfg.mixed_precision, cfg.activation_checkpointing, cfg.tracker) == ("no", "none", "none")
+
+
+@pytest.mark.parametrize("value, expected", [("true", "true"), ("True", "true"), ("yes", "true"),
+                                             ("auto", "auto"), ("false", "false"), ("no", "false"),
+                                             ("off", "false"), ("null", "false")])
+def test_compile_is_auto_true_or_false(value, expected):
+    """`compile` takes auto (the default) and YAML's booleans in any spelling."""
+    assert load_config(None, []).compile == "auto"
+    assert load_config(None, [f"compile={value}"]).compile == expected
 
 
 def test_off_switches_in_a_yaml_file_and_resume(tmp_path):

@@ -20,7 +20,7 @@ from train.data import BatchLoader, DeviceBatches
 from train.distributed import build_accelerator, global_sum
 from train.loop import train_step
 from train.metrics import MetricsLog, RunInfo, StepResult, resolve_steps, step_line
-from train.optim import skip_update
+from train.optim import set_lr, skip_update
 from train.techniques import build_model
 
 
@@ -138,6 +138,48 @@ def test_skip_update_leaves_weights_moments_and_step_count():
     p.grad = torch.ones(4)
     skip_update(opt, torch.tensor(False))
     assert not torch.equal(p.detach(), before[0]) and float(opt.state[p]["step"]) == 2
+
+
+@pytest.mark.slow  # about 25 s on 2 shared cores: inductor compiles the AdamW step on CPU
+def test_compiled_optimizer_gives_the_eager_weights_through_a_nan_step():
+    """compile_optimizer=true against the same (foreach) AdamW in eager, six steps of the
+    loop's step with a schedule that changes the learning rate every step and a poisoned step
+    3: the same skips, and weights and moments within rtol 1e-5, atol 1e-6 (inductor reorders
+    the float arithmetic); compiled once, not once per learning rate."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    base = ["optim.fused=false", "optim.grad_clip=0.5"]
+    cfg, accelerator, model, opt = setup([*base, "compile_optimizer=true"])
+    _, _, eager_model, eager_opt = setup(base)
+    assert opt.optimizer.param_groups[0]["foreach"] and torch.is_tensor(opt.param_groups[0]["lr"])
+    gen = torch.Generator().manual_seed(1)
+    timer = PhaseTimer(torch.device("cpu"))
+    graphs = []
+    for step in range(1, 7):
+        batches = []
+        for _ in range(2):
+            shape = (cfg.micro_batch_size, cfg.model.seq_len + 1)
+            w = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
+            batches.append((w[:, :-1], w[:, 1:]))
+        results = []
+        for m, o in ((model, opt), (eager_model, eager_opt)):
+            set_lr(o, 1e-3 * step)
+            timer.start()
+            results.append(train_step(m, o, batches, accelerator, timer, cfg.optim.grad_clip,
+                                      poison=step == 3))
+        new, old = resolve_steps(results[:1])[0], resolve_steps(results[1:])[0]
+        assert new.skipped == old.skipped == (step == 3)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0]  # no recompilation for a new lr
+    for a, b in zip(model.parameters(), eager_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    state, eager_state = opt.state_dict()["state"], eager_opt.state_dict()["state"]
+    for key, slots in eager_state.items():
+        for name, value in slots.items():
+            torch.testing.assert_close(state[key][name].cpu().to(value.dtype), value,
+                                       rtol=1e-5, atol=1e-6)
 
 
 def test_resolve_steps_reads_device_figures_and_keeps_plain_ones():

@@ -18,6 +18,7 @@ from train.techniques import (
     apply_techniques,
     build_model,
     executed_flops_per_token,
+    resolve_compile,
     techniques_in_use,
 )
 
@@ -126,11 +127,13 @@ def test_techniques_in_use_name_every_switch():
                              "mixed_precision=bf16", "optim.fused=false"])
     model = Transformer(cfg.model)
     assert techniques_in_use(cfg, build_optimizer(model, cfg.optim, torch.device("cpu"))) == {
-        "compile": True, "compile_scope": "blocks", "fsdp": True,
+        "compile": True, "compile_scope": "blocks", "compile_mode": "default",
+        "compile_optimizer": False, "fsdp": True,
         "activation_checkpointing": "every_k", "checkpoint_every_k": 3, "checkpointed_layers": [0, 3],
         "mixed_precision": "bf16", "fused_optimizer": False}
     plain = load_config(None, [*TINY, "activation_checkpointing=attention"])
     used = techniques_in_use(plain, build_optimizer(model, plain.optim, torch.device("cpu")))
+    assert used["compile"] is False and used["compile_mode"] is None  # compile=auto, unsettled
     assert used["compile_scope"] is None and used["checkpoint_every_k"] is None
     assert used["checkpointed_layers"] == [0, 1, 2, 3] and used["fused_optimizer"] is True
 
@@ -153,3 +156,77 @@ def test_fsdp_sharded_checkpoint_round_trip(tmp_path):
                      env={"ACCELERATE_USE_CPU": "1", "PYTHONPATH": "."})
     assert "sharded checkpoint round trip: OK" in result.stdout
     assert len(list((tmp_path / "ckpt").glob("*.distcp"))) == 2  # one file of slices per rank
+
+
+def test_compile_auto_compiles_on_cuda_only():
+    for device, expected in (("cpu", "false"), ("mps", "false"), ("cuda", "true")):
+        cfg = load_config(None, TINY)
+        resolve_compile(cfg, torch.device(device))
+        assert cfg.compile == expected, device
+    cfg = load_config(None, [*TINY, "compile=false"])
+    resolve_compile(cfg, torch.device("cuda"))
+    assert cfg.compile == "false"  # an explicit choice stays
+
+
+@pytest.mark.parametrize("overrides, device, message", [
+    ([], "cpu", r"captures CUDA graphs and needs a CUDA GPU \(this run is on cpu\)"),
+    (["compile=false"], "cuda", "needs compile=true"),
+    (["model.n_experts=4", "model.n_experts_active=2"], "cuda", "MoE routing"),
+    (["fsdp=true"], "cuda", "FSDP's per-layer all-gathers"),
+])
+def test_cuda_graphs_are_refused_where_shapes_or_device_do_not_allow_them(overrides, device,
+                                                                          message):
+    cfg = load_config(None, [*TINY, "compile_mode=reduce-overhead", *overrides])
+    with pytest.raises(ValueError, match=message):
+        resolve_compile(cfg, torch.device(device))
+
+
+def test_cuda_graphs_accepted_for_the_dense_loop_on_cuda():
+    cfg = load_config(None, [*TINY, "compile_mode=reduce-overhead"])
+    resolve_compile(cfg, torch.device("cuda"))
+    assert cfg.compile == "true"
+
+
+def test_cuda_graphs_refused_on_cpu_by_the_trainer(tmp_path):
+    result = run_cmd([sys.executable, "-m", "train", "configs/train/tiny.yaml", "data_dir=unused",
+                      "compile_mode=reduce-overhead"], check=False)
+    assert result.returncode == 2 and "error: compile_mode=reduce-overhead" in result.stderr
+
+
+@pytest.mark.parametrize("mode, scope", [("max-autotune", "model"), ("reduce-overhead", "blocks")])
+def test_compile_mode_reaches_torch_compile(monkeypatch, mode, scope):
+    """The mode is handed to nn.Module.compile for each compiled module (a spy on the call:
+    compiling in these modes on CPU would take minutes, and CUDA graphs need a GPU)."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((self, kw)))
+    cfg = load_config(None, [*TINY, "compile=true", f"compile_scope={scope}",
+                             f"compile_mode={mode}"])
+    model = apply_techniques(Transformer(cfg.model), cfg)
+    expected = list(model.blocks) if scope == "blocks" else [model]
+    assert [m for m, _ in calls] == expected and all(kw == {"mode": mode} for _, kw in calls)
+    calls.clear()
+    apply_techniques(Transformer(cfg.model), load_config(None, [*TINY, "compile=true"]))
+    assert [kw for _, kw in calls] == [{"mode": None}]  # compile_mode=default: torch's default
+
+
+def test_compile_step_settles_groups_loaded_from_a_fused_run():
+    """A resume loads the saved groups' settings (fused, a float lr); compile_step, which the
+    loop calls after loading, makes them those of the compiled foreach step again."""
+    from train.config import OptimConfig
+    from train.optim import compile_step, set_lr
+
+    model = torch.nn.Linear(4, 4)
+    fused = build_optimizer(model, OptimConfig(lr=0.1), torch.device("cpu"))
+    model(torch.ones(4)).sum().backward()
+    fused.step()
+    compiled = build_optimizer(model, OptimConfig(lr=0.1), torch.device("cpu"), compiled=True)
+    compiled.load_state_dict(fused.state_dict())
+    assert compiled.param_groups[0]["fused"] and not torch.is_tensor(compiled.param_groups[0]["lr"])
+    compile_step(compiled)
+    for group in compiled.param_groups:
+        assert group["foreach"] and not group["fused"] and group["capturable"]
+        assert torch.is_tensor(group["lr"]) and float(group["lr"]) == pytest.approx(0.1)
+    set_lr(compiled, 0.05)
+    assert all(float(g["lr"]) == pytest.approx(0.05) for g in compiled.param_groups)
+    assert compiled.step is not compiled.eager_step  # compiled once, not wrapped twice
+    assert compiled.eager_step.__func__ is torch.optim.AdamW.step

@@ -35,11 +35,14 @@ def test_loss_falls_over_50_steps(tiny_data, tmp_path):
     assert summary["peak_flops_per_process"]["median"] == machine["flops"]  # 1 process
     assert (out / "model.safetensors").is_file() and (out / "samples.txt").read_text()
     assert "data_dir" in (out / "config.yaml").read_text()
+    assert "compile: 'false'" in (out / "config.yaml").read_text()  # compile=auto, settled on CPU
+    assert summary["compile"] is False
     assert json.loads((out / "data_meta.json").read_text()) == json.loads(
         (tiny_data / "meta.json").read_text())
     assert summary["techniques"] == {
-        "compile": False, "compile_scope": None, "fsdp": False, "activation_checkpointing": "none",
-        "checkpoint_every_k": None, "checkpointed_layers": [], "mixed_precision": "no",
+        "compile": False, "compile_scope": None, "compile_mode": None, "compile_optimizer": False,
+        "fsdp": False, "activation_checkpointing": "none", "checkpoint_every_k": None,
+        "checkpointed_layers": [], "mixed_precision": "no",
         "fused_optimizer": True}  # fused AdamW exists for CPU
 
 
