@@ -39,7 +39,7 @@ class FixedPeaks:
 def info(world=1):
     return RunInfo(steps=10, world_size=world, device="cpu", params=1, seq_len=8,
                    model_flops_per_token=MODEL_FLOPS, hardware_flops_per_token=MODEL_FLOPS,
-                   techniques={}, threads_per_process=1)
+                   techniques={"compile": False}, threads_per_process=1)
 
 
 def step(metrics, n, tokens_per_s):

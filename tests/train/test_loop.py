@@ -303,7 +303,7 @@ class OnePeak:
 def test_eta_leaves_out_the_warm_up_steps(tmp_path):
     """Step 1 pays for compilation: its time must not become the ETA."""
     info = RunInfo(steps=10, world_size=1, device="cpu", params=1, seq_len=8,
-                   model_flops_per_token=1.0, hardware_flops_per_token=1.0, techniques={},
+                   model_flops_per_token=1.0, hardware_flops_per_token=1.0, techniques={"compile": False},
                    threads_per_process=1, warmup_steps_excluded=2)
     metrics = MetricsLog(tmp_path / "metrics.jsonl", True, info, OnePeak())
     etas = []
