@@ -141,40 +141,61 @@ class Attention(nn.Module):
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum of cross-entropy(h @ weight^T, targets) over chunks of `chunk` rows of h, with the
     gradients computed chunk by chunk in the forward pass (as Liger-Kernel's fused linear
-    cross-entropy does): only one chunk's logits [chunk, V] ever exist, in the compute dtype
-    and in float32, never the [N, V] float32 copy the plain loss makes (and keeps for the
-    backward). The matmuls run in `dtype`; softmax, loss and the weight gradient accumulate in
-    float32. No extra FLOPs: the backward only scales the stored gradients by grad_output.
+    cross-entropy does): never the [N, V] float32 copy the plain loss makes (and keeps for the
+    backward). Each chunk's logits live in one float32 buffer [chunk, V], worked in place
+    (max, shift, exp, sum: the log-sum-exp by hand, then the softmax gradient), and freed
+    before the next chunk's matmul; under 16-bit compute the buffer's 16-bit copy (the
+    matmul's output, then the gradient fed to the backward matmuls) exists beside it. The
+    matmuls run in `dtype`; softmax, loss and the weight gradient accumulate in float32. No
+    extra FLOPs: the backward only scales the stored gradients by grad_output.
     """
 
     @staticmethod
     def forward(ctx, h, weight, targets, dtype, chunk, need_grad):
-        w = weight.to(dtype)
+        w, V = weight.to(dtype), weight.size(0)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
+        grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+                  if need_grad else None)
         for i in range(0, h.size(0), chunk):
             hc, tc = h[i : i + chunk].to(dtype), targets[i : i + chunk]
-            logits = (hc @ w.t()).float()  # [n, V]: this chunk only
+            buf = (hc @ w.t()).float()  # [n, V] logits, this chunk only; ours to overwrite
             valid = (tc != -100).float()
             picked = tc.clamp(min=0)[:, None]
-            lse = torch.logsumexp(logits, dim=-1)
-            loss = loss + ((lse - logits.gather(1, picked).squeeze(1)) * valid).sum()
-            if need_grad:  # d loss / d logits = softmax - onehot(target), 0 on ignored rows
-                probs = logits.sub_(lse[:, None]).exp_()  # in place: no second [n, V] copy
-                probs.scatter_add_(1, picked, -valid[:, None])
-                g = probs.mul_(valid[:, None]).to(dtype)
-                grad_h[i : i + chunk] = g @ w
-                grad_w += g.t() @ hc
+            buf.sub_(buf.amax(dim=1, keepdim=True))  # x - max: every exponent <= 0
+            target_logit = buf.gather(1, picked).squeeze(1)
+            total = buf.exp_().sum(dim=1)  # exp(x - max), summed: log-sum-exp = log + max
+            loss = loss + ((total.log() - target_logit) * valid).sum()
+            if not need_grad:
+                del buf  # before the next chunk's matmul
+                continue
+            # d loss / d logits = softmax - onehot(target), 0 on ignored rows, in place
+            buf.mul_((valid / total)[:, None])
+            buf.scatter_add_(1, picked, -valid[:, None])
+            g = buf.to(dtype)  # the same tensor when dtype is float32
+            del buf  # under 16-bit only the copy g lives through the matmuls
+            if g.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), hc)  # accumulated in place, no [V, d] temporary
+            else:  # in blocks of about n*V/(2d) rows (all V while d <= n/2): their 16-bit
+                # product, and on CPU its float32 cast for the +=, stay below the chunk's buffer
+                blocks = -(-2 * hc.size(1) // hc.size(0))  # ceil(2d / n)
+                rows = -(-V // blocks)
+                for j in range(0, V, rows):
+                    grad_w[j : j + rows] += g[:, j : j + rows].t() @ hc
+            grad_h[i : i + chunk] = g @ w
+            del g  # nothing [n, V] of this chunk outlives it
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # scaled in place, not copied: a second backward through the same graph
+        # (retain_graph=True) fails autograd's saved-tensor version check instead of
+        # scaling twice
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype),
-                None, None, None, None)
+        grad_h.mul_(grad_loss.to(grad_h.dtype))
+        return grad_h, grad_w.mul_(grad_loss).to(ctx.weight_dtype), None, None, None, None
 
 
 def linear_cross_entropy(

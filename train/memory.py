@@ -58,24 +58,23 @@ def loss_bytes(tokens: int, vocab_size: int, d_model: int, compute_bytes: int,
     """Peak bytes of `linear_cross_entropy` over one micro-batch of `tokens` tokens, on top of
     what the model holds anyway (n = min(chunk, tokens) tokens per chunk, e = compute_bytes):
 
-    - a chunk's logits in float32 and the two [n, V] float32 temporaries torch's logsumexp
-      makes (x - max, and its exp): 3 x 4nV;
-    - under 16-bit compute, with more than one chunk, the previous chunk's 16-bit logit
-      gradient, still referenced while the next chunk's logits are made: e nV more (a
-      chunk's 16-bit and float32 logits together, 6nV, stay below this peak);
+    - one chunk's logits in a float32 buffer, worked in place into the loss and the logits'
+      gradient, and freed before the next chunk's matmul: 4nV;
+    - under 16-bit compute, the buffer's 16-bit twin beside it (the matmul's output, then the
+      gradient fed to the backward matmuls): e nV more (the weight gradient's 16-bit product
+      is made in row blocks that stay below the buffer);
     - held from the forward pass to the backward: the weight gradient in float32 (4Vd) and
-      the input gradient (4 x tokens x d), and during the forward under 16-bit compute the
-      weight's 16-bit copy (e V d).
+      the input gradient (4 x tokens x d), scaled in place by the backward, and during the
+      forward under 16-bit compute the weight's 16-bit copy (e V d).
 
     Measured against the process's peak resident memory in tests/train/test_memory.py."""
     n = min(chunk, tokens)
-    logits = 12 * n * vocab_size
-    if compute_bytes < 4 and tokens > chunk:
-        logits += compute_bytes * n * vocab_size
+    chunk_bytes = 4 * n * vocab_size
     held = 4 * vocab_size * d_model + 4 * tokens * d_model
     if compute_bytes < 4:
+        chunk_bytes += compute_bytes * n * vocab_size
         held += compute_bytes * vocab_size * d_model
-    return logits + held
+    return chunk_bytes + held
 
 
 def estimate_memory(cfg: TrainConfig, world: int = 1) -> MemoryEstimate:

@@ -179,6 +179,18 @@ def test_linear_cross_entropy_scales_with_grad_output_and_skips_grads_without_au
         assert rel_err(linear_cross_entropy(h, w, t, torch.float32, 8), ref_loss(h, w, t)) < 1e-6
 
 
+def test_linear_cross_entropy_second_backward_fails_instead_of_scaling_twice():
+    """The backward scales the stored gradients in place: running it twice through the same
+    graph (retain_graph=True) raises autograd's in-place error rather than giving wrong
+    gradients."""
+    torch.manual_seed(0)
+    h, w = torch.randn(20, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.randint(0, 11, (20,)), torch.float32, 8) * 0.5
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 class LargestTensors(TorchDispatchMode):
     """Records the shape and dtype of every tensor an op produces (forward and backward)."""
 
