@@ -175,7 +175,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = buf.to(dtype)  # the same tensor when dtype is float32
             del buf  # under 16-bit only the copy g lives through the matmuls
             if g.dtype == grad_w.dtype:
-                grad_w.addmm_(g.t(), hc)  # accumulated in place, no [V, d] temporary
+                torch.addmm(grad_w, g.t(), hc, out=grad_w)  # in place (out=, not addmm_,
+                # which FlopCounterMode does not count), no [V, d] temporary
             else:  # in blocks of about n*V/(2d) rows (all V while d <= n/2): their 16-bit
                 # product, and on CPU its float32 cast for the +=, stay below the chunk's buffer
                 blocks = -(-2 * hc.size(1) // hc.size(0))  # ceil(2d / n)
