@@ -6,12 +6,13 @@ their Jaccard similarity |A & B| / |A | B|. With `num_perm` independent hash fun
 fraction of agreeing signature positions is an unbiased estimate of that similarity.
 
 Shingles are word n-grams (default 5) of the lower-cased text, where a word is a run of `\\w`
-characters. Each word is hashed with xxh3-64, an n-gram hash combines its word hashes with a
-polynomial in wrapping uint64 arithmetic followed by a murmur3-style finaliser, and keeps the
-top 32 bits. The permutations are the universal family h_i(x) = ((a_i x + b_i) mod p) mod 2^32
-with p = 2^61 - 1 (a Mersenne prime), a_i in [1, 2^32), b_i in [0, 2^32) drawn from a seeded
-generator. Because x < 2^32, a_i x + b_i <= (2^32-1)^2 + 2^32 - 1 < 2^64: the uint64 product never
-overflows, and the reduction mod 2^61-1 is done exactly with shifts and masks.
+characters. A word's hash is murmur3's 64-bit finaliser of a polynomial over its code points, an
+n-gram hash combines its word hashes with a polynomial in wrapping uint64 arithmetic followed by
+the same finaliser, and keeps the top 32 bits (`_ngram_shingles`: a batch of texts at once, in
+numpy, with no Python object per word). The permutations are the multiply-add-shift family
+h_i(x) = ((a_i x + b_i) mod 2^64) >> 32 with a_i, b_i uniform 64-bit integers from a seeded
+generator (Dietzfelbinger 1996): strongly universal for 32-bit x, and the uint64 product simply
+wraps, so no modular reduction is needed (see `MinHasher`).
 
 LSH banding (Leskovec, Rajaraman, Ullman, *Mining of Massive Datasets*, ch. 3): split the
 signature into `bands` bands of `rows` rows; two documents become a candidate pair when all
@@ -40,12 +41,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import xxhash
 
-MERSENNE_61 = np.uint64((1 << 61) - 1)
 MASK_32 = np.uint64(0xFFFFFFFF)
 WORD_RE = re.compile(r"\w+")
 _POLY = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier for combining word hashes
+_CHAR_BASE = 0x100000001B3  # odd multiplier of the per-word polynomial over code points
+_MOD64 = 1 << 64
 
 
 def words_of(text: str) -> list[str]:
@@ -61,59 +62,138 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(33))
 
 
+_word_char = np.zeros(0, dtype=bool)  # code point -> matches `\w`; grown a Unicode plane at a time
+
+
+def _word_char_table(max_cp: int) -> np.ndarray:
+    """A boolean table over code points 0..max_cp (at least) of which are `\\w` characters.
+
+    For `str` patterns `re`'s `\\w` is `c.isalnum() or c == "_"` (CPython's SRE_UNI_IS_WORD), so
+    the table is built from that, 65,536 code points (one plane, ~5 ms) at a time, only up to the
+    highest plane a text has used.
+    """
+    global _word_char
+    while len(_word_char) <= max_cp:
+        lo = len(_word_char)
+        plane = [(c.isalnum() or c == "_") for c in map(chr, range(lo, lo + 0x10000))]
+        _word_char = np.concatenate([_word_char, np.array(plane, dtype=bool)])
+    return _word_char
+
+
+def _ngram_shingles(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
+    """The word n-gram shingle hashes of all `texts` in one vectorised pass: (hashes, counts),
+    hashes (uint64 values < 2^32) concatenated document after document, in text order, repeats
+    kept; counts[i] of them belong to texts[i].
+
+    Words are the `\\w+` runs of each lower-cased text, exactly `words_of`. The texts are joined
+    by "\\n" (not a word character, so no word spans two texts) and read as UTF-32 code points;
+    a word's hash is murmur3's finaliser of the polynomial sum_i cp_i * B^i over its code points
+    (B odd, mod 2^64): with prefix sums S_k = sum_{j<k} cp_j B^j over the whole batch, the
+    word at [s, e) is (S_e - S_s) * B^-s, computed as (S_e - S_s) * B^(N-s) * B^-N so that only
+    non-negative powers are tabulated. An n-gram's hash combines its word hashes as
+    sum_k w_k * POLY^(n-1-k), then the finaliser, top 32 bits. A text with fewer than `ngram`
+    words is one shingle of all its words; no words, no shingles.
+    """
+    if ngram < 1:
+        raise ValueError(f"ngram={ngram}; must be >= 1")
+    lowered = [t.lower() for t in texts]
+    doc_len = np.fromiter((len(t) + 1 for t in lowered), np.int64, len(lowered))
+    doc_start = np.concatenate([[0], np.cumsum(doc_len)[:-1]]) if len(lowered) else doc_len
+    joined = "\n".join(lowered)
+    cp = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    n_chars = len(cp)
+    empty = np.empty(0, dtype=np.uint64)
+    if not n_chars:
+        return empty, np.zeros(len(texts), dtype=np.int64)
+    is_word = _word_char_table(int(cp.max()))[cp]
+    edge = np.diff(is_word.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    w_start = np.flatnonzero(edge == 1)
+    w_end = np.flatnonzero(edge == -1)
+    counts_w = np.zeros(len(texts), dtype=np.int64)
+    if not len(w_start):
+        return empty, counts_w
+    # powers B^0 .. B^N (wrapping uint64), then the prefix sums S_0 .. S_N
+    pw = np.empty(n_chars + 1, dtype=np.uint64)
+    pw[0] = 1
+    pw[1:] = _CHAR_BASE
+    np.multiply.accumulate(pw, out=pw)
+    s = np.empty(n_chars + 1, dtype=np.uint64)
+    s[0] = 0
+    np.multiply(cp, pw[:-1], out=s[1:])
+    np.add.accumulate(s, out=s)
+    inv_n = np.uint64(pow(_CHAR_BASE, -n_chars, _MOD64))
+    wh = _fmix64((s[w_end] - s[w_start]) * pw[n_chars - w_start] * inv_n)
+    # the text each word belongs to, and each text's first word
+    doc_of = np.searchsorted(doc_start, w_start, side="right") - 1
+    counts_w = np.bincount(doc_of, minlength=len(texts)).astype(np.int64)
+    first_w = np.concatenate([[0], np.cumsum(counts_w)[:-1]])
+    n_words = len(wh)
+    # full n-grams: windows that start and end in the same text
+    parts: list[np.ndarray] = []
+    doc_parts: list[np.ndarray] = []
+    if n_words >= ngram:
+        m = n_words - ngram + 1
+        h = np.zeros(m, dtype=np.uint64)
+        for k in range(ngram):
+            h = h * _POLY + wh[k : k + m]
+        ok = doc_of[:m] == doc_of[ngram - 1 :]
+        parts.append(h[ok])
+        doc_parts.append(doc_of[:m][ok])
+    # texts with 1 .. ngram-1 words: one shingle of all their words
+    short = np.flatnonzero((counts_w > 0) & (counts_w < ngram))
+    if len(short):
+        h1 = np.zeros(len(short), dtype=np.uint64)
+        for k in range(ngram - 1):
+            more = k < counts_w[short]
+            h1[more] = h1[more] * _POLY + wh[first_w[short[more]] + k]
+        parts.append(h1)
+        doc_parts.append(short)
+    h = np.concatenate(parts)
+    doc = np.concatenate(doc_parts)
+    if len(parts) > 1:  # short texts were appended after the rest: restore text order
+        order = np.argsort(doc, kind="stable")
+        h, doc = h[order], doc[order]
+    counts = np.bincount(doc, minlength=len(texts)).astype(np.int64)
+    return _fmix64(h) >> np.uint64(32), counts
+
+
 def shingle_hashes(text: str, ngram: int = 5) -> np.ndarray:
     """32-bit hashes (as uint64) of the word n-grams of `text`; sorted and unique.
 
     A text with fewer than `ngram` words is one shingle of all its words; no words, no shingles.
     """
-    words = words_of(text)
-    if not words:
-        return np.empty(0, dtype=np.uint64)
-    wh = np.fromiter(
-        (xxhash.xxh3_64_intdigest(w.encode("utf-8", "surrogatepass")) for w in words),
-        np.uint64,
-        len(words),
-    )
-    n = min(ngram, len(wh))
-    count = len(wh) - n + 1
-    h = np.zeros(count, dtype=np.uint64)
-    for k in range(n):
-        h = h * _POLY + wh[k : k + count]
-    return np.unique(_fmix64(h) >> np.uint64(32))
-
-
-def _mod_mersenne61_inplace(y: np.ndarray) -> np.ndarray:
-    """y mod (2^61 - 1) for uint64 y, exact, overwriting y: since 2^61 = 1 (mod p),
-    y = (y & p) + (y >> 61) (mod p), and that sum is < p + 8, so one conditional subtraction
-    finishes the reduction."""
-    r = y & MERSENNE_61
-    y >>= np.uint64(61)
-    r += y
-    np.subtract(r, MERSENNE_61, out=r, where=r >= MERSENNE_61)
-    return r
+    return np.unique(_ngram_shingles([text], ngram)[0])
 
 
 @dataclass
 class MinHasher:
-    """Computes `num_perm`-long uint32 MinHash signatures of word n-gram shingle sets."""
+    """Computes `num_perm`-long uint32 MinHash signatures of word n-gram shingle sets.
+
+    Permutation i is the multiply-add-shift hash h_i(x) = ((a_i x + b_i) mod 2^64) >> 32 of a
+    32-bit shingle hash x, with a_i, b_i uniform 64-bit: a strongly universal family onto 32
+    bits (Dietzfelbinger, "Universal hashing and k-wise independent random variables via integer
+    arithmetic without primes", STACS 1996; Thorup, "High speed hashing for integers and
+    strings", 2015, sec. 3.3). The product wraps in uint64 arithmetic, so no modular reduction
+    is needed; and since the shift is monotone, min_x h_i(x) = (min_x (a_i x + b_i mod 2^64)) >>
+    32: the minimum is taken over the 64-bit values and only the minima are shifted.
+    """
 
     num_perm: int = 128
     ngram: int = 5
     seed: int = 1
-    chunk_rows: int = 1024  # shingles per vectorised block; 1 MiB blocks stay in cache
+    chunk_rows: int = 8192  # shingles per vectorised block (num_perm x chunk_rows uint64)
+    batch_chars: int = 1 << 18  # characters of text hashed in one vectorised pass
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.seed)
-        self.a = rng.integers(1, 1 << 32, size=self.num_perm, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 32, size=self.num_perm, dtype=np.uint64)
+        self.a = rng.integers(0, 1 << 64, size=self.num_perm, dtype=np.uint64, endpoint=False)
+        self.b = rng.integers(0, 1 << 64, size=self.num_perm, dtype=np.uint64, endpoint=False)
 
     def permuted(self, x: np.ndarray) -> np.ndarray:
         """(len(x), num_perm) matrix of h_i(x_j) (uint64 values < 2^32); x must be < 2^32."""
-        y = np.multiply.outer(x, self.a)
-        y += self.b  # a*x + b <= (2^32-1)^2 + 2^32-1 < 2^64: no overflow
-        r = _mod_mersenne61_inplace(y)
-        r &= MASK_32
-        return r
+        y = np.multiply.outer(np.asarray(x, dtype=np.uint64), self.a)
+        y += self.b  # wraps modulo 2^64
+        return y >> np.uint64(32)
 
     def signature_of_shingles(self, shingles: np.ndarray) -> np.ndarray:
         sig = np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint32)
@@ -122,31 +202,46 @@ class MinHasher:
             np.minimum(sig, block.astype(np.uint32), out=sig)
         return sig
 
+    def _min_over_segments(self, x: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
+        """out[d] = min(out[d], signature of the d-th segment of x), for the segments of
+        `counts` (all > 0) laid end to end: the (num_perm x block) matrix of a_i x + b_i is
+        built a block of shingles at a time, reduced per segment with np.minimum.reduceat."""
+        off = np.concatenate([[0], np.cumsum(counts)])
+        b = self.b[:, None]
+        for c0 in range(0, len(x), self.chunk_rows):
+            c1 = min(c0 + self.chunk_rows, len(x))
+            i0 = int(np.searchsorted(off, c0, side="right")) - 1  # segment holding x[c0]
+            i1 = int(np.searchsorted(off, c1, side="left"))  # one past the one holding x[c1-1]
+            starts = np.maximum(off[i0:i1] - c0, 0)
+            y = np.multiply.outer(self.a, x[c0:c1])
+            y += b
+            block = (np.minimum.reduceat(y, starts, axis=1) >> np.uint64(32)).astype(np.uint32)
+            np.minimum(out[i0:i1], block.T, out=out[i0:i1])
+
     def signatures(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Signatures of `texts` as a (len(texts), num_perm) uint32 array, and a boolean mask of
         the texts that had at least one shingle (the others' rows are all 0xFFFFFFFF).
 
-        All shingles of the batch are concatenated and permuted in blocks; the minimum per
-        document is a `np.minimum.reduceat` over each document's segment of a block.
+        Texts are shingled together, about `batch_chars` characters at a time
+        (`_ngram_shingles`); a shingle repeated in a text is permuted again, which costs less
+        than removing the repeats, and does not change a minimum.
         """
-        sh = [shingle_hashes(t, self.ngram) for t in texts]
-        has = np.array([len(s) > 0 for s in sh], dtype=bool)
         sig = np.full((len(texts), self.num_perm), 0xFFFFFFFF, dtype=np.uint32)
-        idx = np.flatnonzero(has)
-        if not len(idx):
-            return sig, has
-        lens = np.array([len(sh[i]) for i in idx])
-        off = np.concatenate([[0], np.cumsum(lens)])
-        allx = np.concatenate([sh[i] for i in idx])
-        sub = sig[idx]
-        for c0 in range(0, len(allx), self.chunk_rows):
-            c1 = min(c0 + self.chunk_rows, len(allx))
-            i0 = int(np.searchsorted(off, c0, side="right")) - 1  # doc holding row c0
-            i1 = int(np.searchsorted(off, c1, side="left"))  # one past the doc holding c1-1
-            starts = np.maximum(off[i0:i1] - c0, 0)
-            block = np.minimum.reduceat(self.permuted(allx[c0:c1]), starts, axis=0)
-            np.minimum(sub[i0:i1], block.astype(np.uint32), out=sub[i0:i1])
-        sig[idx] = sub
+        has = np.zeros(len(texts), dtype=bool)
+        t0 = 0
+        while t0 < len(texts):
+            t1, size = t0, 0
+            while t1 < len(texts) and (t1 == t0 or size + len(texts[t1]) <= self.batch_chars):
+                size += len(texts[t1])
+                t1 += 1
+            x, counts = _ngram_shingles(texts[t0:t1], self.ngram)
+            nz = np.flatnonzero(counts)
+            has[t0:t1] = counts > 0
+            if len(nz):
+                sub = sig[t0 + nz]
+                self._min_over_segments(x, counts[nz], sub)
+                sig[t0 + nz] = sub
+            t0 = t1
         return sig, has
 
 
