@@ -36,7 +36,7 @@ Candidates are clustered with union-find. In each cluster one document survives:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -80,6 +80,23 @@ def _word_char_table(max_cp: int) -> np.ndarray:
     return _word_char
 
 
+_powers = np.ones(1, dtype=np.uint64)  # B^0, B^1, ... (wrapping uint64), grown on demand
+_POWERS_KEPT = 1 << 22  # the most powers kept between calls (32 MiB)
+
+
+def _char_powers(n: int) -> np.ndarray:
+    """B^0 .. B^n, from a table kept between calls while it has at most _POWERS_KEPT entries."""
+    global _powers
+    if len(_powers) <= n:
+        pw = np.full(max(n + 1, 2 * len(_powers)), _CHAR_BASE, dtype=np.uint64)
+        pw[0] = 1
+        pw = np.cumprod(pw)
+        if len(pw) > _POWERS_KEPT:
+            return pw[: n + 1]
+        _powers = pw
+    return _powers[: n + 1]
+
+
 def _ngram_shingles(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
     """The word n-gram shingle hashes of all `texts` in one vectorised pass: (hashes, counts),
     hashes (uint64 values < 2^32) concatenated document after document, in text order, repeats
@@ -105,18 +122,15 @@ def _ngram_shingles(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np.nd
     empty = np.empty(0, dtype=np.uint64)
     if not n_chars:
         return empty, np.zeros(len(texts), dtype=np.int64)
-    is_word = _word_char_table(int(cp.max()))[cp]
-    edge = np.diff(is_word.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    w_start = np.flatnonzero(edge == 1)
-    w_end = np.flatnonzero(edge == -1)
+    is_word = np.zeros(n_chars + 2, dtype=bool)  # padded with a non-word at either end
+    np.take(_word_char_table(int(cp.max())), cp, out=is_word[1:-1])
+    change = np.flatnonzero(is_word[1:] != is_word[:-1])  # alternately word start, word end
+    w_start, w_end = change[0::2], change[1::2]
     counts_w = np.zeros(len(texts), dtype=np.int64)
     if not len(w_start):
         return empty, counts_w
     # powers B^0 .. B^N (wrapping uint64), then the prefix sums S_0 .. S_N
-    pw = np.empty(n_chars + 1, dtype=np.uint64)
-    pw[0] = 1
-    pw[1:] = _CHAR_BASE
-    np.multiply.accumulate(pw, out=pw)
+    pw = _char_powers(n_chars)
     s = np.empty(n_chars + 1, dtype=np.uint64)
     s[0] = 0
     np.multiply(cp, pw[:-1], out=s[1:])
@@ -157,12 +171,36 @@ def _ngram_shingles(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np.nd
     return _fmix64(h) >> np.uint64(32), counts
 
 
+def _char_batches(texts: Sequence[str], batch_chars: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) ranges of `texts` of about `batch_chars` characters each (at least one
+    text each), for vectorised passes of bounded memory."""
+    t0 = 0
+    while t0 < len(texts):
+        t1, size = t0, 0
+        while t1 < len(texts) and (t1 == t0 or size + len(texts[t1]) <= batch_chars):
+            size += len(texts[t1])
+            t1 += 1
+        yield t0, t1
+        t0 = t1
+
+
 def shingle_hashes(text: str, ngram: int = 5) -> np.ndarray:
     """32-bit hashes (as uint64) of the word n-grams of `text`; sorted and unique.
 
     A text with fewer than `ngram` words is one shingle of all its words; no words, no shingles.
     """
     return np.unique(_ngram_shingles([text], ngram)[0])
+
+
+def shingle_sets(
+    texts: Sequence[str], ngram: int = 5, batch_chars: int = 1 << 18
+) -> list[np.ndarray]:
+    """`shingle_hashes` of each of `texts`, computed `batch_chars` characters at a time."""
+    out: list[np.ndarray] = []
+    for t0, t1 in _char_batches(texts, batch_chars):
+        x, counts = _ngram_shingles(texts[t0:t1], ngram)
+        out += [np.unique(part) for part in np.split(x, np.cumsum(counts)[:-1])]
+    return out
 
 
 @dataclass
@@ -202,18 +240,22 @@ class MinHasher:
             np.minimum(sig, block.astype(np.uint32), out=sig)
         return sig
 
-    def _min_over_segments(self, x: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
+    def _min_over_segments(
+        self, x: np.ndarray, counts: np.ndarray, out: np.ndarray, buf: np.ndarray
+    ) -> None:
         """out[d] = min(out[d], signature of the d-th segment of x), for the segments of
         `counts` (all > 0) laid end to end: the (num_perm x block) matrix of a_i x + b_i is
-        built a block of shingles at a time, reduced per segment with np.minimum.reduceat."""
+        built in `buf` a block of shingles at a time (no fresh allocation per block), reduced
+        per segment with np.minimum.reduceat, and only the minima are shifted."""
         off = np.concatenate([[0], np.cumsum(counts)])
-        b = self.b[:, None]
+        a, b = self.a[:, None], self.b[:, None]
         for c0 in range(0, len(x), self.chunk_rows):
             c1 = min(c0 + self.chunk_rows, len(x))
             i0 = int(np.searchsorted(off, c0, side="right")) - 1  # segment holding x[c0]
             i1 = int(np.searchsorted(off, c1, side="left"))  # one past the one holding x[c1-1]
             starts = np.maximum(off[i0:i1] - c0, 0)
-            y = np.multiply.outer(self.a, x[c0:c1])
+            y = buf[:, : c1 - c0]
+            np.multiply(a, x[c0:c1], out=y)  # wraps modulo 2^64
             y += b
             block = (np.minimum.reduceat(y, starts, axis=1) >> np.uint64(32)).astype(np.uint32)
             np.minimum(out[i0:i1], block.T, out=out[i0:i1])
@@ -228,20 +270,15 @@ class MinHasher:
         """
         sig = np.full((len(texts), self.num_perm), 0xFFFFFFFF, dtype=np.uint32)
         has = np.zeros(len(texts), dtype=bool)
-        t0 = 0
-        while t0 < len(texts):
-            t1, size = t0, 0
-            while t1 < len(texts) and (t1 == t0 or size + len(texts[t1]) <= self.batch_chars):
-                size += len(texts[t1])
-                t1 += 1
+        buf = np.empty((self.num_perm, self.chunk_rows), dtype=np.uint64)
+        for t0, t1 in _char_batches(texts, self.batch_chars):
             x, counts = _ngram_shingles(texts[t0:t1], self.ngram)
             nz = np.flatnonzero(counts)
             has[t0:t1] = counts > 0
             if len(nz):
                 sub = sig[t0 + nz]
-                self._min_over_segments(x, counts[nz], sub)
+                self._min_over_segments(x, counts[nz], sub, buf)
                 sig[t0 + nz] = sub
-            t0 = t1
         return sig, has
 
 
@@ -302,6 +339,28 @@ def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
     return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2.0)
 
 
+def _band_row_grid(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every (bands, rows) with bands*rows <= num_perm, bands-major, as two int arrays."""
+    pairs = [(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)]
+    grid = np.array(pairs, dtype=np.int64)
+    return grid[:, 0], grid[:, 1]
+
+
+def _areas(
+    threshold: float, bands: np.ndarray, rows: np.ndarray, points: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each (bands[k], rows[k]): the trapezoid areas under P(s) over [0, t] and under
+    1 - P(s) over [t, 1], `points` points each, all pairs at once."""
+    lo = np.linspace(0.0, threshold, points)
+    hi = np.linspace(threshold, 1.0, points)
+    b, r = bands[:, None].astype(float), rows[:, None].astype(float)
+    p_lo = 1.0 - (1.0 - lo[None, :] ** r) ** b
+    q_hi = (1.0 - hi[None, :] ** r) ** b  # 1 - P(s)
+    fp = np.sum((p_lo[:, 1:] + p_lo[:, :-1]) * np.diff(lo), axis=1) / 2.0
+    fn = np.sum((q_hi[:, 1:] + q_hi[:, :-1]) * np.diff(hi), axis=1) / 2.0
+    return fp, fn
+
+
 def choose_bands_rows(
     threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5
 ) -> tuple[int, int]:
@@ -309,16 +368,13 @@ def choose_bands_rows(
     fp_weight * integral_0^t P(s) ds + fn_weight * integral_t^1 (1 - P(s)) ds."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold={threshold}; must be in (0, 1)")
-    lo = np.linspace(0.0, threshold, 201)
-    hi = np.linspace(threshold, 1.0, 201)
+    bands, rows = _band_row_grid(num_perm)
+    fp, fn = _areas(threshold, bands, rows, 201)
+    err = (fp_weight * fp + fn_weight * fn).tolist()
     best, best_err = (1, 1), float("inf")
-    for b in range(1, num_perm + 1):
-        for r in range(1, num_perm // b + 1):
-            fp = _trapezoid(candidate_probability(lo, b, r), lo)
-            fn = _trapezoid(1.0 - candidate_probability(hi, b, r), hi)
-            err = fp_weight * fp + fn_weight * fn
-            if err < best_err - 1e-12:
-                best, best_err = (b, r), err
+    for b, r, e in zip(bands.tolist(), rows.tolist(), err, strict=True):
+        if e < best_err - 1e-12:
+            best, best_err = (b, r), e
     return best
 
 
@@ -336,19 +392,21 @@ def choose_bands_rows_for_recall(
     threshold: float, num_perm: int, fp_budget: float = 0.2
 ) -> tuple[int, int]:
     """(bands, rows) with bands*rows <= num_perm minimising FN subject to FP <= fp_budget (see
-    `false_rates`); ties: the smaller FP, then fewer bands. With verification on, a false
-    candidate costs one exact Jaccard, a false negative a duplicate kept."""
+    `false_rates`, here on 401 points); ties: the smaller FP, then fewer bands. With
+    verification on, a false candidate costs one exact Jaccard, a false negative a duplicate
+    kept."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold={threshold}; must be in (0, 1)")
     if not 0.0 < fp_budget <= 1.0:
         raise ValueError(f"fp_budget={fp_budget}; must be in (0, 1]")
+    bands, rows = _band_row_grid(num_perm)
+    fp_area, fn_area = _areas(threshold, bands, rows, 401)
+    fps, fns = (fp_area / threshold).tolist(), (fn_area / (1.0 - threshold)).tolist()
     best, best_key = None, None
-    for b in range(1, num_perm + 1):
-        for r in range(1, num_perm // b + 1):
-            fp, fn = false_rates(threshold, b, r, 401)
-            key = (round(fn, 9), round(fp, 9), b)
-            if fp <= fp_budget and (best_key is None or key < best_key):
-                best, best_key = (b, r), key
+    for b, r, fp, fn in zip(bands.tolist(), rows.tolist(), fps, fns, strict=True):
+        key = (round(fn, 9), round(fp, 9), b)
+        if fp <= fp_budget and (best_key is None or key < best_key):
+            best, best_key = (b, r), key
     if best is None:
         raise ValueError(f"fp_budget={fp_budget}: no bands x rows <= {num_perm} stays under it")
     return best

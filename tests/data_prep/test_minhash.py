@@ -20,6 +20,7 @@ from data_prep.minhash import (
     jaccard,
     parallel_signatures,
     shingle_hashes,
+    shingle_sets,
     survivor,
     words_of,
 )
@@ -110,8 +111,26 @@ def test_shingle_hashes_match_the_reference_and_the_batch():
     assert counts.sum() == len(allx)
     for t, part in zip(texts, np.split(allx, np.cumsum(counts)[:-1]), strict=True):
         np.testing.assert_array_equal(np.unique(part), shingle_hashes(t))
+    for sets in (shingle_sets(texts), shingle_sets(texts, batch_chars=100)):
+        assert len(sets) == len(texts)
+        for t, got in zip(texts, sets, strict=True):
+            np.testing.assert_array_equal(got, shingle_hashes(t))
     with pytest.raises(ValueError, match="ngram=0"):
         shingle_hashes("a b", 0)
+
+
+def test_long_batches_compute_powers_beyond_the_kept_table(monkeypatch):
+    import data_prep.minhash as mh
+
+    rng = random.Random(9)
+    texts = [" ".join(random_text(rng, 300)) for _ in range(3)]
+    want = [shingle_hashes(t) for t in texts]
+    monkeypatch.setattr(mh, "_powers", np.ones(1, dtype=np.uint64))
+    monkeypatch.setattr(mh, "_POWERS_KEPT", 100)  # every batch is longer than the table
+    assert [len(x) for x in (mh._char_powers(10), mh._char_powers(1000))] == [11, 1001]
+    assert len(mh._powers) <= 100
+    for got, w in zip(shingle_sets(texts), want, strict=True):
+        np.testing.assert_array_equal(got, w)
 
 
 def test_word_characters_are_re_word_characters():
