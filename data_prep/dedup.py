@@ -38,7 +38,7 @@ from data_prep.minhash import (
     survivor,
 )
 from data_prep.stage import STEP_MODULES, Stage, StageOutput, StageResult, new_stats, worker_count
-from data_prep.store import read_docs, read_ids_texts
+from data_prep.store import num_docs, read_docs, read_ids_texts
 
 log = logging.getLogger("data_prep")
 
@@ -232,7 +232,8 @@ class ExactDedup(DedupStage):
 
     def find(self, cfg: PrepConfig, inp: Path) -> tuple[dict[str, str], dict[str, Any]]:
         found = exact_duplicates(
-            tqdm(read_docs(inp), desc="exact_dedup hash", disable=not cfg.progress, unit="doc")
+            tqdm(read_docs(inp), desc="exact_dedup hash", total=num_docs(inp),
+                 disable=not cfg.progress, unit="doc")
         )
         drop = {i: f"same text as {keep}" for i, keep in found.drop.items()}
         shown = found.groups[: cfg.report.clusters_shown]
