@@ -85,5 +85,5 @@ def num_docs(path: str | Path) -> int:
 def read_ids_texts(path: str | Path) -> tuple[list[str], list[str]]:
     """The `id` and `text` columns alone, as lists: what dedup needs to find duplicates, without
     building a Document (and parsing its metadata) per row."""
-    table = pq.read_table(path, columns=["id", "text"])
+    table = pq.ParquetFile(path).read(columns=["id", "text"])  # read_table imports pyarrow.dataset
     return table.column("id").to_pylist(), table.column("text").to_pylist()
