@@ -98,10 +98,13 @@ def _near_dedup_input(report: dict) -> str | None:
 
 
 def _time_signatures(cfg: Any, texts: list[str], workers: int) -> float:
+    """Seconds for the signatures of `texts` in `workers` processes (a pool even for little
+    text: min_chars_per_worker=0, so that the row shows what the pool costs)."""
     m = cfg.dedup.minhash
     hasher = MinHasher(num_perm=m.num_perm, ngram=m.ngram, seed=m.seed)
     t = time.perf_counter()
-    parallel_signatures(hasher, texts, workers=workers, batch_docs=m.batch_docs)
+    parallel_signatures(hasher, texts, workers=workers, batch_docs=m.batch_docs,
+                        min_chars_per_worker=0)
     return time.perf_counter() - t
 
 

@@ -202,9 +202,30 @@ def test_batched_signatures_equal_single_and_parallel():
         assert has[i] == (len(sh) > 0)
         if len(sh):
             np.testing.assert_array_equal(sig[i], h.signature_of_shingles(sh))
-    psig, phas = parallel_signatures(h, texts, workers=2, batch_docs=5)
+    psig, phas = parallel_signatures(h, texts, workers=2, batch_docs=5, min_chars_per_worker=0)
     np.testing.assert_array_equal(psig, sig)
     np.testing.assert_array_equal(phas, has)
+
+
+def test_no_process_pool_for_less_text_than_it_pays_for(monkeypatch):
+    import data_prep.minhash as mh
+
+    rng = random.Random(12)
+    texts = [" ".join(random_text(rng, 200)) for _ in range(10)]  # about 14k characters
+    h = MinHasher(num_perm=32)
+    want = h.signatures(texts)
+
+    class NoPool:
+        def __init__(self, *a, **k):
+            raise AssertionError("a process pool was started")
+
+    monkeypatch.setattr(mh, "ProcessPoolExecutor", NoPool)
+    got = parallel_signatures(h, texts, workers=2, batch_docs=2)  # default: 8M chars a worker
+    np.testing.assert_array_equal(got[0], want[0])
+    got = parallel_signatures(h, texts, workers=2, batch_docs=2, min_chars_per_worker=10_000)
+    np.testing.assert_array_equal(got[0], want[0])  # 14k // 10k = 1 worker: still no pool
+    with pytest.raises(AssertionError, match="process pool"):
+        parallel_signatures(h, texts, workers=2, batch_docs=2, min_chars_per_worker=5_000)
 
 
 @pytest.mark.parametrize("threshold,expected", [(0.7, (14, 9)), (0.8, (9, 13))])
