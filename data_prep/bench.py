@@ -14,8 +14,12 @@ bytes), then the whole run. The times are those the pipeline itself records in r
   * "near_dedup: signatures" is the MinHash signature part of near_dedup as the pipeline ran it
     (with `workers` processes).
 
-Then MinHash signatures alone, on near_dedup's input documents: serially in this process, and
-through the same `parallel_signatures` path the pipeline uses (a fresh process pool each time).
+Then MinHash signatures alone, on near_dedup's input documents: serially in this process,
+through the same `parallel_signatures` path the pipeline uses (a fresh process pool each time),
+and datasketch's `MinHash` on the same word n-grams in a plain loop in this process (when
+datasketch is installed: the `dev` extra), one after the other in every repeat so that the
+medians compare runs interleaved in time; a line gives tokenclock's serial rate over
+datasketch's.
 
 Then near-dup quality on the labelled set of `data_prep.labelled` (seeded edits of embedded-corpus
 documents at exact Jaccard, and hard negatives: same template, different content): pair
@@ -47,7 +51,7 @@ from contracts.measured import header, publish
 from data_prep.config import MinHashConfig, load_config
 from data_prep.dedup import near_duplicates
 from data_prep.labelled import build, score
-from data_prep.minhash import MinHasher, choose_bands_rows, parallel_signatures
+from data_prep.minhash import MinHasher, choose_bands_rows, parallel_signatures, words_of
 from data_prep.pipeline import run
 from data_prep.stage import worker_count
 from data_prep.store import read_docs
@@ -94,10 +98,33 @@ def _near_dedup_input(report: dict) -> str | None:
 
 
 def _time_signatures(cfg: Any, texts: list[str], workers: int) -> float:
+    """Seconds for the signatures of `texts` in `workers` processes (a pool even for little
+    text: min_chars_per_worker=0, so that the row shows what the pool costs)."""
     m = cfg.dedup.minhash
     hasher = MinHasher(num_perm=m.num_perm, ngram=m.ngram, seed=m.seed)
     t = time.perf_counter()
-    parallel_signatures(hasher, texts, workers=workers, batch_docs=m.batch_docs)
+    parallel_signatures(hasher, texts, workers=workers, batch_docs=m.batch_docs,
+                        min_chars_per_worker=0)
+    return time.perf_counter() - t
+
+
+def _time_datasketch(cfg: Any, texts: list[str]) -> float | None:
+    """Seconds for datasketch's MinHash of the same shingles, a plain loop in this process:
+    per document the words of `minhash.words_of`, its word n-grams joined by a space and
+    UTF-8 encoded (one shingle of all words when there are fewer than n), then
+    `MinHash(num_perm, seed).update_batch(shingles)` with its default SHA-1 hash. None when
+    datasketch is not installed (it is in the `dev` extra)."""
+    try:
+        from datasketch import MinHash
+    except ImportError:
+        return None
+    m = cfg.dedup.minhash
+    t = time.perf_counter()
+    for text in texts:
+        w = words_of(text)
+        n = min(m.ngram, len(w))
+        shingles = [" ".join(w[i : i + n]).encode("utf-8") for i in range(len(w) - n + 1)]
+        MinHash(num_perm=m.num_perm, seed=m.seed).update_batch(shingles if w else [])
     return time.perf_counter() - t
 
 
@@ -126,13 +153,15 @@ def bench(
                 texts = [d.text for d in read_docs(src)]
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        if texts:
+        if texts:  # one after the other in each repeat: the medians are of interleaved runs
             nbytes = sum(len(x.encode("utf-8", "surrogatepass")) for x in texts)
-            for name, w in (("minhash serial", 1), (f"minhash parallel ({workers} workers)", workers)):
-                rows.append(
-                    {"name": name, "kind": "minhash", "docs": len(texts), "bytes": nbytes,
-                     "seconds": _time_signatures(cfg, texts, w), "disabled": False}
-                )
+            for name, w in (("minhash serial", 1),
+                            (f"minhash parallel ({workers} workers)", workers),
+                            ("datasketch serial", 0)):
+                secs = _time_signatures(cfg, texts, w) if w else _time_datasketch(cfg, texts)
+                if secs is not None:
+                    rows.append({"name": name, "kind": "minhash", "docs": len(texts),
+                                 "bytes": nbytes, "seconds": secs, "disabled": False})
         runs.append(rows)
         print(f"repeat {r + 1}/{repeats}: pipeline {wall:.2f} s", file=sys.stderr, flush=True)
     table = []
@@ -155,6 +184,8 @@ def bench(
         "overrides": list(overrides),
         "repeats": repeats,
         "workers": workers,
+        "num_perm": cfg.dedup.minhash.num_perm,
+        "ngram": cfg.dedup.minhash.ngram,
         "cpus": os.cpu_count(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "python": platform.python_version(),
@@ -227,6 +258,15 @@ def render(result: dict[str, Any]) -> str:
         )
     lines.append("s: stage wall time; indented steps: time inside the step, summed over worker")
     lines.append("processes; minhash rows: the signature computation alone. MB = 10^6 bytes.")
+    by_name = {r["name"]: r for r in result["rows"]}
+    ours, theirs = by_name.get("minhash serial"), by_name.get("datasketch serial")
+    if ours and theirs and ours["docs_per_s"] and theirs["docs_per_s"]:
+        lines.append(
+            f"MinHash signatures on one core ({result.get('num_perm', 128)} permutations, word "
+            f"{result.get('ngram', 5)}-grams):\n  tokenclock {ours['docs_per_s']:,.0f}/s, "
+            f"datasketch {theirs['docs_per_s']:,.0f}/s: "
+            f"{ours['docs_per_s'] / theirs['docs_per_s']:.1f}x (medians of interleaved runs)"
+        )
     if result.get("quality"):
         lines += ["", render_quality(result["quality"])]
     return "\n".join(lines)

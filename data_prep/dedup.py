@@ -34,11 +34,11 @@ from data_prep.minhash import (
     estimated_jaccard,
     jaccard,
     parallel_signatures,
-    shingle_hashes,
+    shingle_sets,
     survivor,
 )
 from data_prep.stage import STEP_MODULES, Stage, StageOutput, StageResult, new_stats, worker_count
-from data_prep.store import read_docs
+from data_prep.store import num_docs, read_docs, read_ids_texts
 
 log = logging.getLogger("data_prep")
 
@@ -133,11 +133,11 @@ def near_duplicates(
     pairs = [(int(idx[a]), int(idx[b])) for a, b in band_candidates(sig[idx], bands, rows)]
     uf = UnionFind(len(ids))
     shingles: dict[int, np.ndarray] = {}
+    if verify:  # the shingle sets of every document in a candidate pair, in batches
+        need = sorted({i for p in pairs for i in p})
+        shingles = dict(zip(need, shingle_sets([texts[i] for i in need], ngram), strict=True))
 
     def exact(a: int, b: int) -> float:
-        for i in (a, b):
-            if i not in shingles:
-                shingles[i] = shingle_hashes(texts[i], ngram)
         return jaccard(shingles[a], shingles[b])
 
     rejected = blocked = 0
@@ -232,7 +232,8 @@ class ExactDedup(DedupStage):
 
     def find(self, cfg: PrepConfig, inp: Path) -> tuple[dict[str, str], dict[str, Any]]:
         found = exact_duplicates(
-            tqdm(read_docs(inp), desc="exact_dedup hash", disable=not cfg.progress, unit="doc")
+            tqdm(read_docs(inp), desc="exact_dedup hash", total=num_docs(inp),
+                 disable=not cfg.progress, unit="doc")
         )
         drop = {i: f"same text as {keep}" for i, keep in found.drop.items()}
         shown = found.groups[: cfg.report.clusters_shown]
@@ -253,10 +254,7 @@ class NearDedup(DedupStage):
 
     def find(self, cfg: PrepConfig, inp: Path) -> tuple[dict[str, str], dict[str, Any]]:
         m = cfg.dedup.minhash
-        ids, texts = [], []
-        for d in read_docs(inp):
-            ids.append(d.id)
-            texts.append(d.text)
+        ids, texts = read_ids_texts(inp)
         log.info("near_dedup: MinHash signatures of %d documents", len(ids))
         found = near_duplicates(
             ids, texts, ngram=m.ngram, num_perm=m.num_perm, threshold=m.threshold, bands=m.bands,

@@ -427,6 +427,33 @@ def read_hub(cfg: SourceConfig) -> Iterator[Record]:
         yield record_to_doc(rec, f"{label}:{i}", label, cfg, size, f"{cfg.hub_name}[{i}]")
 
 
+def expected_records(cfg: SourceConfig) -> int | None:
+    """How many records `read_source` will yield, when that is known without reading them (for
+    a progress bar's total, hence its ETA): the embedded corpus's files and topics, the rows in
+    Parquet footers, one per file for `text` with `per: file`; at most `max_documents`. None
+    when unknown (jsonl lines, text lines, a hub stream without `max_documents`)."""
+    n: int | None = None
+    try:
+        if cfg.kind == "embedded":
+            n = len(embedded_code_files(cfg)) if cfg.code else 0
+            if cfg.prose:
+                from pydoc_data import topics
+
+                n += sum(_matches(f"pydoc/{t}", cfg.include, cfg.exclude) for t in topics.topics)
+        elif cfg.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            files = expand_paths(cfg, (".parquet",))
+            n = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files)
+        elif cfg.kind == "text" and cfg.per == "file":
+            n = len(expand_paths(cfg, None))
+    except Exception:  # an unreadable file: its reader reports it; the bar just has no total
+        n = None
+    if cfg.max_documents is not None:
+        n = cfg.max_documents if n is None else min(n, cfg.max_documents)
+    return n
+
+
 READERS = {
     "embedded": read_embedded,
     "jsonl": read_jsonl,
@@ -477,7 +504,9 @@ class Read(Stage):
                 st = new_stats(cfg, f"source{i}:{src.name or src.kind}")
                 records = read_source(src, cfg.read.max_line_bytes)
                 desc = f"read {src.kind} {src.path or ''}".strip()
-                for rec in tqdm(records, desc=desc, disable=not cfg.progress, unit="doc"):
+                expect = expected_records(src) if cfg.progress else None
+                bar = tqdm(records, desc=desc, total=expect, disable=not cfg.progress, unit="doc")
+                for rec in bar:
                     reason, detail = check_record(rec, cfg, seen_ids)
                     if reason:
                         o.drop(rec, reason, detail, st)

@@ -80,3 +80,10 @@ def read_docs(path: str | Path, batch_rows: int = 1024) -> Iterator[Document]:
 
 def num_docs(path: str | Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
+
+
+def read_ids_texts(path: str | Path) -> tuple[list[str], list[str]]:
+    """The `id` and `text` columns alone, as lists: what dedup needs to find duplicates, without
+    building a Document (and parsing its metadata) per row."""
+    table = pq.ParquetFile(path).read(columns=["id", "text"])  # read_table imports pyarrow.dataset
+    return table.column("id").to_pylist(), table.column("text").to_pylist()

@@ -3,6 +3,7 @@ document counts those of an ordinary run of the pipeline."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 from data_prep.bench import main
@@ -30,8 +31,12 @@ def test_bench_tiny(tiny_dir, tmp_path, capsys):
     assert rows["filter/gopher_quality"]["docs"] > 0  # the filter steps are there, one by one
     assert rows["pipeline"]["docs"] == report["invariant"]["records_in"]
     near_in = rows["near_dedup"]["docs"]
-    for name in ("near_dedup: signatures", "minhash serial",
-                 f"minhash parallel ({result['workers']} workers)"):
+    timed = ["near_dedup: signatures", "minhash serial",
+             f"minhash parallel ({result['workers']} workers)"]
+    if importlib.util.find_spec("datasketch"):  # in the dev extra: the side-by-side comparison
+        timed.append("datasketch serial")
+        assert "MinHash signatures on one core (128 permutations, word 5-grams)" in table
+    for name in timed:
         assert rows[name]["docs"] == near_in and name in table
     for row in result["rows"]:
         assert not row["disabled"], row
