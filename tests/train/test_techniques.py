@@ -43,6 +43,7 @@ def grads_and_memory(*overrides: str):
     return {n: p.grad for n, p in model.named_parameters()}, memory
 
 
+@pytest.mark.slow  # default tier under ~3 min on 2 busy cores
 def test_recomputation_gives_the_same_gradients_and_saves_memory():
     base, base_mem = grads_and_memory()
     memory = {}
@@ -149,6 +150,7 @@ def test_ablation_table_lists_every_technique_with_a_source():
     assert not cited, f"expectations without a source year or figure: {cited}"
 
 
+@pytest.mark.slow  # default tier under ~3 min on 2 busy cores
 def test_fsdp_sharded_checkpoint_round_trip(tmp_path):
     result = run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                       "launch/accelerate/cpu_ddp.yaml", "--main_process_port", "29631",

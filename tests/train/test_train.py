@@ -17,6 +17,7 @@ def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # default tier under ~3 min on 2 busy cores
 def test_loss_falls_over_50_steps(tiny_data, tmp_path):
     out = tmp_path / "run"
     run_cmd(train_cmd(tiny_data, out, "steps=50"))
