@@ -194,7 +194,9 @@ def test_project_from_quick_calibration(quick_run, capsys):
             == plain["outcomes"]["central"]["accelerator_hours"])
     assert f"stack efficiency x{factor:.3f}" in text and f"source: {out}" in text
     assert "extrapolation:" in text and "Does not transfer: kernels" in text
-    small = ["project", "--model", "tiny", "--tokens", "1B", "-a", "A100-SXM4-80GB", "-n", "1"]
+    shape = out / "small.yaml"  # the sweep's smallest shape: inside the calibrated sizes
+    shape.write_text("n_layer: 1\nd_model: 64\nn_head: 2\nseq_len: 64\nvocab_size: 512\n")
+    small = ["project", "--model", str(shape), "--tokens", "1B", "-a", "A100-SXM4-80GB", "-n", "1"]
     assert main([*small, "--from-calibration", str(out), "--out", str(out / "small")]) == 0
     inside = json.loads((out / "small" / "projection.json").read_text())["calibration_prior"]
     assert inside["factor"] < 1
