@@ -20,7 +20,7 @@ import json
 import lzma
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -468,11 +468,15 @@ class Read(Stage):
         c = to_dict(cfg)
         return [c["sources"], c["read"], [fingerprint(s) for s in cfg.sources]]
 
-    def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
+    def run(
+        self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult,
+        output: Callable[..., Any] = StageOutput,
+    ) -> None:
+        """`output`: StageOutput (docs.parquet) or ray_exec.RollingOutput (shards)."""
         total = new_stats(cfg, self.name)
         seen_ids: set[str] = set()
         per_source = {}
-        with StageOutput(cfg, out, total) as o:
+        with output(cfg, out, total) as o:
             for i, src in enumerate(cfg.sources):
                 st = new_stats(cfg, f"source{i}:{src.name or src.kind}")
                 records = read_source(src, cfg.read.max_line_bytes)
