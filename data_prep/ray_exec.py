@@ -109,9 +109,13 @@ def session(cfg: PrepConfig) -> Iterator[None]:
 
 def _quiet(cfg: PrepConfig) -> None:
     from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
+    # task-based sort shuffles: the hash shuffle starts aggregator actors for every shuffle,
+    # seconds each, and near_dedup runs a dozen shuffles
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
@@ -283,11 +287,13 @@ def run_steps_stage(stage: StepsStage, cfg: PrepConfig, inp: Path, out: Path,
 
 
 # --------------------------------------------------------------------------- shuffles
-def grouped(ds: Any, key: str, fn: Callable, parts: int, **fn_kwargs: Any) -> Any:
-    """A shuffle with a vectorised reduce: rows with equal `key` are hash-partitioned into one
-    of `parts` blocks and sorted by it (the mechanism Ray's own `groupby().map_groups` uses),
-    then `fn(block_as_pandas, **fn_kwargs)` runs once per block, seeing every group whole."""
-    return _map(ds.repartition(parts, keys=[key], sort=True), fn, **fn_kwargs)
+def grouped(ds: Any, key: str, fn: Callable, parts: int, fmt: str = "pandas",
+            **fn_kwargs: Any) -> Any:
+    """A shuffle with a vectorised reduce: a distributed sort by `key` (range-partitioned, so
+    rows with equal keys land in one block, the mechanism Ray's own `groupby().map_groups`
+    uses under the sort shuffle), then `fn(block_as_pandas, **fn_kwargs)` once per block,
+    seeing every group whole. `parts`: blocks the input is cut into first (its parallelism)."""
+    return _map(ds.repartition(parts).sort(key), fn, fmt, **fn_kwargs)
 
 
 def _starts(keys: np.ndarray) -> np.ndarray:
@@ -297,7 +303,8 @@ def _starts(keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
 
 
-_TYPES = {"int64": "int64", "object": "string", "bytes": "binary", "float": "float64"}
+_TYPES = {"int64": "int64", "object": "string", "bytes": "binary", "float": "float64",
+          "bool": "bool"}
 
 
 def _empty(**cols: str) -> Any:
@@ -325,20 +332,54 @@ def _arrow(block: Any) -> Any:
 
 
 class _Block:
-    """`fn(block_as_pandas, **kw)` with its result made an Arrow table by `_arrow`."""
+    """`fn(block, **kw)` with its result made an Arrow table by `_arrow`."""
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
         self.__name__ = fn.__name__
 
-    def __call__(self, df: pd.DataFrame, **kw: Any) -> Any:
+    def __call__(self, df: Any, **kw: Any) -> Any:
         return _arrow(self.fn(df, **kw))
 
 
-def _map(ds: Any, fn: Callable, **fn_kwargs: Any) -> Any:
-    """map_batches of `fn` over whole blocks as pandas (see _Block)."""
-    return ds.map_batches(_Block(fn), batch_size=None, batch_format="pandas",
-                          fn_kwargs=fn_kwargs)
+def _map(ds: Any, fn: Callable, fmt: str = "pandas", **fn_kwargs: Any) -> Any:
+    """map_batches of `fn` over whole blocks, as pandas (or `fmt`) (see _Block)."""
+    return ds.map_batches(_Block(fn), batch_size=None, batch_format=fmt, fn_kwargs=fn_kwargs)
+
+
+def join(left: Any, right: Any, on: tuple[str, str], lcols: dict[str, str],
+         rcols: dict[str, str], parts: int) -> Any:
+    """Inner join of the rows with left[on[0]] == right[on[1]] (int64 keys), as a shuffle:
+    both sides tagged into one schema (`_k`, `_side`, every column of both, null where a side
+    has none; `lcols`/`rcols`: column -> "int64" | "object" | "bytes" | "float" | "bool"),
+    sorted by `_k` so that a key's rows share a block (`grouped`), then joined block by block.
+    The result has left's columns and right's except its key. (Ray's own Dataset.join needs
+    polars and a pool of aggregator actors per join.)"""
+    rc = {c: t for c, t in rcols.items() if c != on[1]}
+    cols = {**lcols, **rc}
+    tagged = _map(left, _tag, key=on[0], side=0, cols=cols).union(
+        _map(right, _tag, key=on[1], side=1, cols=cols))
+    return grouped(tagged, "_k", _join_block, parts, fmt="pyarrow", lnames=list(lcols),
+                   rnames=list(rc))
+
+
+def _tag(df: pd.DataFrame, key: str, side: int, cols: dict[str, str]) -> Any:
+    import pyarrow as pa
+
+    n = len(df)
+    data = {"_k": pa.array(df[key].to_numpy(np.int64)),
+            "_side": pa.array(np.full(n, side, np.int8))}
+    for c, t in cols.items():
+        data[c] = pa.array(df[c] if c in df else [None] * n, _TYPES[t])
+    return pa.table(data)
+
+
+def _join_block(t: Any, lnames: list[str], rnames: list[str]) -> Any:
+    import pyarrow.compute as pc
+
+    left = t.filter(pc.equal(t["_side"], 0)).select(["_k", *lnames])
+    right = t.filter(pc.equal(t["_side"], 1)).select(["_k", *rnames])
+    return left.join(right, "_k", join_type="inner").drop_columns(["_k"])
 
 
 def _apply_drops(df: pd.DataFrame, cfg: PrepConfig, out: str, inputs: list[str], name: str,
@@ -706,7 +747,7 @@ def _near_drop_rows(df: pd.DataFrame) -> pd.DataFrame:
 def _node_rows(df: pd.DataFrame) -> pd.DataFrame:
     n = len(df)
     return pd.DataFrame({
-        "comp": df["comp"], "kind": np.zeros(n, np.int8), "g": df["g"], "id": df["id"],
+        "comp": df["comp"], "kind": np.zeros(n, np.int8), "g": df["node"], "id": df["id"],
         "nbytes": df["nbytes"], "sig": df["sig"],
         "text": df["text"] if "text" in df else [""] * n,
         "a": np.full(n, -1), "b": np.full(n, -1), "s": np.zeros(n),
@@ -724,6 +765,11 @@ def _edge_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 def _as_uv(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"u": df["a"], "v": df["b"]})
+
+
+PAIR = {"a": "int64", "b": "int64"}
+LABEL = {"node": "int64", "comp": "int64"}
+SIG = {"g": "int64", "id": "object", "nbytes": "int64", "has": "bool", "sig": "bytes"}
 
 
 def run_near(cfg: PrepConfig, inp: Path, out: Path, res: StageResult) -> None:
@@ -745,6 +791,7 @@ def run_near(cfg: PrepConfig, inp: Path, out: Path, res: StageResult) -> None:
         _sig_shard, batch_size=1, fn_kwargs={"out": str(out), "hasher": hasher, "offsets": offsets}
     ).materialize()
     sig_s = time.perf_counter() - t0
+    log.info("near_dedup: signatures of %d shards in %.1fs", len(files), sig_s)
     t1 = time.perf_counter()
     sigs = _shard_items(inp).map_batches(_read_sigs, batch_size=1, fn_kwargs={"out": str(out)})
     n_docs = sum(sizes)
@@ -753,6 +800,7 @@ def run_near(cfg: PrepConfig, inp: Path, out: Path, res: StageResult) -> None:
     pairs = grouped(grouped(bucket, "key", _bucket_pairs, parts), "p", _unique_pairs,
                     parts).materialize()
     n_pairs = pairs.count()
+    log.info("near_dedup: %d candidate pairs after %.1fs", n_pairs, time.perf_counter() - t1)
     rejected = 0
     comps: list[dict[str, Any]] = []
     rounds = 0
@@ -761,26 +809,33 @@ def run_near(cfg: PrepConfig, inp: Path, out: Path, res: StageResult) -> None:
         if m.verify:
             texts = _shard_items(inp).map_batches(_text_rows, batch_size=1,
                                                   fn_kwargs={"offsets": offsets})
-            ta = texts.rename_columns({"g": "a", "text": "text_a"})
-            tb = texts.rename_columns({"g": "b", "text": "text_b"})
-            joined = pairs.join(ta, "inner", parts, on=("a",)).join(tb, "inner", parts, on=("b",))
+            ta = texts.rename_columns({"text": "text_a"})
+            tb = texts.rename_columns({"text": "text_b"})
+            with_a = join(pairs, ta, ("a", "g"), PAIR, {"g": "int64", "text_a": "object"}, parts)
+            joined = join(with_a, tb, ("b", "g"), {**PAIR, "text_a": "object"},
+                          {"g": "int64", "text_b": "object"}, parts)
             edges = _map(joined, _verify, ngram=m.ngram, threshold=m.threshold)
             edges = edges.materialize()
             rejected = n_pairs - edges.count()
+            log.info("near_dedup: %d pairs verified after %.1fs", n_pairs - rejected,
+                     time.perf_counter() - t1)
         else:
             edges = _map(pairs, _with_s)
         if edges.count():
             labels, rounds = connected_components(
                 _map(edges, _as_uv), parts)
             labels = labels.materialize()
-            nodes = labels.rename_columns({"node": "g"}).join(sigs, "inner", parts, on=("g",))
+            log.info("near_dedup: components in %d rounds after %.1fs", rounds,
+                     time.perf_counter() - t1)
+            nodes = join(labels, sigs, ("node", "g"), LABEL, SIG, parts)
             if m.verify and m.linkage == "complete":
                 texts = _shard_items(inp).map_batches(_text_rows, batch_size=1,
                                                       fn_kwargs={"offsets": offsets})
-                nodes = nodes.join(texts, "inner", parts, on=("g",))
+                nodes = join(nodes, texts, ("node", "g"), {**LABEL, **SIG},
+                             {"g": "int64", "text": "object"}, parts)
             nodes = _map(nodes, _node_rows)
-            tagged = _map(edges.join(labels.rename_columns({"node": "a"}), "inner", parts,
-                                     on=("a",)), _edge_rows)
+            tagged = _map(join(edges, labels, ("a", "node"), {**PAIR, "s": "float"}, LABEL,
+                               parts), _edge_rows)
             clusters = grouped(nodes.union(tagged), "comp", _component, parts, cfg=cfg,
                                offsets=offsets).materialize()
     if clusters is not None and clusters.count():
