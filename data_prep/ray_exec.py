@@ -109,13 +109,9 @@ def session(cfg: PrepConfig) -> Iterator[None]:
 
 def _quiet(cfg: PrepConfig) -> None:
     from ray.data import DataContext
-    from ray.data.context import ShuffleStrategy
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
-    # task-based sort shuffles: the hash shuffle starts aggregator actors for every shuffle,
-    # seconds each, and near_dedup runs a dozen shuffles
-    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
@@ -293,6 +289,12 @@ def grouped(ds: Any, key: str, fn: Callable, parts: int, fmt: str = "pandas",
     rows with equal keys land in one block, the mechanism Ray's own `groupby().map_groups`
     uses under the sort shuffle), then `fn(block_as_pandas, **fn_kwargs)` once per block,
     seeing every group whole. `parts`: blocks the input is cut into first (its parallelism)."""
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    # task-based sort shuffles: the default hash shuffle starts a pool of aggregator actors for
+    # every shuffle (seconds each on a small machine), and near_dedup runs a dozen shuffles
+    DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     return _map(ds.repartition(parts).sort(key), fn, fmt, **fn_kwargs)
 
 
