@@ -116,12 +116,15 @@ def _quiet(cfg: PrepConfig) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def _partitions(cfg: PrepConfig) -> int:
+def _partitions(cfg: PrepConfig, n_docs: int) -> int:
+    """Blocks of each shuffle: ray.partitions, else enough for about one shard's documents per
+    block (so a task's memory does not grow with the corpus) and at least 2 per CPU."""
     import ray
 
     if cfg.ray.partitions:
         return cfg.ray.partitions
-    return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(2, 2 * cpus, -(-n_docs // cfg.ray.shard_docs))
 
 
 # --------------------------------------------------------------------------- atomic shards
@@ -479,7 +482,7 @@ def _exact_drop_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_exact(cfg: PrepConfig, inp: Path, out: Path, res: StageResult) -> None:
-    parts = _partitions(cfg)
+    parts = _partitions(cfg, num_docs(inp))
     hashes = _shard_items(inp).map_batches(_hash_rows, batch_size=1)
     groups = grouped(hashes, "h", _exact_groups, parts).materialize()
     n_groups = groups.count()
@@ -777,7 +780,7 @@ SIG = {"g": "int64", "id": "object", "nbytes": "int64", "has": "bool", "sig": "b
 def run_near(cfg: PrepConfig, inp: Path, out: Path, res: StageResult) -> None:
 
     m = cfg.dedup.minhash
-    parts = _partitions(cfg)
+    parts = _partitions(cfg, num_docs(inp))
     if m.bands and m.rows:
         bands, rows = m.bands, m.rows
     elif m.verify:
