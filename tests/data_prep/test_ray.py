@@ -69,20 +69,26 @@ def _strip(x):
     return x
 
 
-def _prep(out: Path, overrides: list[str]) -> tuple[list[dict], list[tuple[str, str]]]:
-    cfg = load_config(TINY, [f"out_dir={out}", "progress=false", *overrides])
+def _prep(out: Path, overrides: list[str], config: Path = TINY
+          ) -> tuple[list[dict], list[tuple[str, str]]]:
+    cfg = load_config(config, [f"out_dir={out}", "progress=false", *overrides])
     results = run_document_stages(cfg)
     acct = [json.loads(json.dumps(_strip(r.to_dict()))) for r in results]
     return acct, [(d.id, d.text) for d in read_docs(results[-1].docs_path)]
 
 
-def _assert_same(tmp: Path, overrides: list[str]) -> list[dict]:
-    local = _prep(tmp / "local", overrides)
-    ray = _prep(tmp / "ray", [*overrides, "executor=ray", "ray.shard_docs=40",
-                              "ray.partitions=3"])
+def _assert_same(tmp: Path, overrides: list[str], config: Path = TINY,
+                 shard_docs: int = 40) -> list[dict]:
+    local = _prep(tmp / "local", overrides, config)
+    ray = _prep(tmp / "ray", [*overrides, "executor=ray", f"ray.shard_docs={shard_docs}",
+                              "ray.partitions=3"], config)
     for a, b in zip(local[0], ray[0], strict=True):
         assert a == b, a["name"]
     assert local[1] == ray[1]
+    # the ray run really ran on Ray: every document stage wrote shards, accounted per shard
+    for stage in ("read", "normalize", "filter", "exact_dedup", "near_dedup", "pii"):
+        (d,) = (tmp / "ray" / "stages").glob(f"*_{stage}")
+        assert (d / "docs" / "part-00000.parquet").exists() and (d / "shards").is_dir(), stage
     return local[0]
 
 
@@ -165,8 +171,12 @@ def test_same_as_local_without_verification_and_single_linkage(ray_local, tmp_pa
 @pytest.mark.slow
 @needs_ray
 def test_same_as_local_on_the_embedded_corpus(ray_local, tmp_path):
-    acct = _assert_same(tmp_path, ["report.write_dropped=true"])
-    assert acct[0]["total"]["docs_in"] > 40
+    """The whole embedded corpus through configs/prep/demo.yaml's cleaning and dedup."""
+    acct = _assert_same(tmp_path, ["workers=2"], REPO / "configs" / "prep" / "demo.yaml", 300)
+    by = {r["name"]: r for r in acct}
+    assert by["read"]["total"]["docs_in"] > 500
+    assert by["exact_dedup"]["total"]["docs_dropped"] > 0
+    assert by["near_dedup"]["extra"]["clusters"] > 0
 
 
 @pytest.mark.slow
