@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -189,18 +190,27 @@ class ShardOutput:
 
 class RollingOutput:
     """StageOutput's interface for the driver-side read: a new ShardOutput every `shard_docs`
-    forwarded documents."""
+    forwarded documents and at every new source (`start_source`), so each shard holds one
+    source's documents; its accounting file names that source."""
 
     def __init__(self, cfg: PrepConfig, out: Path, *stats: StepStats) -> None:
         self.cfg, self.out, self.stats = cfg, out, stats
-        self.n = self.i = 0
+        self.n = self.i = self.source = 0
         self.cur = ShardOutput(cfg, out, 0)
+
+    def _next(self) -> None:
+        self.cur.commit({"docs": self.n, "source": self.source})
+        self.i, self.n = self.i + 1, 0
+        self.cur = ShardOutput(self.cfg, self.out, self.i)
+
+    def start_source(self, i: int) -> None:
+        if i > 0:
+            self._next()
+        self.source = i
 
     def forward(self, doc: Document, *also: StepStats) -> None:
         if self.n >= self.cfg.ray.shard_docs:
-            self.cur.commit({"docs": self.n})
-            self.i, self.n = self.i + 1, 0
-            self.cur = ShardOutput(self.cfg, self.out, self.i)
+            self._next()
         for s in self.stats:
             s.count_in(doc.nbytes)
             s.keep(doc.nbytes)
@@ -218,7 +228,7 @@ class RollingOutput:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is None:
-            self.cur.commit({"docs": self.n})
+            self.cur.commit({"docs": self.n, "source": self.source})
 
 
 def _shards_in(inp: Path) -> list[str]:
@@ -251,9 +261,11 @@ def _steps_shard(batch: dict[str, np.ndarray], stage: StepsStage, cfg: PrepConfi
     for i, path in zip(batch["shard"].tolist(), batch["path"].tolist(), strict=True):
         acct = shard_done(Path(out), i)
         if acct is None:
-            steps = _STEPS_CACHE.get(name)
+            key = f"{name} {cfg!r}"  # Ray workers outlive a run: a new config, new steps
+            steps = _STEPS_CACHE.get(key)
             if steps is None:
-                steps = _STEPS_CACHE[name] = stage.build(cfg)
+                _STEPS_CACHE.clear()
+                steps = _STEPS_CACHE[key] = stage.build(cfg)
             total = StepStats(name, rep.examples_per_reason, rep.snippet_chars)
             per = {s.name: StepStats(s.name, rep.examples_per_reason, rep.snippet_chars)
                    for s in steps}
@@ -412,9 +424,9 @@ def _apply_drops(df: pd.DataFrame, cfg: PrepConfig, out: str, inputs: list[str],
 
 
 def _rewrite(drops: Any, cfg: PrepConfig, inp: Path, out: Path, name: str, reason: str,
-             parts: int) -> StepStats:
+             parts: int) -> tuple[StepStats, list[dict[str, Any]]]:
     """Shuffle the drops (shard, row, detail) by shard, with one marker row per shard, and
-    rewrite every shard; returns the stage's merged accounting."""
+    rewrite every shard; returns the stage's merged accounting and each shard's."""
     import ray.data
 
     inputs = _shards_in(inp)
@@ -424,9 +436,10 @@ def _rewrite(drops: Any, cfg: PrepConfig, inp: Path, out: Path, name: str, reaso
     ds = grouped(drops.union(markers) if drops is not None else markers, "shard", _apply_drops,
                  parts, cfg=cfg, out=str(out), inputs=inputs, name=name, reason=reason)
     total = new_stats(cfg, name)
-    for acct in _collect(ds):
+    accts = _collect(ds)
+    for acct in accts:
         total.merge(StepStats.from_dict(acct["total"]))
-    return total
+    return total, accts
 
 
 def _top(df: pd.DataFrame, k: int, by: list[str], ascending: list[bool]) -> pd.DataFrame:
@@ -439,6 +452,62 @@ def _take_top(ds: Any, k: int, by: list[str], ascending: list[bool]) -> list[dic
         return []
     rows = _map(ds, _top, k=k, by=by, ascending=ascending).take_all()
     return _top(pd.DataFrame(rows), k, by, ascending).to_dict("records") if rows else []
+
+
+# --------------------------------------------------------------------------- read
+def _id_rows(batch: dict[str, np.ndarray]) -> dict[str, list]:
+    out: dict[str, list] = {"id": [], "shard": [], "row": []}
+    for i, path in zip(batch["shard"].tolist(), batch["path"].tolist(), strict=True):
+        for row, d in enumerate(read_docs(path)):
+            out["id"].append(d.id)
+            out["shard"].append(i)
+            out["row"].append(row)
+    return out
+
+
+def _repeated_ids(df: pd.DataFrame) -> pd.DataFrame:
+    """Every occurrence of an id after its first in reading order (shard, row)."""
+    df = df[df.duplicated("id", keep=False)].sort_values(["id", "shard", "row"])
+    df = df[df.duplicated("id", keep="first")]
+    if not len(df):
+        return _empty(shard="int64", row="int64", detail="object")
+    return pd.DataFrame({"shard": df["shard"].to_numpy(np.int64),
+                         "row": df["row"].to_numpy(np.int64),
+                         "detail": [f"id {i!r} already read" for i in df["id"]]})
+
+
+def _amend(read: StepStats, rewritten: StepStats) -> None:
+    """`read`'s counts with the documents `rewritten` dropped moved from kept to dropped."""
+    read.kept = type(read.kept)(rewritten.kept.docs, rewritten.kept.bytes)
+    for reason, c in rewritten.dropped.items():
+        read.dropped.setdefault(reason, type(c)()).add(c.bytes, c.docs)
+    for reason, ex in rewritten.examples.items():
+        mine = read.examples.setdefault(reason, [])
+        mine.extend(ex[: max(0, read.examples_per_reason - len(mine))])
+
+
+def run_read(stage: Stage, cfg: PrepConfig, out: Path, res: StageResult) -> None:
+    """The sources streamed on the driver into shards (out/raw), without a set of every id;
+    then repeated ids found by a shuffle by id and dropped as the local read does (the first
+    occurrence in reading order stays), each shard rewritten into out/docs by one task."""
+    raw = out / "raw"
+    stage.run(cfg, None, raw, res, output=RollingOutput, check_ids=False)
+    inp = raw / "docs"
+    files = _shards_in(inp)
+    source_of = [shard_done(raw, i)["source"] for i in range(len(files))]  # type: ignore[index]
+    parts = _partitions(cfg, num_docs(inp))
+    ids = _shard_items(inp).map_batches(_id_rows, batch_size=1)
+    total, accts = _rewrite(grouped(ids, "id", _repeated_ids, parts), cfg, inp, out, res.name,
+                            "duplicate_id", parts)
+    assert res.total is not None
+    _amend(res.total, total)
+    for k, st in enumerate(res.steps):  # one StepStats per source, in source order
+        mine = new_stats(cfg, st.name)
+        for acct, src in zip(accts, source_of, strict=True):
+            if src == k:
+                mine.merge(StepStats.from_dict(acct["total"]))
+        _amend(st, mine)
+    shutil.rmtree(inp)  # out/docs holds them now (raw/dropped stays for the report)
 
 
 # --------------------------------------------------------------------------- exact dedup
@@ -489,8 +558,8 @@ def run_exact(cfg: PrepConfig, inp: Path, out: Path, res: StageResult) -> None:
     shown = _take_top(_map(groups, _group_order),
                       cfg.report.clusters_shown, ["neg_size", "keep"], [True, True])
     drops = _map(groups, _exact_drop_rows)
-    res.total = _rewrite(drops if n_groups else None, cfg, inp, out, res.name,
-                         ExactDedup.reason, parts)
+    res.total, _ = _rewrite(drops if n_groups else None, cfg, inp, out, res.name,
+                            ExactDedup.reason, parts)
     res.extra = {
         "groups": n_groups,
         "groups_shown": [[r["keep"], *(m[2] for m in json.loads(r["members"]))] for r in shown],
@@ -854,8 +923,8 @@ def run_near(cfg: PrepConfig, inp: Path, out: Path, res: StageResult) -> None:
         n_clusters = in_clusters = blocked = 0
         drops = None
     lsh_s = time.perf_counter() - t1
-    res.total = _rewrite(drops if n_clusters else None, cfg, inp, out, res.name,
-                         NearDedup.reason, parts)
+    res.total, _ = _rewrite(drops if n_clusters else None, cfg, inp, out, res.name,
+                            NearDedup.reason, parts)
     res.extra = {
         "bands": bands,
         "rows": rows,
@@ -896,7 +965,7 @@ def run(stage: Stage, cfg: PrepConfig, inp: Path | None, out: Path, res: StageRe
     from data_prep.readers import Read
 
     if isinstance(stage, Read):
-        stage.run(cfg, inp, out, res, output=RollingOutput)
+        run_read(stage, cfg, out, res)
         return
     assert inp is not None
     if isinstance(stage, StepsStage):

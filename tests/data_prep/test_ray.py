@@ -102,7 +102,17 @@ def labelled_corpus(path: Path, bases: int = 40, seed: int = 0) -> Path:
 
 
 def _source(path: Path) -> str:
-    return f"sources=[{{kind: jsonl, path: '{path}', id_field: id, domain: code}}]"
+    """The corpus, then a second source with bad records and ids the first already used."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:30:3]]
+    extra = path.parent / "second" / path.name  # same name: its ids read the same
+    extra.parent.mkdir(exist_ok=True)
+    extra.write_text(
+        "".join(json.dumps({"id": r["id"], "text": r["text"] + " more"}) + "\n" for r in rows)
+        + '{"id": "new", "text": "a fresh document of its own"}\n{"broken json\n\n'
+        + '{"id": "new", "text": "the same id again"}\n{"id": "blank", "text": "  "}\n',
+        encoding="utf-8")
+    src = "{{kind: jsonl, name: corpus, path: '{}', id_field: id, domain: code}}"
+    return f"sources=[{src.format(path)}, {src.format(extra)}]"
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +130,7 @@ def ray_local():
 
 
 # --------------------------------------------------------------------------- ray, embedded
+@pytest.mark.slow
 @needs_ray
 def test_connected_components_match_union_find(ray_local):
     """Chains and stars that take several large-star/small-star rounds, against union-find."""
@@ -153,6 +164,8 @@ def test_same_as_local_on_labelled_near_duplicates(ray_local, tmp_path):
     corpus = labelled_corpus(tmp_path / "labelled.jsonl")
     acct = _assert_same(tmp_path, [_source(corpus), "dedup.minhash.verify=true"])
     by = {r["name"]: r for r in acct}
+    assert by["read"]["steps"][1]["dropped"]["duplicate_id"]["docs"] == 11
+    assert {"malformed_json", "empty"} <= set(by["read"]["total"]["dropped"])
     assert by["exact_dedup"]["total"]["docs_dropped"] > 10  # the copies
     assert by["near_dedup"]["extra"]["clusters"] > 10
     assert by["near_dedup"]["extra"]["pairs_rejected_by_verification"] > 0
