@@ -9,8 +9,11 @@ folder when its pending key matches).
 
 What runs where:
 
-* **read**: on the driver, streaming the sources as the local executor does (one pass, global
-  duplicate-id check), into shards. Not skipped per shard on a re-run.
+* **read**: the sources are streamed on the driver as under the local executor (one pass; the
+  per-record checks), into shards, one source per shard; repeated ids are then found by a
+  shuffle by id (the first occurrence in reading order stays, as locally), not by a set of
+  every id on the driver, and each shard is rewritten by one task. The streaming pass is
+  redone on a re-run; the rewritten shards are kept.
 * **normalize, filter, pii** (a `StepsStage`): `map_batches` over the input shards, one task a
   shard, each running the stage's Steps and writing its output shard; the driver merges the
   small per-shard StepStats in shard order, so counts and examples equal the local ones.

@@ -1,13 +1,15 @@
-"""The scale bench behind `python -m data_prep.bench --executor local|ray --docs N [N ...]`.
+"""The scale bench behind `python -m data_prep.bench --executor local|ray --docs N[,N...]`.
 
 After an untimed warm-up run of 200 documents (which starts the worker processes), for each
-N it writes a generated corpus of N documents (`synthetic_corpus`), runs the document
-stages (read .. pii; tokenizer and pack run on the driver under both executors and are left
-out) on it with the chosen executor, and reports docs/s and peak memory: the largest resident
-set (RSS) any one worker process reached, and the driver's. Memory is sampled every
-`interval` seconds with psutil: under `local`, the driver's child processes (the process pool);
-under `ray`, every Ray worker process on this node (processes titled `ray::...`), which on an
-embedded Ray are the run's workers. On a multi-node cluster only this node's workers are seen.
+N it writes a generated corpus of N documents (`synthetic_corpus`), runs the document stages
+(read .. pii; tokenizer and pack run on the driver under both executors and are left out) on
+it with the chosen executor, and reports docs/s and peak memory: the largest resident set
+(RSS) any one worker process reached, its private part (RSS minus shared pages: a Ray worker's
+RSS also counts the pages of the shared object store it maps), and the driver's RSS. Memory is
+sampled every `interval` seconds with psutil: under `local`, the driver's child processes (the
+process pool); under `ray`, every Ray worker process on this node (processes titled
+`ray::...`), which on an embedded Ray are the run's workers. On a multi-node cluster only this
+node's workers are seen.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class MemorySampler:
 
     def __init__(self, executor: str, interval: float = 0.5) -> None:
         self.executor, self.interval = executor, interval
-        self.peak_worker = self.peak_driver = 0
+        self.peak_worker = self.peak_worker_rss = self.peak_driver = 0
         self.workers_seen: set[int] = set()
         self._stop = threading.Event()
         self._me = psutil.Process()
@@ -102,7 +104,9 @@ class MemorySampler:
             pass
         for p in self._workers():
             try:
-                self.peak_worker = max(self.peak_worker, p.memory_info().rss)
+                m = p.memory_info()
+                self.peak_worker = max(self.peak_worker, m.rss - m.shared)
+                self.peak_worker_rss = max(self.peak_worker_rss, m.rss)
                 self.workers_seen.add(p.pid)
             except psutil.Error:
                 continue
@@ -152,7 +156,8 @@ def scale_bench(config: str | Path, overrides: list[str], executor: str, sizes: 
                     "seconds": round(wall, 3), "docs_per_s": round(n / wall, 1),
                     "stage_seconds": {r.name: round(r.seconds, 3) for r in results},
                     "near_dup_clusters": near.extra.get("clusters") if near else None,
-                    "peak_worker_rss_bytes": mem.peak_worker,
+                    "peak_worker_private_bytes": mem.peak_worker,
+                    "peak_worker_rss_bytes": mem.peak_worker_rss,
                     "peak_driver_rss_bytes": mem.peak_driver,
                     "worker_processes_seen": len(mem.workers_seen),
                 })
@@ -164,15 +169,17 @@ def render_scale(result: dict[str, Any]) -> str:
     lines = [
         f"data_prep scale bench: executor {result['executor']}, {result['cpus']} CPUs, "
         f"document stages (read .. pii) on data_prep.scale.synthetic_corpus",
-        f"{'docs':>9}{'kept':>9}{'s':>9}{'docs/s':>9}{'worker peak MB':>16}"
-        f"{'driver peak MB':>16}{'workers':>9}",
+        f"{'docs':>9}{'kept':>9}{'s':>9}{'docs/s':>9}{'worker private MB':>19}"
+        f"{'worker RSS MB':>15}{'driver RSS MB':>15}{'workers':>9}",
     ]
     for r in result["rows"]:
         lines.append(
             f"{r['docs']:>9,}{r['docs_kept'] or 0:>9,}{r['seconds']:>9.1f}{r['docs_per_s']:>9,.0f}"
-            f"{r['peak_worker_rss_bytes'] / 1e6:>16.0f}{r['peak_driver_rss_bytes'] / 1e6:>16.0f}"
+            f"{r['peak_worker_private_bytes'] / 1e6:>19.0f}{r['peak_worker_rss_bytes'] / 1e6:>15.0f}"
+            f"{r['peak_driver_rss_bytes'] / 1e6:>15.0f}"
             f"{r['worker_processes_seen']:>9}"
         )
-    lines.append("worker peak: the largest RSS of any one worker process (Ray: `ray::` processes")
-    lines.append("on this node), sampled every 0.5 s; driver peak: this process. MB = 10^6 bytes.")
+    lines.append("worker: the peak of any one worker process (Ray: the `ray::` processes of this")
+    lines.append("node), sampled every 0.5 s; private = RSS - shared pages (a Ray worker's RSS also")
+    lines.append("counts the object-store pages it maps); driver: this process. MB = 10^6 bytes.")
     return "\n".join(lines)
