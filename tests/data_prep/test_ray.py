@@ -216,6 +216,26 @@ def test_rerun_resumes_an_interrupted_stage(ray_local, tmp_path):
 
 
 # --------------------------------------------------------------------------- ray start
+CLUSTER_DRIVER = """
+import json, sys
+from pathlib import Path
+from data_prep import load_config
+from data_prep.pipeline import run_document_stages
+from data_prep.store import read_docs
+out = Path(sys.argv[1])
+cfg = load_config(sys.argv[2], [f"out_dir={out}", "progress=false", *sys.argv[4:]])
+res = run_document_stages(cfg)
+volatile = set(json.loads(sys.argv[3]))
+def strip(x):
+    if isinstance(x, dict):
+        return {k: strip(v) for k, v in x.items() if k not in volatile}
+    return [strip(v) for v in x] if isinstance(x, list) else x
+acct = json.loads(json.dumps([strip(r.to_dict()) for r in res]))
+docs = [(d.id, d.text) for d in read_docs(res[-1].docs_path)]
+out.with_suffix(".json").write_text(json.dumps([acct, docs]), encoding="utf-8")
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -235,7 +255,8 @@ def test_ray_start_cluster(tmp_path):
     ray_bin = str(Path(sys.executable).with_name("ray"))
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: unix socket paths
     address = f"127.0.0.1:{_free_port()}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": address}
+    # token authentication (Ray's default for a new cluster) on both sides: ~/.ray/auth_token
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
     corpus = labelled_corpus(tmp_path / "labelled.jsonl", bases=20)
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--num-cpus", "2",
@@ -250,13 +271,17 @@ def test_ray_start_cluster(tmp_path):
             assert head.poll() is None, "ray start --head exited"
             assert time.monotonic() < deadline, "the Ray head did not come up in 120 s"
             time.sleep(2)
-        os.environ["RAY_ADDRESS"] = address
-        _assert_same(tmp_path, [_source(corpus), "dedup.minhash.verify=true", "ray.address=auto"])
-        assert not ray.is_initialized()  # the run disconnected from the cluster it joined
+        ov = [_source(corpus), "dedup.minhash.verify=true"]
+        local = _prep(tmp_path / "local", ov)
+        # the driver is a fresh process (Ray reads RAY_AUTH_MODE when it is imported)
+        subprocess.run([sys.executable, "-c", CLUSTER_DRIVER, str(tmp_path / "ray"), str(TINY),
+                        json.dumps(sorted(VOLATILE)), *ov,
+                        "executor=ray", "ray.address=auto", "ray.shard_docs=40"],
+                       check=True, env=env, cwd=REPO, timeout=600)
+        acct, docs = json.loads((tmp_path / "ray.json").read_text(encoding="utf-8"))
+        assert acct == _strip(local[0]) and [tuple(d) for d in docs] == local[1]
+        assert (tmp_path / "ray" / "stages" / "04_near_dedup" / "shards").is_dir()
     finally:
-        os.environ.pop("RAY_ADDRESS", None)
-        if ray.is_initialized():
-            ray.shutdown()
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(60)
