@@ -28,6 +28,13 @@ weighted-area criterion, 9 x 13, single linkage: near_dedup until issue 14) and 
 chosen for recall under `fp_budget`, complete linkage), and the hard negatives merged.
 `--quality-only` runs just that section; `--labelled-bases N` sizes the set.
 
+`--docs N[,N...]` runs the scale bench instead (data_prep.scale): the document stages on a
+generated corpus of N documents, with `--executor local|ray`, printing docs/s and the peak
+memory of any one worker and of the driver, per size:
+
+    python -m data_prep.bench --executor ray --docs 5000,20000
+    python -m data_prep.bench --executor ray --docs 50000,200000 ray.address=auto --publish
+
 It prints the table as Markdown headed by `contracts.measured.header` (date, machine, torch,
 command); `--publish` also writes it to docs/measured/data_prep-bench-<date>.md.
 """
@@ -277,6 +284,17 @@ def markdown(result: dict[str, Any], command: list[str]) -> str:
     return header("data_prep bench", command) + "\n```\n" + render(result) + "\n```\n"
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give document counts, e.g. 5000,20000") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every size must be >= 1")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m data_prep.bench",
@@ -289,14 +307,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="base documents of the near-dup labelled set (0: skip that section)")
     p.add_argument("--quality-only", action="store_true",
                    help="only the near-dup quality section (no pipeline runs)")
+    p.add_argument("--executor", choices=("local", "ray"), default=None,
+                   help="executor of the prep stages (default: the config's)")
+    p.add_argument("--docs", type=_sizes, default=None, metavar="N[,N...]",
+                   help="scale bench instead: the document stages on generated corpora of N "
+                        "documents each (e.g. --docs 5000,20000): docs/s, peak memory per worker")
     p.add_argument("--json", type=Path, default=None, help="also write the table here as JSON")
     p.add_argument("--publish", action="store_true",
                    help="also write the Markdown to docs/measured/data_prep-bench-<date>.md")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    if "=" in args.config and not Path(args.config).exists():  # overrides without a config
+        args.config, args.overrides = str(DEFAULT_CONFIG), [args.config, *args.overrides]
+    if args.executor and not args.docs:
+        args.overrides = [*args.overrides, f"executor={args.executor}"]
     try:
-        if args.quality_only:
+        if args.docs:
+            from data_prep.scale import render_scale, scale_bench
+
+            result = scale_bench(args.config, args.overrides, args.executor or "local", args.docs)
+        elif args.quality_only:
             result = {"config": str(args.config), "overrides": args.overrides, "rows": [],
                       "quality": quality(max(args.labelled_bases, 1))}
         else:
@@ -307,15 +338,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cmd = ["python", "-m", "data_prep.bench", *argv]
-    text = (
-        header("data_prep bench: near-dup quality", cmd) + "\n```\n"
-        + render_quality(result["quality"]) + "\n```\n"
-        if args.quality_only
-        else markdown(result, cmd)
-    )
+    if args.docs:
+        name = f"data_prep-scale-{args.executor or 'local'}"
+        text = header("data_prep scale bench", cmd) + "\n```\n" + render_scale(result) + "\n```\n"
+    elif args.quality_only:
+        name = "data_prep-bench"
+        text = (header("data_prep bench: near-dup quality", cmd) + "\n```\n"
+                + render_quality(result["quality"]) + "\n```\n")
+    else:
+        name, text = "data_prep-bench", markdown(result, cmd)
     print(text, end="")
     if args.publish:
-        print(f"wrote {publish('data_prep-bench', text)}", file=sys.stderr)
+        print(f"wrote {publish(name, text)}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -8,6 +8,8 @@ written into `meta.json` and `report.json` of every prepared dataset.
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +141,23 @@ class ShardConfig:
 
 
 @dataclass
+class RayConfig:
+    """Where and how `executor: ray` runs (see data_prep.ray_exec and docs/scaling.md)."""
+
+    # local: an embedded Ray started (and stopped) by the run; auto: the cluster this machine
+    # belongs to (`ray start`, or RAY_ADDRESS); or a cluster address, host:port / ray://host:port
+    address: str = "local"
+    num_cpus: int = 0  # address=local only: CPUs of the embedded Ray; 0 = `workers` (or all)
+    shard_docs: int = 2000  # documents per output shard of every document stage
+    partitions: int = 0  # blocks of each shuffle (groupby); 0 = 2 x the cluster's CPUs
+    ship_code: bool = True  # existing cluster: send data_prep + contracts as py_modules
+
+
+EXECUTORS = ("local", "ray")
+RAY_ADDRESS_RE = re.compile(r"^(ray://)?[A-Za-z0-9_.\-]+:\d+$")
+
+
+@dataclass
 class PrepConfig:
     out_dir: str = "data/demo"
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
@@ -150,6 +169,9 @@ class PrepConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     workers: int = 0  # processes for parallel stages; 0 = all cores
+    # local: a process pool on this machine; ray: Ray Data over sharded stages (issue 14)
+    executor: str = "local"
+    ray: RayConfig = field(default_factory=RayConfig)
     progress: bool = True  # tqdm progress bars
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -206,6 +228,27 @@ def _validate(cfg: PrepConfig) -> None:
         raise ValueError(
             f"tokenizer.vocab_size={cfg.tokenizer.vocab_size}; must be >= 257 "
             "(256 byte tokens + the end-of-document token)"
+        )
+    _validate_executor(cfg)
+
+
+def _validate_executor(cfg: PrepConfig) -> None:
+    if cfg.executor not in EXECUTORS:
+        raise ValueError(f"executor={cfg.executor!r}; valid: {', '.join(EXECUTORS)}")
+    a = cfg.ray.address
+    if a not in ("local", "auto") and not RAY_ADDRESS_RE.match(a):
+        raise ValueError(
+            f"ray.address={a!r}; valid: local, auto or a cluster address host:port "
+            "(or ray://host:port)"
+        )
+    if cfg.ray.shard_docs < 1 or cfg.ray.num_cpus < 0 or cfg.ray.partitions < 0:
+        raise ValueError(
+            f"ray.shard_docs={cfg.ray.shard_docs}, ray.num_cpus={cfg.ray.num_cpus}, "
+            f"ray.partitions={cfg.ray.partitions}: shard_docs must be >= 1, the others >= 0"
+        )
+    if cfg.executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise ValueError(
+            "executor=ray needs Ray, which is not installed: pip install -e '.[ray]'"
         )
 
 

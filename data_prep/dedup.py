@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,51 @@ class NearDedupResult:
     bands: int
     rows: int
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+def verified_edge(s: float, ids: Sequence[str], a: int, b: int) -> tuple[float, str, str, int, int]:
+    """A verified pair as merge_verified sorts it: highest Jaccard first, then by ids."""
+    return (-s, *sorted((ids[a], ids[b])), a, b)
+
+
+def merge_verified(
+    edges: list[tuple[float, str, str, int, int]],
+    uf: UnionFind,
+    exact: Callable[[int, int], float],
+    threshold: float,
+    linkage: str,
+) -> int:
+    """Join the clusters of the verified `edges` (see `verified_edge`) in `uf`, in order of
+    decreasing Jaccard; with complete linkage only when every pair across the two clusters has
+    `exact` Jaccard >= threshold. Returns the merges so blocked. Merges happen only along edges,
+    so running this on each connected component of the edges alone gives the same clusters."""
+    edges.sort()
+    members = {i: [i] for e in edges for i in e[3:]}
+    blocked = 0
+    for *_, a, b in edges:
+        ra, rb = uf.find(a), uf.find(b)
+        if ra == rb:
+            continue
+        if linkage == "complete" and any(
+            exact(x, y) < threshold for x in members[ra] for y in members[rb]
+        ):
+            blocked += 1
+            continue
+        uf.union(ra, rb)
+        root = uf.find(ra)
+        members[root] = members.pop(ra) + members.pop(rb)
+    return blocked
+
+
+def cluster_of(
+    group: Sequence[int], nbytes: Sequence[int], ids: Sequence[str], sig: np.ndarray
+) -> dict[str, Any]:
+    """A near-duplicate cluster of 2+ documents: its survivor (`minhash.survivor`) and the
+    others by id, each with its estimated Jaccard to the survivor."""
+    keep = survivor(group, nbytes, ids)
+    rest = sorted((m for m in group if m != keep), key=lambda m: ids[m])
+    sims = [(ids[m], round(estimated_jaccard(sig[keep], sig[m]), 3)) for m in rest]
+    return {"survivor": ids[keep], "size": len(group), "members": sims}
 
 
 def near_duplicates(
@@ -151,21 +196,8 @@ def near_duplicates(
             if s < threshold:
                 rejected += 1
             else:
-                edges.append((-s, *sorted((ids[a], ids[b])), a, b))
-        edges.sort()
-        members = {i: [i] for e in edges for i in e[3:]}
-        for *_, a, b in edges:
-            ra, rb = uf.find(a), uf.find(b)
-            if ra == rb:
-                continue
-            if linkage == "complete" and any(
-                exact(x, y) < threshold for x in members[ra] for y in members[rb]
-            ):
-                blocked += 1
-                continue
-            uf.union(ra, rb)
-            root = uf.find(ra)
-            members[root] = members.pop(ra) + members.pop(rb)
+                edges.append(verified_edge(s, ids, a, b))
+        blocked = merge_verified(edges, uf, exact, threshold, linkage)
     groups: dict[int, list[int]] = defaultdict(list)
     for i in {i for p in pairs for i in p}:
         groups[uf.find(i)].append(i)
@@ -175,12 +207,10 @@ def near_duplicates(
     for group in groups.values():
         if len(group) < 2:
             continue
-        keep = survivor(group, nbytes, ids)
-        rest = sorted((m for m in group if m != keep), key=lambda m: ids[m])
-        sims = [(ids[m], round(estimated_jaccard(sig[keep], sig[m]), 3)) for m in rest]
-        for mid, s in sims:
-            drop[mid] = (ids[keep], s)
-        clusters.append({"survivor": ids[keep], "size": len(group), "members": sims})
+        c = cluster_of(group, nbytes, ids, sig)
+        for mid, s in c["members"]:
+            drop[mid] = (c["survivor"], s)
+        clusters.append(c)
     clusters.sort(key=lambda c: (-c["size"], c["survivor"]))
     stats = {
         "documents": len(ids),

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from data_prep import report as report_mod
@@ -64,9 +66,22 @@ DOC_STAGES: list[Stage] = [
 def run_document_stages(cfg: PrepConfig) -> list[StageResult]:
     """read .. pii: returns their results; the last one's docs_path holds the clean corpus."""
     results: list[StageResult] = []
-    for i, stage in enumerate(DOC_STAGES):
-        results.append(run_stage(cfg, stage, i, results[-1] if results else None))
+    with _executor(cfg):
+        for i, stage in enumerate(DOC_STAGES):
+            results.append(run_stage(cfg, stage, i, results[-1] if results else None))
     return results
+
+
+@contextmanager
+def _executor(cfg: PrepConfig) -> Iterator[None]:
+    """Nothing for `executor: local`; a Ray session (data_prep.ray_exec) for `executor: ray`."""
+    if cfg.executor != "ray":
+        yield
+        return
+    from data_prep import ray_exec
+
+    with ray_exec.session(cfg):
+        yield
 
 
 def run(cfg: PrepConfig | str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:

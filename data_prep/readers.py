@@ -20,7 +20,7 @@ import json
 import lzma
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -495,12 +495,20 @@ class Read(Stage):
         c = to_dict(cfg)
         return [c["sources"], c["read"], [fingerprint(s) for s in cfg.sources]]
 
-    def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
+    def run(
+        self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult,
+        output: Callable[..., Any] = StageOutput, check_ids: bool = True,
+    ) -> None:
+        """`output`: StageOutput (docs.parquet) or ray_exec.RollingOutput (shards, a new one
+        per source). `check_ids=False` leaves repeated ids to the caller (ray_exec finds them
+        with a shuffle instead of a set of every id in this process)."""
         total = new_stats(cfg, self.name)
         seen_ids: set[str] = set()
         per_source = {}
-        with StageOutput(cfg, out, total) as o:
+        with output(cfg, out, total) as o:
             for i, src in enumerate(cfg.sources):
+                if hasattr(o, "start_source"):
+                    o.start_source(i)
                 st = new_stats(cfg, f"source{i}:{src.name or src.kind}")
                 records = read_source(src, cfg.read.max_line_bytes)
                 desc = f"read {src.kind} {src.path or ''}".strip()
@@ -512,7 +520,8 @@ class Read(Stage):
                         o.drop(rec, reason, detail, st)
                     else:
                         assert isinstance(rec, Document)
-                        seen_ids.add(rec.id)
+                        if check_ids:
+                            seen_ids.add(rec.id)
                         o.forward(rec, st)
                 per_source[st.name] = st
         res.total, res.steps = total, list(per_source.values())

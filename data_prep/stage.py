@@ -38,6 +38,8 @@ log = logging.getLogger("data_prep")
 PKG = Path(__file__).resolve().parent
 # modules every document stage runs besides its own (globs under data_prep/)
 STEP_MODULES = ("stage.py", "steps.py", "stats.py", "store.py", "document.py")
+# stages that run on Ray under `executor: ray` (data_prep.ray_exec); the others on the driver
+RAY_STAGES = ("read", "normalize", "filter", "exact_dedup", "near_dedup", "pii")
 
 
 def worker_count(cfg: PrepConfig) -> int:
@@ -289,7 +291,13 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
         return StageResult(
             stage.name, input_key, False, 0.0, st, [], {"disabled": True}, inp.docs_path
         )
-    key = stage_key(stage.name, [stage.part(cfg), _report_part(cfg)], stage.modules, input_key)
+    part, modules = [stage.part(cfg), _report_part(cfg)], stage.modules
+    on_ray = cfg.executor == "ray" and stage.name in RAY_STAGES
+    if on_ray:  # sharded output: a different layout, so a different key
+        from data_prep import ray_exec
+
+        part, modules = [*part, ray_exec.ray_part(cfg)], (*modules, *ray_exec.MODULES)
+    key = stage_key(stage.name, part, modules, input_key)
     if (
         (out / "key").exists()
         and (out / "key").read_text() == key
@@ -299,16 +307,27 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
         res.cached = True
         log.info("stage %s: up to date (key %s), skipped", stage.name, key)
         return res
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    pending = out / "key.pending"
+    if on_ray and pending.exists() and pending.read_text() == key:
+        log.info("stage %s: resuming (key %s): complete shards are kept", stage.name, key)
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        pending.write_text(key)
     res = StageResult(stage.name, key)
     t = time.perf_counter()
     log.info("stage %s: running (key %s)", stage.name, key)
-    stage.run(cfg, Path(inp.docs_path) if inp and inp.docs_path else None, out, res)
+    inp_path = Path(inp.docs_path) if inp and inp.docs_path else None
+    if on_ray:
+        ray_exec.run(stage, cfg, inp_path, out, res)
+    else:
+        stage.run(cfg, inp_path, out, res)
     res.seconds = time.perf_counter() - t
     if (out / "docs.parquet").exists():
         res.docs_path = str(out / "docs.parquet")
+    elif (out / "docs").is_dir():
+        res.docs_path = str(out / "docs")
     for s in [res.total, *res.steps]:
         if s is not None:
             s.check()
@@ -316,6 +335,7 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
         json.dumps(res.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8"
     )
     (out / "key").write_text(key)
+    pending.unlink(missing_ok=True)
     return res
 
 

@@ -1,7 +1,9 @@
 """Stage outputs on disk: documents as a Parquet file (id, text, source, domain, metadata).
 
 Each document stage writes `docs.parquet` in its own folder, which the next stage reads in
-record batches, so a re-run can start from any finished stage and memory stays bounded.
+record batches, so a re-run can start from any finished stage and memory stays bounded. Under
+`executor: ray` a stage writes a folder of shards instead (`docs/part-00000.parquet`, ...,
+see data_prep.ray_exec); `read_docs` and `num_docs` read either, shards in name order.
 """
 
 from __future__ import annotations
@@ -64,7 +66,19 @@ class DocWriter:
         self.close()
 
 
+def doc_files(path: str | Path) -> list[Path]:
+    """The Parquet files of a stage output: the file itself, or a shard folder's part-*.parquet
+    in name (= document) order."""
+    p = Path(path)
+    return sorted(p.glob("part-*.parquet")) if p.is_dir() else [p]
+
+
 def read_docs(path: str | Path, batch_rows: int = 1024) -> Iterator[Document]:
+    for f in doc_files(path):
+        yield from _read_file(f, batch_rows)
+
+
+def _read_file(path: Path, batch_rows: int) -> Iterator[Document]:
     pf = pq.ParquetFile(path)
     for batch in pf.iter_batches(batch_size=batch_rows):
         cols = batch.to_pydict()
@@ -79,11 +93,16 @@ def read_docs(path: str | Path, batch_rows: int = 1024) -> Iterator[Document]:
 
 
 def num_docs(path: str | Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in doc_files(path))
 
 
 def read_ids_texts(path: str | Path) -> tuple[list[str], list[str]]:
     """The `id` and `text` columns alone, as lists: what dedup needs to find duplicates, without
-    building a Document (and parsing its metadata) per row."""
-    table = pq.ParquetFile(path).read(columns=["id", "text"])  # read_table imports pyarrow.dataset
-    return table.column("id").to_pylist(), table.column("text").to_pylist()
+    building a Document (and parsing its metadata) per row. A shard folder is read in order."""
+    ids: list[str] = []
+    texts: list[str] = []
+    for f in doc_files(path):
+        table = pq.ParquetFile(f).read(columns=["id", "text"])  # read_table imports pyarrow.dataset
+        ids += table.column("id").to_pylist()
+        texts += table.column("text").to_pylist()
+    return ids, texts

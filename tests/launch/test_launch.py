@@ -127,6 +127,25 @@ def test_slurm_script_takes_address_port_and_rank_from_slurm(tmp_path):
         assert train_args(cmd) == ["configs/train/demo.yaml", "sample_prompt=a b", "world_size=12"]
 
 
+def test_ray_slurm_script_starts_a_head_and_a_worker_per_other_node(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    scontrol = fake / "scontrol"
+    scontrol.write_text("#!/bin/sh\necho cpu-a1\necho cpu-a2\necho cpu-a3\n")
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "cpu-a[1-3]",
+           "SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "16", "SLURM_SUBMIT_DIR": str(ROOT)}
+    head, *workers, prep = dry_run("ray_slurm.sbatch", "configs/prep/demo.yaml", "workers=8",
+                                   env=env)
+    port = 30000 + 4242 % 20000
+    assert head[:6] == ["srun", "--nodes=1", "--ntasks=1", "-w", "cpu-a1", "python"]
+    assert "--head" in head and f"--port={port}" in head and "--num-cpus=16" in head
+    assert [w[4] for w in workers] == ["cpu-a2", "cpu-a3"]
+    assert all(f"--address=cpu-a1:{port}" in w for w in workers)
+    assert prep == [f"RAY_ADDRESS=cpu-a1:{port}", "python", "-m", "data_prep",
+                    "configs/prep/demo.yaml", "workers=8", "executor=ray", "ray.address=auto"]
+
+
 def test_slurm_script_outside_a_job_says_so():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     result = run_cmd(["launch/slurm.sbatch", "x.yaml"], env={**env, "DRY_RUN": "1"}, check=False)
