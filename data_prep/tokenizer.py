@@ -126,15 +126,18 @@ def new_tokenizer() -> Tokenizer:
     return tok
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
-    """Train BPE on `texts` (stopping after `train_max_bytes` if that is > 0)."""
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, progress: bool = False,
+                    length: int | None = None) -> Tokenizer:
+    """Train BPE on `texts` (stopping after `train_max_bytes` if that is > 0). `progress`:
+    the tokenizers library's own bars (reading the texts, counting pairs, merging), with
+    `length` texts as the first bar's total when it is known."""
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
         special_tokens=[cfg.eos_token],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
 
     def limited() -> Iterator[str]:
@@ -145,7 +148,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
             if cfg.train_max_bytes and seen >= cfg.train_max_bytes:
                 return
 
-    tok.train_from_iterator(limited(), trainer=trainer)
+    tok.train_from_iterator(limited(), trainer=trainer, length=length)
     eos = tok.token_to_id(cfg.eos_token)
     if eos != 0:
         raise RuntimeError(f"{cfg.eos_token!r} got id {eos}, expected 0")
@@ -206,7 +209,7 @@ class TokenizerStage(Stage):
                     yield d.text
 
         if self.pretrained is None:
-            tok = train_tokenizer(train_texts(), cfg.tokenizer)
+            tok = train_tokenizer(train_texts(), cfg.tokenizer, progress=cfg.progress)
             tok.save(str(out / "tokenizer.json"))
             res.extra = {"vocab_size": tok.get_vocab_size()}
         else:

@@ -63,3 +63,12 @@ def test_saved_tokenizer_round_trips(tok, tmp_path: Path):
     again.encode_special_tokens = True  # not saved in tokenizer.json (see data_prep.shards)
     text = SAMPLES[1] + SAMPLES[4]
     assert again.encode(text).ids == tok.encode(text).ids
+
+
+def test_progress_bars_do_not_change_the_tokenizer(tok):
+    """Tokenizer training shows the tokenizers library's progress (`progress: true`, the
+    default); the bars leave the trained vocabulary as it is."""
+    texts = [p.read_text("utf-8") for p in sorted((stdlib_dir() / "json").glob("*.py"))]
+    shown = train_tokenizer(texts, TokenizerConfig(vocab_size=400), progress=True,
+                            length=len(texts))
+    assert shown.get_vocab() == tok.get_vocab()
