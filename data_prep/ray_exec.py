@@ -69,7 +69,15 @@ from data_prep.minhash import (
     jaccard,
     shingle_hashes,
 )
-from data_prep.stage import DroppedWriter, Stage, StageResult, StepsStage, new_stats, worker_count
+from data_prep.stage import (
+    DroppedWriter,
+    Stage,
+    StageOutput,
+    StageResult,
+    StepsStage,
+    new_stats,
+    worker_count,
+)
 from data_prep.stats import StepStats
 from data_prep.steps import run_steps
 from data_prep.store import DocWriter, doc_files, num_docs, read_docs
@@ -154,9 +162,9 @@ def shard_done(out: Path, i: int) -> dict[str, Any] | None:
     return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None
 
 
-class ShardOutput:
-    """One output shard: `forward` and `drop` as StageOutput's, into temporary files that
-    `commit` renames into place, the accounting file last."""
+class ShardOutput(StageOutput):
+    """One output shard: StageOutput's `forward` and `drop`, into temporary files that `commit`
+    renames into place, the accounting file last."""
 
     def __init__(self, cfg: PrepConfig, out: Path, i: int, *stats: StepStats) -> None:
         self.out, self.i, self.stats = out, i, stats
@@ -168,18 +176,6 @@ class ShardOutput:
         if cfg.report.write_dropped:
             self.tmp_dropped.parent.mkdir(parents=True, exist_ok=True)
         self.dropped = DroppedWriter(self.tmp_dropped, cfg.report.write_dropped)
-
-    def forward(self, doc: Document, *also: StepStats) -> None:
-        for s in (*self.stats, *also):
-            s.count_in(doc.nbytes)
-            s.keep(doc.nbytes)
-        self.docs.write(doc)
-
-    def drop(self, rec: Document | BadRecord, reason: str, detail: str, *also: StepStats) -> None:
-        for s in (*self.stats, *also):
-            s.count_in(rec.nbytes)
-            s.drop(rec, reason, detail)
-        self.dropped.write(rec, reason, detail)
 
     def commit(self, accounting: dict[str, Any]) -> dict[str, Any]:
         self.docs.close()
