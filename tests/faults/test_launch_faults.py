@@ -31,10 +31,19 @@ def test_accelerate_launch_without_multi_gpu_is_refused(tiny_data, tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+def _as_a_foreground_job() -> None:
+    """SIGINT and SIGQUIT at their defaults, as a terminal's foreground job has them. A test run
+    started in the background (`pytest ... &`, `nohup`) inherits them ignored, and bash cannot
+    trap a signal that was ignored when it started: the script would never see the SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def start_script(args, log, nproc):
     """Start launch/cpu.sh with its output in a file (a pipe nobody reads could fill up)."""
     return subprocess.Popen(
         args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_as_a_foreground_job,
         env={**os.environ, "WANDB_MODE": "disabled", "NPROC": str(nproc), "PY": sys.executable},
     )
 
