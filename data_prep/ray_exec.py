@@ -537,16 +537,17 @@ def _exact_groups(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _exact_drop_rows(df: pd.DataFrame) -> pd.DataFrame:
-    rows: dict[str, list] = {"shard": [], "row": [], "detail": []}
-    for keep, members in zip(df["keep"], df["members"], strict=True):
-        for s, r, _ in json.loads(members):
-            rows["shard"].append(s)
-            rows["row"].append(r)
-            rows["detail"].append(f"same text as {keep}")
-    if not rows["shard"]:
+def _drop_frame(drops: list[tuple[int, int, str]]) -> pd.DataFrame:
+    """(shard, row, detail) of each dropped document, as the frame the drop shuffle takes."""
+    if not drops:
         return _empty(shard="int64", row="int64", detail="object")
-    return pd.DataFrame(rows)
+    return pd.DataFrame(drops, columns=["shard", "row", "detail"])
+
+
+def _exact_drop_rows(df: pd.DataFrame) -> pd.DataFrame:
+    return _drop_frame([(s, r, f"same text as {keep}")
+                        for keep, members in zip(df["keep"], df["members"], strict=True)
+                        for s, r, _ in json.loads(members)])
 
 
 def run_exact(cfg: PrepConfig, inp: Path, out: Path, res: StageResult) -> None:
@@ -806,15 +807,9 @@ def _component(df: pd.DataFrame, cfg: PrepConfig, offsets: list[int]) -> pd.Data
 
 
 def _near_drop_rows(df: pd.DataFrame) -> pd.DataFrame:
-    rows: dict[str, list] = {"shard": [], "row": [], "detail": []}
-    for keep, members in zip(df["survivor"], df["members"], strict=True):
-        for _, s, shard, row in json.loads(members):
-            rows["shard"].append(shard)
-            rows["row"].append(row)
-            rows["detail"].append(f"near-duplicate of {keep} (estimated Jaccard {s:.2f})")
-    if not rows["shard"]:
-        return _empty(shard="int64", row="int64", detail="object")
-    return pd.DataFrame(rows)
+    return _drop_frame([(shard, row, f"near-duplicate of {keep} (estimated Jaccard {s:.2f})")
+                        for keep, members in zip(df["survivor"], df["members"], strict=True)
+                        for _, s, shard, row in json.loads(members)])
 
 
 def _node_rows(df: pd.DataFrame) -> pd.DataFrame:
