@@ -1,0 +1,288 @@
+"""Cross-validation of the performance model on published runs (`published_runs.yaml`).
+
+Three splits, each a set of folds; a fold fits on its training runs only and predicts the
+runs it holds out:
+
+- leave-one-out (`loo`): one run held out at a time;
+- leave-one-family-out (`lofo`): every run of a model family (`family` in the YAML, e.g. all
+  of Llama 3) held out together, so no sibling's figure helps predict it;
+- time split (`time`): fit on runs published before 2024, predict those of 2024 and later.
+
+What a fold fits, from its training runs only (everything else is the performance model of
+`estimate.perf` with the factors of defaults.yaml, which no fold changes):
+
+- stack efficiency: the median, over training runs whose hours count training time
+  (`hours_basis` compute), of modelled hours at efficiency 1 / reported hours;
+- one factor per other hours basis: wall-clock (`wallclock`: count x elapsed days, failures,
+  restarts and idle time included) and `unknown` (model cards' "total GPU time"): the median of
+  modelled hours (with the fitted stack efficiency) / reported hours over training runs of
+  that basis; 1 when the fold has fewer than 2 such runs;
+- the range: the 10th and 90th percentiles of ln(reported / predicted) of the training runs,
+  each predicted leave-one-out inside the fold (a nested fit, so the width is learnt from
+  held-out errors, not from the fit's own residuals);
+- the best constant MFU under the same split: the constant minimising the median |ln error| of
+  the training runs, for comparison.
+
+The modelled hours at efficiency 1 are computed once per run (their count, where unpublished,
+chosen by `published.model_run`'s rule at efficiency 1, so no fitted figure enters it); a
+fold's fit is then a few medians, which keeps `python -m estimate validate` fast.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from estimate.assumptions import load_defaults
+from estimate.perf import load_factors
+from estimate.published import RUNS_PATH, UNIT, load_runs, model_run, reported_hours
+from estimate.report import md_table
+from estimate.units import SECONDS_PER_HOUR, human
+from model.flops import model_flops_per_token
+from model.precision import precision as precision_of
+
+SPLITS = ("loo", "lofo", "time")
+SPLIT_TITLES = {"loo": "leave-one-out", "lofo": "leave-one-family-out",
+                "time": "time split (fit on runs published before 2024, predict 2024 and later)"}
+TIME_SPLIT_YEAR = 2024
+RANGE_QUANTILES = (0.10, 0.90)
+MIN_BASIS_RUNS = 2  # a basis factor needs at least this many training runs, else 1
+
+
+@dataclass(frozen=True)
+class Point:
+    """One published run with reported hours, through the model once at efficiency 1."""
+
+    name: str
+    family: str
+    year: int
+    basis: str  # compute | wallclock | unknown
+    reported: float  # accelerator-hours, reported or count x days x 24
+    unit_hours: float  # modelled at stack efficiency 1 and goodput 1
+    implied_mfu: float  # model FLOPs / (reported hours x peak)
+
+
+@cache
+def points(path: str = str(RUNS_PATH)) -> tuple[Point, ...]:
+    """Every run of `path` that has reported (or derivable) accelerator-hours."""
+    base = load_factors(load_defaults(), UNIT)
+    out = []
+    for run in load_runs(path):
+        hours, _ = reported_hours(run)
+        if hours is None:
+            continue
+        m = model_run(run, {**base, "stack_efficiency": UNIT}, unit_goodput=True)
+        flops = model_flops_per_token(m.cfg, m.cfg.seq_len) * run["tokens"]
+        peak = m.acc.peak_flops(precision_of(run["precision"]).catalog)
+        out.append(Point(run["name"], run["family"], int(run["year"]), run["hours_basis"],
+                         hours, m.hours, flops / (hours * SECONDS_PER_HOUR * peak)))
+    return tuple(out)
+
+
+@dataclass
+class FoldFit:
+    """What one fold learns from its training runs."""
+
+    stack: float
+    basis_factor: dict[str, float]  # modelled / reported hours per basis (compute: 1)
+    range_log: tuple[float, float]  # quantiles of ln(reported / predicted), nested leave-one-out
+    constant_mfu: float
+    n_train: int
+
+    def predict(self, p: Point) -> float:
+        return p.unit_hours / self.stack / self.basis_factor.get(p.basis, 1.0)
+
+    def range(self, p: Point) -> tuple[float, float]:
+        c = self.predict(p)
+        return c * math.exp(self.range_log[0]), c * math.exp(self.range_log[1])
+
+
+def _central_fit(train: list[Point]) -> tuple[float, dict[str, float]]:
+    compute = [p.unit_hours / p.reported for p in train if p.basis == "compute"]
+    if len(compute) < 3:
+        raise ValueError(f"a fold needs at least 3 runs whose hours basis is compute, got {len(compute)}")
+    stack = statistics.median(compute)
+    factors = {"compute": 1.0}
+    for basis in ("wallclock", "unknown"):
+        ratios = [p.unit_hours / stack / p.reported for p in train if p.basis == basis]
+        factors[basis] = statistics.median(ratios) if len(ratios) >= MIN_BASIS_RUNS else 1.0
+    return stack, factors
+
+
+def best_constant_mfu(implied: list[float]) -> tuple[float, float]:
+    """The constant MFU minimising the median |ln(implied / MFU)|, and that median. The
+    optimum sits at a run's log implied MFU or midway between two: all are tried."""
+    logs = [math.log(m) for m in implied]
+    candidates = {(a + b) / 2 for a in logs for b in logs}
+
+    def median_error(c: float) -> float:
+        return statistics.median(abs(x - c) for x in logs)
+
+    best = min(sorted(candidates), key=median_error)
+    return math.exp(best), median_error(best)
+
+
+def fit_fold(train: list[Point]) -> FoldFit:
+    """Fit the stack efficiency, the basis factors, the range and the best constant MFU on
+    `train` only."""
+    stack, factors = _central_fit(train)
+    nested = []
+    for i, p in enumerate(train):
+        rest = train[:i] + train[i + 1:]
+        try:
+            s, f = _central_fit(rest)
+        except ValueError:  # too few compute runs left without p: p cannot be held out
+            continue
+        nested.append(math.log(p.reported / (p.unit_hours / s / f.get(p.basis, 1.0))))
+    q = statistics.quantiles(nested, n=100, method="inclusive")
+    lo, hi = q[round(RANGE_QUANTILES[0] * 100) - 1], q[round(RANGE_QUANTILES[1] * 100) - 1]
+    return FoldFit(stack, factors, (min(lo, 0.0), max(hi, 0.0)),
+                   best_constant_mfu([p.implied_mfu for p in train])[0], len(train))
+
+
+def folds(split: str, pts: tuple[Point, ...]) -> list[tuple[str, list[Point], list[Point]]]:
+    """(fold label, training runs, held-out runs) of a split."""
+    if split == "loo":
+        return [(p.name, [q for q in pts if q is not p], [p]) for p in pts]
+    if split == "lofo":
+        families = sorted({p.family for p in pts})
+        return [(f, [q for q in pts if q.family != f], [q for q in pts if q.family == f])
+                for f in families]
+    if split == "time":
+        train = [p for p in pts if p.year < TIME_SPLIT_YEAR]
+        test = [p for p in pts if p.year >= TIME_SPLIT_YEAR]
+        return [(f"before {TIME_SPLIT_YEAR}", train, test)]
+    raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+
+
+@dataclass
+class Prediction:
+    point: Point
+    fold: str
+    predicted: float
+    best: float
+    worst: float
+    constant_predicted: float
+    stack: float
+    basis_factor: float
+
+    @property
+    def log_error(self) -> float:
+        return math.log(self.predicted / self.point.reported)
+
+    @property
+    def constant_log_error(self) -> float:
+        return math.log(self.constant_predicted / self.point.reported)
+
+    @property
+    def in_range(self) -> bool:
+        return self.best <= self.point.reported <= self.worst
+
+    @property
+    def width(self) -> float:
+        return self.worst / self.best
+
+
+def cross_validate(split: str, path: str | Path = RUNS_PATH,
+                   fitter: Callable[[list[Point]], FoldFit] = fit_fold) -> list[Prediction]:
+    """Every held-out run of `split`, predicted by a fit on its fold's training runs only."""
+    out = []
+    for label, train, test in folds(split, points(str(path))):
+        f = fitter(train)
+        for p in test:
+            best, worst = f.range(p)
+            out.append(Prediction(p, label, f.predict(p), best, worst,
+                                  p.reported * p.implied_mfu / f.constant_mfu, f.stack,
+                                  f.basis_factor.get(p.basis, 1.0)))
+    return out
+
+
+def summary(preds: list[Prediction]) -> dict:
+    errs = [abs(p.log_error) for p in preds]
+    const = [abs(p.constant_log_error) for p in preds]
+    return {
+        "n": len(preds),
+        "median_abs_log_error": statistics.median(errs),
+        "best_constant_median_abs_log_error": statistics.median(const),
+        "ratio_to_constant": statistics.median(errs) / statistics.median(const),
+        "in_range": sum(p.in_range for p in preds),
+        "fraction_in_range": sum(p.in_range for p in preds) / len(preds),
+        "median_range_width": statistics.median(p.width for p in preds),
+        "worst_abs_log_error": max(errs),
+        "worst_run": preds[errs.index(max(errs))].point.name,
+    }
+
+
+GOALS = {"lofo": {"median_abs_log_error": 0.20, "ratio_to_constant": 0.75,
+                  "fraction_in_range": 0.80, "median_range_width": 2.5},
+         "time": {"median_abs_log_error": 0.25}}
+
+
+def goal_line(split: str, s: dict) -> str:
+    """The issue's goals for this split, each with met / not met."""
+    goals = GOALS.get(split)
+    if not goals:
+        return ""
+    parts = []
+    for key, bound in goals.items():
+        ok = s[key] >= bound if key == "fraction_in_range" else s[key] <= bound
+        sign = ">=" if key == "fraction_in_range" else "<="
+        parts.append(f"{key} {s[key]:.3f} {sign} {bound}: {'met' if ok else 'NOT met'}")
+    return "goals: " + "; ".join(parts)
+
+
+def summary_text(split: str, s: dict) -> str:
+    return (f"{SPLIT_TITLES[split]}: median |ln error| {s['median_abs_log_error']:.3f} over "
+            f"{s['n']} runs (best constant MFU under the same split: "
+            f"{s['best_constant_median_abs_log_error']:.3f}, ratio "
+            f"{s['ratio_to_constant']:.2f}); {s['in_range']}/{s['n']} "
+            f"({s['fraction_in_range']:.0%}) inside the best-worst range, median width "
+            f"{s['median_range_width']:.2f}x; worst {s['worst_abs_log_error']:.2f} "
+            f"({s['worst_run']})")
+
+
+def table(preds: list[Prediction]) -> str:
+    rows = [[p.point.name, p.fold if p.fold != p.point.name else "-", p.point.basis,
+             human(p.point.reported), human(p.predicted), f"{p.log_error:+.2f}",
+             f"{human(p.best)}–{human(p.worst)}", "yes" if p.in_range else "NO",
+             f"{p.constant_log_error:+.2f}"] for p in preds]
+    return md_table(["run", "held out with", "hours basis", "reported acc-hours", "predicted",
+                     "ln error", "best–worst", "in range", "best-constant ln error"], rows)
+
+
+def all_splits(path: str | Path = RUNS_PATH) -> dict[str, tuple[list[Prediction], dict]]:
+    out = {}
+    for split in SPLITS:
+        preds = cross_validate(split, path)
+        out[split] = (preds, summary(preds))
+    return out
+
+
+def markdown(results: dict[str, tuple[list[Prediction], dict]]) -> str:
+    parts = ["## Cross-validation", "",
+             "Each fold fits the stack efficiency, one factor per hours basis (wall-clock, "
+             "unknown), the best-worst range (10th-90th percentile of the fold's own nested "
+             "leave-one-out errors) and the best constant MFU on its training runs only; ln "
+             "error = ln(predicted / reported accelerator-hours). See estimate/crossval.py.",
+             ""]
+    for split, (preds, s) in results.items():
+        parts += [f"### {SPLIT_TITLES[split]}", "", table(preds), "",
+                  f"**Summary:** {summary_text(split, s)}.", ""]
+        goals = goal_line(split, s)
+        if goals:
+            parts += [goals, ""]
+    return "\n".join(parts)
+
+
+def record(results: dict[str, tuple[list[Prediction], dict]]) -> dict:
+    return {split: {"summary": s, "runs": [
+        {"name": p.point.name, "family": p.point.family, "year": p.point.year,
+         "fold": p.fold, "hours_basis": p.point.basis, "reported_hours": p.point.reported,
+         "predicted_hours": p.predicted, "best_hours": p.best, "worst_hours": p.worst,
+         "log_error": p.log_error, "in_range": p.in_range, "stack_efficiency": p.stack,
+         "basis_factor": p.basis_factor, "best_constant_log_error": p.constant_log_error}
+        for p in preds]} for split, (preds, s) in results.items()}
