@@ -248,6 +248,7 @@ def _count_for(target, acc, precision: str, recompute: str, layout: dict, args,
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from estimate import crossval
     from estimate.plots import Point, predicted_vs_reported
     from estimate.report import write_outputs
     from estimate.validate import (
@@ -262,9 +263,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     checks, stats = validate(args.runs or RUNS_PATH)
     print(validation_table(checks))
     if stats.get("n"):
-        print("\n" + summary_line(stats))
+        print("\nper-run detail above (stack efficiency refitted leave-one-out, count re-chosen): "
+              + summary_line(stats))
+    cv = crossval.all_splits(args.runs or RUNS_PATH)
+    print("\n" + crossval.markdown(cv))
     if args.publish:
-        body = validation_table(checks) + "\n\n" + summary_line(stats) + "\n"
+        body = (validation_table(checks) + "\n\n" + summary_line(stats) + "\n\n"
+                + crossval.markdown(cv) + "\n")
         print(f"published {_publish('estimate-validate', 'Validation against published training runs', body, args)}")
     if args.out:
         points = [Point(c.name, c.reported_hours, c.predicted_hours, *c.predicted_range)
@@ -273,8 +278,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             points, Path(args.out) / "validation.png", xlabel="reported accelerator-hours",
             ylabel="predicted accelerator-hours (leave-one-out)", band=1.2,
             title="Predicted vs reported accelerator-hours (band: within 20%)")
-        md, js = write_outputs(args.out, validation_markdown(checks, stats, plot.name),
-                               validation_record(checks, stats))
+        md, js = write_outputs(args.out, validation_markdown(checks, stats, plot.name, cv),
+                               validation_record(checks, stats, cv))
         print(f"wrote {md}, {js}, {plot}")
     return 0
 

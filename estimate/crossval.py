@@ -17,9 +17,10 @@ What a fold fits, from its training runs only (everything else is the performanc
   restarts and idle time included) and `unknown` (model cards' "total GPU time"): the median of
   modelled hours (with the fitted stack efficiency) / reported hours over training runs of
   that basis; 1 when the fold has fewer than 2 such runs;
-- the range: the 10th and 90th percentiles of ln(reported / predicted) of the training runs,
-  each predicted leave-one-out inside the fold (a nested fit, so the width is learnt from
-  held-out errors, not from the fit's own residuals);
+- the range: the 10th and 90th percentiles (a nominal 80% interval) of ln(reported /
+  predicted) of the training runs, each predicted by a nested fit inside the fold that holds
+  it out the way the split does (alone for leave-one-out; with its whole family for the other
+  two), so the width is learnt from held-out errors, not from the fit's own residuals;
 - the best constant MFU under the same split: the constant minimising the median |ln error| of
   the training runs, for comparison.
 
@@ -89,7 +90,7 @@ class FoldFit:
 
     stack: float
     basis_factor: dict[str, float]  # modelled / reported hours per basis (compute: 1)
-    range_log: tuple[float, float]  # quantiles of ln(reported / predicted), nested leave-one-out
+    range_log: tuple[float, float]  # 10th / 90th percentile of nested ln(reported / predicted)
     constant_mfu: float
     n_train: int
 
@@ -126,21 +127,35 @@ def best_constant_mfu(implied: list[float]) -> tuple[float, float]:
     return math.exp(best), median_error(best)
 
 
-def fit_fold(train: list[Point]) -> FoldFit:
-    """Fit the stack efficiency, the basis factors, the range and the best constant MFU on
-    `train` only."""
-    stack, factors = _central_fit(train)
-    nested = []
-    for i, p in enumerate(train):
-        rest = train[:i] + train[i + 1:]
+def nested_errors(train: list[Point], by_family: bool) -> list[tuple[Point, float]]:
+    """ln(reported / predicted) of each training run, predicted by a fit on the other training
+    runs (its whole family left out too when `by_family`): the held-out errors the range is
+    calibrated on, learnt inside the fold."""
+    out = []
+    groups = ({p.family for p in train} if by_family else {p.name for p in train})
+    for g in sorted(groups):
+        held = [p for p in train if (p.family if by_family else p.name) == g]
+        rest = [p for p in train if p not in held]
         try:
             s, f = _central_fit(rest)
-        except ValueError:  # too few compute runs left without p: p cannot be held out
+        except ValueError:  # too few compute runs left: these runs cannot be held out
             continue
-        nested.append(math.log(p.reported / (p.unit_hours / s / f.get(p.basis, 1.0))))
-    q = statistics.quantiles(nested, n=100, method="inclusive")
+        out += [(p, math.log(p.reported / (p.unit_hours / s / f.get(p.basis, 1.0)))) for p in held]
+    return out
+
+
+def _quantiles(errors: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(errors, n=100, method="inclusive")
     lo, hi = q[round(RANGE_QUANTILES[0] * 100) - 1], q[round(RANGE_QUANTILES[1] * 100) - 1]
-    return FoldFit(stack, factors, (min(lo, 0.0), max(hi, 0.0)),
+    return min(lo, 0.0), max(hi, 0.0)
+
+
+def fit_fold(train: list[Point], by_family: bool = False) -> FoldFit:
+    """Fit the stack efficiency, the basis factors, the range and the best constant MFU on
+    `train` only; the range on nested held-out errors (whole families held out when
+    `by_family`, as the split itself does)."""
+    stack, factors = _central_fit(train)
+    return FoldFit(stack, factors, _quantiles([e for _, e in nested_errors(train, by_family)]),
                    best_constant_mfu([p.implied_mfu for p in train])[0], len(train))
 
 
@@ -188,11 +203,11 @@ class Prediction:
 
 
 def cross_validate(split: str, path: str | Path = RUNS_PATH,
-                   fitter: Callable[[list[Point]], FoldFit] = fit_fold) -> list[Prediction]:
+                   fitter: Callable[[list[Point], bool], FoldFit] = fit_fold) -> list[Prediction]:
     """Every held-out run of `split`, predicted by a fit on its fold's training runs only."""
     out = []
     for label, train, test in folds(split, points(str(path))):
-        f = fitter(train)
+        f = fitter(train, split != "loo")
         for p in test:
             best, worst = f.range(p)
             out.append(Prediction(p, label, f.predict(p), best, worst,

@@ -38,12 +38,13 @@ from model.config import PRESETS, ModelConfig, get_preset
 from model.precision import precision as precision_of
 
 RUNS_PATH = Path(__file__).with_name("published_runs.yaml")
-_RUN_KEYS = ("name", "model", "params", "active_params", "tokens", "accelerator", "precision",
+_RUN_KEYS = ("name", "family", "year", "model", "params", "active_params", "tokens", "accelerator", "precision",
              "count", "reported", "citations", "uncertain")
 _REPORTED_KEYS = ("accelerator_hours", "days", "flops", "mfu")
 LAYOUT_KEYS = ("tp", "pp", "dp", "cp", "ep", "micro_batch", "global_batch_tokens",
                "virtual_stages", "schedule", "recompute", "max_nodes_per_token")
 BASES = ("compute", "wallclock", "unknown")
+FORMATS = (3,)  # format 3 added `family` and `year`, which the cross-validation needs
 UNIT = Factor("stack_efficiency", 1.0, 1.0, 1.0, "high", "1: nothing left out")
 
 
@@ -51,6 +52,8 @@ def load_runs(path: str | Path = RUNS_PATH) -> list[dict]:
     """The published runs, checked for required keys and at least one citation each."""
     with open(path) as f:
         data = yaml.safe_load(f)
+    if data.get("format") not in FORMATS:
+        raise ValueError(f"{path}: format {data.get('format')!r}; this reader knows {FORMATS}")
     runs = data["runs"]
     for run in runs:
         where = f"{path}: run {run.get('name', '?')!r}"
@@ -62,6 +65,10 @@ def load_runs(path: str | Path = RUNS_PATH) -> list[dict]:
             raise ValueError(f"{where}: reported lacks {', '.join(missing)} (use null for unknown)")
         if not run["citations"] or not all(c.get("what") and c.get("source") for c in run["citations"]):
             raise ValueError(f"{where} needs citations with 'what' and 'source'")
+        if not isinstance(run["year"], int) or not 1990 <= run["year"] <= 2100:
+            raise ValueError(f"{where}: year {run['year']!r} is not a publication year")
+        if not isinstance(run["family"], str) or not run["family"]:
+            raise ValueError(f"{where}: family {run['family']!r} must be a non-empty name")
         run.setdefault("hours_basis", "unknown")
         if run["hours_basis"] not in BASES:
             raise ValueError(f"{where}: hours_basis {run['hours_basis']!r}; valid: {', '.join(BASES)}")

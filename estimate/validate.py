@@ -197,7 +197,8 @@ def summary_line(s: dict) -> str:
             f"{s['flat_mfu']:.2f}: {s['flat_mfu_median_abs_log_error']:.3f}")
 
 
-def validation_markdown(checks: list[RunCheck], stats: dict, plot_name: str | None = None) -> str:
+def validation_markdown(checks: list[RunCheck], stats: dict, plot_name: str | None = None,
+                        cv: dict | None = None) -> str:
     """report.md of `python -m estimate validate`."""
     parts = [
         "# Validation against published training runs",
@@ -216,6 +217,10 @@ def validation_markdown(checks: list[RunCheck], stats: dict, plot_name: str | No
         parts += [f"**Summary:** {summary_line(stats)}.", ""]
     if plot_name:
         parts += [f"![predicted vs reported accelerator-hours]({plot_name})", ""]
+    if cv:
+        from estimate.crossval import markdown
+
+        parts += [markdown(cv), ""]
     parts += ["## Sources and caveats", ""]
     for c in checks:
         parts.append(f"### {c.name}")
@@ -225,12 +230,16 @@ def validation_markdown(checks: list[RunCheck], stats: dict, plot_name: str | No
     return "\n".join(parts)
 
 
-def validation_record(checks: list[RunCheck], stats: dict) -> dict:
-    """validation.json: one entry per run plus the summary."""
+def validation_record(checks: list[RunCheck], stats: dict, cv: dict | None = None) -> dict:
+    """validation.json: one entry per run plus the summary; with `cv`, the three
+    cross-validations (format 3)."""
+    from estimate.crossval import record
+
     return {
         "kind": "validation",
-        "format": 2,
+        "format": 3,
         "summary": stats,
+        "cross_validation": record(cv) if cv else None,
         "runs": [
             {
                 "name": c.name,
