@@ -15,7 +15,10 @@ and the stages. A stage is one of:
   weights the batch needs and every sequence's KV cache from HBM, so a decode step takes
   max(bytes / HBM bandwidth, FLOPs / matmul rate) (`decode_seconds`); the batch is what the
   KV cache leaves room for. The update is a training step on the generated tokens (plus a
-  forward pass of the reference model for the KL term: 4/3 of a training step).
+  forward pass of the reference model for the KL term: 4/3 of a training step). The KV cache
+  is reserved for `max_response_tokens` (the run's length cap, default the mean), so a cap can
+  shrink the batch. Not modelled: the tail of a rollout, when the longest responses decode
+  at a small batch after the others have finished.
 
 Inputs a paper does not publish are given as `assumed: {central, low, high, why}` and swept
 over their range; published inputs carry a `source`. Stages that share one published figure
@@ -103,6 +106,12 @@ def _rl_seconds(stage: dict, cfg: ModelConfig, acc: Accelerator, n: int, precisi
     samples = _value(stage["samples_per_prompt"], case, where)
     prompt_len = _value(stage["prompt_tokens"], case, where)
     response = _value(stage["response_tokens"], case, where)
+    # The decoding engine must hold the KV cache of a sequence that may reach the maximum
+    # length (the paper's cap), not only the mean: the batch is sized for the cap.
+    longest = float(parse_count(stage.get("max_response_tokens", response), where))
+    if longest < response:
+        raise ValueError(f"{where}: max_response_tokens {longest:.0f} is below the mean "
+                         f"response_tokens {response:.0f} of case {case}")
     g = int(stage.get("generation_instance", 32))
     instances = max(1, n // g)
     sequences = prompts * samples
@@ -113,7 +122,7 @@ def _rl_seconds(stage: dict, cfg: ModelConfig, acc: Accelerator, n: int, precisi
         raise ValueError(f"{where}: the model does not fit one {g}-accelerator generation "
                          "instance; raise generation_instance")
     per_instance = math.ceil(sequences / instances)
-    batch = max(1.0, min(per_instance, room / ((prompt_len + response) * kv_bytes_per_token(cfg))))
+    batch = max(1.0, min(per_instance, room / ((prompt_len + longest) * kv_bytes_per_token(cfg))))
     waves = math.ceil(per_instance / batch)
     gen = waves * response * decode_seconds(cfg, acc, g, batch, context, precision, f)
     tokens = sequences * (prompt_len + response)

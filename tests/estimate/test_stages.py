@@ -66,3 +66,24 @@ def test_bad_stage_is_refused(tmp_path):
     bad.write_text("name: x\naccelerator: H100-SXM5-80GB\nstages:\n  - {name: s, kind: finetune}\n")
     with pytest.raises(ValueError, match="kind 'finetune'"):
         run_stages(bad)
+
+
+def test_rl_batch_is_sized_for_the_maximum_response_length(tmp_path):
+    """A stage's KV cache is reserved for its length cap: a cap so long that few sequences
+    fit an instance makes more decode waves, hence more hours; a cap below the mean is refused."""
+    def stage(cap):
+        return ("name: x\naccelerator: H800-SXM5-80GB\nstages:\n"
+                "  - {name: rl, kind: rl, model: deepseek-v3, count: 64, precision: fp8,\n"
+                "     prompts_per_step: 32, samples_per_prompt: 16, steps: 10, prompt_tokens: 300,\n"
+                f"     response_tokens: 4000, max_response_tokens: {cap}, generation_instance: 32}}\n")
+
+    hours = []
+    for cap in (4000, 2_000_000):
+        path = tmp_path / f"cap{cap}.yaml"
+        path.write_text(stage(cap))
+        hours.append(run_stages(path)[1][0].hours["central"])
+    assert hours[1] > hours[0]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(stage(1000))
+    with pytest.raises(ValueError, match="max_response_tokens"):
+        run_stages(bad)
