@@ -154,3 +154,11 @@ def test_loader_rejects_a_run_without_family_or_year(tmp_path):
     bad.write_text(text.replace("format: 3", "format: 2", 1))
     with pytest.raises(ValueError, match="format"):
         load_runs(bad)
+
+
+def test_range_is_the_split_conformal_interval_of_the_held_out_errors():
+    """n = 19 errors, 80%: the 2nd smallest and the 18th (k = floor(20 x 0.1) = 2 from each
+    end), by hand; the interval always holds the central prediction (0)."""
+    errors = [float(e) for e in range(-9, 10)]
+    assert crossval._quantiles(errors) == (-8.0, 8.0)
+    assert crossval._quantiles([1.0, 2.0, 3.0]) == (0.0, 3.0)
