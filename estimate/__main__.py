@@ -266,10 +266,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print("\nper-run detail above (stack efficiency refitted leave-one-out, count re-chosen): "
               + summary_line(stats))
     cv = crossval.all_splits(args.runs or RUNS_PATH)
-    print("\n" + crossval.markdown(cv))
+    print("\n" + crossval.markdown(cv, args.runs or RUNS_PATH))
     if args.publish:
         body = (validation_table(checks) + "\n\n" + summary_line(stats) + "\n\n"
-                + crossval.markdown(cv) + "\n")
+                + crossval.markdown(cv, args.runs or RUNS_PATH) + "\n")
         print(f"published {_publish('estimate-validate', 'Validation against published training runs', body, args)}")
     if args.out:
         points = [Point(c.name, c.reported_hours, c.predicted_hours, *c.predicted_range)
@@ -278,7 +278,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             points, Path(args.out) / "validation.png", xlabel="reported accelerator-hours",
             ylabel="predicted accelerator-hours (leave-one-out)", band=1.2,
             title="Predicted vs reported accelerator-hours (band: within 20%)")
-        md, js = write_outputs(args.out, validation_markdown(checks, stats, plot.name, cv),
+        md, js = write_outputs(args.out, validation_markdown(checks, stats, plot.name, cv, args.runs or RUNS_PATH),
                                validation_record(checks, stats, cv))
         print(f"wrote {md}, {js}, {plot}")
     return 0

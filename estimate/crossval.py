@@ -114,6 +114,29 @@ def _central_fit(train: list[Point]) -> tuple[float, dict[str, float]]:
     return stack, factors
 
 
+def factor_ranges(train: list[Point]) -> dict[str, tuple[float, float]]:
+    """Each fitted factor's own range: the 25th-75th percentiles of the ratios it is the median
+    of (stack efficiency: modelled at efficiency 1 / reported, compute runs; a basis factor:
+    modelled with the fitted stack efficiency / reported, that basis' runs)."""
+    stack, _ = _central_fit(train)
+    groups = {"stack_efficiency": [p.unit_hours / p.reported for p in train if p.basis == "compute"]}
+    for basis in ("wallclock", "unknown"):
+        groups[basis] = [p.unit_hours / stack / p.reported for p in train if p.basis == basis]
+    out = {}
+    for key, ratios in groups.items():
+        if len(ratios) >= MIN_BASIS_RUNS:
+            q = statistics.quantiles(ratios, n=4, method="inclusive")
+            out[key] = (q[0], q[2])
+    return out
+
+
+def fitted(path: str | Path = RUNS_PATH) -> FoldFit:
+    """The fit on every published run (what a projection would use): stack efficiency, the
+    wall-clock and unknown-basis factors, and the range calibrated on leave-one-family-out
+    held-out errors."""
+    return fit_fold(list(points(str(path))), by_family=True)
+
+
 def best_constant_mfu(implied: list[float]) -> tuple[float, float]:
     """The constant MFU minimising the median |ln(implied / MFU)|, and that median. The
     optimum sits at a run's log implied MFU or midway between two: all are tried."""
@@ -285,13 +308,25 @@ def all_splits(path: str | Path = RUNS_PATH) -> dict[str, tuple[list[Prediction]
     return out
 
 
-def markdown(results: dict[str, tuple[list[Prediction], dict]]) -> str:
+def markdown(results: dict[str, tuple[list[Prediction], dict]], path: str | Path = RUNS_PATH) -> str:
     parts = ["## Cross-validation", "",
              "Each fold fits the stack efficiency, one factor per hours basis (wall-clock, "
              "unknown), the best-worst range (a nominal 80% split-conformal interval of the "
              "fold's own nested held-out errors) and the best constant MFU on its training runs only; ln "
              "error = ln(predicted / reported accelerator-hours). See estimate/crossval.py.",
              ""]
+    f = fitted(path)
+    ranges = factor_ranges(list(points(str(path))))
+    lines = [f"- stack efficiency {f.stack:.3f} (25th-75th percentile "
+             f"{ranges['stack_efficiency'][0]:.3f}-{ranges['stack_efficiency'][1]:.3f})"]
+    for basis in ("wallclock", "unknown"):
+        lo, hi = ranges.get(basis, (float("nan"),) * 2)
+        lines.append(f"- {basis} hours: modelled / reported {f.basis_factor[basis]:.3f} "
+                     f"({lo:.3f}-{hi:.3f})")
+    lines.append(f"- best-worst range: x{math.exp(f.range_log[0]):.2f} to "
+                 f"x{math.exp(f.range_log[1]):.2f} of the central prediction")
+    parts += ["Fitted on all runs (what a projection would use; estimate.crossval.fitted):", "",
+              *lines, ""]
     for split, (preds, s) in results.items():
         parts += [f"### {SPLIT_TITLES[split]}", "", table(preds), "",
                   f"**Summary:** {summary_text(split, s)}.", ""]

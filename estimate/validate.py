@@ -198,7 +198,7 @@ def summary_line(s: dict) -> str:
 
 
 def validation_markdown(checks: list[RunCheck], stats: dict, plot_name: str | None = None,
-                        cv: dict | None = None) -> str:
+                        cv: dict | None = None, path: str | Path = RUNS_PATH) -> str:
     """report.md of `python -m estimate validate`."""
     parts = [
         "# Validation against published training runs",
@@ -220,7 +220,7 @@ def validation_markdown(checks: list[RunCheck], stats: dict, plot_name: str | No
     if cv:
         from estimate.crossval import markdown
 
-        parts += [markdown(cv), ""]
+        parts += [markdown(cv, path), ""]
     parts += ["## Sources and caveats", ""]
     for c in checks:
         parts.append(f"### {c.name}")

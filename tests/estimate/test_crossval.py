@@ -162,3 +162,17 @@ def test_range_is_the_split_conformal_interval_of_the_held_out_errors():
     errors = [float(e) for e in range(-9, 10)]
     assert crossval._quantiles(errors) == (-8.0, 8.0)
     assert crossval._quantiles([1.0, 2.0, 3.0]) == (0.0, 3.0)
+
+
+def test_fitted_factors_and_their_ranges():
+    """The all-runs fit holds its factors inside their own 25th-75th percentile ranges, and
+    wall-clock hours cost more than compute hours (factor below 1)."""
+    f = crossval.fitted()
+    r = crossval.factor_ranges(list(crossval.points()))
+    lo, hi = r["stack_efficiency"]
+    assert lo <= f.stack <= hi
+    for basis in ("wallclock", "unknown"):
+        lo, hi = r[basis]
+        assert lo <= f.basis_factor[basis] <= hi
+    assert f.basis_factor["wallclock"] < 1
+    assert f.range_log[0] <= 0 <= f.range_log[1]
