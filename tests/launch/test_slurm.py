@@ -340,12 +340,16 @@ def test_ray_slurm_prep_keeps_the_documents_of_the_local_executor(slurm, tiny_da
     the allocation (token authentication on); it keeps the same documents, in the same order,
     and trains the same tokenizer as the local executor (the tiny_data fixture)."""
     out, log = tmp_path / "prep", tmp_path / "slurm-prep.out"
-    slurm.env.update(PYTHON=sys.executable, RAY_TMPDIR=str(tmp_path / "ray"))
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's unix socket paths
+    slurm.env.update(PYTHON=sys.executable, RAY_TMPDIR=ray_tmp)
     job = slurm.sbatch("--nodes=1", "--cpus-per-task=2", "--time=00:15:00", f"--output={log}",
                        "launch/ray_slurm.sbatch", "configs/prep/tiny.yaml", f"out_dir={out}",
                        "progress=false", "ray.shard_docs=10")
     print(f"submitted batch job {job}: {out}")
-    _wait_done(slurm, job, log)
+    try:
+        _wait_done(slurm, job, log)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     text = _text(log)
     assert "ray cluster at" in text and "1 of 1 nodes" in text, text
 
