@@ -307,14 +307,25 @@ def test_preempted_job_requeues_and_resumes_bit_exact(slurm, tiny_data, referenc
     resumes. Then `scontrol requeue` (SLURM's own requeue, as PreemptMode=REQUEUE does it):
     SIGTERM, checkpoint, requeued, resumed. The final weights equal an uninterrupted run's."""
     out, log = tmp_path / "run", tmp_path / "slurm.out"
+    t0 = time.monotonic()
+
+    def phase(what):
+        print(f"{time.monotonic() - t0:5.1f} s  {what}")
+
     job = _submit_training(slurm, tiny_data, out, log)
     _preempt_at(slurm, job, out, 5, log, "scancel", "--signal=TERM", job)
+    phase(f"scancel --signal=TERM {job}")
     slurm.release_requeued(job, 1, log)
+    phase("requeued by the script, released")
     slurm.wait_for(job, lambda: _text(log).count("resumed from") == 1, "the first resume", log)
     first = int(re.search(r"resumed from \S+ at step (\d+)", _text(log)).group(1))
+    phase(f"resumed at step {first}")
     _preempt_at(slurm, job, out, first + 5, log, "scontrol", "requeue", job)
+    phase(f"scontrol requeue {job}")
     slurm.release_requeued(job, 2, log)
+    phase("requeued by SLURM, released")
     _wait_done(slurm, job, log)
+    phase("completed")
 
     text = _text(log)
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", text)]
