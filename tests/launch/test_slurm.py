@@ -8,8 +8,9 @@ and launch/accelerate/cpu_ddp.yaml, the settings launch/cpu.sh uses). What does 
 one node, GPUs, a shared filesystem, proctrack/cgroup (this cluster tracks processes by their
 parent, proctrack/linuxproc, which also reaches every process of a step).
 
-SLURM holds a requeued job for 121 s before it may start again (its BeginTime); the tests move
-that to now with `scontrol update StartTime=now`, as an administrator can, instead of waiting.
+SLURM holds a requeued job until the job credentials of its last start have expired (its
+BeginTime: cred_expire + 1 s, 121 s by default); this cluster sets cred_expire=10, and looks
+at its queue every second (sched_interval, bf_interval).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ SlurmdPort={d_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={root}/munge/munge.socket
+AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
 CredType=cred/munge
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
@@ -87,6 +88,7 @@ JobCompType=jobcomp/none
 ReturnToService=2
 JobRequeue=1
 KillWait=30
+SchedulerParameters=sched_interval=1,bf_interval=1
 NodeName={host} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
@@ -186,16 +188,10 @@ class Cluster:
                                      f"{_text(log)}\n{self.logs()}")
             time.sleep(0.05)
 
-    def release_requeued(self, job: str, restarts: int, log: Path) -> None:
-        """Wait until the job is back in the queue for the `restarts`th time and its last start
-        has ended (the node is idle again), then let it start now instead of after SLURM's
-        121 s hold of a requeued job. (Started earlier, the new start could be told the old
-        batch script's exit status: the hold is what prevents that on a real cluster.)"""
+    def wait_requeued(self, job: str, restarts: int, log: Path) -> None:
+        """Wait until the job is back in the queue for the `restarts`th time."""
         self.wait_for(job, lambda: self.field(job, "Restarts") == str(restarts)
-                      and self.field(job, "JobState") == "PENDING"
-                      and self.cmd("sinfo", "-h", "-o", "%T").strip() == "idle",
-                      f"requeue {restarts}", log)
-        self.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
+                      and self.field(job, "JobState") == "PENDING", f"requeue {restarts}", log)
 
 
 @pytest.fixture(scope="module")
@@ -315,15 +311,15 @@ def test_preempted_job_requeues_and_resumes_bit_exact(slurm, tiny_data, referenc
     job = _submit_training(slurm, tiny_data, out, log)
     _preempt_at(slurm, job, out, 5, log, "scancel", "--signal=TERM", job)
     phase(f"scancel --signal=TERM {job}")
-    slurm.release_requeued(job, 1, log)
-    phase("requeued by the script, released")
+    slurm.wait_requeued(job, 1, log)
+    phase(f"requeued by the script (held until {slurm.field(job, 'EligibleTime')})")
     slurm.wait_for(job, lambda: _text(log).count("resumed from") == 1, "the first resume", log)
     first = int(re.search(r"resumed from \S+ at step (\d+)", _text(log)).group(1))
     phase(f"resumed at step {first}")
     _preempt_at(slurm, job, out, first + 5, log, "scontrol", "requeue", job)
     phase(f"scontrol requeue {job}")
-    slurm.release_requeued(job, 2, log)
-    phase("requeued by SLURM, released")
+    slurm.wait_requeued(job, 2, log)
+    phase(f"requeued by SLURM (held until {slurm.field(job, 'EligibleTime')})")
     _wait_done(slurm, job, log)
     phase("completed")
 
