@@ -105,14 +105,19 @@ def test_multinode_launcher_resolves_rank_address_and_port():
     assert result.returncode != 0 and "MASTER_ADDR" in result.stderr
 
 
-def test_slurm_script_takes_address_port_and_rank_from_slurm(tmp_path):
+def fake_scontrol(tmp_path: Path, *hosts: str) -> str:
+    """A PATH whose `scontrol show hostnames` expands the job's node list to `hosts`."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    scontrol = fake / "scontrol"  # `scontrol show hostnames` expands the job's node list
-    scontrol.write_text("#!/bin/sh\necho gpu-a17\necho gpu-a18\necho gpu-a19\n")
+    scontrol = fake / "scontrol"
+    scontrol.write_text("#!/bin/sh\n" + "".join(f"echo {h}\n" for h in hosts))
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-a[17-19]",
-           "SLURM_NNODES": "3", "SLURM_JOB_ID": "123456", "SLURM_GPUS_ON_NODE": "4",
+    return f"{fake}:{os.environ['PATH']}"
+
+
+def test_slurm_script_takes_address_port_and_rank_from_slurm(tmp_path):
+    env = {"PATH": fake_scontrol(tmp_path, "gpu-a17", "gpu-a18", "gpu-a19"),
+           "SLURM_JOB_NODELIST": "gpu-a[17-19]", "SLURM_NNODES": "3", "SLURM_JOB_ID": "123456", "SLURM_GPUS_ON_NODE": "4",
            "SLURM_SUBMIT_DIR": str(ROOT)}
     lines = dry_run("slurm.sbatch", "configs/train/demo.yaml", "sample_prompt=a b", env=env)
     srun, *nodes = lines
@@ -127,14 +132,22 @@ def test_slurm_script_takes_address_port_and_rank_from_slurm(tmp_path):
         assert train_args(cmd) == ["configs/train/demo.yaml", "sample_prompt=a b", "world_size=12"]
 
 
+def test_requeued_slurm_job_resumes(tmp_path):
+    """A requeued job (SLURM_RESTART_COUNT >= 1) runs the same command with resume=auto added;
+    tests/launch/test_slurm.py requeues real jobs."""
+    env = {"PATH": fake_scontrol(tmp_path, "node1"), "SLURM_JOB_NODELIST": "node1",
+           "SLURM_NNODES": "1", "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(ROOT)}
+    for restarts, added in (("0", []), ("2", ["resume=auto"])):
+        srun, node = dry_run("slurm.sbatch", "configs/train/demo.yaml", "out_dir=runs/x",
+                             env={**env, "SLURM_RESTART_COUNT": restarts})
+        assert srun[-2 - len(added):] == ["configs/train/demo.yaml", "out_dir=runs/x", *added]
+        assert train_args(node) == ["configs/train/demo.yaml", "out_dir=runs/x", *added,
+                                    "world_size=8"]
+
+
 def test_ray_slurm_script_starts_a_head_and_a_worker_per_other_node(tmp_path):
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    scontrol = fake / "scontrol"
-    scontrol.write_text("#!/bin/sh\necho cpu-a1\necho cpu-a2\necho cpu-a3\n")
-    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "cpu-a[1-3]",
-           "SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "16", "SLURM_SUBMIT_DIR": str(ROOT)}
+    env = {"PATH": fake_scontrol(tmp_path, "cpu-a1", "cpu-a2", "cpu-a3"),
+           "SLURM_JOB_NODELIST": "cpu-a[1-3]", "SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "16", "SLURM_SUBMIT_DIR": str(ROOT)}
     head, *workers, prep = dry_run("ray_slurm.sbatch", "configs/prep/demo.yaml", "workers=8",
                                    env=env)
     port = 30000 + 4242 % 20000
