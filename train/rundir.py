@@ -125,7 +125,7 @@ def sample_text(model: Transformer, tokenizer_path: Path, cfg: TrainConfig, devi
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = model.generate(
-        idx, cfg.sample_tokens, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
+        idx, cfg.sample_tokens, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None,
         generator=gen,
     )
     return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
