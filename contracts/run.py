@@ -126,18 +126,20 @@ class RunSummary:
 
 def read_metrics(path: Path) -> tuple[list[dict], bool]:
     """The records of metrics.jsonl, and whether its last line was torn (a run killed or a
-    disk filled mid-append leaves half a record there: it is skipped, and the caller who
-    rewrites the file drops it). A bad line anywhere else is an error naming it."""
+    disk filled mid-append leaves half a record there, possibly cut inside a UTF-8 character:
+    it is skipped, and the caller who rewrites the file drops it). A bad line anywhere else is
+    an error naming the file and the line."""
     records, torn = [], False
-    lines = Path(path).read_text().splitlines() if Path(path).is_file() else []
+    lines = Path(path).read_bytes().splitlines() if Path(path).is_file() else []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             if i < len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+                what = "not UTF-8" if isinstance(e, UnicodeDecodeError) else "not JSON"
+                raise ValueError(f"{path}: line {i + 1} is {what}") from None
             torn = True
     return records, torn
 
