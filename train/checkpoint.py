@@ -207,8 +207,15 @@ def resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:
         return None
     if resume == "auto":
         found = checkpointer.latest_valid()
+        existing = checkpointer.checkpoints()
+        if found is None and existing:  # starting over would replace the run they belong to
+            problems = "; ".join(f"{p.name}: {verify_checkpoint(p)}" for p in existing)
+            raise ValueError(
+                f"resume=auto: none of the {len(existing)} checkpoint(s) in {checkpointer.root} "
+                f"verifies ({problems}); nothing was changed. Resume from a good copy with "
+                "resume=DIR, or move them away to start over")
         if found is None:
-            log.info(f"resume=auto: no valid checkpoint in {checkpointer.root}, starting fresh")
+            log.info(f"resume=auto: no checkpoint in {checkpointer.root}, starting fresh")
         return found
     path = Path(resume)
     problem = verify_checkpoint(path) if path.is_dir() else "no such directory"

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from contracts import lock
 from contracts.run import RunDir
 from model.precision import precision
 from train import trackers
@@ -51,7 +52,14 @@ from train.metrics import (
     summarize,
 )
 from train.optim import compile_step, lr_at, set_lr, skip_update
-from train.rundir import disk_space, open_dataset, prepare_run_dir, state_bytes, write_outputs
+from train.rundir import (
+    claim_out_dir,
+    disk_space,
+    open_dataset,
+    prepare_run_dir,
+    state_bytes,
+    write_outputs,
+)
 from train.stop import EXIT_STOPPED, Stopper
 from train.techniques import build_model, resolve_compile
 
@@ -130,6 +138,7 @@ def run(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s")
+    claim_out_dir(cfg.out_dir, accelerator)  # one run per directory: refused while another lives
     resolve_compile(cfg, accelerator.device)  # compile=auto settled, bad modes refused: early
 
     # Data first: the vocabulary size and token dtype come from the prepared dataset.
@@ -247,4 +256,5 @@ def run(cfg: TrainConfig) -> dict:
     if main:
         write_outputs(cfg, summary, raw_model, accelerator.device, meta.eos_id)
     finish(accelerator)
+    lock.release(cfg.out_dir)
     return summary
