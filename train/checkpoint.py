@@ -114,6 +114,20 @@ class Checkpointer:
         self.last_save_s = time.monotonic() - started
         return final
 
+    def consolidate(self, step: int, model) -> Path | None:
+        """Add `model`'s unsharded weights to checkpoint `step` (the last of an FSDP run) as
+        model.safetensors, and its manifest over them: the pickle-free copy of a sharded
+        checkpoint that generate and export read (main rank). None if there is no such
+        checkpoint, or it does not verify."""
+        path = self.root / checkpoint_name(step)
+        if not path.is_dir() or verify_checkpoint(path) is not None:
+            return None
+        tmp = path / f"{WEIGHTS}.tmp"
+        save_model(model, str(tmp))
+        os.replace(tmp, path / WEIGHTS)
+        write_manifest(path, step, read_trainer(path)["fingerprint"])
+        return path
+
     def _prune(self) -> None:
         """Keep the newest `keep` checkpoints (0 keeps all)."""
         for stale in self.root.glob(f"{PREFIX}*.tmp"):  # left by a crash during a save

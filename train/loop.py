@@ -39,7 +39,14 @@ from train.checkpoint import (
 from train.clock import PeakSampler, PhaseTimer, time_allreduce
 from train.config import TrainConfig
 from train.data import BatchLoader, DeviceBatches, TokenWindows
-from train.distributed import build_accelerator, finish, global_sum, set_threads, weight_checksums
+from train.distributed import (
+    PeerWatch,
+    build_accelerator,
+    finish,
+    global_sum,
+    set_threads,
+    weight_checksums,
+)
 from train.fsdp import full_copy
 from train.memory import check_memory
 from train.metrics import (
@@ -132,8 +139,18 @@ def train_step(model, optimizer, batches: list, accelerator: Accelerator, timer:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train as configured; returns the summary (also written to out_dir/summary.json)."""
+    """Train as configured; returns the summary (also written to out_dir/summary.json).
+    A rank that stops answering for collective_timeout_s ends the run on the others with one
+    line naming it (PeerLost); the last good checkpoint stays."""
     accelerator = build_accelerator(cfg)
+    watch = PeerWatch(accelerator.process_index, accelerator.num_processes,
+                      cfg.collective_timeout_s)
+    with watch.watching():
+        return train_on_rank(cfg, accelerator, watch)
+
+
+def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) -> dict:
+    """The run on this rank, once its process group is up."""
     set_threads(cfg, accelerator)
     set_seed(cfg.seed)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -212,6 +229,8 @@ def run(cfg: TrainConfig) -> dict:
                 "Lower optim.lr or inspect the data."
             )
 
+    watch.where = lambda: (f"at step {state.step + 1}; last good checkpoint: "
+                           f"{checkpointer.latest_valid() or 'none'}")
     train_batches = DeviceBatches(train_loader, accelerator.device)  # pinned, ahead, on GPU
     timer = PhaseTimer(accelerator.device)
     # The stop vote: a collective (and a wait) per step with several ranks; none with one.
@@ -251,6 +270,9 @@ def run(cfg: TrainConfig) -> dict:
             raise SystemExit(EXIT_STOPPED)
 
     raw_model = full_copy(raw_model)  # unsharded under fsdp=true: checksums, export, samples
+    if cfg.fsdp and main:  # the last checkpoint gets pickle-free weights too
+        with disk_space(checkpointer.root, lambda: state_bytes(raw_model)):
+            checkpointer.consolidate(cfg.steps, raw_model)
     summary = summarize(cfg, info, metrics, state)
     summary["rank_weight_sha256"] = weight_checksums(raw_model, accelerator)
     if main:
