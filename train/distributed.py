@@ -277,7 +277,7 @@ class PeerWatch:
 
     def explain(self) -> str:
         silent = self.silent_ranks()
-        limit = f"collective_timeout_s={self.timeout_s:g}"
+        limit = f"collective_timeout_s={self.timeout_s:g} s"
         if silent:
             who = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
             what = f"{who} stopped answering: no reply within {limit}"

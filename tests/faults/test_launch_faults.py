@@ -202,3 +202,38 @@ def test_a_second_run_on_a_live_directory_is_refused_and_a_dead_ones_lock_is_not
                                         "resume=auto"), 2)
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {stopped_at}" in resumed.stderr
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_run_in_one_line_naming_it(tiny_data, tmp_path):
+    """`kill -STOP` of rank 1: the run used to hang forever, silent. Now rank 0's collective
+    gives up after collective_timeout_s, it says in one line that rank 1 stopped answering and
+    which checkpoint is the last good one, and the script ends; that checkpoint resumes."""
+    out = tmp_path / "run"
+    with open(tmp_path / "log", "w") as log:
+        script = start_script(launch_args(tiny_data, out, "steps=100000", "checkpoint_every=3",
+                                          "collective_timeout_s=5"), log, 2)
+    ranks: list[psutil.Process] = []
+    try:
+        wait_for(out, 7, script, tmp_path / "log")
+        _, ranks = launcher_and_ranks(script, 2)
+        rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
+        rank1.suspend()
+        rc = script.wait(timeout=240)
+        text = (tmp_path / "log").read_text()
+        assert rc not in (0, 75), text
+        errors = [x for x in text.splitlines() if x.startswith("error: ")]
+        assert len(errors) == 1 and "rank 1 stopped answering: no reply within " \
+            "collective_timeout_s=5 s" in errors[0], text
+        assert "Traceback" not in text and "FAILED" not in text, text
+        named = errors[0].split("last good checkpoint: ")[1].split(";")[0]
+        assert named == str(finished_checkpoints(out)[-1]), text
+    finally:
+        for p in ranks:
+            if p.is_running():
+                p.resume()
+        kill_leftovers(script, ranks)
+    stopped_at = int(Path(named).name.split("_")[1])
+    resumed = script_output(launch_args(tiny_data, out, f"steps={stopped_at + 2}",
+                                        "resume=auto"), 2)
+    assert resumed.returncode == 0 and f"at step {stopped_at}" in resumed.stderr, resumed.stderr
