@@ -8,7 +8,7 @@ next run simply takes it. The file itself is left in place.
 Where the filesystem has no `flock` (some network filesystems mounted without lock support),
 the file's contents decide instead: a holder on this host whose pid is gone is stale and taken
 over; a holder on another host is trusted to be alive, and the refusal says to delete the file
-if it is not (docs/faults.md, "One run per directory").
+if it is not (docs/faults.md, "What is handled").
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@
       manifest.json      written last: SHA-256 and size of the files generate and export read
                          (RUN_MANIFEST_FILES); removed when a resume starts rewriting them
       checkpoints/       step_NNNNNNNN/ (see contracts.checkpoint)
+      run.lock           held (flock) by the run writing here; pid, host, start (contracts.lock)
+      earlier_runs/      <UTC time>/: an earlier run's files, set aside by a fresh run here
 
 summary.json keys every reader may rely on (`REQUIRED`): `format`, `device`, `world_size`,
 `mixed_precision`, `model` (the model config plus `params`), `seq_len`, `tokens_per_s`,
