@@ -275,18 +275,24 @@ class PeerWatch:
         except Exception:
             return None
 
-    def explain(self) -> str:
+    def explain(self, timed_out: bool) -> str:
+        """The one line: who stopped answering (a timeout) or ended (a closed connection:
+        that rank's own message, if it could write one, says why)."""
         silent = self.silent_ranks()
         limit = f"collective_timeout_s={self.timeout_s:g} s"
+        verb = f"stopped answering: no reply within {limit}" if timed_out else \
+            "ended or lost its connection"
         if silent:
             who = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
-            what = f"{who} stopped answering: no reply within {limit}"
+            what = f"{who} {verb}"
         elif silent is None:
-            what = (f"a rank stopped answering within {limit} (the launch's store did not say "
-                    "which: rank 0 hosts it outside torchrun, or the network is down)")
-        else:
+            what = (f"a rank {verb} (the launch's store did not say which: rank 0 hosts it "
+                    "outside torchrun, or the network is down)")
+        elif timed_out:
             what = (f"a collective took longer than {limit} while every rank was alive: raise "
                     "collective_timeout_s if steps or saves are that slow")
+        else:
+            what = "a rank closed its connection"
         return f"{what}, {self.where()}; stopping (resume with resume=auto)"
 
     @contextlib.contextmanager
@@ -298,4 +304,4 @@ class PeerWatch:
             text = str(e).lower()
             if self.world == 1 or isinstance(e, PeerLost) or not any(s in text for s in PEER_SIGNS):
                 raise
-            raise PeerLost(self.explain()) from e
+            raise PeerLost(self.explain("timed out" in text or "timeout" in text)) from e
