@@ -14,7 +14,10 @@ Under `fsdp=true` the weights and optimizer state are sharded instead (torch.dis
 `.metadata` is a pickle: loading it can run code, so nothing reads a checkpoint's weights before
 `check_loadable` has matched every file against the manifest (and found no DCP file the manifest
 does not list). The manifest guards against corruption, not against a forger: whoever can write
-the files can write a manifest that matches them (docs/faults.md, "Trusting a checkpoint").
+the files can write a manifest that matches them (docs/faults.md, "Trusting a checkpoint"), so
+generate and export read DCP files only when told to trust them (--trust-pickle). At the end of
+an FSDP run its last checkpoint also gets the unsharded weights as `model.safetensors`
+(consolidated), which they read instead.
 
 Checkpoints are written into `step_NNNNNNNN.tmp/` and renamed when complete. A directory
 without a manifest, or whose files do not match it, is not a checkpoint.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 FORMAT = 1
@@ -64,7 +68,9 @@ def write_manifest(directory: Path, step: int | None = None, fingerprint: dict |
     manifest["files"] = {name: {"sha256": sha256_file(directory / name),
                                 "bytes": (directory / name).stat().st_size}
                          for name in sorted(names)}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    tmp = directory / f"{MANIFEST}.tmp"  # replaced whole: a crash leaves the old or the new one
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, directory / MANIFEST)
     return manifest
 
 

@@ -1,6 +1,7 @@
 """How every command reports a user error: one `error: ...` line on stderr and exit code 2.
 
-A user error is a bad config value, a missing file, or a full disk (`NoSpace`): something the
+A user error is a bad config value, a missing file, a full disk (`NoSpace`) or a read-only
+one (`NotWritable`): something the
 user fixes, for which a traceback is noise. With `TOKENCLOCK_DEBUG=1` in the environment the
 exception propagates instead, traceback and all. Every `main()` of train, data_prep and
 estimate goes through `run_main`. Standard library only, like the rest of `contracts`.
@@ -32,7 +33,21 @@ def is_no_space(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno == errno.ENOSPC
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, NoSpace)
+class NotWritable(OSError):
+    """A write failed because the place is read-only or not ours; its message names the path."""
+
+    def __init__(self, path, error: OSError):
+        super().__init__(error.errno, f"cannot write to {path}: {os.strerror(error.errno)}")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_not_writable(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, NoSpace, NotWritable)
 
 
 def debug() -> bool:

@@ -11,6 +11,8 @@
       manifest.json      written last: SHA-256 and size of the files generate and export read
                          (RUN_MANIFEST_FILES); removed when a resume starts rewriting them
       checkpoints/       step_NNNNNNNN/ (see contracts.checkpoint)
+      run.lock           held (flock) by the run writing here; pid, host, start (contracts.lock)
+      earlier_runs/      <UTC time>/: an earlier run's files, set aside by a fresh run here
 
 summary.json keys every reader may rely on (`REQUIRED`): `format`, `device`, `world_size`,
 `mixed_precision`, `model` (the model config plus `params`), `seq_len`, `tokens_per_s`,
@@ -39,6 +41,7 @@ from contracts.checkpoint import (
     WEIGHTS,
     check_loadable,
     is_checkpoint_dir,
+    read_manifest,
     read_trainer,
     write_manifest,
 )
@@ -126,18 +129,20 @@ class RunSummary:
 
 def read_metrics(path: Path) -> tuple[list[dict], bool]:
     """The records of metrics.jsonl, and whether its last line was torn (a run killed or a
-    disk filled mid-append leaves half a record there: it is skipped, and the caller who
-    rewrites the file drops it). A bad line anywhere else is an error naming it."""
+    disk filled mid-append leaves half a record there, possibly cut inside a UTF-8 character:
+    it is skipped, and the caller who rewrites the file drops it). A bad line anywhere else is
+    an error naming the file and the line."""
     records, torn = [], False
-    lines = Path(path).read_text().splitlines() if Path(path).is_file() else []
+    lines = Path(path).read_bytes().splitlines() if Path(path).is_file() else []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             if i < len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+                what = "not UTF-8" if isinstance(e, UnicodeDecodeError) else "not JSON"
+                raise ValueError(f"{path}: line {i + 1} is {what}") from None
             torn = True
     return records, torn
 
@@ -229,20 +234,33 @@ def find_eos_token(tokenizer: Path | None, run_dir: Path, config: dict) -> str:
     return EOS_TOKEN
 
 
-def locate_run(path: str | Path) -> RunFiles:
+TRUST_PICKLE = "--trust-pickle"  # generate's and export's flag to load a sharded checkpoint
+
+
+def locate_run(path: str | Path, trust_pickle: bool = False) -> RunFiles:
     """The config, weights, tokenizer and end-of-text token of a run directory or checkpoint,
     after checking the files: a checkpoint must match its manifest.json (and the manifest must
     list its weights) or it is refused; a run directory is checked against its manifest.json
     when it has one (runs written before it existed have none). The weights of a run directory
-    are always `model.safetensors`; only a checkpoint can be sharded (`"sharded": true` in its
-    trainer.json), and then its DCP files are read only after they matched the manifest."""
+    are always `model.safetensors`. A sharded (FSDP) checkpoint is read through its
+    consolidated `model.safetensors` where the run wrote one (the last checkpoint of a finished
+    run); its DCP files, whose `.metadata` is a pickle that can run code, only with
+    `trust_pickle` (a manifest proves the files are whole, not who wrote them)."""
     path = Path(path)
     config, run_dir = read_run_config(path)
     checkpoint = not RunDir(path).config.is_file()  # read_run_config found trainer.json
     sharded = checkpoint and bool(read_trainer(path)["sharded"])
+    if sharded and WEIGHTS in (read_manifest(path)[0] or {}):
+        sharded = False  # consolidated at the end of the run: read the safetensors
     weights = path / (SHARDED_INDEX if sharded else WEIGHTS)
     if checkpoint:
         check_loadable(path, weights.name)
+        if sharded and not trust_pickle:
+            raise ValueError(
+                f"refusing to load {path}: a sharded (FSDP) checkpoint's {SHARDED_INDEX} is a "
+                "pickle, which can run code when loaded, and a manifest cannot prove who wrote "
+                f"it. Use the run directory's {WEIGHTS} (pickle-free, written at the end of "
+                f"every run), or pass {TRUST_PICKLE} if you trust whoever wrote {path}")
     elif not weights.is_file():
         raise FileNotFoundError(
             f"{weights} is missing: the run has not finished (only finished runs and checkpoints "

@@ -13,7 +13,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ACCELERATE="$(dirname "$PY")/accelerate"
 [ -x "$ACCELERATE" ] || ACCELERATE=accelerate
 if [ "$NPROC" -gt 1 ]; then
-  DIST=(--config_file "$HERE/accelerate/cpu_ddp.yaml" --num_processes "$NPROC" --main_process_port "$PORT")
+  # quiet: torchrun's failure report without accelerate's traceback around it (lib.sh drops both)
+  DIST=(--config_file "$HERE/accelerate/cpu_ddp.yaml" --num_processes "$NPROC" --main_process_port "$PORT" --quiet)
 else
   DIST=(--config_file "$HERE/accelerate/cpu_1proc.yaml" --quiet)  # quiet: no traceback on exit 75
 fi

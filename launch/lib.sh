@@ -1,13 +1,16 @@
 # Sourced by cpu.sh, gpu.sh and multinode.sh: `run [NAME=value ...] COMMAND ...` runs the launcher.
 # DRY_RUN=1: print the command, shell-quoted and ready to paste (environment settings first),
 # instead of running it. Otherwise the launcher runs in a session of its own as a child of this
-# shell, which:
+# shell, killed if this shell dies (launch/guard.py; its ranks then checkpoint and stop), with
+# its stderr passed through launch/quiet.py (no torchrun log lines or failure report, and a rank
+# error line that every rank printed shown once). This shell:
 #  - forwards SIGTERM, SIGHUP (as SIGTERM) and SIGINT (SLURM preemption, Ctrl-C) once, to the
 #    ranks, which checkpoint at the end of their step and exit 75. (accelerate's own handling
 #    would print a SignalException traceback and SIGKILL the ranks 30 s later, mid-save or not.)
 #  - waits for the ranks, even when the launcher was killed under them;
 #  - exits with the launcher's code, except 75 when every local rank exited 75 (checkpointed and
-#    stopped: a signal, the time limit, or the launcher's death), where accelerate exits 1.
+#    stopped: a signal, the time limit, or the launcher's death), where accelerate exits 1, and
+#    2 when every local rank exited 2 (a user error, said in one `error:` line).
 # LOCAL_PROCS: the number of ranks this machine runs.
 run() {
   if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@" | sed 's/ $//'; echo; return 0; fi
@@ -17,11 +20,12 @@ run() {
   export TOKENCLOCK_EXIT_DIR="$_EXIT_DIR"
   # A session of its own: a terminal's Ctrl-C reaches only this shell, which forwards it once.
   # The subshell restores SIGINT, which bash ignores in background commands.
-  if command -v setsid >/dev/null; then
-    (trap - INT QUIT; exec setsid env "$@") &
-  else
-    (trap - INT QUIT; exec env "$@") &
-  fi
+  local py=${PY:-python} here
+  here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+  mkfifo "$_EXIT_DIR/stderr"
+  (trap '' INT TERM HUP; exec "$py" "$here/quiet.py") <"$_EXIT_DIR/stderr" >&2 &
+  local filter=$!
+  (trap - INT QUIT; exec "$py" "$here/guard.py" "$$" env "$@") 2>"$_EXIT_DIR/stderr" &
   _PID=$!
   trap '_forward TERM' TERM HUP
   trap '_forward INT' INT
@@ -34,14 +38,20 @@ run() {
   done
   wait "$_PID" || rc=$?
   while _alive $ranks; do sleep 1 & wait $! || true; done
-  local stopped=0 f
+  # Every line the ranks wrote is out before this script's last one (within 10 s: a process
+  # the ranks left behind may hold their stderr open).
+  local i
+  for i in 1 2 3 4 5 6 7 8 9 10; do _alive "$filter" || break; sleep 1 & wait $! || true; done
+  local stopped=0 refused=0 f
   for f in "$_EXIT_DIR"/rank_*; do
     if [ -f "$f" ] && [ "$(cat "$f")" = 75 ]; then stopped=$((stopped + 1)); fi
+    if [ -f "$f" ] && [ "$(cat "$f")" = 2 ]; then refused=$((refused + 1)); fi
   done
   if [ "$rc" -ne 0 ] && [ "$stopped" -eq "${LOCAL_PROCS:-1}" ]; then
     echo "${0##*/}: every rank checkpointed and stopped (exit 75); resume with resume=auto" >&2
     exit 75
   fi
+  if [ "$rc" -ne 0 ] && [ "$refused" -eq "${LOCAL_PROCS:-1}" ]; then exit 2; fi
   exit "$rc"
 }
 

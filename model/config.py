@@ -12,6 +12,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from contracts.config import Flag, Range, Text, check_ranges
+
+_POSITIVE, _COUNT = Range(0, open_lo=True), Range(0)
+# The valid range of every field (checked first by `validate`; the checks after it relate fields)
+RANGES = {
+    "vocab_size": Range(0, note="0 = from the data"), "seq_len": _POSITIVE, "n_layer": _POSITIVE,
+    "d_model": _POSITIVE, "n_head": _POSITIVE, "n_kv_head": _POSITIVE,
+    "multiple_of": _POSITIVE, "ffn_hidden": _POSITIVE, "tie_embeddings": Flag(), "rope_theta": _POSITIVE,
+    "norm_eps": _POSITIVE, "init_std": _POSITIVE, "n_experts": _COUNT, "n_experts_active": _COUNT,
+    "n_shared_experts": _COUNT, "moe_ffn_hidden": Range(0, open_lo=True, optional=True),
+    "n_dense_layers": _COUNT, "kv_lora_rank": _COUNT, "q_lora_rank": _COUNT,
+    "qk_nope_head_dim": _COUNT, "qk_rope_head_dim": _COUNT, "v_head_dim": _COUNT,
+    "mtp_depth": _COUNT, "notes": Text(),
+}
+
 
 @dataclass
 class ModelConfig:
@@ -53,7 +68,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if self.ffn_hidden is None:
+        if self.ffn_hidden is None and self.multiple_of > 0:  # else validate names multiple_of
             hidden = int(8 * self.d_model / 3)
             self.ffn_hidden = self.multiple_of * -(-hidden // self.multiple_of)
         if self.n_experts and self.moe_ffn_hidden is None:
@@ -61,13 +76,9 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent field."""
-        positive = ("seq_len", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_hidden")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
-        if self.vocab_size < 0:
-            raise ValueError(f"model.vocab_size must be >= 0 (0 = from data), got {self.vocab_size}")
+        """Raise ValueError naming the first field out of its range (RANGES) or inconsistent
+        with the others."""
+        check_ranges(self, RANGES, "model.")
         if self.is_mla:
             for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 if getattr(self, name) <= 0:

@@ -114,6 +114,20 @@ class Checkpointer:
         self.last_save_s = time.monotonic() - started
         return final
 
+    def consolidate(self, step: int, model) -> Path | None:
+        """Add `model`'s unsharded weights to checkpoint `step` (the last of an FSDP run) as
+        model.safetensors, and its manifest over them: the pickle-free copy of a sharded
+        checkpoint that generate and export read (main rank). None if there is no such
+        checkpoint, or it does not verify."""
+        path = self.root / checkpoint_name(step)
+        if not path.is_dir() or verify_checkpoint(path) is not None:
+            return None
+        tmp = path / f"{WEIGHTS}.tmp"
+        save_model(model, str(tmp))
+        os.replace(tmp, path / WEIGHTS)
+        write_manifest(path, step, read_trainer(path)["fingerprint"])
+        return path
+
     def _prune(self) -> None:
         """Keep the newest `keep` checkpoints (0 keeps all)."""
         for stale in self.root.glob(f"{PREFIX}*.tmp"):  # left by a crash during a save
@@ -207,8 +221,15 @@ def resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:
         return None
     if resume == "auto":
         found = checkpointer.latest_valid()
+        existing = checkpointer.checkpoints()
+        if found is None and existing:  # starting over would replace the run they belong to
+            problems = "; ".join(f"{p.name}: {verify_checkpoint(p)}" for p in existing)
+            raise ValueError(
+                f"resume=auto: none of the {len(existing)} checkpoint(s) in {checkpointer.root} "
+                f"verifies ({problems}); nothing was changed. Resume from a good copy with "
+                "resume=DIR, or move them away to start over")
         if found is None:
-            log.info(f"resume=auto: no valid checkpoint in {checkpointer.root}, starting fresh")
+            log.info(f"resume=auto: no checkpoint in {checkpointer.root}, starting fresh")
         return found
     path = Path(resume)
     problem = verify_checkpoint(path) if path.is_dir() else "no such directory"

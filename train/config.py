@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from contracts.config import load_structured
+from contracts.config import Choice, Each, Flag, Range, Text, check_ranges, load_structured
 from model.config import DERIVED, PRESET_FIELDS, ModelConfig, preset_fields
 from model.flops import TRAINABLE_RECOMPUTE
 from model.precision import TRAINING_SWITCHES
@@ -43,6 +43,14 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     fused: bool = True  # use the fused AdamW kernel where torch has one for the device
+
+
+OPTIM_RANGES = {
+    "lr": Range(0, open_lo=True), "min_lr_ratio": Range(0, 1), "warmup_steps": Range(0),
+    "weight_decay": Range(0), "beta1": Range(0, 1, open_hi=True),
+    "beta2": Range(0, 1, open_hi=True), "eps": Range(0, open_lo=True),
+    "grad_clip": Range(0, note="0 = no clipping"), "fused": Flag(),
+}
 
 
 @dataclass
@@ -75,6 +83,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept; 0 keeps all
     resume: str = "none"  # none | auto (newest valid checkpoint in out_dir) | a checkpoint dir
     time_limit_s: float = 0.0  # checkpoint and exit before this much wall time; 0 = no limit
+    collective_timeout_s: float = 600.0  # a rank silent this long in a collective ends the run
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     inject_nan_at_steps: list[int] = field(default_factory=list)  # fault injection, for tests
     tracker: str = "wandb"  # wandb | tensorboard | none (train/trackers.py)
@@ -83,6 +92,33 @@ class TrainConfig:
     sample_tokens: int = 64
     sample_temperature: float = 0.8
     sample_top_k: int = 40
+
+
+_POSITIVE, _COUNT = Range(0, open_lo=True), Range(0)
+# The valid range of every key (the model's are model.config.RANGES, the optimizer's
+# OPTIM_RANGES): checked at config time, each refusal one line naming the key.
+RANGES = {
+    "data_dir": Text(empty=False), "out_dir": Text(empty=False),
+    "seed": Range(0, 2**32 - 1),  # numpy's seeds
+    "steps": _POSITIVE, "batch_size": _POSITIVE, "micro_batch_size": _POSITIVE,
+    "seq_len": Range(0, note="0 = model.seq_len"), "mixed_precision": Choice(PRECISIONS),
+    "activation_checkpointing": Choice(CHECKPOINTING), "checkpoint_every_k": _POSITIVE,
+    "compile": Choice(COMPILE_SWITCH), "compile_scope": Choice(COMPILE_SCOPES),
+    "compile_mode": Choice(COMPILE_MODES), "compile_optimizer": Flag(), "fsdp": Flag(),
+    "world_size": Range(0, note="0 = $WORLD_SIZE or 1"),
+    "threads_per_process": Range(0, note="0 = cores / local processes"),
+    "eval_every": _POSITIVE, "eval_batches": _POSITIVE, "log_every": _POSITIVE,
+    "warmup_steps_excluded": _COUNT, "peak_samples": _POSITIVE,
+    "checkpoint_every": Range(0, note="0 = only on preemption"),
+    "keep_checkpoints": Range(0, note="0 keeps all"), "resume": Text(empty=False),
+    "time_limit_s": Range(0, note="0 = no limit"),
+    "collective_timeout_s": Range(1, 7 * 24 * 3600),
+    "max_bad_steps": _POSITIVE, "inject_nan_at_steps": Each(_POSITIVE),
+    "tracker": Choice(("wandb", "tensorboard", "none")), "wandb_project": Text(empty=False),
+    "sample_prompt": Text(), "sample_tokens": _COUNT,
+    "sample_temperature": Range(0, note="0 = greedy"),
+    "sample_top_k": Range(0, note="0 = every token"),
+}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -135,35 +171,9 @@ def _means_off(key: str, value) -> bool:
 
 def validate(cfg: TrainConfig) -> None:
     """Raise ValueError naming the bad value and what would be valid."""
-    if cfg.mixed_precision not in PRECISIONS:
-        raise ValueError(f"mixed_precision={cfg.mixed_precision!r}; valid: {', '.join(PRECISIONS)}")
-    if cfg.activation_checkpointing not in CHECKPOINTING:
-        raise ValueError(
-            f"activation_checkpointing={cfg.activation_checkpointing!r}; "
-            f"valid: {', '.join(CHECKPOINTING)}"
-        )
     cfg.compile = str(cfg.compile).lower()  # YAML's true/false arrive as "True"/"False"
-    if cfg.compile not in COMPILE_SWITCH:
-        raise ValueError(f"compile={cfg.compile!r}; valid: {', '.join(COMPILE_SWITCH)}")
-    if cfg.compile_mode not in COMPILE_MODES:
-        raise ValueError(f"compile_mode={cfg.compile_mode!r}; valid: {', '.join(COMPILE_MODES)}")
-    if cfg.compile_scope not in COMPILE_SCOPES:
-        raise ValueError(f"compile_scope={cfg.compile_scope!r}; valid: {', '.join(COMPILE_SCOPES)}")
-    if cfg.tracker not in ("wandb", "tensorboard", "none"):
-        raise ValueError(f"tracker={cfg.tracker!r}; valid: wandb, tensorboard, none")
-    for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches",
-                 "log_every", "max_bad_steps"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
-    if not cfg.optim.lr > 0:
-        raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if cfg.optim.warmup_steps < 0 or cfg.warmup_steps_excluded < 0:
-        raise ValueError("optim.warmup_steps and warmup_steps_excluded must be >= 0, got "
-                         f"{cfg.optim.warmup_steps} and {cfg.warmup_steps_excluded}")
-    if cfg.seq_len < 0:
-        raise ValueError(f"seq_len must be > 0, or 0 for model.seq_len, got {cfg.seq_len}")
-    if cfg.checkpoint_every < 0 or cfg.keep_checkpoints < 0:
-        raise ValueError("checkpoint_every and keep_checkpoints must be >= 0")
+    check_ranges(cfg, RANGES, skip=("model", "optim"))
+    check_ranges(cfg.optim, OPTIM_RANGES, "optim.")
     if cfg.seq_len > cfg.model.seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds model.seq_len={cfg.model.seq_len}")
     cfg.model.validate()

@@ -6,14 +6,17 @@ import contextlib
 import hashlib
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from model.precision import precision
 from train import fp8, trackers
@@ -26,6 +29,13 @@ CPU_LAUNCH = ("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processe
 
 class LaunchError(Exception):
     """The launch started another number of processes than was asked for (a user error)."""
+
+
+class PeerLost(RuntimeError):
+    """A rank stopped answering for collective_timeout_s: this rank cannot go on (one line)."""
+
+
+EXIT_PEER_LOST = 1
 
 
 def launcher_command(pid: int = PARENT_PID) -> tuple[str, list[str]] | None:
@@ -105,14 +115,25 @@ def exit_status() -> Iterator[None]:
         print(f"error: {e}", file=sys.stderr)
         code = 2
         raise SystemExit(2) from None
+    except PeerLost as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = EXIT_PEER_LOST
+        _record_exit(code)
+        # Not a normal exit: the process group's threads and destructors would wait for the
+        # silent rank, forever. The last good checkpoint is already on disk.
+        os._exit(code)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         raise
     finally:
-        if os.environ.get(EXIT_DIR):
-            with contextlib.suppress(OSError):
-                path = Path(os.environ[EXIT_DIR]) / f"rank_{os.environ.get('RANK', '0')}"
-                path.write_text(f"{code}\n")
+        _record_exit(code)
+
+
+def _record_exit(code: int) -> None:
+    if os.environ.get(EXIT_DIR):
+        with contextlib.suppress(OSError):
+            path = Path(os.environ[EXIT_DIR]) / f"rank_{os.environ.get('RANK', '0')}"
+            path.write_text(f"{code}\n")
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -128,6 +149,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         mixed_precision=precision(cfg.mixed_precision).accelerate,  # fp8: bf16 autocast around it
         log_with=trackers.log_with(cfg.tracker),  # wandb: online with credentials, else offline
         project_dir=cfg.out_dir,
+        # every collective (gloo and NCCL alike) gives up after this long without its peers
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))],
     )
     expected = cfg.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
@@ -192,3 +215,93 @@ def finish(accelerator: Accelerator) -> None:
     accelerator.end_training()
     if accelerator.num_processes > 1:
         time.sleep(0.2)
+
+
+# What a collective's error says when a peer went silent or away (gloo, NCCL, the TCP store)
+PEER_SIGNS = ("timed out", "timeout", "connection closed by peer", "connection reset by peer",
+              "broken pipe")
+
+
+class PeerWatch:
+    """Names the rank that stopped answering when a collective times out.
+
+    Every rank's thread adds one to its counter in the launch's key-value store (the TCPStore
+    at MASTER_ADDR:MASTER_PORT that torchrun's agent serves) every BEAT_S seconds; a frozen rank
+    (SIGSTOP, a hung device, a dead host) stops counting. When a collective fails with a
+    timeout, the survivors note that they are alive and watch the counters for a few beats: the
+    ranks whose counters stand still are the ones that stopped answering. A store that does not
+    answer either (it lives in rank 0 when the launcher is not torchrun) is said so.
+    """
+
+    BEAT_S = 1.0
+
+    def __init__(self, rank: int, world: int, timeout_s: float):
+        self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self.where: Callable[[], str] = str  # the loop's "at step N; last good checkpoint ..."
+        self.beating = False
+        if world > 1 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+            with contextlib.suppress(Exception):  # no store, no names: the timeout still holds
+                threading.Thread(target=self._beat, args=(self._client(),), daemon=True,
+                                 name="heartbeat").start()
+                self.beating = True
+
+    def _client(self):
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                             is_master=False, timeout=timedelta(seconds=10))
+
+    def _beat(self, store) -> None:
+        with contextlib.suppress(Exception):  # the store went away: the run is ending
+            while True:
+                store.add(f"tokenclock/beat/{self.rank}", 1)
+                time.sleep(self.BEAT_S)
+
+    def silent_ranks(self) -> list[int] | None:
+        """The ranks whose heartbeat stands still (this rank excluded, and the ranks that saw
+        the timeout too), or None when the store does not answer."""
+        if not self.beating:
+            return None
+        try:
+            store = self._client()
+            store.add(f"tokenclock/timed_out/{self.rank}", 1)
+
+            def beats() -> list[int]:
+                return [store.add(f"tokenclock/beat/{r}", 0) for r in range(self.world)]
+
+            first = beats()
+            time.sleep(3 * self.BEAT_S)
+            last = beats()
+            return [r for r in range(self.world) if r != self.rank and first[r] == last[r]
+                    and not store.add(f"tokenclock/timed_out/{r}", 0)]
+        except Exception:
+            return None
+
+    def explain(self, timed_out: bool) -> str:
+        """The one line: who stopped answering (a timeout) or ended (a closed connection:
+        that rank's own message, if it could write one, says why)."""
+        silent = self.silent_ranks()
+        limit = f"collective_timeout_s={self.timeout_s:g} s"
+        verb = f"stopped answering: no reply within {limit}" if timed_out else \
+            "ended or lost its connection"
+        if silent:
+            who = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
+            what = f"{who} {verb}"
+        elif silent is None:
+            what = (f"a rank {verb} (the launch's store did not say which: rank 0 hosts it "
+                    "outside torchrun, or the network is down)")
+        elif timed_out:
+            what = (f"a collective took longer than {limit} while every rank was alive: raise "
+                    "collective_timeout_s if steps or saves are that slow")
+        else:
+            what = "a rank closed its connection"
+        return f"{what}, {self.where()}; stopping (resume with resume=auto)"
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Around the run: a collective that failed for want of a peer becomes PeerLost."""
+        try:
+            yield
+        except RuntimeError as e:
+            text = str(e).lower()
+            if self.world == 1 or isinstance(e, PeerLost) or not any(s in text for s in PEER_SIGNS):
+                raise
+            raise PeerLost(self.explain("timed out" in text or "timeout" in text)) from e

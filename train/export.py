@@ -31,7 +31,7 @@ from contracts.cli import USER_ERRORS, report
 from contracts.run import EOS_TOKEN
 from model.hf import check_exportable, llama_config, llama_state_dict
 from model.transformer import Transformer
-from train.load import load_run
+from train.load import add_trust_pickle, load_run
 
 
 def eos_id_of(tokenizer_json: Path, eos_token: str = EOS_TOKEN) -> int:
@@ -88,9 +88,9 @@ def export_model(
     return out
 
 
-def export_run(path: str | Path, out_dir: str | Path) -> Path:
+def export_run(path: str | Path, out_dir: str | Path, trust_pickle: bool = False) -> Path:
     """Export the model of a run directory or checkpoint (see `train.load.load_run`)."""
-    run = load_run(path)
+    run = load_run(path, trust_pickle=trust_pickle)
     check_exportable(run.cfg)
     if run.tokenizer_path is None:
         raise FileNotFoundError(f"no tokenizer.json for {path} (run directory or data_dir)")
@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("path", help="run directory or checkpoint directory")
     parser.add_argument("out_dir", help="where to write config.json, model.safetensors, tokenizer files")
+    add_trust_pickle(parser)
     args = parser.parse_args(argv)
     try:
-        out = export_run(args.path, args.out_dir)
+        out = export_run(args.path, args.out_dir, args.trust_pickle)
     except USER_ERRORS as e:
         sys.exit(report(e))
     print(f"exported {args.path} -> {out} (load with transformers' "

@@ -24,7 +24,7 @@ import torch
 from tokenizers import Tokenizer
 
 from contracts.cli import USER_ERRORS, report
-from train.load import LoadedRun, load_run
+from train.load import LoadedRun, add_trust_pickle, load_run
 
 
 def pick_device(name: str) -> torch.device:
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         help="CPU threads (0 = torch's default). Decoding a small model one token at a time is "
         "latency-bound: on a busy machine --threads 1 can be many times faster",
     )
+    add_trust_pickle(parser)
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0 or args.num_samples < 1:
         parser.error("--max-new-tokens must be >= 0 and --num-samples >= 1")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         device = pick_device(args.device)
-        run = load_run(args.path, device)
+        run = load_run(args.path, device, args.trust_pickle)
         texts, stats = generate_text(
             run, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None,
             args.top_p if args.top_p < 1 else None, args.num_samples, args.seed,

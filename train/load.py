@@ -7,8 +7,10 @@ files of an FSDP checkpoint (torch.distributed.checkpoint), into one unsharded m
 `locate_run` refuses a checkpoint whose files do not match its manifest, and a run directory
 whose files do not match its manifest when it has one. Loading safetensors runs no code; DCP's
 `.metadata` is a pickle, unpickled only after that check (`check_loadable`, repeated here before
-the DCP read). The check catches corruption, not a forger who rewrites the manifest too: loading
-a sharded checkpoint you did not write means trusting whoever wrote it (docs/faults.md).
+the DCP read) and only when the caller says it trusts the writer (`trust_pickle`, generate's and
+export's --trust-pickle): the check catches corruption, not a forger who rewrites the manifest
+too (docs/faults.md). The last checkpoint of a finished FSDP run also holds consolidated
+safetensors weights, read without the flag.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_model
 
 from contracts.checkpoint import SHARDED_INDEX, check_loadable
-from contracts.run import EOS_TOKEN, locate_run
+from contracts.run import EOS_TOKEN, TRUST_PICKLE, locate_run
 from model.config import ModelConfig
 from model.transformer import Transformer
 
@@ -59,10 +61,20 @@ def load_sharded_weights(model: Transformer, path: Path) -> None:
     model.load_state_dict(state["model"], strict=True)
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+def add_trust_pickle(parser) -> None:
+    """generate's and export's flag for loading a sharded checkpoint's pickled DCP files."""
+    parser.add_argument(
+        TRUST_PICKLE, action="store_true",
+        help="load a sharded (FSDP) checkpoint through its DCP files, whose .metadata is a "
+        "pickle that can RUN CODE: only for checkpoints you wrote yourself (finished runs and "
+        "their last checkpoint have pickle-free model.safetensors)")
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu",
+             trust_pickle: bool = False) -> LoadedRun:
     """Rebuild the model of a run directory or checkpoint and load its weights (eval mode):
-    `model.safetensors`, or an FSDP checkpoint's sharded files."""
-    files = locate_run(path)
+    `model.safetensors`, or, with `trust_pickle`, an FSDP checkpoint's sharded files."""
+    files = locate_run(path, trust_pickle)
     cfg = model_config_from_dict(files.config["model"])
     model = Transformer(cfg)
     if files.sharded:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from contracts import lock
 from contracts.run import RunDir
 from model.precision import precision
 from train import trackers
@@ -38,7 +39,14 @@ from train.checkpoint import (
 from train.clock import PeakSampler, PhaseTimer, time_allreduce
 from train.config import TrainConfig
 from train.data import BatchLoader, DeviceBatches, TokenWindows
-from train.distributed import build_accelerator, finish, global_sum, set_threads, weight_checksums
+from train.distributed import (
+    PeerWatch,
+    build_accelerator,
+    finish,
+    global_sum,
+    set_threads,
+    weight_checksums,
+)
 from train.fsdp import full_copy
 from train.memory import check_memory
 from train.metrics import (
@@ -51,7 +59,14 @@ from train.metrics import (
     summarize,
 )
 from train.optim import compile_step, lr_at, set_lr, skip_update
-from train.rundir import disk_space, open_dataset, prepare_run_dir, state_bytes, write_outputs
+from train.rundir import (
+    claim_out_dir,
+    disk_space,
+    open_dataset,
+    prepare_run_dir,
+    state_bytes,
+    write_outputs,
+)
 from train.stop import EXIT_STOPPED, Stopper
 from train.techniques import build_model, resolve_compile
 
@@ -124,12 +139,23 @@ def train_step(model, optimizer, batches: list, accelerator: Accelerator, timer:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train as configured; returns the summary (also written to out_dir/summary.json)."""
+    """Train as configured; returns the summary (also written to out_dir/summary.json).
+    A rank that stops answering for collective_timeout_s ends the run on the others with one
+    line naming it (PeerLost); the last good checkpoint stays."""
     accelerator = build_accelerator(cfg)
+    watch = PeerWatch(accelerator.process_index, accelerator.num_processes,
+                      cfg.collective_timeout_s)
+    with watch.watching():
+        return train_on_rank(cfg, accelerator, watch)
+
+
+def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) -> dict:
+    """The run on this rank, once its process group is up."""
     set_threads(cfg, accelerator)
     set_seed(cfg.seed)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s")
+    claim_out_dir(cfg.out_dir, accelerator)  # one run per directory: refused while another lives
     resolve_compile(cfg, accelerator.device)  # compile=auto settled, bad modes refused: early
 
     # Data first: the vocabulary size and token dtype come from the prepared dataset.
@@ -203,6 +229,8 @@ def run(cfg: TrainConfig) -> dict:
                 "Lower optim.lr or inspect the data."
             )
 
+    watch.where = lambda: (f"at step {state.step + 1}; last good checkpoint: "
+                           f"{checkpointer.latest_valid() or 'none'}")
     train_batches = DeviceBatches(train_loader, accelerator.device)  # pinned, ahead, on GPU
     timer = PhaseTimer(accelerator.device)
     # The stop vote: a collective (and a wait) per step with several ranks; none with one.
@@ -242,9 +270,13 @@ def run(cfg: TrainConfig) -> dict:
             raise SystemExit(EXIT_STOPPED)
 
     raw_model = full_copy(raw_model)  # unsharded under fsdp=true: checksums, export, samples
+    if cfg.fsdp and main:  # the last checkpoint gets pickle-free weights too
+        with disk_space(checkpointer.root, lambda: state_bytes(raw_model)):
+            checkpointer.consolidate(cfg.steps, raw_model)
     summary = summarize(cfg, info, metrics, state)
     summary["rank_weight_sha256"] = weight_checksums(raw_model, accelerator)
     if main:
         write_outputs(cfg, summary, raw_model, accelerator.device, meta.eos_id)
     finish(accelerator)
+    lock.release(cfg.out_dir)
     return summary

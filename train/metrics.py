@@ -125,6 +125,13 @@ class PendingStep:
     extra: dict  # val_loss, grad_allreduce_s at evaluation steps
 
 
+def _writing(path: Path, needed: int):
+    """A full or read-only disk during a write to `path`: one line naming it (train.rundir)."""
+    from train.rundir import disk_space  # train.rundir imports this module
+
+    return disk_space(path, needed)
+
+
 @torch.no_grad()
 def evaluate(model, loader: BatchLoader, batches: int, accelerator) -> float:
     """Mean validation loss per token over `batches` micro-batches on every rank."""
@@ -161,7 +168,9 @@ class MetricsLog:
         self.steady_step_s = [r["step_s"] for r in self.records if "step_s" in r
                               and r["step"] > self.info.warmup_steps_excluded]
         if self.enabled:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            text = "".join(json.dumps(r) + "\n" for r in self.records)
+            with _writing(self.path, len(text.encode())):
+                self.path.write_text(text)
 
     def flush(self, pending: list[PendingStep], account) -> dict | None:
         """Read the pending steps' figures (one wait for the device), then write each step's
@@ -188,8 +197,9 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         self.records.append(record)
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            line = json.dumps(record) + "\n"
+            with _writing(self.path, len(line) + 4096), open(self.path, "a") as f:
+                f.write(line)
 
     def last_val_loss(self) -> float:
         return [r["val_loss"] for r in self.records if "val_loss" in r][-1]

@@ -6,19 +6,29 @@ export read, written last)."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_model
 
-from contracts.cli import NoSpace, is_no_space
+from contracts import lock
+from contracts.checkpoint import WEIGHTS
+from contracts.cli import NoSpace, NotWritable, is_no_space, is_not_writable
 from contracts.dataset import META, DatasetMeta, read_dataset_meta
 from contracts.run import RunDir, write_run_manifest, write_summary
 from model.transformer import Transformer
 from train.config import TrainConfig, to_yaml
 from train.metrics import report
+
+log = logging.getLogger("train")
+# What a run leaves in its directory that a fresh run there would replace
+EARLIER_RUN = ("metrics.jsonl", "summary.json", WEIGHTS, "samples.txt", "manifest.json",
+               "checkpoints")
 
 
 def open_dataset(cfg: TrainConfig) -> DatasetMeta:
@@ -57,12 +67,15 @@ def disk_space(path: Path | str, needed: int | Callable[[], int]) -> Iterator[No
     left on device: PATH needs ~N MB". `needed` (bytes, or a function computing them) is what
     the write takes. A failure counts as a full disk when its errno is ENOSPC, or when the disk
     holds less than `needed` free: torch.save reports a full disk as `RuntimeError: unexpected
-    pos ...`, without the errno."""
+    pos ...`, without the errno. A read-only (or not our own) place becomes NotWritable: "cannot
+    write to PATH: Read-only file system"."""
     try:
         yield
     except (OSError, RuntimeError) as e:
-        if isinstance(e, NoSpace):
+        if isinstance(e, (NoSpace, NotWritable)):
             raise
+        if is_not_writable(e):
+            raise NotWritable(getattr(e, "filename", None) or path, e) from e
         need = needed() if callable(needed) else needed
         if is_no_space(e) or _free_bytes(path) < need:
             raise NoSpace(path, need) from e
@@ -95,20 +108,63 @@ def state_bytes(*states) -> int:
     return total
 
 
+def claim_out_dir(out_dir: str | Path, accelerator) -> None:
+    """Rank 0 takes out_dir's lock (`contracts.lock`: one run per directory) before anything
+    there is read or written; every rank learns the outcome, so that all ranks of a refused run
+    stop with the same line instead of racing the live run."""
+    error: Exception | None = None
+    if accelerator.is_main_process:
+        try:
+            with disk_space(out_dir, 4096):  # a read-only or full disk: one line naming it
+                lock.acquire(out_dir)
+        except (lock.LockHeld, NotWritable, NoSpace) as e:
+            error = e
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        box = [None if error is None else str(error)]
+        dist.broadcast_object_list(box, src=0)
+        if error is None and box[0] is not None:
+            error = ValueError(box[0])
+    if error is not None:
+        raise error
+
+
+def set_aside_earlier_run(run: RunDir) -> Path | None:
+    """Move the files of an earlier run in `run` (metrics, summary, weights, checkpoints...)
+    into run/earlier_runs/<UTC time>/ before a fresh run starts there: nothing of it is
+    replaced or deleted, and the move is logged. Returns where they went, or None."""
+    present = [n for n in EARLIER_RUN if (run.root / n).exists()
+               and not (n == "metrics.jsonl" and (run.root / n).stat().st_size == 0)]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest, n = run.root / "earlier_runs" / stamp, 1
+    while dest.exists():
+        dest, n = run.root / "earlier_runs" / f"{stamp}_{n}", n + 1
+    dest.mkdir(parents=True)
+    for name in present:
+        os.replace(run.root / name, dest / name)
+    log.warning(f"{run.root} held an earlier run ({', '.join(present)}): moved to {dest} "
+                "(resume=auto would have continued it)")
+    return dest
+
+
 def prepare_run_dir(cfg: TrainConfig, meta: DatasetMeta, fresh: bool) -> RunDir:
     """Write the resolved config and copy the dataset's tokenizer and meta.json (generate and
     export read its eos token) into the run directory (main rank only). A fresh run starts a
     new metrics.jsonl; a resumed one keeps it. The manifest of a finished run goes first: its
-    files are about to change, and write_outputs writes a new one at the end."""
+    files are about to change, and write_outputs writes a new one at the end. A fresh run
+    in the directory of an earlier one first sets the earlier one's files aside."""
     run = RunDir(cfg.out_dir)
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.manifest.unlink(missing_ok=True)
     text = to_yaml(cfg)
     needed = len(text) + meta.tokenizer_path.stat().st_size + (meta.root / META).stat().st_size
     with disk_space(run.root, needed):
-        run.config.write_text(text)
+        run.root.mkdir(parents=True, exist_ok=True)
         if fresh:
-            run.metrics.unlink(missing_ok=True)
+            set_aside_earlier_run(run)
+        run.manifest.unlink(missing_ok=True)
+        run.config.write_text(text)
         shutil.copy(meta.tokenizer_path, run.tokenizer)
         shutil.copy(meta.root / META, run.data_meta)
     return run
@@ -125,7 +181,7 @@ def sample_text(model: Transformer, tokenizer_path: Path, cfg: TrainConfig, devi
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = model.generate(
-        idx, cfg.sample_tokens, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
+        idx, cfg.sample_tokens, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None,
         generator=gen,
     )
     return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)

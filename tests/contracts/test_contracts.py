@@ -21,6 +21,18 @@ def test_torn_metrics_line_is_skipped_and_reported(tmp_path):
     assert read_metrics(tmp_path / "none.jsonl") == ([], False)
 
 
+def test_torn_metrics_tail_cut_inside_a_utf8_character_is_torn_too(tmp_path):
+    """A crash mid-append can cut a multi-byte character (or leave junk bytes): the tail is
+    torn like a cut JSON record; the same bytes mid-file are an error naming file and line."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 0}\n{"step": 1}\n{"step": 2, "note": "\xc3')
+    records, torn = read_metrics(path)
+    assert [r["step"] for r in records] == [0, 1] and torn
+    path.write_bytes(b'{"step": 0}\n\xff\xfe\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=f"^{path}: line 2 is not UTF-8$"):
+        read_metrics(path)
+
+
 def test_dataset_meta_round_trip_and_refusals(tmp_path):
     meta = DatasetMeta(tmp_path, "uint16", 4096, 0, "<|endoftext|>", "tokenizer.json", "abc",
                        {"train": {"shards": ["train_000000.bin"], "tokens": 3, "documents": 1}})

@@ -45,8 +45,9 @@ def config_dict(tokenizer_dir: Path) -> dict:
 
 def crafted_checkpoint(root: Path, tiny_data: Path, manifest: str) -> tuple[Path, Path]:
     """RUN/checkpoints/step_00000010/ claiming to be sharded, whose `.metadata` is a Payload;
-    manifest: "none", "stale" (written before .metadata was swapped) or "unlisted" (written
-    before .metadata existed). Returns (checkpoint, marker)."""
+    manifest: "none", "stale" (written before .metadata was swapped), "unlisted" (written
+    before .metadata existed) or "forged" (written over the crafted files: it matches them).
+    Returns (checkpoint, marker)."""
     run = root / "run"
     ckpt = run / "checkpoints" / "step_00000010"
     ckpt.mkdir(parents=True)
@@ -61,6 +62,8 @@ def crafted_checkpoint(root: Path, tiny_data: Path, manifest: str) -> tuple[Path
         (ckpt / SHARDED_INDEX).write_bytes(b"an honest index")
         write_manifest(ckpt, 10, {})
     (ckpt / SHARDED_INDEX).write_bytes(pickle.dumps(Payload(marker)))
+    if manifest == "forged":
+        write_manifest(ckpt, 10, {})
     return ckpt, marker
 
 
@@ -153,3 +156,41 @@ def test_a_run_dir_with_a_manifest_is_verified(tmp_path, tiny_data):
     assert_one_line_refusal(cli("-m", "train.export", str(run), str(tmp_path / "hf")),
                             "model.safetensors")
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_forged_manifest_no_longer_lets_a_pickle_run(tmp_path, tiny_data):
+    """A manifest written over the crafted files matches them: the check that catches
+    corruption cannot catch this. generate and export now refuse any sharded checkpoint
+    without consolidated safetensors, in one line naming the risk and the flag; only
+    --trust-pickle (a user who wrote the checkpoint) reads its DCP files."""
+    ckpt, marker = crafted_checkpoint(tmp_path, tiny_data, "forged")
+    with pytest.raises(ValueError, match=r"\.metadata is a pickle, which can run code .*--trust-pickle"):
+        load_run(ckpt)
+    for args in (["-m", "train.generate", str(ckpt), "--threads", "1"],
+                 ["-m", "train.export", str(ckpt), str(tmp_path / "hf")]):
+        assert_one_line_refusal(cli(*args), "--trust-pickle")
+    assert not marker.exists() and not (tmp_path / "hf").exists()
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with pytest.raises(CheckpointException):  # the flag does what it says: DCP unpickles the
+        load_run(ckpt, trust_pickle=True)     # payload (which returns no index)
+    assert marker.exists()
+
+
+def test_a_consolidated_sharded_checkpoint_loads_without_pickle(tmp_path, tiny_data):
+    """The last checkpoint of a finished FSDP run holds model.safetensors beside its shards
+    (Checkpointer.consolidate): generate and export read that, no flag needed, whatever the
+    DCP files hold."""
+    ckpt, marker = crafted_checkpoint(tmp_path, tiny_data, "forged")
+    (ckpt / "trainer.json").write_text(json.dumps({**json.loads((ckpt / "trainer.json").read_text()),
+                                                   "fingerprint": {"seed": 0}}))
+    write_manifest(ckpt, 10, {"seed": 0})
+    model = random_model()
+    assert Checkpointer(tmp_path / "run", 0, 0, lambda: None).consolidate(10, model) == ckpt
+    assert "model.safetensors" in json.loads((ckpt / "manifest.json").read_text())["files"]
+    loaded = load_run(ckpt)
+    assert torch.equal(loaded.model.tok_emb.weight, model.tok_emb.weight)
+    assert not marker.exists()
+    export = cli("-m", "train.export", str(ckpt), str(tmp_path / "hf"))
+    assert export.returncode == 0, export.stderr
+    assert not marker.exists()

@@ -100,16 +100,18 @@ def test_sigkill_at_random_step_then_resume_is_bit_exact(tiny_data, tmp_path, re
     assert summary(out)["final_val_loss"] == reference["final_val_loss"]
 
 
-def test_torn_last_metrics_line_does_not_block_resume(tiny_data, tmp_path, reference):
-    """A crash or a full disk mid-append leaves half a record at the end of metrics.jsonl: the
-    resume warns, drops it and ends bit-identical, every step logged once."""
+@pytest.mark.parametrize("tail", [b'{"step": 99, "loss": 1.2', b'{"step": 99, "note": "\xe2\x82\xff'])
+def test_torn_last_metrics_line_does_not_block_resume(tiny_data, tmp_path, reference, tail):
+    """A crash or a full disk mid-append leaves half a record at the end of metrics.jsonl (cut
+    JSON, or bytes that are not UTF-8): the resume warns, drops it and ends bit-identical,
+    every step logged once."""
     out = tmp_path / "run"
     kill_after = random.randint(4, STEPS - 3)
     proc = start(train_args(tiny_data, out))
     wait_for_step(out, kill_after, proc)
     kill_run(proc)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"step": 99, "loss": 1.2')  # half a record, no newline
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(tail)  # half a record, no newline
     result = run_cmd(train_args(tiny_data, out, "resume=auto"))
     assert "last line is torn" in result.stderr and "resumed from" in result.stderr
     assert summary(out)["rank_weight_sha256"] == reference["rank_weight_sha256"], kill_after

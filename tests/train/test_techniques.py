@@ -113,7 +113,7 @@ def test_fused_and_foreach_adamw_take_the_same_step():
 
 
 def test_bad_switches_are_refused():
-    with pytest.raises(ValueError, match="compile_scope='layer'"):
+    with pytest.raises(ValueError, match="compile_scope must be one of model, blocks, got 'layer'"):
         load_config(None, ["compile_scope=layer"])
     with pytest.raises(ValueError, match="attention"):
         load_config(None, ["activation_checkpointing=selective"])

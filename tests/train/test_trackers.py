@@ -31,7 +31,7 @@ def test_log_with(monkeypatch):
     assert log_with("none") is None
     with pytest.raises(ValueError, match="valid: wandb, tensorboard, none"):
         log_with("mlflow")
-    with pytest.raises(ValueError, match="tracker='mlflow'"):
+    with pytest.raises(ValueError, match="tracker must be one of wandb, tensorboard, none, got 'mlflow'"):
         load_config("configs/train/tiny.yaml", ["tracker=mlflow"])
 
 
