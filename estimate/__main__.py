@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the table as docs/measured/estimate-validate-DATE.md")
 
     sub.add_parser("catalog", help="list the accelerator catalog")
+    sub.add_parser("probe", help="print the engine's goals: days against count, hours against "
+                   "context, runs given by size against by shape (issue 19)")
 
     c = sub.add_parser("calibrate", help="measure throughput on this machine (a sweep of short "
                        "real runs), fit it, check the assumptions, predict a held-out run")
@@ -320,6 +322,12 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from estimate.probe import main as probe
+
+    return probe()
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from estimate.calibrate import DEFAULT_SWEEP, QUICK_SWEEP, run_cli
 
@@ -336,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command as given, for the header of measured tables
     commands = {"project": cmd_project, "validate": cmd_validate, "catalog": cmd_catalog,
-                "calibrate": cmd_calibrate}
+                "calibrate": cmd_calibrate, "probe": cmd_probe}
     return run_main(commands[args.command], args)
 
 

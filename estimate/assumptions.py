@@ -19,10 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from contracts.run import RunSummary
-from estimate.hardware import Accelerator, match_device_name
+from estimate.hardware import Accelerator, match_device_name, read_yaml
 from estimate.target import Target
 from model.config import ModelConfig
 from model.precision import precision as precision_named
@@ -116,8 +114,7 @@ class AssumptionSet:
 
 
 def load_defaults(path: Path = DEFAULTS_PATH) -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f)
+    return read_yaml(path)
 
 
 def _from_yaml(entry: dict, key: str, label: str, unit: str, better: str) -> Assumption:

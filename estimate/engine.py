@@ -114,21 +114,39 @@ def choose_count(cfg: ModelConfig, seq_len: int, tokens: float, acc: Accelerator
                  given: dict | None = None, recompute: str | None = None,
                  peak_flops: float | None = None, wallclock: bool = True) -> Estimate:
     """No count given: the fewest accelerators, a power of two from 1 to 65,536, that train the
-    run within `default_run_days` (defaults.yaml); the fastest count when none does. Wall-clock
-    time never rises with the count (the planner may leave accelerators idle), so the first
-    count that makes it is the fewest."""
+    run within `default_run_days` (defaults.yaml); the largest when none does. Wall-clock time
+    never rises with the count (the planner may leave accelerators idle; what fits on n fits on
+    2n), so the fewest is found by bisection on the exponent."""
     days = float(defaults["performance"]["default_run_days"]["value"])
-    last = None
-    for n in (2 ** i for i in range(17)):
-        try:
-            e = estimate_run(cfg, seq_len, tokens, acc, n, precision, factors, defaults,
-                             given=given, recompute=recompute, peak_flops=peak_flops)
-        except ValueError:  # does not fit, or the given layout needs more
-            continue
+    found: dict[int, Estimate | None] = {}
+
+    def at(i: int) -> Estimate | None:
+        if i not in found:
+            try:
+                found[i] = estimate_run(cfg, seq_len, tokens, acc, 2 ** i, precision, factors,
+                                        defaults, given=given, recompute=recompute,
+                                        peak_flops=peak_flops)
+            except ValueError:  # does not fit, or the given layout needs more
+                found[i] = None
+        return found[i]
+
+    def done(i: int) -> bool:
+        e = at(i)
+        if e is None:
+            return False
         hours = e.wallclock_hours() if wallclock else e.compute_hours()
-        if hours / n / 24 <= days:
-            return e
-        last = e
-    if last is None:
+        return hours / e.count / 24 <= days
+
+    top = 16
+    if at(top) is None:
         raise ValueError(f"no accelerator count from 1 to 65536 fits the model on {acc.name}")
-    return last
+    if not done(top):
+        return at(top)
+    lo, hi = -1, top  # done(hi); not done(lo) (or lo below the range): bisect on the exponent
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if done(mid):
+            hi = mid
+        else:
+            lo = mid
+    return at(hi)

@@ -99,6 +99,8 @@ def performance_markdown(p: Projection) -> list[str]:
         + (f", experts over {lay.ep} ranks" if lay.ep > 1 else "")
         + f"; {lay.global_batch_tokens:.4g} tokens per step, micro-batches of {lay.micro_batch} "
         f"sequence(s); {lay.source}.", "",
+        "Layout planner (estimate/planner.py):", "",
+        *[f"- {line}" for line in perf.plan.lines()], "",
         "Where the central case's wall-clock time goes:", "",
         md_table(["part", "days", "share"], rows), "",
         "Factors (defaults.yaml `performance:`; the stack efficiency is fitted on "
