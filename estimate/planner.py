@@ -131,6 +131,20 @@ def _schedules(pp: int, n_layer: int, given: dict) -> list[tuple[str, int]]:
     return out
 
 
+def _schedulable(pp: int, micro_batches: float, v: int, schedule: str, given: dict) -> bool:
+    """Interleaved 1F1B needs at least as many micro-batches as stages (Megatron-LM asserts
+    that their number is a multiple of pp); DualPipe needs two at least, as its two directions
+    each take one (DeepSeek-AI 2024, sec. 3.2.1: stages and micro-batches divisible by 2).
+    A schedule that was given is taken as given."""
+    if "schedule" in given or "virtual_stages" in given or pp == 1:
+        return True
+    if schedule == "1f1b" and v > 1:
+        return micro_batches >= pp
+    if schedule == "dualpipe":
+        return micro_batches >= 2
+    return True
+
+
 def _interleave(n_layer: int, pp: int) -> int:
     """Interleaved chunks of about two layers each, for a published pipeline that states no
     chunk count (Narayanan et al. 2021 interleave Megatron's stages so)."""
@@ -203,6 +217,8 @@ def plan(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, precision: st
                                 eps = [e for e in eps if e <= dp * cp * tp]
                             for ep in eps:
                                 for sched, v in _schedules(pp, cfg.n_layer, given):
+                                    if not _schedulable(pp, seqs / (dp * mbatch), v, sched, given):
+                                        continue
                                     lay = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep,
                                                  micro_batch=mbatch, global_batch_tokens=B,
                                                  virtual_stages=v, schedule=sched,
