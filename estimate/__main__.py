@@ -168,7 +168,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         from estimate.assumptions import refuse_calibration
         from estimate.calibrate.prior import read_calibration
 
-        refuse_calibration(args.mfu is not None, args.mfu_from is not None, target.cfg is not None)
+        refuse_calibration(args.mfu is not None, args.mfu_from is not None)
         calibration = read_calibration(args.from_calibration)
     acc = get_accelerator(args.accelerator)
     setup = published_setup(args.model) if args.model else None

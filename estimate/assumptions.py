@@ -174,7 +174,7 @@ def build_assumptions(
     `calibration` (a calibrate.prior.CalibrationRecord, --from-calibration) scales the
     performance model's stack efficiency by calibrate's fitted efficiency at the target's size
     over that at its reference size; it needs the performance model, so it is refused with
-    --mfu, --mfu-from or a target given by size only."""
+    --mfu or --mfu-from."""
     d = defaults if defaults is not None else load_defaults()
     if recompute is not None and recompute not in target.recompute_ratio:
         raise ValueError(f"recompute={recompute!r}; valid: {', '.join(target.recompute_ratio)}")
@@ -186,7 +186,7 @@ def build_assumptions(
     if mfu_run is not None and mfu is not None:
         raise ValueError("give --mfu or --mfu-from, not both")
     if calibration is not None:
-        refuse_calibration(mfu is not None, mfu_run is not None, target.cfg is not None)
+        refuse_calibration(mfu is not None, mfu_run is not None)
     prior = None
     if mfu_run is not None or mfu is not None:
         recompute = recompute or "none"
@@ -254,7 +254,7 @@ def build_assumptions(
                          performance, prior)
 
 
-def refuse_calibration(mfu: bool, mfu_run: bool, has_shape: bool) -> None:
+def refuse_calibration(mfu: bool, mfu_run: bool) -> None:
     """--from-calibration acts on the performance model's stack efficiency: one line saying
     why when there is none to act on."""
     if mfu_run:
@@ -264,9 +264,6 @@ def refuse_calibration(mfu: bool, mfu_run: bool, has_shape: bool) -> None:
     if mfu:
         raise ValueError("--from-calibration scales the performance model's stack efficiency, "
                          "which --mfu replaces; give one")
-    if not has_shape:
-        raise ValueError("--from-calibration needs a model shape (--model): a target given by "
-                         "--params alone has no performance model for the prior to act on")
 
 
 def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str,
