@@ -8,17 +8,22 @@ performance model (`estimate.perf.step_time`). The fastest per token, failures i
 (`perf.goodput` at the accelerators used), wins.
 
 - Any part of the layout may be given (a published run's layout); the planner fills in the rest.
-- The planner may use fewer accelerators than it holds: a layout of fewer devices is always
-  among the candidates, so more accelerators are never slower. The idle ones are reported.
+- The planner may use fewer accelerators than it holds (the idle ones are reported), so more
+  accelerators are never slower.
 - Recomputation and ZeRO stage are not free choices in the model's eyes (more sharding is never
   faster, recomputation only costs), so each layout takes the least of both that fits:
   no recomputation before full, ZeRO-1 (the distributed optimizer of Megatron-LM and
   DeepSpeed) before 2 before 3.
-- Global batch: the one given; else the default (defaults.yaml, 4M tokens), doubled while that
-  is faster, up to the compute-optimal batch of DeepSeek LLM's scaling law,
-  B_opt = 0.292 x C^0.3271 tokens for C training FLOPs (DeepSeek-AI 2024, 'DeepSeek LLM',
-  arXiv:2401.02954, sec. 3.1): a larger batch is taken only when it is more than 2% faster
-  (beyond B_opt a run needs more tokens for the same loss, which the model does not count).
+- Global batch: the one given; else the default (defaults.yaml, 4M tokens) or a doubling of it
+  (up to 16x), whichever is fastest, up to the compute-optimal batch of DeepSeek LLM's scaling
+  law, B_opt = 0.2920 x C^0.3271 tokens for C training FLOPs (DeepSeek-AI 2024, 'DeepSeek LLM',
+  arXiv:2401.02954, sec. 3.1; their C is M x D with M the non-embedding FLOPs per token, ours
+  counts the LM head too: close enough for a bound). Beyond B_opt a run needs more tokens for
+  the same loss, which the model does not count, so the search stops there.
+- The fastest wins outright (ties go to the smaller batch, then fewer devices). Data
+  parallelism is tried at its largest and at every power of two below, so the candidates at 2n
+  include every layout at n (for power-of-two splits) and the chosen time never rises when the
+  count doubles.
 - The search is pruned by a lower bound: the GEMM FLOPs at the achievable rate on the devices
   used, times the pipeline bubble; candidates are timed in order of that bound until it
   exceeds the best step found.
@@ -36,7 +41,7 @@ from model.config import ModelConfig
 from model.flops import count_params, model_flops_per_token
 
 BATCH_DOUBLINGS = 4  # at most 16x the default batch
-LARGER_BATCH_GAIN = 0.02  # a larger batch must be this much faster to be chosen
+PRUNE_MARGIN = 0.02  # time candidates whose lower bound is within this of the best found
 SEARCHED = ("tp", "pp", "dp", "cp", "ep", "micro_batch", "virtual_stages", "schedule", "zero")
 
 
@@ -247,7 +252,7 @@ def plan(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, precision: st
     timed: list[Candidate] = []
     best = math.inf
     for bound, c in candidates:
-        if bound > best * (1 + LARGER_BATCH_GAIN) and len(timed) >= 2:
+        if bound > best * (1 + PRUNE_MARGIN) and len(timed) >= 2:
             break
         c.step = step_time(cfg, seq_len, acc, n, c.layout, precision, c.recompute, factors,
                            "central", peak_flops)
@@ -255,12 +260,10 @@ def plan(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, precision: st
                                / goodput(c.layout.devices, factors))
         timed.append(c)
         best = min(best, c.seconds_per_token)
-    ranked = sorted(timed, key=lambda c: c.seconds_per_token)
+    # the fastest; among equally fast ones the smallest batch, then the fewest devices
+    ranked = sorted(timed, key=lambda c: (c.seconds_per_token, c.layout.global_batch_tokens,
+                                          c.layout.devices))
     chosen = ranked[0]
-    for c in ranked:  # the smallest batch within LARGER_BATCH_GAIN of the fastest
-        if (c.seconds_per_token <= chosen.seconds_per_token * (1 + LARGER_BATCH_GAIN)
-                and c.layout.global_batch_tokens < chosen.layout.global_batch_tokens):
-            chosen = c
     runner = next((c for c in ranked if _split(c) != _split(chosen)), None)
     fitting = sum(c.memory.total <= mem_cap for _, c in candidates)
     p = Plan(chosen, runner, n, considered, fitting, len(timed))
