@@ -137,3 +137,34 @@ def test_a_published_layout_holds_at_its_published_count_only(capsys):
 def test_refusal_names_the_leanest_layout():
     with pytest.raises(DoesNotFit, match=r"need at least [\d.]+ GB per device .* against 36 GB"):
         plan(shape_from_size(405e9), 4096, A100_40, 1, "bf16", factors())
+
+
+def test_choose_count_is_the_fewest_that_trains_in_time():
+    """The bisection of engine.choose_count finds what a scan of every power of two finds."""
+    from estimate.engine import choose_count
+
+    d, f = load_defaults(), factors()
+    cfg = shape_from_size(7e9)
+    days = d["performance"]["default_run_days"]["value"]
+    chosen = choose_count(cfg, cfg.seq_len, 2e12, H100, "bf16", f, d)
+    scan = []
+    for i in range(17):
+        try:
+            e = estimate_run(cfg, cfg.seq_len, 2e12, H100, 2 ** i, "bf16", f, d)
+        except DoesNotFit:
+            continue
+        scan.append((2 ** i, e.wallclock_hours() / 2 ** i / 24))
+    assert chosen.count == min(n for n, t in scan if t <= days)
+
+
+def test_a_published_layout_is_kept_with_a_note_where_the_memory_model_disagrees():
+    """DeepSeek-V3's published layout ran; the memory model (no FP8 activation caching, no
+    recomputation of norms and up-projections) finds it too large: kept, and said so."""
+    run = next(r for r in load_runs() if r["name"] == "DeepSeek-V3")
+    m = model_run(run, factors())
+    assert (m.layout.tp, m.layout.pp, m.layout.ep) == (1, 16, 64)
+    cfg = get_preset("deepseek-v3")
+    p = plan(cfg, cfg.seq_len, get_accelerator("H800-SXM5-80GB"), 2048, "fp8", factors(),
+             given={"tp": 1, "pp": 16, "ep": 64, "schedule": "dualpipe"}, recompute="selective",
+             batch=62.9e6, trust_given=True)
+    assert any("taken as given" in line for line in p.lines())
