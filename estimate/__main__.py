@@ -180,7 +180,9 @@ def cmd_project(args: argparse.Namespace) -> int:
              "micro_batch": args.micro_batch, "virtual_stages": args.virtual_stages,
              "global_batch_tokens": args.global_batch, "schedule": args.schedule,
              "zero": args.zero}
+    published = bool(at_published)
     if any(v is not None for v in given.values()):
+        published = False  # a layout of the command line: refused where it fits nowhere
         layout = {k: v for k, v in layout.items() if k in ("global_batch_tokens", "schedule",
                                                            "max_nodes_per_token")}
     layout |= {k: v for k, v in given.items() if v is not None}
@@ -206,7 +208,8 @@ def cmd_project(args: argparse.Namespace) -> int:
         target, acc, count, precision, recompute, mfu=args.mfu,
         mfu_recompute=args.mfu_recompute, mfu_run=run, scaling=args.scaling,
         goodput=args.goodput, power_w=args.power_w, pue=args.pue, price=args.price,
-        layout=layout, peak_flops=peak, calibration=calibration, tokens=args.tokens)
+        layout=layout, peak_flops=peak, calibration=calibration, tokens=args.tokens,
+        layout_published=published)
     recompute = next(s.value for s in assumptions.settings if s.key == "recompute")
     p = project(target, args.tokens, acc, count, assumptions, precision, recompute, peak)
     print(projection_text(p))

@@ -160,6 +160,7 @@ def build_assumptions(
     peak_flops: float | None = None,
     calibration: object | None = None,
     tokens: float | None = None,
+    layout_published: bool = False,
 ) -> AssumptionSet:
     """Every assumption of a projection, from defaults.yaml and the command-line overrides.
 
@@ -169,7 +170,8 @@ def build_assumptions(
     layout, the planner the rest; `recompute` None lets the planner choose; `tokens` bound
     the planner's batch) and no separate scaling factor: the model counts communication and
     the pipeline bubble at the target scale. The settings then show the recomputation the
-    plan used.
+    plan used. `layout_published`: `layout` is a published run's (it ran), kept even where the
+    memory model finds it too large; a layout given otherwise that fits nowhere is refused.
 
     `calibration` (a calibrate.prior.CalibrationRecord, --from-calibration) scales the
     performance model's stack efficiency by calibrate's fitted efficiency at the target's size
@@ -203,7 +205,7 @@ def build_assumptions(
     else:
         mfu_a, modelled_goodput, performance, prior = _modelled(
             target, acc, n_acc, precision, recompute, layout or {}, peak_flops, d, calibration,
-            tokens)
+            tokens, layout_published)
         recompute = performance.recompute
         if prior is not None and prior.outside:
             warnings.append(f"--from-calibration {prior.outside}")
@@ -269,7 +271,7 @@ def refuse_calibration(mfu: bool, mfu_run: bool) -> None:
 def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str,
               recompute: str | None, given: dict, peak_flops: float | None, d: dict,
               calibration: object | None = None, tokens: float | None = None,
-              ) -> tuple[Assumption, Assumption, Performance, object]:
+              published: bool = False) -> tuple[Assumption, Assumption, Performance, object]:
     """MFU and goodput from the performance model, in the three cases, its record, and the
     calibration prior applied to its stack efficiency (None without `calibration`). The model
     runs through `estimate.engine.estimate_run`, the function `validate` calls."""
@@ -291,7 +293,7 @@ def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str,
     factors = load_factors(d, stack)
     cfg, T = target.cfg, target.seq_len
     e = estimate_run(cfg, T, tokens or 0.0, acc, n_acc, precision, factors, d, given=given,
-                     recompute=recompute, peak_flops=peak_flops)
+                     recompute=recompute, peak_flops=peak_flops, published=published)
     lay, steps = e.layout, e.steps
     peak = peak_flops or acc.peak_flops(precision)
     mfu = {case: perf_mfu(st, n_acc, peak) for case, st in steps.items()}

@@ -91,15 +91,15 @@ def cached_plan(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, precis
 def estimate_run(cfg: ModelConfig, seq_len: int, tokens: float, acc: Accelerator, n: int,
                  precision: str, factors: dict[str, Factor], defaults: dict, *,
                  given: dict | None = None, recompute: str | None = None,
-                 peak_flops: float | None = None) -> Estimate:
-    """`cfg` trained on `tokens` at `seq_len` on n x `acc`: plan, then time every case. A given
-    split of the model (tp, pp, dp or ep: a published layout, which ran) is kept even where the
-    memory model finds it too large, with a note; otherwise what fits nowhere is refused."""
+                 peak_flops: float | None = None, published: bool = False) -> Estimate:
+    """`cfg` trained on `tokens` at `seq_len` on n x `acc`: plan, then time every case. What
+    fits nowhere is refused; but a `published` layout that splits the model (tp, pp, dp or ep:
+    it ran) is kept where the memory model finds it too large, with a note."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
     recompute = given.pop("recompute", None) or recompute
     batch = given.pop("global_batch_tokens", None)
     default_batch = float(defaults["performance"]["default_global_batch_tokens"]["value"])
-    trust = any(k in given for k in ("tp", "pp", "dp", "ep"))
+    trust = published and any(k in given for k in ("tp", "pp", "dp", "ep"))
     p = cached_plan(cfg, seq_len, acc, n, precision, factors, given, recompute,
                     batch, default_batch, tokens, peak_flops, trust)
     lay = p.best.layout
@@ -112,7 +112,8 @@ def estimate_run(cfg: ModelConfig, seq_len: int, tokens: float, acc: Accelerator
 def choose_count(cfg: ModelConfig, seq_len: int, tokens: float, acc: Accelerator,
                  precision: str, factors: dict[str, Factor], defaults: dict, *,
                  given: dict | None = None, recompute: str | None = None,
-                 peak_flops: float | None = None, wallclock: bool = True) -> Estimate:
+                 peak_flops: float | None = None, wallclock: bool = True,
+                 published: bool = False) -> Estimate:
     """No count given: the fewest accelerators, a power of two from 1 to 65,536, that train the
     run within `default_run_days` (defaults.yaml); the largest when none does. Wall-clock time
     never rises with the count (the planner may leave accelerators idle; what fits on n fits on
@@ -125,7 +126,7 @@ def choose_count(cfg: ModelConfig, seq_len: int, tokens: float, acc: Accelerator
             try:
                 found[i] = estimate_run(cfg, seq_len, tokens, acc, 2 ** i, precision, factors,
                                         defaults, given=given, recompute=recompute,
-                                        peak_flops=peak_flops)
+                                        peak_flops=peak_flops, published=published)
             except ValueError:  # does not fit, or the given layout needs more
                 found[i] = None
         return found[i]

@@ -36,7 +36,7 @@ _RUN_KEYS = ("name", "model", "params", "active_params", "tokens", "accelerator"
              "count", "reported", "citations", "uncertain")
 _REPORTED_KEYS = ("accelerator_hours", "days", "flops", "mfu")
 LAYOUT_KEYS = ("tp", "pp", "dp", "cp", "ep", "micro_batch", "global_batch_tokens",
-               "virtual_stages", "schedule", "recompute", "max_nodes_per_token")
+               "virtual_stages", "schedule", "recompute", "max_nodes_per_token", "zero")
 BASES = ("compute", "wallclock", "unknown")
 UNIT = Factor("stack_efficiency", 1.0, 1.0, 1.0, "high", "1: nothing left out")
 
@@ -144,10 +144,10 @@ def model_run(run: dict, factors: dict[str, Factor], case: str = "central",
     args = (cfg, cfg.seq_len, run["tokens"], acc)
     n = count or run["count"]
     if n:
-        e = estimate_run(*args, int(n), precision, factors, d, given=given)
+        e = estimate_run(*args, int(n), precision, factors, d, given=given, published=True)
     else:
         e = choose_count(*args, precision, factors, d, given=given,
-                         wallclock=run["hours_basis"] == "wallclock")
+                         wallclock=run["hours_basis"] == "wallclock", published=True)
     g = 1.0
     if run["hours_basis"] == "wallclock" and not unit_goodput:
         g = e.goodput[case]
@@ -162,7 +162,7 @@ def complete_layout(cfg: ModelConfig, n: int, acc: Accelerator, seq_len: int, ba
     """The given layout, completed by the planner (estimate.planner) where parts are missing."""
     factors = load_factors(load_defaults(), UNIT)
     given = {k: v for k, v in given.items() if v is not None and k != "global_batch_tokens"}
-    trust = any(k in given for k in ("tp", "pp", "dp", "ep"))  # as engine.estimate_run
+    trust = any(k in given for k in ("tp", "pp", "dp", "ep"))  # stage layouts are published
     return plan(cfg, seq_len, acc, n, precision_of("bf16").catalog, factors, given=given,
                 recompute=recompute, batch=batch, trust_given=trust).best.layout
 

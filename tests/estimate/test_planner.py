@@ -43,6 +43,7 @@ def test_long_context_costs_no_more_than_its_flops_allow():
 @pytest.mark.parametrize("argv, params", [
     (["--params", "405B", "-a", "A100-SXM4-40GB", "-n", "1"], "40"),
     (["--params", "7B", "-a", "A100-SXM4-40GB", "-n", "1"], "40"),
+    (["--params", "405B", "-a", "H100-SXM5-80GB", "-n", "8", "--tp", "8"], "80"),  # given layout
 ])
 def test_what_fits_nowhere_is_refused_in_one_line(argv, params, capsys):
     assert main(["project", *argv, "-t", "1T"]) == 2
