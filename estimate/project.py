@@ -111,7 +111,11 @@ class Projection:
             "outcomes": {k: asdict(o) | {"days": o.days} for k, o in self.outcomes.items()},
             "checks": [asdict(c) for c in self.checks],
         } | ({"calibration_prior": a.calibration_prior.to_dict()}
-             if a.calibration_prior is not None else {})
+             if a.calibration_prior is not None else {}) | (
+            {"layout_plan": {"layout": asdict(a.performance.layout),
+                             "recompute": a.performance.recompute,
+                             "lines": a.performance.plan.lines()}}
+            if a.performance is not None and a.performance.plan is not None else {})
 
 
 def project(target: Target, tokens: float, acc: Accelerator, n_acc: int,
