@@ -31,7 +31,9 @@ performance model (`estimate.perf.step_time`). The fastest per token, failures i
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from estimate.hardware import Accelerator
@@ -186,66 +188,25 @@ def plan(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, precision: st
                    if default_batch * 2 ** i <= top]
     recomputes = [recompute] if recompute else ["none", "full"]
 
-    tps = [int(given["tp"])] if "tp" in given else [
-        t for t in _pow2(min(node, n)) if cfg.n_head % t == 0]
-    pps = [int(given["pp"])] if "pp" in given else _pow2(min(n, cfg.n_layer, 128))
-    max_cp = max(1, seq_len // 8192)  # context parallel for long sequences: >= 8K per device
-    cps = [int(given.get("cp") or 1)] if "cp" in given else _pow2(min(n, max_cp))
-    mbs = [int(given["micro_batch"])] if "micro_batch" in given else [1, 2]
     zeros = [int(given["zero"])] if "zero" in given else [1, 2, 3]
-
     candidates: list[tuple[float, Candidate]] = []
     considered = 0
     leanest: Candidate | None = None
-    for B in batches:
-        seqs = B / seq_len
-        for tp in tps:
-            for pp in pps:
-                for cp in cps:
-                    model_par = tp * pp * cp
-                    if model_par > n:
-                        continue
-                    for mbatch in mbs:
-                        dp_max = min(n // model_par, int(seqs // mbatch))
-                        if "dp" in given:
-                            dps = [int(given["dp"])]
-                        else:
-                            dps = sorted({dp_max, *[d for d in _pow2(dp_max)]}, reverse=True)
-                        for dp in dps:
-                            if dp < 1 or dp * model_par > n or seqs / (dp * mbatch) < 1:
-                                continue
-                            eps = [1]
-                            if cfg.is_moe:  # ep is carved from the dp x cp x tp ranks
-                                eps = ([int(given["ep"])] if "ep" in given else
-                                       [e for e in _pow2(min(dp * cp * tp, cfg.n_experts))
-                                        if e >= min(8, dp * cp * tp)])
-                                eps = [e for e in eps if e <= dp * cp * tp]
-                            for ep in eps:
-                                for sched, v in _schedules(pp, cfg.n_layer, given):
-                                    if not _schedulable(pp, seqs / (dp * mbatch), v, sched, given):
-                                        continue
-                                    lay = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep,
-                                                 micro_batch=mbatch, global_batch_tokens=B,
-                                                 virtual_stages=v, schedule=sched,
-                                                 max_nodes_per_token=given.get("max_nodes_per_token"),
-                                                 source="given, completed by the planner"
-                                                 if given else "planned")
-                                    considered += 1
-                                    fit = _least_that_fits(cfg, seq_len, lay, recomputes, zeros,
-                                                           mem_cap, total_params)
-                                    if fit is None:
-                                        c = _leanest(cfg, seq_len, lay, recomputes, total_params)
-                                        if leanest is None or c.memory.total < leanest.memory.total:
-                                            leanest = c
-                                        if not trust_given:
-                                            continue
-                                        fit = c
-                                    mb = lay.micro_batches(seq_len)
-                                    devices = lay.devices
-                                    bound = (matmul_flops_token * B / (devices * rate)
-                                             * (1 + _bubble(pp, mb, v, sched))
-                                             / B / goodput(devices, factors))
-                                    candidates.append((bound, fit))
+    for lay in _layouts(cfg, seq_len, n, node, batches, given):
+        considered += 1
+        fit = _least_that_fits(cfg, seq_len, lay, recomputes, zeros, mem_cap, total_params)
+        if fit is None:
+            c = _leanest(cfg, seq_len, lay, recomputes, total_params)
+            if leanest is None or c.memory.total < leanest.memory.total:
+                leanest = c
+            if not trust_given:
+                continue
+            fit = c
+        # a lower bound of the seconds per token: the GEMMs at the achievable rate, the bubble
+        bubble = _bubble(lay.pp, lay.micro_batches(seq_len), lay.virtual_stages, lay.schedule)
+        bound = (matmul_flops_token / (lay.devices * rate) * (1 + bubble)
+                 / goodput(lay.devices, factors))
+        candidates.append((bound, fit))
     if not candidates:
         raise DoesNotFit(_refusal(cfg, acc, n, leanest, mem_cap, total_params))
     candidates.sort(key=lambda x: x[0])
@@ -276,6 +237,39 @@ def plan(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, precision: st
                        "faster by using them (data parallelism is bounded by the sequences of "
                        "a step, model parallelism by the model's heads, layers and nodes)")
     return p
+
+
+def _layouts(cfg: ModelConfig, seq_len: int, n: int, node: int, batches: list[float],
+             given: dict) -> Iterator[Layout]:
+    """Every layout the planner considers: tensor parallel within a node and dividing the
+    heads; pipeline stages up to the layers; context parallel down to 8K tokens per device;
+    micro-batches of 1 or 2 sequences; data parallel at its largest and every power of two
+    below; experts over 8 or more of the ranks they are carved from; each schedule the
+    micro-batches allow. What is `given` is fixed."""
+    def fixed(key: str, options: list[int]) -> list[int]:
+        return [int(given[key])] if key in given else options
+
+    tps = fixed("tp", [t for t in _pow2(min(node, n)) if cfg.n_head % t == 0])
+    pps = fixed("pp", _pow2(min(n, cfg.n_layer, 128)))
+    cps = fixed("cp", _pow2(min(n, max(1, seq_len // 8192))))
+    mbs = fixed("micro_batch", [1, 2])
+    for B, tp, pp, cp, mbatch in itertools.product(batches, tps, pps, cps, mbs):
+        seqs = B / seq_len
+        model_par = tp * pp * cp
+        dp_max = min(n // model_par, int(seqs // mbatch))
+        for dp in fixed("dp", sorted({dp_max, *_pow2(dp_max)}, reverse=True)):
+            if dp < 1 or dp * model_par > n or seqs / (dp * mbatch) < 1:
+                continue
+            ranks = dp * cp * tp  # expert parallelism is carved from these
+            eps = [1] if not cfg.is_moe else [e for e in fixed("ep", [
+                e for e in _pow2(min(ranks, cfg.n_experts)) if e >= min(8, ranks)]) if e <= ranks]
+            for ep, (sched, v) in itertools.product(eps, _schedules(pp, cfg.n_layer, given)):
+                if not _schedulable(pp, seqs / (dp * mbatch), v, sched, given):
+                    continue
+                yield Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, micro_batch=mbatch,
+                             global_batch_tokens=B, virtual_stages=v, schedule=sched,
+                             max_nodes_per_token=given.get("max_nodes_per_token"),
+                             source="given, completed by the planner" if given else "planned")
 
 
 def _split(c: Candidate) -> tuple:
