@@ -119,7 +119,10 @@ def choose_count(cfg: ModelConfig, seq_len: int, tokens: float, acc: Accelerator
     never rises with the count (the planner may leave accelerators idle; what fits on n fits on
     2n), so the fewest is found by bisection on the exponent."""
     days = float(defaults["performance"]["default_run_days"]["value"])
+    if peak_flops is None:
+        acc.peak_flops(precision)  # no such peak: say so, not "fits nowhere"
     found: dict[int, Estimate | None] = {}
+    errors: dict[int, ValueError] = {}
 
     def at(i: int) -> Estimate | None:
         if i not in found:
@@ -127,8 +130,8 @@ def choose_count(cfg: ModelConfig, seq_len: int, tokens: float, acc: Accelerator
                 found[i] = estimate_run(cfg, seq_len, tokens, acc, 2 ** i, precision, factors,
                                         defaults, given=given, recompute=recompute,
                                         peak_flops=peak_flops, published=published)
-            except ValueError:  # does not fit, or the given layout needs more
-                found[i] = None
+            except ValueError as e:  # does not fit, or the given layout needs more
+                found[i], errors[i] = None, e
         return found[i]
 
     def done(i: int) -> bool:
@@ -140,7 +143,7 @@ def choose_count(cfg: ModelConfig, seq_len: int, tokens: float, acc: Accelerator
 
     top = 16
     if at(top) is None:
-        raise ValueError(f"no accelerator count from 1 to 65536 fits the model on {acc.name}")
+        raise ValueError(f"no count from 1 to 65536 accelerators: at 65536, {errors[top]}")
     if not done(top):
         return at(top)
     lo, hi = -1, top  # done(hi); not done(lo) (or lo below the range): bisect on the exponent
