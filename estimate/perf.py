@@ -331,14 +331,17 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
         tp_comm = mb * (L / pp) * 4 * 2 * (tp - 1) / tp * msg / link * f["tp_exposed"]
 
     # Expert-parallel all-to-alls: dispatch and combine, forward and backward, k copies of each
-    # token; the share bound for other nodes crosses the scale-out network.
+    # token; the share bound for other nodes crosses the scale-out network, the share bound for
+    # other accelerators of the same node the scale-up links.
     net = acc.network_gbs() * BYTES_PER_GB * f["comm_efficiency"]
     node = acc.node_size()
     ep_comm = 0.0
     if cfg.is_moe and lay.ep > 1:
         moe_layers = n_moe / pp
-        per_token = (gemm_bytes + act_bytes) * 2 * remote_copies(cfg, lay, node) * cfg.d_model
-        ep_comm = mb * moe_layers * m_tokens * per_token / net
+        per_copy = (gemm_bytes + act_bytes) * 2 * cfg.d_model
+        inside = cfg.n_experts_active * (min(lay.ep, node) - 1) / lay.ep
+        ep_comm = mb * moe_layers * m_tokens * per_copy * (
+            remote_copies(cfg, lay, node) / net + inside / link)
         if lay.schedule == "dualpipe":  # overlapped with another micro-batch's compute
             ep_comm = max(0.0, ep_comm - (gemm + attention))
         else:

@@ -102,3 +102,16 @@ def test_layout_refusals():
         Layout(tp=8, pp=1, dp=16, global_batch_tokens=4096).check(128, cfg)
     with pytest.raises(ValueError, match="mixture-of-experts"):
         Layout(ep=8, dp=8).check(8, cfg)
+
+
+def test_expert_all_to_all_inside_a_node_uses_the_scale_up_links():
+    """Experts over the 8 GPUs of one node: no network traffic, but the k routed copies bound
+    for the 7 other GPUs cross NVLink (dispatch and combine, forward and backward)."""
+    cfg = get_preset("deepseek-v3")
+    f = factors(ep_exposed=1.0)
+    lay = Layout(tp=1, pp=1, dp=8, ep=8, global_batch_tokens=8 * 4096)
+    st = step_time(cfg, 4096, H100, 8, lay, "bf16", "none", f)
+    link = 900 / 2 * 1e9 * f["comm_efficiency"].central
+    moe_layers = cfg.n_layer - cfg.n_dense_layers
+    copies = cfg.n_experts_active * 7 / 8
+    assert st.ep_comm == pytest.approx(moe_layers * 4096 * (2 + 2) * 2 * cfg.d_model * copies / link)
