@@ -100,12 +100,35 @@ def in_flight(pp: int, micro_batches: float, virtual_stages: int, schedule: str)
     return held
 
 
+_PER_TOKEN: dict[tuple, tuple[float, float]] = {}
+
+
+def _per_token(cfg: ModelConfig) -> tuple[float, float]:
+    """(expert parameters, activation bytes per token and block averaged over the blocks) of
+    a shape, remembered by its fields (the planner asks thousands of times)."""
+    key = tuple(vars(cfg).values())
+    if key not in _PER_TOKEN:
+        _PER_TOKEN[key] = _shape_terms(cfg)
+    return _PER_TOKEN[key]
+
+
+def _shape_terms(cfg: ModelConfig) -> tuple[float, float]:
+    n_moe = cfg.n_layer - cfg.n_dense_layers if cfg.is_moe else 0
+    moe_share = n_moe / cfg.n_layer
+    per_token_layer = (1 - moe_share) * activation_bytes_per_token(cfg, False)
+    if n_moe:
+        per_token_layer += moe_share * activation_bytes_per_token(cfg, True)
+    return expert_params(cfg), per_token_layer
+
+
 def memory_per_device(cfg: ModelConfig, seq_len: int, lay, recompute: str,
-                      total_params: float | None = None) -> Memory:
-    """Bytes per device of `cfg` trained at `seq_len` under layout `lay` (perf.Layout)."""
+                      total_params: float | None = None, zero: int | None = None) -> Memory:
+    """Bytes per device of `cfg` trained at `seq_len` under layout `lay` (perf.Layout), with
+    ZeRO stage `zero` in place of the layout's when given."""
     tp, pp, cp, ep = lay.tp, lay.pp, lay.cp, lay.ep
+    zero = lay.zero if zero is None else zero
     total = float(total_params if total_params is not None else count_params(cfg))
-    experts = expert_params(cfg)
+    experts, per_token_layer = _per_token(cfg)
     dense = total - experts
     per_dev = dense / (tp * pp) + experts / ((ep if ep > 1 else tp) * pp)
     # ZeRO shards over the ranks that hold the same slice: data x context parallel for the
@@ -116,20 +139,15 @@ def memory_per_device(cfg: ModelConfig, seq_len: int, lay, recompute: str,
     copies = 2.0 if lay.schedule == "dualpipe" else 1.0
 
     def held(key: str, stage: int) -> float:
-        sharded = lay.zero >= stage
-        return STATE_BYTES[key] * (shard if sharded else per_dev)
+        return STATE_BYTES[key] * (shard if zero >= stage else per_dev)
 
     weights = copies * held("weights", 3)
     grads = copies * held("grads", 2)
     optimizer = held("optimizer", 1)
 
     tokens = lay.micro_batch * seq_len / cp  # one micro-batch on one device
-    n_moe = cfg.n_layer - cfg.n_dense_layers if cfg.is_moe else 0
     layers = cfg.n_layer / pp
-    moe_share = n_moe / cfg.n_layer
-    per_token_layer = (1 - moe_share) * activation_bytes_per_token(cfg, False) / tp
-    if n_moe:
-        per_token_layer += moe_share * activation_bytes_per_token(cfg, True) / tp
+    per_token_layer /= tp  # sequence parallelism splits every activation
     if recompute == "full":
         stage = tokens * layers * ACT_BYTES * cfg.d_model / tp
         working = tokens * per_token_layer  # one block re-run at a time

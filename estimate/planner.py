@@ -192,6 +192,7 @@ def plan(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, precision: st
     candidates: list[tuple[float, Candidate]] = []
     considered = 0
     leanest: Candidate | None = None
+    good: dict[int, float] = {}  # goodput by devices used
     for lay in _layouts(cfg, seq_len, n, node, batches, given):
         considered += 1
         fit = _least_that_fits(cfg, seq_len, lay, recomputes, zeros, mem_cap, total_params)
@@ -204,8 +205,9 @@ def plan(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, precision: st
             fit = c
         # a lower bound of the seconds per token: the GEMMs at the achievable rate, the bubble
         bubble = _bubble(lay.pp, lay.micro_batches(seq_len), lay.virtual_stages, lay.schedule)
-        bound = (matmul_flops_token / (lay.devices * rate) * (1 + bubble)
-                 / goodput(lay.devices, factors))
+        if lay.devices not in good:
+            good[lay.devices] = goodput(lay.devices, factors)
+        bound = matmul_flops_token / (lay.devices * rate) * (1 + bubble) / good[lay.devices]
         candidates.append((bound, fit))
     if not candidates:
         raise DoesNotFit(_refusal(cfg, acc, n, leanest, mem_cap, total_params))
@@ -283,10 +285,9 @@ def _least_that_fits(cfg, seq_len, lay, recomputes, zeros, cap, total_params) ->
         for z in zeros:
             if z > 0 and lay.dp * lay.cp == 1 and z != zeros[0]:
                 break  # nothing to shard over
-            trial = replace(lay, zero=z)
-            m = memory_per_device(cfg, seq_len, trial, rc, total_params)
+            m = memory_per_device(cfg, seq_len, lay, rc, total_params, zero=z)
             if m.total <= cap:
-                return Candidate(trial, rc, m)
+                return Candidate(replace(lay, zero=z), rc, m)
     return None
 
 
