@@ -2,9 +2,9 @@
 one number fitted on them: the stack efficiency.
 
 Each run's model, tokens, accelerator, precision and (where published) parallel layout go
-through `estimate.perf`; where a run publishes no accelerator count, layout or batch, a
-stated rule fills it in (`perf.choose_layout`, `default_global_batch_tokens`,
-`default_run_days`). Hours whose `hours_basis` is `compute` (derived from throughput: no
+through `estimate.engine.estimate_run`, the function `project` calls; where a run publishes no
+accelerator count, layout or batch, the layout planner (`estimate.planner`) and
+`engine.choose_count` fill them in, with the defaults `project` uses. Hours whose `hours_basis` is `compute` (derived from throughput: no
 failures in them) are compared without goodput; the others with it.
 
 The stack efficiency is what the modelled terms leave out. Its value is the median, over the
@@ -23,16 +23,10 @@ from pathlib import Path
 import yaml
 
 from estimate.assumptions import load_defaults
+from estimate.engine import choose_count, estimate_run
 from estimate.hardware import Accelerator, get_accelerator
-from estimate.perf import (
-    Factor,
-    Layout,
-    choose_layout,
-    goodput,
-    interleave,
-    load_factors,
-    step_time,
-)
+from estimate.perf import Factor, Layout, load_factors
+from estimate.planner import plan
 from estimate.units import SECONDS_PER_HOUR, parse_count
 from model.config import PRESETS, ModelConfig, get_preset
 from model.precision import precision as precision_of
@@ -42,7 +36,7 @@ _RUN_KEYS = ("name", "family", "year", "model", "params", "active_params", "toke
              "count", "reported", "citations", "uncertain")
 _REPORTED_KEYS = ("accelerator_hours", "days", "flops", "mfu")
 LAYOUT_KEYS = ("tp", "pp", "dp", "cp", "ep", "micro_batch", "global_batch_tokens",
-               "virtual_stages", "schedule", "recompute", "max_nodes_per_token")
+               "virtual_stages", "schedule", "recompute", "max_nodes_per_token", "zero")
 BASES = ("compute", "wallclock", "unknown")
 FORMATS = (3,)  # format 3 added `family` and `year`, which the cross-validation needs
 UNIT = Factor("stack_efficiency", 1.0, 1.0, 1.0, "high", "1: nothing left out")
@@ -142,76 +136,42 @@ class Modelled:
 def model_run(run: dict, factors: dict[str, Factor], case: str = "central",
               count: int | None = None, goodput_low: float | None = None,
               unit_goodput: bool = False) -> Modelled:
-    """The run's accelerator-hours as the performance model predicts them. `count` overrides
+    """The run's accelerator-hours as the performance model predicts them, through the same
+    function as `project` (`estimate.engine.estimate_run`, same defaults). `count` overrides
     the published (or rule-chosen) number of accelerators. Hours that count the whole wall-clock
     time are divided by the failure model's goodput at the run's count, as `project` does; in
     the worst case by `goodput_low` (the goodput fitted on published wall-clock runs) where that
     is lower. The other hours count training time only. `unit_goodput` takes a goodput of 1
     (what the fit of `Fit.wallclock_goodput` needs)."""
-    d = load_defaults()["performance"]
+    d = load_defaults()
     cfg = run_config(run)
     acc = get_accelerator(run["accelerator"])
     given = {k: v for k, v in (run.get("layout") or {}).items() if v is not None}
-    recompute = given.pop("recompute", None) or "selective"
-    batch = given.pop("global_batch_tokens", None) or float(d["default_global_batch_tokens"]["value"])
-    T = cfg.seq_len
     precision = precision_of(run["precision"]).catalog
-
-    def modelled(n: int) -> Modelled:
-        lay = complete_layout(cfg, n, acc, T, batch, given)
-        st = step_time(cfg, T, acc, n, lay, precision, recompute, factors, case)
-        g = 1.0
-        if run["hours_basis"] == "wallclock" and not unit_goodput:
-            g = goodput(n, factors, case)
-            if case == "worst" and goodput_low is not None:
-                g = min(g, goodput_low)
-        return Modelled(run, cfg, acc, n, run["count"] is None, lay, recompute, st.total,
-                        run["tokens"] / batch, g)
-
-    if count or run["count"]:
-        return modelled(int(count or run["count"]))
-    # No published count: the fewest accelerators (a power of two) that train the run within
-    # default_run_days; the fastest count when none does. Counts whose layout has more
-    # data-parallel ranks than sequences, or idles a quarter of its time in the pipeline
-    # bubble, are not counts a run would choose.
-    days = float(d["default_run_days"]["value"])
-    fastest = None
-    for n in (2 ** i for i in range(3, 17)):
-        try:
-            m = modelled(n)
-        except ValueError:  # infeasible: more data-parallel ranks than sequences
-            continue
-        lay = m.layout
-        if (lay.pp - 1) / (lay.micro_batches(T) * lay.virtual_stages) > 0.25:
-            continue
-        if m.hours / n / 24 <= days:
-            return m
-        if fastest is None or m.hours / n < fastest.hours / fastest.count:
-            fastest = m
-    if fastest is None:
-        raise ValueError(f"run {run['name']!r}: no accelerator count from 8 to 65536 fits")
-    return fastest
+    args = (cfg, cfg.seq_len, run["tokens"], acc)
+    n = count or run["count"]
+    if n:
+        e = estimate_run(*args, int(n), precision, factors, d, given=given, published=True)
+    else:
+        e = choose_count(*args, precision, factors, d, given=given,
+                         wallclock=run["hours_basis"] == "wallclock", published=True)
+    g = 1.0
+    if run["hours_basis"] == "wallclock" and not unit_goodput:
+        g = e.goodput[case]
+        if case == "worst" and goodput_low is not None:
+            g = min(g, goodput_low)
+    return Modelled(run, cfg, acc, e.count, run["count"] is None, e.layout, e.recompute,
+                    e.steps[case].total, e.steps_taken, g)
 
 
 def complete_layout(cfg: ModelConfig, n: int, acc: Accelerator, seq_len: int, batch: float,
-                    given: dict) -> Layout:
-    """The published layout, completed by the rule where parts are missing."""
-    rule = choose_layout(cfg, n, acc, seq_len, batch, acc.node_size())
-    cp = int(given.get("cp") or 1)
-    tp = int(given.get("tp") or rule.tp)
-    if "pp" in given:
-        pp = int(given["pp"])
-    elif "dp" in given:  # the pipeline takes what tp and dp leave
-        pp = max(1, n // (tp * cp * int(given["dp"])))
-    else:
-        pp = rule.pp
-    dp = int(given.get("dp") or max(1, n // (tp * pp * cp)))
-    return Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=int(given.get("ep") or rule.ep),
-                  micro_batch=int(given.get("micro_batch") or 1), global_batch_tokens=batch,
-                  virtual_stages=int(given.get("virtual_stages") or interleave(cfg.n_layer, pp)),
-                  schedule=given.get("schedule") or "1f1b",
-                  max_nodes_per_token=given.get("max_nodes_per_token"),
-                  source="published" if given else rule.source)
+                    given: dict, recompute: str | None = None) -> Layout:
+    """The given layout, completed by the planner (estimate.planner) where parts are missing."""
+    factors = load_factors(load_defaults(), UNIT)
+    given = {k: v for k, v in given.items() if v is not None and k != "global_batch_tokens"}
+    trust = any(k in given for k in ("tp", "pp", "dp", "ep"))  # stage layouts are published
+    return plan(cfg, seq_len, acc, n, precision_of("bf16").catalog, factors, given=given,
+                recompute=recompute, batch=batch, trust_given=trust).best.layout
 
 
 def ratio_at_unit_efficiency(run: dict, base: dict[str, Factor]) -> float | None:

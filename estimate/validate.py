@@ -161,7 +161,7 @@ def validate(path: str | Path = RUNS_PATH) -> tuple[list[RunCheck], dict]:
 def _layout(m: Modelled) -> str:
     lay = m.layout
     parts = [f"tp{lay.tp} pp{lay.pp} dp{lay.dp}"] + ([f"ep{lay.ep}"] if lay.ep > 1 else [])
-    return " ".join(parts) + ("" if lay.source == "published" else " (rule)")
+    return " ".join(parts) + (" (planned)" if lay.source == "planned" else "")
 
 
 def validation_table(checks: list[RunCheck]) -> str:
@@ -204,8 +204,9 @@ def validation_markdown(checks: list[RunCheck], stats: dict, plot_name: str | No
         "# Validation against published training runs",
         "",
         "Each prediction runs the performance model (estimate/perf.py) on the run's model, "
-        "tokens, accelerator, precision and published layout (`(rule)`: chosen by "
-        "`perf.choose_layout`; `*`: count not published, chosen to finish in about 30 days), "
+        "tokens, accelerator, precision and published layout, completed by the layout planner "
+        "(`(planned)`: none published; `*`: count not published, chosen to finish in about "
+        "30 days), "
         "with the default factors and a stack efficiency fitted on the other runs "
         "(leave-one-out). ln error = ln(predicted / reported accelerator-hours). Hours whose "
         "basis is `compute` count training time only and are predicted without failures.",

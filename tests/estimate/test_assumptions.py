@@ -41,28 +41,29 @@ def test_defaults_have_sources_and_ordered_ranges():
         assert anchor in src
 
 
-def test_default_without_a_shape_is_the_flat_published_range():
+def test_a_size_goes_through_the_performance_model():
+    """Issue 19: --params was a flat 0.36-0.40 MFU whatever the count; now a size becomes a
+    shape (estimate.shapes) and the performance model times it like any other."""
     t = resolve_target(params=405e9)
-    a = build_assumptions(t, get_accelerator("H100-SXM5-80GB"), 16384)
-    assert (a.mfu.low, a.mfu.central, a.mfu.high) == (0.35, 0.40, 0.55)
-    assert a.goodput.central == 0.9 and a.scaling.central == 1.0
-    assert a.power_w.central == 700  # TDP x 1.0
-    assert a.price is None
-    assert a.performance is None
+    acc = get_accelerator("H100-SXM5-80GB")
+    a = build_assumptions(t, acc, 16384, tokens=15e12)
+    assert a.performance is not None and "performance model" in a.mfu.source
+    assert 0.15 < a.mfu.low < a.mfu.central < a.mfu.high < 0.6
+    assert a.goodput.central < 0.95 and a.power_w.central == 700  # TDP x 1.0
     for x in a.numeric():
         assert x.low <= x.central <= x.high and x.source
 
 
-def test_moe_lowers_low_end_and_fp8_uses_fp8_defaults():
+def test_moe_and_fp8_by_size_are_modelled():
     acc = get_accelerator("H800-SXM5-80GB")
-    moe = build_assumptions(resolve_target(params=671e9, active_params=37e9), acc, 2048)
-    assert moe.mfu.low == pytest.approx(0.22)
-    assert moe.mfu.central == 0.40
-    fp8 = build_assumptions(resolve_target(params=405e9), acc, 2048, precision="fp8")
-    assert (fp8.mfu.low, fp8.mfu.central, fp8.mfu.high) == (0.20, 0.30, 0.45)
-    moe_fp8 = build_assumptions(resolve_target(params=671e9, active_params=37e9), acc, 2048,
-                                precision="fp8")
-    assert moe_fp8.mfu.low == pytest.approx(0.22 * 989 / 1979)  # against the fp8 peak
+    moe = build_assumptions(resolve_target(params=671e9, active_params=37e9), acc, 2048,
+                            tokens=14.8e12)
+    assert moe.performance.layout.ep > 1  # experts spread over ranks
+    bf16 = build_assumptions(resolve_target(params=70e9), acc, 2048, tokens=2e12)
+    fp8 = build_assumptions(resolve_target(params=70e9), acc, 2048, precision="fp8", tokens=2e12)
+    # fp8 speeds up the block GEMMs only: faster per step, lower MFU against its doubled peak
+    assert fp8.performance.steps["central"].total < bf16.performance.steps["central"].total
+    assert fp8.mfu.central < bf16.mfu.central
 
 
 def test_default_with_a_shape_comes_from_the_performance_model():
