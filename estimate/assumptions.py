@@ -281,7 +281,8 @@ def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str,
     from estimate.published import fit
 
     fitted = fit()
-    stack, prior = fitted.stack, None
+    planned = not any(given.get(k) is not None for k in ("tp", "pp", "dp", "ep"))
+    stack, prior = fitted.stack_for(planned), None
     if calibration is not None:
         from estimate.calibrate.prior import size_prior
         from estimate.published import fitted_flops_per_token
@@ -302,19 +303,19 @@ def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str,
         f"performance model (estimate/perf.py): layout tp {lay.tp} x pp {lay.pp} x cp {lay.cp} "
         f"x dp {lay.dp}{f' (ep {lay.ep})' if lay.ep > 1 else ''}, {lay.source}; "
         f"{lay.global_batch_tokens:.4g} tokens per step; recompute {e.recompute}; "
-        f"stack efficiency {fitted.stack.central:.2f} fitted on {fitted.runs} published runs"
+        f"stack efficiency {stack.central:.2f} fitted on {fitted.runs} published runs"
+        + (f" (x{fitted.planned.central:.2f}: the layout is planned, not published)"
+           if planned else "")
         + (f" x{prior.factor:.3f} calibration prior (--from-calibration)" if prior else "")
         + "; range: every factor at its favourable / unfavourable end")
     a.notes += steps["central"].notes
     if prior is not None:
         a.notes += ["calibration prior: " + line for line in prior.lines()]
-    g = e.goodput
-    low = min(g["worst"], fitted.wallclock_goodput)
-    src = factors["interruptions_per_acc_hour"].source
-    gp = Assumption("goodput", "goodput (useful / elapsed time)", g["central"], low, g["best"], "",
-                    "high", f"failure model (estimate/perf.goodput) at {lay.devices} accelerators: "
-                    f"{src} Low end: the goodput fitted on published wall-clock runs "
-                    f"({fitted.wallclock_goodput:.2f}) where lower.")
+    w = fitted.basis["wallclock"]
+    gp = Assumption("goodput", "goodput (useful / elapsed time)", w.central, w.low, w.high, "",
+                    "high", "the wall-clock factor fitted on published runs whose hours are "
+                    "count x elapsed days (estimate.crossval; modelled / reported hours): "
+                    + w.source)
     return a, gp, Performance(lay, steps, factors, fitted.runs, fitted.wallclock_goodput,
                               e.plan, e.recompute), prior
 

@@ -33,14 +33,15 @@ def count_probe(params: float = 7e9, acc_name: str = "H100-SXM5-80GB",
                 counts: tuple[int, ...] = COUNTS, tokens: float = PROBE_TOKENS) -> list[dict]:
     """Days, hours and layout of `params` (by size) on each count."""
     d = load_defaults()
-    factors = load_factors(d, fit().stack)
+    fitted = fit()
+    factors = load_factors(d, fitted.stack_for(planned=True))
     cfg = shape_from_size(params)
     acc = get_accelerator(acc_name)
     rows = []
     for n in counts:
         e = estimate_run(cfg, cfg.seq_len, tokens, acc, n, "bf16", factors, d)
-        rows.append({"count": n, "days": e.wallclock_hours() / n / 24,
-                     "hours": e.wallclock_hours(), "used": e.layout.devices,
+        hours = e.compute_hours() / fitted.wallclock_goodput  # project's wall-clock figure
+        rows.append({"count": n, "days": hours / n / 24, "hours": hours, "used": e.layout.devices,
                      "layout": e.plan.best.describe(), "estimate": e})
     return rows
 
@@ -49,13 +50,14 @@ def context_probe(params: float = 7e9, acc_name: str = "H100-SXM5-80GB", n: int 
                   short: int = 4096, long: int = 131072, tokens: float = PROBE_TOKENS) -> dict:
     """The same shape at `short` and `long` context: hours ratio against the FLOPs ratio."""
     d = load_defaults()
-    factors = load_factors(d, fit().stack)
+    fitted = fit()
+    factors = load_factors(d, fitted.stack_for(planned=True))
     acc = get_accelerator(acc_name)
     out = {}
     for T in (short, long):
         cfg = shape_from_size(params, seq_len=T)
         e = estimate_run(cfg, T, tokens, acc, n, "bf16", factors, d)
-        out[T] = {"hours": e.wallclock_hours(), "flops_per_token": model_flops_per_token(cfg, T),
+        out[T] = {"hours": e.compute_hours() / fitted.wallclock_goodput, "flops_per_token": model_flops_per_token(cfg, T),
                   "layout": e.plan.best.describe(), "estimate": e}
     out["hours_ratio"] = out[long]["hours"] / out[short]["hours"]
     out["flops_ratio"] = out[long]["flops_per_token"] / out[short]["flops_per_token"]
@@ -72,12 +74,11 @@ def size_vs_shape(path=RUNS_PATH) -> list[dict]:
             continue
         fitted = fit(exclude=run["name"], path=path)
         factors = load_factors(d, fitted.stack)
-        by_shape = model_run(run, factors, goodput_low=fitted.wallclock_goodput)
+        by_shape = model_run(run, factors, fit=fitted)
         cfg = by_shape.cfg
         sized = shape_from_size(run["params"], run["active_params"], seq_len=cfg.seq_len)
         as_size = dict(run, model={k: v for k, v in vars(sized).items() if k != "notes"})
-        by_size = model_run(as_size, factors, count=by_shape.count,
-                            goodput_low=fitted.wallclock_goodput)
+        by_size = model_run(as_size, factors, count=by_shape.count, fit=fitted)
         rows.append({"run": run["name"], "reported": hours,
                      "shape": by_shape.hours, "size": by_size.hours,
                      "ln_shape": math.log(by_shape.hours / hours),

@@ -82,6 +82,13 @@ def load_runs(path: str | Path = RUNS_PATH) -> list[dict]:
     return runs
 
 
+def is_planned(run: dict) -> bool:
+    """The run publishes no tp, pp, dp or ep: its layout is the planner's, which picks the
+    fastest that fits, and so may be faster than what the run did."""
+    layout = run.get("layout") or {}
+    return not any(layout.get(k) is not None for k in ("tp", "pp", "dp", "ep"))
+
+
 def published_setup(preset: str, path: str | Path = RUNS_PATH) -> dict | None:
     """The published training set-up of a preset's run (the first run in published_runs.yaml
     whose model is the preset): name, precision, count, layout and tokens; None if none."""
@@ -126,7 +133,7 @@ class Modelled:
     recompute: str
     seconds_per_step: float
     steps: float
-    goodput: float  # 1 for hours that count training time only
+    goodput: float  # the fitted factor of the run's hours basis (1: compute hours)
 
     @property
     def hours(self) -> float:
@@ -134,20 +141,21 @@ class Modelled:
 
 
 def model_run(run: dict, factors: dict[str, Factor], case: str = "central",
-              count: int | None = None, goodput_low: float | None = None,
-              unit_goodput: bool = False) -> Modelled:
+              count: int | None = None, fit: Fit | None = None) -> Modelled:
     """The run's accelerator-hours as the performance model predicts them, through the same
     function as `project` (`estimate.engine.estimate_run`, same defaults). `count` overrides
-    the published (or rule-chosen) number of accelerators. Hours that count the whole wall-clock
-    time are divided by the failure model's goodput at the run's count, as `project` does; in
-    the worst case by `goodput_low` (the goodput fitted on published wall-clock runs) where that
-    is lower. The other hours count training time only. `unit_goodput` takes a goodput of 1
-    (what the fit of `Fit.wallclock_goodput` needs)."""
+    the published (or rule-chosen) number of accelerators. With a `fit` (`fit()`), its stack
+    efficiency (x its planned-layout factor where the run publishes no layout) replaces the one
+    in `factors`, and the hours are divided by the fitted factor of the run's hours basis, as
+    `project` divides its wall-clock figure by the wall-clock factor; without one, they are the
+    modelled hours with the given factors and nothing else (what the fit itself needs)."""
     d = load_defaults()
     cfg = run_config(run)
     acc = get_accelerator(run["accelerator"])
     given = {k: v for k, v in (run.get("layout") or {}).items() if v is not None}
     precision = precision_of(run["precision"]).catalog
+    if fit is not None:
+        factors = {**factors, "stack_efficiency": fit.stack_for(is_planned(run))}
     args = (cfg, cfg.seq_len, run["tokens"], acc)
     n = count or run["count"]
     if n:
@@ -155,11 +163,7 @@ def model_run(run: dict, factors: dict[str, Factor], case: str = "central",
     else:
         e = choose_count(*args, precision, factors, d, given=given,
                          wallclock=run["hours_basis"] == "wallclock", published=True)
-    g = 1.0
-    if run["hours_basis"] == "wallclock" and not unit_goodput:
-        g = e.goodput[case]
-        if case == "worst" and goodput_low is not None:
-            g = min(g, goodput_low)
+    g = 1.0 if fit is None else fit.basis[run["hours_basis"]].at(case)
     return Modelled(run, cfg, acc, e.count, run["count"] is None, e.layout, e.recompute,
                     e.steps[case].total, e.steps_taken, g)
 
@@ -174,56 +178,57 @@ def complete_layout(cfg: ModelConfig, n: int, acc: Accelerator, seq_len: int, ba
                 recompute=recompute, batch=batch, trust_given=trust).best.layout
 
 
-def ratio_at_unit_efficiency(run: dict, base: dict[str, Factor]) -> float | None:
-    """Modelled / reported accelerator-hours with a stack efficiency and a goodput of 1."""
-    hours, _ = reported_hours(run)
-    if hours is None:
-        return None
-    return model_run(run, {**base, "stack_efficiency": UNIT}, unit_goodput=True).hours / hours
-
-
-@cache
-def _ratios(path: str) -> dict[str, tuple[float, str]]:
-    base = load_factors(load_defaults(), UNIT)
-    out = {}
-    for run in load_runs(path):
-        r = ratio_at_unit_efficiency(run, base)
-        if r is not None:
-            out[run["name"]] = (r, run["hours_basis"])
-    return out
-
-
 @dataclass
 class Fit:
-    """The two numbers fitted on published runs."""
+    """The factors fitted on published runs (estimate.crossval, all runs): what `project`, the
+    stages and `validate` divide the modelled hours by."""
 
     stack: Factor  # stack efficiency, on the runs whose hours count training time
-    wallclock_goodput: float  # training / wall-clock time of runs published as wall-clock
+    basis: dict[str, Factor]  # modelled / reported hours by hours basis (compute: 1)
+    planned: Factor  # modelled / reported hours of runs whose layout the planner chose
     runs: int
+    range_log: tuple[float, float]  # the best-worst range of a prediction (ln, conformal)
+
+    @property
+    def wallclock_goodput(self) -> float:
+        return self.basis["wallclock"].central
+
+    def stack_for(self, planned: bool) -> Factor:
+        """The stack efficiency of a run whose layout is planned (x the planned factor) or
+        published."""
+        if not planned:
+            return self.stack
+        p = self.planned
+        return Factor("stack_efficiency", self.stack.central * p.central,
+                      self.stack.low * p.low, self.stack.high * p.high, "high",
+                      f"{self.stack.source}; x{p.central:.3f} for a planned layout ({p.source})")
 
 
 def fit(exclude: str | None = None, path: str | Path = RUNS_PATH) -> Fit:
-    """Fit on the published runs, leaving out `exclude`.
+    """The fit of `estimate.crossval` (stack efficiency, a factor per hours basis, a factor for
+    planned layouts, by median polish) on the published runs, leaving out `exclude`; each
+    factor's range: the 25th-75th percentiles of the ratios it is the median of."""
+    from estimate import crossval  # crossval builds on model_run, below
 
-    - stack efficiency: the median, over runs whose hours count training time (basis compute
-      or unknown: the Llama model cards' 'GPU hours of computation'), of modelled hours at
-      efficiency 1 / reported hours; its range: their 25th-75th percentiles;
-    - wall-clock goodput: the same median over the runs published as wall-clock time, with
-      the stack efficiency applied: what failures, restarts and idle time cost those runs. It is
-      the low end of the goodput range only; the central goodput is the failure model's.
-    The median minimises the median |ln error| the validation reports."""
-    ratios = {k: v for k, v in _ratios(str(path)).items() if k != exclude}
-    train = [r for r, basis in ratios.values() if basis != "wallclock"]
-    wall = [r for r, basis in ratios.values() if basis == "wallclock"]
-    if len(train) < 3 or len(wall) < 2:
-        raise ValueError(f"{path}: too few runs with accelerator-hours to fit the model")
-    q1, med, q3 = statistics.quantiles(train, n=4, method="inclusive")
+    train = [p for p in crossval.points(str(path)) if p.name != exclude]
+    f = crossval.fit_fold(train, by_family=exclude is None)
+    ranges = crossval.factor_ranges(train)
     left_out = f", {exclude} left out" if exclude else ""
-    stack = Factor("stack_efficiency", med, q1, q3, "high",
-                   f"fitted: median over {len(train)} published runs{left_out} of modelled "
-                   f"hours at efficiency 1 / reported hours; range: their 25th-75th "
-                   f"percentiles ({q1:.2f}-{q3:.2f})")
-    return Fit(stack, min(1.0, statistics.median(r / med for r in wall)), len(ratios))
+
+    def factor(key: str, central: float, what: str) -> Factor:
+        lo, hi = ranges.get(key, (central, central))
+        return Factor(key, central, min(lo, central), max(hi, central), "high",
+                      f"fitted (estimate.crossval, {len(train)} published runs{left_out}): "
+                      f"{what}; range: 25th-75th percentiles ({lo:.2f}-{hi:.2f})")
+
+    stack = factor("stack_efficiency", f.stack,
+                   "median modelled hours at efficiency 1 / reported, compute-hour runs")
+    basis = {"compute": Factor("compute", 1.0, 1.0, 1.0, "high", "the reference basis")}
+    for b in ("wallclock", "unknown"):
+        basis[b] = factor(b, f.basis_factor[b], f"modelled / reported hours, {b}-basis runs")
+    planned = factor("planned", f.planned_factor,
+                     "modelled / reported hours, runs with no published layout")
+    return Fit(stack, basis, planned, len(train), f.range_log)
 
 
 @cache

@@ -25,6 +25,7 @@ from estimate.published import (
     RUNS_PATH,
     Modelled,
     fit,
+    is_planned,
     load_runs,
     model_run,
     reported_hours,
@@ -96,10 +97,9 @@ def check_run(run: dict, path: str | Path = RUNS_PATH) -> RunCheck:
     """Predict one published run, the stack efficiency fitted without it."""
     fitted = fit(exclude=run["name"], path=path)
     factors = load_factors(load_defaults(), fitted.stack)
-    c = model_run(run, factors, goodput_low=fitted.wallclock_goodput)
-    predicted = {case: model_run(run, factors, case, c.count, fitted.wallclock_goodput)
-                 for case in CASES}
-    stack = fitted.stack
+    c = model_run(run, factors, fit=fitted)
+    predicted = {case: model_run(run, factors, case, c.count, fitted) for case in CASES}
+    stack = fitted.stack_for(is_planned(run))
     hours, how = reported_hours(run)
     flops = model_flops_per_token(c.cfg, c.cfg.seq_len) * run["tokens"]
     peak = c.acc.peak_flops(precision_of(run["precision"]).catalog)

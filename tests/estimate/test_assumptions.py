@@ -5,6 +5,7 @@ import pytest
 from contracts.run import read_summary
 from estimate.assumptions import build_assumptions, load_defaults
 from estimate.hardware import get_accelerator
+from estimate.published import fit
 from estimate.target import resolve_target
 
 
@@ -72,12 +73,13 @@ def test_default_with_a_shape_comes_from_the_performance_model():
     a = build_assumptions(t, acc, 16384, layout={"tp": 8, "pp": 16, "global_batch_tokens": 16e6})
     assert a.performance is not None and "performance model" in a.mfu.source
     assert a.performance.layout.dp == 128
-    # low end: the fitted stack efficiency's 25th percentile over the published runs (0.195
-    # with the 43 runs of issue 19's data, whose small-model card hours widen it)
+    # low end: the fitted stack efficiency's 25th percentile over the published runs
     assert 0.15 < a.mfu.low < a.mfu.central < a.mfu.high < 0.6
     assert a.scaling.low == a.scaling.high == 1.0  # communication is in the model
-    # goodput: the failure model at 16,384 accelerators, the published wall-clock fit below
-    assert 0.8 < a.goodput.central < 0.95 and a.goodput.low < a.goodput.central
+    # goodput: the wall-clock factor fitted on the published wall-clock runs, with its range
+    w = fit().basis["wallclock"]
+    assert (a.goodput.central, a.goodput.low, a.goodput.high) == (w.central, w.low, w.high)
+    assert 0.6 < a.goodput.low < a.goodput.central < a.goodput.high <= 1.0
     # the peak can be given by hand; MFU is then against it
     given = build_assumptions(t, acc, 16384, layout={"tp": 8, "pp": 16, "global_batch_tokens": 16e6},
                               peak_flops=500e12)

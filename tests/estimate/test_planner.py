@@ -2,6 +2,7 @@
 
 import pytest
 
+from estimate import crossval
 from estimate.__main__ import main
 from estimate.assumptions import build_assumptions, load_defaults
 from estimate.engine import estimate_run
@@ -11,7 +12,7 @@ from estimate.perf import Layout, load_factors
 from estimate.planner import DoesNotFit, plan
 from estimate.probe import context_probe, count_probe
 from estimate.project import project
-from estimate.published import UNIT, fit, load_runs, model_run, published_setup
+from estimate.published import UNIT, fit, is_planned, load_runs, model_run, published_setup
 from estimate.shapes import shape_from_size
 from estimate.target import resolve_target
 from model.config import get_preset
@@ -53,21 +54,30 @@ def test_what_fits_nowhere_is_refused_in_one_line(argv, params, capsys):
 
 
 def test_project_equals_validate_on_llama31_405b():
-    """Issue 19: project said 40.0M hours, validate 35.8M, for the same run. They now call
-    engine.estimate_run with the same defaults: project's training-time hours equal validate's
-    prediction for a run whose hours count training time, at the same stack efficiency."""
+    """Issue 19: project said 40.0M hours, validate 35.8M, for the same run. Both now call
+    engine.estimate_run with the same fit (published.fit: crossval's stack efficiency and
+    per-basis factors on all runs): project's training-time hours x the fitted unknown-basis
+    factor equal validate's all-runs-fit prediction of the run (its model-card hours are of
+    basis unknown), and project's wall-clock figure is its training time / the wall-clock
+    factor."""
     run = next(r for r in load_runs() if r["name"] == "Llama 3.1 405B")
+    assert run["hours_basis"] == "unknown" and not is_planned(run)
     d = load_defaults()
-    stack = fit().stack
-    validated = model_run(run, load_factors(d, stack))
+    f = fit()
+    validated = model_run(run, load_factors(d, f.stack), fit=f)
     setup = published_setup("llama3-405b")
     target = resolve_target("llama3-405b")
     a = build_assumptions(target, H100, setup["count"], "bf16", None, layout=setup["layout"],
                           tokens=run["tokens"])
     p = project(target, run["tokens"], H100, setup["count"], a, "bf16",
                 a.performance.recompute)
-    assert p.central.accelerator_hours * p.central.goodput == pytest.approx(validated.hours,
-                                                                           rel=1e-9)
+    training = p.central.accelerator_hours * p.central.goodput
+    assert training / f.basis["unknown"].central == pytest.approx(validated.hours, rel=1e-9)
+    assert p.central.goodput == f.basis["wallclock"].central
+    assert p.central.accelerator_hours == pytest.approx(training / f.basis["wallclock"].central)
+    # and crossval's all-runs fit predicts the same hours from its once-computed point
+    point = next(q for q in crossval.points() if q.name == run["name"])
+    assert crossval.fitted().predict(point) == pytest.approx(validated.hours, rel=1e-9)
     assert a.performance.layout.tp == 8 and a.performance.layout.pp == 16  # as published
 
 

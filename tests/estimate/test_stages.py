@@ -73,7 +73,8 @@ def test_rl_batch_is_sized_for_the_maximum_response_length(tmp_path):
     fit an instance makes more decode waves, hence more hours; a cap below the mean is refused."""
     def stage(cap):
         return ("name: x\naccelerator: H800-SXM5-80GB\nstages:\n"
-                "  - {name: rl, kind: rl, model: deepseek-v3, count: 64, precision: fp8,\n"
+                "  - {name: rl, kind: rl, model: deepseek-v3, count: 512, precision: fp8,\n"
+                "     layout: {tp: 1, pp: 16, ep: 32},\n"
                 "     prompts_per_step: 32, samples_per_prompt: 16, steps: 10, prompt_tokens: 300,\n"
                 f"     response_tokens: 4000, max_response_tokens: {cap}, generation_instance: 32}}\n")
 
