@@ -11,12 +11,16 @@ runs it holds out:
 What a fold fits, from its training runs only (everything else is the performance model of
 `estimate.perf` with the factors of defaults.yaml, which no fold changes):
 
-- stack efficiency: the median, over training runs whose hours count training time
-  (`hours_basis` compute), of modelled hours at efficiency 1 / reported hours;
-- one factor per other hours basis: wall-clock (`wallclock`: count x elapsed days, failures,
-  restarts and idle time included) and `unknown` (model cards' "total GPU time"): the median of
-  modelled hours (with the fitted stack efficiency) / reported hours over training runs of
-  that basis; 1 when the fold has fewer than 2 such runs;
+- by median polish (`_central_fit`; Tukey 1977), ln(modelled at efficiency 1 / reported) as
+  a sum of effects, each the median of what the others leave over its runs:
+  - stack efficiency: over training runs whose hours count training time (`hours_basis`
+    compute);
+  - one factor per other hours basis: wall-clock (`wallclock`: count x elapsed days, failures,
+    restarts and idle time included) and `unknown` (model cards' "total GPU time"); 1 when the
+    fold has fewer than 2 such runs;
+  - a planned-layout factor: over training runs that publish no tp, pp, dp or ep, whose
+    layout the planner chose (the fastest that fits, which may be faster than what the run
+    did); 1 when the fold has fewer than 2;
 - the range: a nominal 80% split-conformal interval (`_quantiles`) of ln(reported /
   predicted) of the training runs, each predicted by a nested fit inside the fold that holds
   it out the way the split does (alone for leave-one-out; with its whole family for the other

@@ -11,9 +11,10 @@ Defaults (the same for a preset, a shape YAML, a size, and a published run):
   larger up to the critical batch where that is faster);
 - layout: as given (a published layout applies at its published count only; `project` drops
   it at any other count), else the planner's;
-- goodput: the failure model (perf.goodput) at the accelerators used, for wall-clock time.
-  Compute hours (`compute_hours`) leave it out: the basis of published figures derived from
-  throughput.
+- goodput: `compute_hours` are training time (the basis of published figures derived from
+  throughput); `project` divides them by the wall-clock factor fitted on published runs
+  (`published.fit`) for wall-clock hours. `wallclock_hours` divides by the failure model
+  (perf.goodput) instead: only the count rule below uses it.
 - accelerator count: as given, else the fewest power of two that trains within
   defaults.yaml `default_run_days` (`choose_count`).
 """

@@ -1,16 +1,16 @@
 """Published training runs (`published_runs.yaml`) as inputs of the performance model, and the
-one number fitted on them: the stack efficiency.
+fit on them that `project`, the stages files and `validate` share (`fit`).
 
 Each run's model, tokens, accelerator, precision and (where published) parallel layout go
 through `estimate.engine.estimate_run`, the function `project` calls; where a run publishes no
 accelerator count, layout or batch, the layout planner (`estimate.planner`) and
-`engine.choose_count` fill them in, with the defaults `project` uses. Hours whose `hours_basis` is `compute` (derived from throughput: no
-failures in them) are compared without goodput; the others with it.
+`engine.choose_count` fill them in, with the defaults `project` uses.
 
-The stack efficiency is what the modelled terms leave out. Its value is the median, over the
-runs used, of modelled / reported accelerator-hours with an efficiency of 1: the median
-minimises the median |ln error| the validation reports. Predicting a published run fits it
-on the other runs only (leave-one-out), so no run's own figure helps predict it.
+`fit` is `estimate.crossval`'s fit (median polish over the runs used): the stack efficiency,
+what the modelled terms leave out, from the runs whose hours count training time; a factor per
+hours basis (wall-clock, unknown) the modelled hours are divided by; and a factor for runs whose
+layout the planner chose (`is_planned`). Predicting a published run fits it on the other runs
+only (leave-one-out), so no run's own figure helps predict it.
 """
 
 from __future__ import annotations
