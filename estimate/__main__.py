@@ -22,6 +22,7 @@ from pathlib import Path
 
 from contracts.cli import run_main
 from estimate.hardware import PRECISIONS, get_accelerator, load_catalog
+from estimate.perf import SCHEDULES
 from estimate.units import parse_count, parse_value_range
 from model.flops import RECOMPUTE_MODES
 from model.precision import precision
@@ -62,24 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", help="model preset (model.config.PRESETS) or YAML model config")
     p.add_argument("--params", type=_count("--params"), help="total parameters, e.g. 70B (dense: also N in 6N)")
     p.add_argument("--active-params", type=_count("--active-params"), help="N in 6N: parameters per token (MoE)")
-    p.add_argument("--seq-len", type=int, help="context length for the attention FLOPs (default: the model's)")
+    p.add_argument("--experts", type=int, help="with --params/--active-params: routed experts of "
+                   "the assumed shape (default: estimate.shapes' rule)")
+    p.add_argument("--seq-len", type=int, help="context length (default: the model's; 4096 for "
+                   "a model given by size)")
     p.add_argument("--tokens", "-t", type=_count("--tokens"), help="training tokens: 15.6T, 300B, 1e12")
     p.add_argument("--accelerator", "-a", help="catalog key, case-insensitive (see `catalog`)")
     p.add_argument("--stages", help="a stages YAML (configs/estimate/deepseek-r1.yaml): project "
                    "every stage of a training recipe beside its published figure")
     p.add_argument("--count", "-n", type=int, help="number of accelerators (default: the published "
-                   "run's for a preset that has one, else the fewest that train in ~30 days)")
+                   "run's for a preset that has one, else the fewest power of two that trains "
+                   "in ~30 days, estimate.engine.choose_count)")
     p.add_argument("--precision", type=_precision, choices=PRECISIONS,
                    help="selects the peak (default: the published run's for a preset that has one, else bf16)")
     p.add_argument("--peak-tflops", type=float, help="dense peak per accelerator in TFLOP/s, in place of the catalog's")
     lay = p.add_argument_group("parallel layout (default: the published run's for a preset that "
-                               "has one, else estimate.perf.choose_layout's rule)")
+                               "has one, at its published count; else estimate.planner's "
+                               "search, which fills in whatever is not given)")
     for name in ("tp", "pp", "dp", "cp", "ep", "micro-batch", "virtual-stages"):
         lay.add_argument(f"--{name}", type=int)
     lay.add_argument("--global-batch", type=_count("--global-batch"), help="tokens per optimizer step")
-    lay.add_argument("--schedule", choices=("1f1b", "dualpipe"))
+    lay.add_argument("--schedule", choices=SCHEDULES)
+    lay.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (3: FSDP)")
     p.add_argument("--recompute", choices=RECOMPUTE, help="activation recomputation of the target "
-                   "run (default: the published run's for a preset that has one, else none)")
+                   "run (default: the published run's for a preset that has one, else the "
+                   "planner's: none where it fits, else full)")
     mfu = p.add_mutually_exclusive_group()
     mfu.add_argument("--mfu", type=_range, help="MFU, e.g. 0.45 or 0.45:0.35:0.55")
     mfu.add_argument("--mfu-from", metavar="RUN_DIR", help="take MFU from RUN_DIR/summary.json")
@@ -103,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the table as docs/measured/estimate-validate-DATE.md")
 
     sub.add_parser("catalog", help="list the accelerator catalog")
+    sub.add_parser("probe", help="print the engine's goals: days against count, hours against "
+                   "context, runs given by size against by shape (issue 19)")
 
     c = sub.add_parser("calibrate", help="measure throughput on this machine (a sweep of short "
                        "real runs), fit it, check the assumptions, predict a held-out run")
@@ -146,47 +156,61 @@ def cmd_project(args: argparse.Namespace) -> int:
     if args.tokens is None or args.accelerator is None:
         raise ValueError("project needs --tokens and --accelerator (or a stages file: "
                          "--stages FILE, or --model NAME for configs/estimate/NAME.yaml)")
-    if args.model is None and args.seq_len is not None:
-        raise ValueError("--seq-len needs a model shape (--model): with --params alone only the "
-                         "6N term is counted, which does not depend on the sequence length")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise ValueError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    if args.experts is not None and args.model is not None:
+        raise ValueError("--experts shapes a model given by size (--params); with --model the "
+                         "shape has its own experts")
     target = resolve_target(args.model, params=args.params, active_params=args.active_params,
-                            seq_len=args.seq_len)
+                            seq_len=args.seq_len, experts=args.experts)
     calibration = None
     if args.from_calibration:
         from estimate.assumptions import refuse_calibration
         from estimate.calibrate.prior import read_calibration
 
-        refuse_calibration(args.mfu is not None, args.mfu_from is not None, target.cfg is not None)
+        refuse_calibration(args.mfu is not None, args.mfu_from is not None)
         calibration = read_calibration(args.from_calibration)
     acc = get_accelerator(args.accelerator)
     setup = published_setup(args.model) if args.model else None
-    layout = dict(setup["layout"]) if setup else {}
+    # A preset's published layout holds at its published count only; its batch always.
+    at_published = setup and args.count in (None, setup["count"])
+    layout = dict(setup["layout"]) if at_published else (
+        {k: v for k, v in setup["layout"].items() if k == "global_batch_tokens"} if setup else {})
     given = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "cp": args.cp, "ep": args.ep,
              "micro_batch": args.micro_batch, "virtual_stages": args.virtual_stages,
-             "global_batch_tokens": args.global_batch, "schedule": args.schedule}
+             "global_batch_tokens": args.global_batch, "schedule": args.schedule,
+             "zero": args.zero}
+    published = bool(at_published)
     if any(v is not None for v in given.values()):
+        published = False  # a layout of the command line: refused where it fits nowhere
         layout = {k: v for k, v in layout.items() if k in ("global_batch_tokens", "schedule",
                                                            "max_nodes_per_token")}
     layout |= {k: v for k, v in given.items() if v is not None}
-    recompute = args.recompute or layout.pop("recompute", None) or "none"
+    recompute = args.recompute or layout.pop("recompute", None)
     layout.pop("recompute", None)
     precision = args.precision or (setup["precision"] if setup else "bf16")
-    count = args.count or (setup["count"] if setup else None) or _count_for(
-        target, acc, precision, recompute, layout, args, calibration)
+    count = args.count or (setup["count"] if setup else None)
+    count_note = None
+    if count is None:
+        count, count_note = _count_for(target, acc, precision, recompute, layout, args, calibration)
     if count < 1:
         raise ValueError(f"--count must be >= 1, got {count}")
     if setup:
         print(f"(defaults from the published run {setup['name']!r}: precision {precision}, "
-              f"recompute {recompute}, layout {layout or 'by rule'}; options override them)")
+              f"recompute {recompute or 'planned'}, layout "
+              f"{layout or 'planned'}{'' if at_published else ' (published layout not used: not its published count)'}"
+              "; options override them)")
+    if count_note:
+        print(f"({count_note})")
     run = read_summary(args.mfu_from) if args.mfu_from else None
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     assumptions = build_assumptions(
         target, acc, count, precision, recompute, mfu=args.mfu,
         mfu_recompute=args.mfu_recompute, mfu_run=run, scaling=args.scaling,
         goodput=args.goodput, power_w=args.power_w, pue=args.pue, price=args.price,
-        layout=layout, peak_flops=peak, calibration=calibration)
+        layout=layout, peak_flops=peak, calibration=calibration, tokens=args.tokens,
+        layout_published=published)
+    recompute = next(s.value for s in assumptions.settings if s.key == "recompute")
     p = project(target, args.tokens, acc, count, assumptions, precision, recompute, peak)
     print(projection_text(p))
     if args.out:
@@ -227,24 +251,24 @@ def _projection_plots(p, out: Path, setup: dict | None, count: int) -> list[Path
     return paths
 
 
-def _count_for(target, acc, precision: str, recompute: str, layout: dict, args,
-               calibration=None) -> int:
-    """No --count: the fewest accelerators (a power of two, up to 65,536) that train the run
-    in about 30 days under the performance model; refused for a target without a shape."""
-    from estimate.assumptions import build_assumptions
-    from estimate.project import project
+def _count_for(target, acc, precision: str, recompute: str | None, layout: dict, args,
+               calibration=None) -> tuple[int, str]:
+    """No --count: the fewest accelerators, a power of two up to 65,536, that train the run in
+    about 30 days under the performance model (estimate.engine.choose_count, what validate
+    uses for runs that publish no count); and a line saying so."""
+    from estimate.assumptions import load_defaults
+    from estimate.engine import choose_count
+    from estimate.perf import load_factors
+    from estimate.published import fit
 
-    if target.cfg is None:
-        raise ValueError("--count is needed when the model is given by size only")
-    for n in (2 ** i for i in range(0, 17)):
-        try:
-            a = build_assumptions(target, acc, n, precision, recompute, layout=layout,
-                                  calibration=calibration)
-        except ValueError:
-            continue
-        if project(target, args.tokens, acc, n, a, precision, recompute).central.days <= 30:
-            return n
-    return 65536
+    d = load_defaults()
+    e = choose_count(target.cfg, target.seq_len, args.tokens, acc, precision,
+                     load_factors(d, fit().stack), d, given=layout, recompute=recompute,
+                     peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None)
+    days = d["performance"]["default_run_days"]["value"]
+    return e.count, (f"no --count: {e.count} accelerators, the fewest power of two that trains "
+                     f"in about {days} days by the performance model (estimate.engine."
+                     "choose_count); give --count to change it")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -306,6 +330,12 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from estimate.probe import main as probe
+
+    return probe()
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from estimate.calibrate import DEFAULT_SWEEP, QUICK_SWEEP, run_cli
 
@@ -322,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command as given, for the header of measured tables
     commands = {"project": cmd_project, "validate": cmd_validate, "catalog": cmd_catalog,
-                "calibrate": cmd_calibrate}
+                "calibrate": cmd_calibrate, "probe": cmd_probe}
     return run_main(commands[args.command], args)
 
 

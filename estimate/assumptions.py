@@ -19,10 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from contracts.run import RunSummary
-from estimate.hardware import Accelerator, match_device_name
+from estimate.hardware import Accelerator, match_device_name, read_yaml
 from estimate.target import Target
 from model.config import ModelConfig
 from model.precision import precision as precision_named
@@ -93,6 +91,8 @@ class Performance:
     factors: dict  # key -> perf.Factor
     fitted_runs: int
     wallclock_goodput: float
+    plan: object = None  # planner.Plan: the chosen layout, the runner-up, what was searched
+    recompute: str = "none"  # the recomputation the plan chose (or was given)
 
 
 @dataclass
@@ -114,8 +114,7 @@ class AssumptionSet:
 
 
 def load_defaults(path: Path = DEFAULTS_PATH) -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f)
+    return read_yaml(path)
 
 
 def _from_yaml(entry: dict, key: str, label: str, unit: str, better: str) -> Assumption:
@@ -146,7 +145,7 @@ def build_assumptions(
     acc: Accelerator,
     n_acc: int,
     precision: str = "bf16",
-    recompute: str = "none",
+    recompute: str | None = None,
     *,
     mfu: Range | None = None,
     mfu_recompute: str | None = None,
@@ -160,40 +159,39 @@ def build_assumptions(
     layout: dict | None = None,
     peak_flops: float | None = None,
     calibration: object | None = None,
+    tokens: float | None = None,
+    layout_published: bool = False,
 ) -> AssumptionSet:
     """Every assumption of a projection, from defaults.yaml and the command-line overrides.
 
-    Without --mfu / --mfu-from, a target with a shape gets its MFU and goodput from the
-    performance model (`layout` gives parts of the parallel layout; the rest follows the
-    stated rule) and no separate scaling factor: the model counts communication and the
-    pipeline bubble at the target scale. A target given only by size falls back to the flat
-    published-MFU range of defaults.yaml.
+    Without --mfu / --mfu-from, the target (given by preset, shape or size: a size becomes a
+    shape, estimate.shapes) gets its MFU and goodput from the performance model through
+    `estimate.engine.estimate_run`, as `validate` does (`layout` gives parts of the parallel
+    layout, the planner the rest; `recompute` None lets the planner choose; `tokens` bound
+    the planner's batch) and no separate scaling factor: the model counts communication and
+    the pipeline bubble at the target scale. The settings then show the recomputation the
+    plan used. `layout_published`: `layout` is a published run's (it ran), kept even where the
+    memory model finds it too large; a layout given otherwise that fits nowhere is refused.
 
     `calibration` (a calibrate.prior.CalibrationRecord, --from-calibration) scales the
     performance model's stack efficiency by calibrate's fitted efficiency at the target's size
     over that at its reference size; it needs the performance model, so it is refused with
-    --mfu, --mfu-from or a target given by size only."""
+    --mfu or --mfu-from."""
     d = defaults if defaults is not None else load_defaults()
-    if recompute not in target.recompute_ratio:
+    if recompute is not None and recompute not in target.recompute_ratio:
         raise ValueError(f"recompute={recompute!r}; valid: {', '.join(target.recompute_ratio)}")
     peak = peak_flops or acc.peak_flops(precision)  # fails naming the precisions there are
     warnings: list[str] = []
     performance = None
     peak_source = ("given on the command line (--peak-tflops)" if peak_flops
                    else f"{acc.name}: dense {precision} ({acc.source})")
-    settings = [
-        Setting("precision", "precision (selects the peak)", precision,
-                f"{peak / 1e12:.4g} TFLOP/s, {peak_source}"),
-        Setting("recompute", "activation recomputation", recompute,
-                f"hardware FLOPs = {target.recompute_ratio[recompute]:.3f} x model FLOPs "
-                "(model.flops.hardware_flops_per_token); MFU counts model FLOPs only"),
-    ]
-
     if mfu_run is not None and mfu is not None:
         raise ValueError("give --mfu or --mfu-from, not both")
     if calibration is not None:
-        refuse_calibration(mfu is not None, mfu_run is not None, target.cfg is not None)
+        refuse_calibration(mfu is not None, mfu_run is not None)
     prior = None
+    if mfu_run is not None or mfu is not None:
+        recompute = recompute or "none"
     if mfu_run is not None:
         mfu_a, scale_key = _mfu_from_run(mfu_run, target, acc, n_acc, precision, recompute, warnings)
     elif mfu is not None:
@@ -204,15 +202,22 @@ def build_assumptions(
                                          f"for recompute={recompute} at the same HFU")
         scale_key = "published"
         mfu_a.notes.append("taken to be the MFU at the target scale (pass --scaling otherwise)")
-    elif target.cfg is not None:
+    else:
         mfu_a, modelled_goodput, performance, prior = _modelled(
-            target, acc, n_acc, precision, recompute, layout or {}, peak_flops, d, calibration)
+            target, acc, n_acc, precision, recompute, layout or {}, peak_flops, d, calibration,
+            tokens, layout_published)
+        recompute = performance.recompute
         if prior is not None and prior.outside:
             warnings.append(f"--from-calibration {prior.outside}")
         scale_key = None
-    else:
-        mfu_a = _default_mfu(d["mfu"], target, acc, precision, recompute)
-        scale_key = "published"
+    settings = [
+        Setting("precision", "precision (selects the peak)", precision,
+                f"{peak / 1e12:.4g} TFLOP/s, {peak_source}"),
+        Setting("recompute", "activation recomputation", recompute,
+                f"hardware FLOPs = {target.recompute_ratio[recompute]:.3f} x model FLOPs "
+                "(model.flops.hardware_flops_per_token); MFU counts model FLOPs only"
+                + ("; chosen by the layout planner" if performance is not None else "")),
+    ]
     _check_bounds(mfu_a, 0.0, 1.0)
     if mfu_a.central > 0.6:
         warnings.append(f"MFU {mfu_a.central:.2f} is above any large-run MFU we know of "
@@ -251,7 +256,7 @@ def build_assumptions(
                          performance, prior)
 
 
-def refuse_calibration(mfu: bool, mfu_run: bool, has_shape: bool) -> None:
+def refuse_calibration(mfu: bool, mfu_run: bool) -> None:
     """--from-calibration acts on the performance model's stack efficiency: one line saying
     why when there is none to act on."""
     if mfu_run:
@@ -261,80 +266,58 @@ def refuse_calibration(mfu: bool, mfu_run: bool, has_shape: bool) -> None:
     if mfu:
         raise ValueError("--from-calibration scales the performance model's stack efficiency, "
                          "which --mfu replaces; give one")
-    if not has_shape:
-        raise ValueError("--from-calibration needs a model shape (--model): a target given by "
-                         "--params alone has no performance model for the prior to act on")
 
 
-def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str, recompute: str,
-              given: dict, peak_flops: float | None, d: dict,
-              calibration: object | None = None) -> tuple[Assumption, Assumption, Performance, object]:
+def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str,
+              recompute: str | None, given: dict, peak_flops: float | None, d: dict,
+              calibration: object | None = None, tokens: float | None = None,
+              published: bool = False) -> tuple[Assumption, Assumption, Performance, object]:
     """MFU and goodput from the performance model, in the three cases, its record, and the
-    calibration prior applied to its stack efficiency (None without `calibration`)."""
-    from estimate.perf import goodput, load_factors, step_time
+    calibration prior applied to its stack efficiency (None without `calibration`). The model
+    runs through `estimate.engine.estimate_run`, the function `validate` calls."""
+    from estimate.engine import estimate_run
+    from estimate.perf import load_factors
     from estimate.perf import mfu as perf_mfu
-    from estimate.published import complete_layout, fit
+    from estimate.published import fit
 
     fitted = fit()
-    stack, prior = fitted.stack, None
+    planned = not any(given.get(k) is not None for k in ("tp", "pp", "dp", "ep"))
+    stack, prior = fitted.stack_for(planned), None
     if calibration is not None:
         from estimate.calibrate.prior import size_prior
         from estimate.published import fitted_flops_per_token
 
         prior = size_prior(calibration, target.model_flops_per_token
-                           * target.recompute_ratio[recompute], acc.name,
+                           * target.recompute_ratio[recompute or "none"], acc.name,
                            fitted_at=fitted_flops_per_token())
         stack = prior.apply(stack)
     factors = load_factors(d, stack)
     cfg, T = target.cfg, target.seq_len
-    batch = given.get("global_batch_tokens") or float(
-        d["performance"]["default_global_batch_tokens"]["value"])
-    lay = complete_layout(cfg, n_acc, acc, T, batch, {k: v for k, v in given.items()
-                                                      if v is not None and k != "global_batch_tokens"})
-    steps = {case: step_time(cfg, T, acc, n_acc, lay, precision, recompute, factors, case,
-                             peak_flops) for case in ("best", "central", "worst")}
+    e = estimate_run(cfg, T, tokens or 0.0, acc, n_acc, precision, factors, d, given=given,
+                     recompute=recompute, peak_flops=peak_flops, published=published)
+    lay, steps = e.layout, e.steps
     peak = peak_flops or acc.peak_flops(precision)
     mfu = {case: perf_mfu(st, n_acc, peak) for case, st in steps.items()}
-    where = ("published/given" if lay.source == "published" else "chosen by rule")
     a = Assumption(
         "mfu", MFU_LABEL, mfu["central"], mfu["worst"], mfu["best"], "", "high",
-        f"performance model (estimate/perf.py): layout tp {lay.tp} x pp {lay.pp} x dp {lay.dp}"
-        f"{f' (ep {lay.ep})' if lay.ep > 1 else ''}, {where}; {batch:.4g} tokens per step; "
-        f"stack efficiency {fitted.stack.central:.2f} fitted on {fitted.runs} published runs"
+        f"performance model (estimate/perf.py): layout tp {lay.tp} x pp {lay.pp} x cp {lay.cp} "
+        f"x dp {lay.dp}{f' (ep {lay.ep})' if lay.ep > 1 else ''}, {lay.source}; "
+        f"{lay.global_batch_tokens:.4g} tokens per step; recompute {e.recompute}; "
+        f"stack efficiency {stack.central:.2f} fitted on {fitted.runs} published runs"
+        + (f" (x{fitted.planned.central:.2f}: the layout is planned, not published)"
+           if planned else "")
         + (f" x{prior.factor:.3f} calibration prior (--from-calibration)" if prior else "")
         + "; range: every factor at its favourable / unfavourable end")
     a.notes += steps["central"].notes
     if prior is not None:
         a.notes += ["calibration prior: " + line for line in prior.lines()]
-    g = {case: goodput(n_acc, factors, case) for case in ("best", "central", "worst")}
-    low = min(g["worst"], fitted.wallclock_goodput)
-    src = factors["interruptions_per_acc_hour"].source
-    gp = Assumption("goodput", "goodput (useful / elapsed time)", g["central"], low, g["best"], "",
-                    "high", f"failure model (estimate/perf.goodput) at {n_acc} accelerators: {src} "
-                    f"Low end: the goodput fitted on published wall-clock runs "
-                    f"({fitted.wallclock_goodput:.2f}) where lower.")
-    return a, gp, Performance(lay, steps, factors, fitted.runs, fitted.wallclock_goodput), prior
-
-
-def _default_mfu(d: dict, target: Target, acc: Accelerator, precision: str,
-                 recompute: str) -> Assumption:
-    entry = d["fp8"] if precision == "fp8" else d["bf16"]
-    a = _from_yaml(entry, "mfu", MFU_LABEL, "", "high")
-    if precision in ("tf32", "fp32"):
-        a.notes.append(f"the default range is for bf16 runs; for {precision} it is a guess")
-    if target.is_moe:
-        bf16_peak = acc.peak_flops("bf16" if "bf16" in acc.precisions() else "fp16")
-        moe_low = float(d["moe_low_of_bf16_peak"]["value"]) * bf16_peak / acc.peak_flops(precision)
-        if moe_low < a.low:
-            a = Assumption(a.key, a.label, a.central, moe_low, a.high, a.unit, a.better,
-                           a.source + " MoE: " + " ".join(str(d["moe_low_of_bf16_peak"]["source"]).split()),
-                           a.notes)
-            a.notes.append(f"MoE target: low end lowered to {moe_low:.3f}; the central value is "
-                           "still that of dense runs")
-    if recompute != "none":
-        a.notes.append("published MFUs already include the recomputation those runs used, so "
-                       f"recompute={recompute} does not move this range")
-    return a
+    w = fitted.basis["wallclock"]
+    gp = Assumption("goodput", "goodput (useful / elapsed time)", w.central, w.low, w.high, "",
+                    "high", "the wall-clock factor fitted on published runs whose hours are "
+                    "count x elapsed days (estimate.crossval; modelled / reported hours): "
+                    + w.source)
+    return a, gp, Performance(lay, steps, factors, fitted.runs, fitted.wallclock_goodput,
+                              e.plan, e.recompute), prior
 
 
 def _mfu_from_run(run: RunSummary, target: Target, acc: Accelerator, n_acc: int,

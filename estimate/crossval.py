@@ -11,12 +11,16 @@ runs it holds out:
 What a fold fits, from its training runs only (everything else is the performance model of
 `estimate.perf` with the factors of defaults.yaml, which no fold changes):
 
-- stack efficiency: the median, over training runs whose hours count training time
-  (`hours_basis` compute), of modelled hours at efficiency 1 / reported hours;
-- one factor per other hours basis: wall-clock (`wallclock`: count x elapsed days, failures,
-  restarts and idle time included) and `unknown` (model cards' "total GPU time"): the median of
-  modelled hours (with the fitted stack efficiency) / reported hours over training runs of
-  that basis; 1 when the fold has fewer than 2 such runs;
+- by median polish (`_central_fit`; Tukey 1977), ln(modelled at efficiency 1 / reported) as
+  a sum of effects, each the median of what the others leave over its runs:
+  - stack efficiency: over training runs whose hours count training time (`hours_basis`
+    compute);
+  - one factor per other hours basis: wall-clock (`wallclock`: count x elapsed days, failures,
+    restarts and idle time included) and `unknown` (model cards' "total GPU time"); 1 when the
+    fold has fewer than 2 such runs;
+  - a planned-layout factor: over training runs that publish no tp, pp, dp or ep, whose
+    layout the planner chose (the fastest that fits, which may be faster than what the run
+    did); 1 when the fold has fewer than 2;
 - the range: a nominal 80% split-conformal interval (`_quantiles`) of ln(reported /
   predicted) of the training runs, each predicted by a nested fit inside the fold that holds
   it out the way the split does (alone for leave-one-out; with its whole family for the other
@@ -40,7 +44,7 @@ from pathlib import Path
 
 from estimate.assumptions import load_defaults
 from estimate.perf import load_factors
-from estimate.published import RUNS_PATH, UNIT, load_runs, model_run, reported_hours
+from estimate.published import RUNS_PATH, UNIT, is_planned, load_runs, model_run, reported_hours
 from estimate.report import md_table
 from estimate.units import SECONDS_PER_HOUR, human
 from model.flops import model_flops_per_token
@@ -65,6 +69,7 @@ class Point:
     reported: float  # accelerator-hours, reported or count x days x 24
     unit_hours: float  # modelled at stack efficiency 1 and goodput 1
     implied_mfu: float  # model FLOPs / (reported hours x peak)
+    planned: bool = False  # no published tp/pp/dp/ep: the layout planner chose it
 
 
 @cache
@@ -76,11 +81,12 @@ def points(path: str = str(RUNS_PATH)) -> tuple[Point, ...]:
         hours, _ = reported_hours(run)
         if hours is None:
             continue
-        m = model_run(run, {**base, "stack_efficiency": UNIT}, unit_goodput=True)
+        m = model_run(run, {**base, "stack_efficiency": UNIT})
         flops = model_flops_per_token(m.cfg, m.cfg.seq_len) * run["tokens"]
         peak = m.acc.peak_flops(precision_of(run["precision"]).catalog)
         out.append(Point(run["name"], run["family"], int(run["year"]), run["hours_basis"],
-                         hours, m.hours, flops / (hours * SECONDS_PER_HOUR * peak)))
+                         hours, m.hours, flops / (hours * SECONDS_PER_HOUR * peak),
+                         is_planned(run)))
     return tuple(out)
 
 
@@ -93,35 +99,65 @@ class FoldFit:
     range_log: tuple[float, float]  # conformal 80% interval of nested ln(reported / predicted)
     constant_mfu: float
     n_train: int
+    planned_factor: float = 1.0  # modelled / reported hours of runs with a planned layout
+
+    def factor(self, p: Point) -> float:
+        """All the fitted factors the modelled hours of `p` at efficiency 1 are divided by."""
+        return (self.stack * self.basis_factor.get(p.basis, 1.0)
+                * (self.planned_factor if p.planned else 1.0))
 
     def predict(self, p: Point) -> float:
-        return p.unit_hours / self.stack / self.basis_factor.get(p.basis, 1.0)
+        return p.unit_hours / self.factor(p)
 
     def range(self, p: Point) -> tuple[float, float]:
         c = self.predict(p)
         return c * math.exp(self.range_log[0]), c * math.exp(self.range_log[1])
 
 
-def _central_fit(train: list[Point]) -> tuple[float, dict[str, float]]:
-    compute = [p.unit_hours / p.reported for p in train if p.basis == "compute"]
+POLISH_ROUNDS = 50  # at most; the polish usually settles in a few
+
+
+def _central_fit(train: list[Point]) -> tuple[float, dict[str, float], float]:
+    """Stack efficiency, basis factors and planned-layout factor by median polish (Tukey 1977,
+    Exploratory Data Analysis, ch. 11): ln(modelled at efficiency 1 / reported) of a run is
+    ln stack + ln basis factor (compute: 0) + ln planned factor (published layout: 0); the
+    effects are fitted in turn, each as the median of what the others leave, until they
+    settle. A basis or the planned group with fewer than MIN_BASIS_RUNS runs keeps factor 1."""
+    compute = [p for p in train if p.basis == "compute"]
     if len(compute) < 3:
         raise ValueError(f"a fold needs at least 3 runs whose hours basis is compute, got {len(compute)}")
-    stack = statistics.median(compute)
-    factors = {"compute": 1.0}
-    for basis in ("wallclock", "unknown"):
-        ratios = [p.unit_hours / stack / p.reported for p in train if p.basis == basis]
-        factors[basis] = statistics.median(ratios) if len(ratios) >= MIN_BASIS_RUNS else 1.0
-    return stack, factors
+    r = {p: math.log(p.unit_hours / p.reported) for p in train}
+    b = {"compute": 0.0, "wallclock": 0.0, "unknown": 0.0}
+    c = 0.0
+    s = 0.0
+    planned = [p for p in train if p.planned]
+    for _ in range(POLISH_ROUNDS):
+        before = (s, dict(b), c)
+        s = statistics.median(r[p] - (c if p.planned else 0.0) for p in compute)
+        for basis in ("wallclock", "unknown"):
+            group = [r[p] - s - (c if p.planned else 0.0) for p in train if p.basis == basis]
+            b[basis] = statistics.median(group) if len(group) >= MIN_BASIS_RUNS else 0.0
+        group = [r[p] - s - b[p.basis] for p in planned]
+        c = statistics.median(group) if len(group) >= MIN_BASIS_RUNS else 0.0
+        if (s, b, c) == before:  # settled: each effect is the median of what the others leave
+            break
+    return math.exp(s), {k: math.exp(v) for k, v in b.items()}, math.exp(c)
 
 
 def factor_ranges(train: list[Point]) -> dict[str, tuple[float, float]]:
     """Each fitted factor's own range: the 25th-75th percentiles of the ratios it is the median
-    of (stack efficiency: modelled at efficiency 1 / reported, compute runs; a basis factor:
-    modelled with the fitted stack efficiency / reported, that basis' runs)."""
-    stack, _ = _central_fit(train)
-    groups = {"stack_efficiency": [p.unit_hours / p.reported for p in train if p.basis == "compute"]}
-    for basis in ("wallclock", "unknown"):
-        groups[basis] = [p.unit_hours / stack / p.reported for p in train if p.basis == basis]
+    of, the other fitted factors applied (stack efficiency: compute runs; a basis factor: that
+    basis' runs; `planned`: the runs whose layout was planned)."""
+    stack, basis, planned = _central_fit(train)
+    fold = FoldFit(stack, basis, (0.0, 0.0), 0.0, len(train), planned)
+
+    def ratio(p: Point, leave: float) -> float:  # modelled / reported, one factor left out
+        return p.unit_hours / (fold.factor(p) / leave) / p.reported
+
+    groups = {"stack_efficiency": [ratio(p, stack) for p in train if p.basis == "compute"],
+              "planned": [ratio(p, planned) for p in train if p.planned]}
+    for b in ("wallclock", "unknown"):
+        groups[b] = [ratio(p, basis[b]) for p in train if p.basis == b]
     out = {}
     for key, ratios in groups.items():
         if len(ratios) >= MIN_BASIS_RUNS:
@@ -160,10 +196,11 @@ def nested_errors(train: list[Point], by_family: bool) -> list[tuple[Point, floa
         held = [p for p in train if (p.family if by_family else p.name) == g]
         rest = [p for p in train if p not in held]
         try:
-            s, f = _central_fit(rest)
+            s, f, planned = _central_fit(rest)
         except ValueError:  # too few compute runs left: these runs cannot be held out
             continue
-        out += [(p, math.log(p.reported / (p.unit_hours / s / f.get(p.basis, 1.0)))) for p in held]
+        fold = FoldFit(s, f, (0.0, 0.0), 0.0, len(rest), planned)
+        out += [(p, math.log(p.reported / fold.predict(p))) for p in held]
     return out
 
 
@@ -185,9 +222,9 @@ def fit_fold(train: list[Point], by_family: bool = False) -> FoldFit:
     """Fit the stack efficiency, the basis factors, the range and the best constant MFU on
     `train` only; the range on nested held-out errors (whole families held out when
     `by_family`, as the split itself does)."""
-    stack, factors = _central_fit(train)
+    stack, factors, planned = _central_fit(train)
     return FoldFit(stack, factors, _quantiles([e for _, e in nested_errors(train, by_family)]),
-                   best_constant_mfu([p.implied_mfu for p in train])[0], len(train))
+                   best_constant_mfu([p.implied_mfu for p in train])[0], len(train), planned)
 
 
 def folds(split: str, pts: tuple[Point, ...]) -> list[tuple[str, list[Point], list[Point]]]:
@@ -323,6 +360,9 @@ def markdown(results: dict[str, tuple[list[Prediction], dict]], path: str | Path
         lo, hi = ranges.get(basis, (float("nan"),) * 2)
         lines.append(f"- {basis} hours: modelled / reported {f.basis_factor[basis]:.3f} "
                      f"({lo:.3f}-{hi:.3f})")
+    lo, hi = ranges.get("planned", (float("nan"),) * 2)
+    lines.append(f"- planned layout (none published): modelled / reported {f.planned_factor:.3f} "
+                 f"({lo:.3f}-{hi:.3f})")
     lines.append(f"- best-worst range: x{math.exp(f.range_log[0]):.2f} to "
                  f"x{math.exp(f.range_log[1]):.2f} of the central prediction")
     parts += ["Fitted on all runs (what a projection would use; estimate.crossval.fitted):", "",
@@ -342,5 +382,6 @@ def record(results: dict[str, tuple[list[Prediction], dict]]) -> dict:
          "fold": p.fold, "hours_basis": p.point.basis, "reported_hours": p.point.reported,
          "predicted_hours": p.predicted, "best_hours": p.best, "worst_hours": p.worst,
          "log_error": p.log_error, "in_range": p.in_range, "stack_efficiency": p.stack,
-         "basis_factor": p.basis_factor, "best_constant_log_error": p.constant_log_error}
+         "basis_factor": p.basis_factor, "planned_layout": p.point.planned,
+         "best_constant_log_error": p.constant_log_error}
         for p in preds]} for split, (preds, s) in results.items()}

@@ -8,7 +8,10 @@ the estimator is arithmetic.
 
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -36,11 +39,21 @@ REQUIRED_FIELDS = (
 )
 
 
+@cache
+def _parsed(path: str, mtime_ns: int) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file, parsed once per version of it (validation reads the catalog and the
+    defaults hundreds of times); a copy, so callers may change it."""
+    return copy.deepcopy(_parsed(str(path), os.stat(path).st_mtime_ns))
+
+
 def load_catalog(path: Path = CATALOG_PATH) -> dict[str, dict]:
     """The hardware catalog as {name: entry}; every entry carries a `source`."""
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    return data["accelerators"]
+    return read_yaml(path)["accelerators"]
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,27 @@ from model.flops import (
 from model.precision import precision as precision_of
 
 BYTES_PER_GB = 1e9
-SCHEDULES = ("1f1b", "dualpipe")
+# Pipeline schedules: 1F1B (interleaved when virtual_stages > 1, Narayanan et al. 2021),
+# DualPipe (DeepSeek-AI 2024, sec. 3.2.1) and zero bubble (ZB-H1, Qi et al. 2024, ICLR,
+# 'Zero Bubble Pipeline Parallelism', sec. 3: the weight-gradient pass W fills the bubble).
+SCHEDULES = ("1f1b", "dualpipe", "zero-bubble")
+ZERO_STAGES = (0, 1, 2, 3)
+_MEMO: dict = {}
+
+
+def _memo(what: str, cfg: ModelConfig, fn, *args):
+    """count_params / model FLOPs walk every layer: remember them per shape (the planner asks
+    for the same shape thousands of times)."""
+    key = (what, tuple(vars(cfg).values()), args)
+    if key not in _MEMO:
+        _MEMO[key] = fn(cfg, *args)
+    return _MEMO[key]
+
+
+def layer_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(dense blocks, mixture-of-experts blocks)."""
+    moe = cfg.n_layer - cfg.n_dense_layers if cfg.is_moe else 0
+    return cfg.n_layer - moe, moe
 
 
 @dataclass(frozen=True)
@@ -106,79 +126,39 @@ class Layout:
     virtual_stages: int = 1  # interleaved 1F1B chunks per device
     schedule: str = "1f1b"
     max_nodes_per_token: int | None = None  # node-limited expert routing (DeepSeek-V3: 4)
+    zero: int = 1  # ZeRO stage of the data-parallel sharding (3: FSDP, parameters too)
     source: str = "given"
 
     @property
     def devices(self) -> int:
         return self.tp * self.pp * self.cp * self.dp
 
-    def check(self, n: int, cfg: ModelConfig) -> None:
+    def check(self, n: int, cfg: ModelConfig, seq_len: int | None = None) -> None:
         for name in ("tp", "pp", "dp", "cp", "ep", "micro_batch", "virtual_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"layout {name}={getattr(self, name)} must be >= 1")
-        if not n / 2 < self.devices <= n:
+        if self.devices > n:  # fewer is allowed: the rest stay idle (the planner says so)
             raise ValueError(f"layout tp x pp x cp x dp = {self.tp} x {self.pp} x {self.cp} x "
                              f"{self.dp} = {self.devices} does not fit {n} accelerators")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"layout schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.zero not in ZERO_STAGES:
+            raise ValueError(f"layout zero={self.zero}; valid: 0-3")
         if self.ep > 1 and not cfg.is_moe:
             raise ValueError(f"layout ep={self.ep} needs a mixture-of-experts model")
         if self.ep > self.dp * self.cp * self.tp:
             raise ValueError(f"layout ep={self.ep} exceeds the data x context x tensor parallel "
                              f"ranks ({self.dp * self.cp * self.tp}) it is carved from")
-        if self.micro_batches(cfg.seq_len) < 1:
+        T = seq_len or cfg.seq_len
+        if self.micro_batches(T) < 1:
             raise ValueError(
-                f"layout dp={self.dp} x micro_batch={self.micro_batch} x {cfg.seq_len} tokens "
+                f"layout dp={self.dp} x micro_batch={self.micro_batch} x {T} tokens "
                 f"is more than the {self.global_batch_tokens:.4g} tokens of a step: some data-"
                 "parallel ranks would have no data")
 
     def micro_batches(self, seq_len: int) -> float:
         """Micro-batches each pipeline processes per step."""
         return self.global_batch_tokens / (self.dp * self.micro_batch * seq_len)
-
-
-def choose_layout(cfg: ModelConfig, n: int, acc: Accelerator, seq_len: int,
-                  global_batch_tokens: float, node_size: int = 8) -> Layout:
-    """A layout by a stated rule, for runs that publish none:
-
-    - tensor parallel within a node, growing with width: the largest power of two up to
-      1.5 x d_model / 2048 and the node size (d = 8192-12288: tp 8, as Megatron-LM's GPT-3
-      175B and Llama 2 70B configurations; d = 4096: tp 2);
-    - pipeline stages: the fewest (a power of two) that bring the 16-bit weights and gradients
-      (4 bytes per parameter) under 40% of the accelerator's memory, the optimizer state being
-      sharded over data-parallel ranks (ZeRO-1), each stage interleaved into v chunks of about
-      two layers (Narayanan et al. 2021, sec. 2.2.2);
-    - more model parallelism while the data-parallel ranks outnumber the step's sequences;
-    - experts spread over up to 64 data-parallel ranks;
-    - data parallel takes the rest (ranks left over when n is no product of these stay idle);
-      one sequence per micro-batch.
-    """
-    tp = 1
-    while tp * 2 <= min(node_size, n) and tp * 2 <= max(1.0, cfg.d_model / 2048 * 1.5):
-        tp *= 2
-    mem = float(acc.get("memory_gb") or 80) * BYTES_PER_GB
-    weights = 4 * count_params(cfg)
-    pp = 1
-    while weights / (tp * pp) > 0.4 * mem and tp * pp * 2 <= n and pp * 2 <= cfg.n_layer:
-        pp *= 2
-    sequences = global_batch_tokens / seq_len
-    while n // (tp * pp) > sequences and pp * 2 <= cfg.n_layer and tp * pp * 2 <= n:
-        pp *= 2
-    dp = max(1, n // (tp * pp))
-    ep = 1
-    if cfg.is_moe:
-        while ep * 2 <= min(64, dp * tp, cfg.n_experts):
-            ep *= 2
-    return Layout(tp=tp, pp=pp, dp=dp, ep=ep, micro_batch=1,
-                  global_batch_tokens=global_batch_tokens,
-                  virtual_stages=interleave(cfg.n_layer, pp),
-                  source="chosen by rule (estimate.perf.choose_layout)")
-
-
-def interleave(n_layer: int, pp: int) -> int:
-    """Interleaved 1F1B chunks per device when a run publishes none: stages of about two
-    layers each (a stated default; Narayanan et al. 2021 interleave Megatron's stages so)."""
-    return max(1, round(n_layer / pp / 2)) if pp > 1 else 1
 
 
 @dataclass
@@ -221,39 +201,41 @@ def _gemm_seconds(m: float, k: float, n: float, rate: float, bw: float, elem_byt
     return max(2.0 * m * k * n / rate, elem_bytes * (m * k + k * n + m * n) / bw)
 
 
-def _block_gemms(cfg: ModelConfig, layer: int, m: float, lay: Layout) -> list[tuple[float, float, float]]:
+def _block_gemms(cfg: ModelConfig, layer: int, m: float,
+                 lay: Layout) -> list[tuple[float, float, float, float]]:
     """The forward matmuls of block `layer` on one device for a micro-batch of m tokens, as
-    (m, k, n): column-parallel weights split n, row-parallel ones k, by tp (Megatron)."""
+    (m, k, n, how many): column-parallel weights split n, row-parallel ones k, by tp
+    (Megatron)."""
     d, H, tp = cfg.d_model, cfg.n_head, lay.tp
-    out: list[tuple[float, float, float]] = []
+    out: list[tuple[float, float, float, float]] = []
     if cfg.is_mla:
         q_out = H * cfg.qk_head_dim
         if cfg.q_lora_rank:
-            out += [(m, d, cfg.q_lora_rank), (m, cfg.q_lora_rank, q_out / tp)]
+            out += [(m, d, cfg.q_lora_rank, 1), (m, cfg.q_lora_rank, q_out / tp, 1)]
         else:
-            out.append((m, d, q_out / tp))
-        out += [(m, d, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
-                (m, cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim) / tp),
-                (m, H * cfg.v_head_dim / tp, d)]
+            out.append((m, d, q_out / tp, 1))
+        out += [(m, d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, 1),
+                (m, cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim) / tp, 1),
+                (m, H * cfg.v_head_dim / tp, d, 1)]
     else:
         qkv = (H + 2 * cfg.n_kv_head) * cfg.head_dim
-        out += [(m, d, qkv / tp), (m, H * cfg.head_dim / tp, d)]
+        out += [(m, d, qkv / tp, 1), (m, H * cfg.head_dim / tp, d, 1)]
     if not cfg.is_moe_layer(layer):
         f = cfg.ffn_hidden / tp
-        return out + [(m, d, f), (m, d, f), (m, f, d)]
+        return out + [(m, d, f, 2), (m, f, d, 1)]
     # Router, shared experts (split by tp), routed experts: the ep ranks' tokens meet at the
     # experts each rank holds, k copies per token, spread evenly (balanced routing).
-    out.append((m, d, cfg.n_experts))
+    out.append((m, d, cfg.n_experts, 1))
     if cfg.n_shared_experts:
         f = cfg.n_shared_experts * cfg.moe_ffn_hidden / tp
-        out += [(m, d, f), (m, d, f), (m, f, d)]
+        out += [(m, d, f, 2), (m, f, d, 1)]
     local_experts = cfg.n_experts / lay.ep
     tokens_per_expert = m * cfg.n_experts_active / cfg.n_experts * lay.ep
     if lay.ep == 1:  # experts split by tp instead
         tokens_per_expert = m * cfg.n_experts_active / cfg.n_experts
     f = cfg.moe_ffn_hidden / (tp if lay.ep == 1 else 1)
-    one = [(tokens_per_expert, d, f), (tokens_per_expert, d, f), (tokens_per_expert, f, d)]
-    return out + [g for _ in range(int(round(local_experts))) for g in one]
+    k = int(round(local_experts))
+    return out + [(tokens_per_expert, d, f, 2 * k), (tokens_per_expert, f, d, k)]
 
 
 def rates(acc: Accelerator, precision: str, f: dict[str, float],
@@ -278,7 +260,7 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
               precision: str, recompute: str, factors: dict[str, Factor], case: str = "central",
               peak_flops: float | None = None) -> StepTime:
     """Seconds per optimizer step of `cfg` at `seq_len` on n accelerators laid out as `lay`."""
-    lay.check(n, cfg)
+    lay.check(n, cfg, seq_len)
     f = {k: v.at(case) for k, v in factors.items()}
     rate, wide_rate, peak = rates(acc, precision, f, peak_flops)
     wide_peak = wide_rate / rate * peak if rate else peak
@@ -294,16 +276,21 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     # GEMMs, forward, per micro-batch on one device: the blocks of its stage (blocks spread
     # evenly over stages), the MTP modules and the LM head (on the last stage; spread here).
     def layer_gemm(layer: int) -> float:
-        return sum(_gemm_seconds(*g, rate, bw, gemm_bytes) for g in _block_gemms(cfg, layer, m_tokens, lay))
+        return sum(c * _gemm_seconds(mm, k, nn, rate, bw, gemm_bytes)
+                   for mm, k, nn, c in _block_gemms(cfg, layer, m_tokens, lay))
 
-    per_layer = [layer_gemm(i) for i in range(L)]
+    n_dense, n_moe = layer_counts(cfg)
+    dense_g = layer_gemm(0) if n_dense else 0.0
+    moe_g = layer_gemm(L - 1) if n_moe else 0.0
+    blocks = n_dense * dense_g + n_moe * moe_g
     head = _gemm_seconds(m_tokens, cfg.d_model, cfg.vocab_size / tp, wide_rate, bw, act_bytes)
-    mtp = cfg.mtp_depth * (per_layer[-1] + head + _gemm_seconds(
+    mtp = cfg.mtp_depth * ((moe_g if n_moe else dense_g) + head + _gemm_seconds(
         m_tokens, 2 * cfg.d_model, cfg.d_model, rate, bw, gemm_bytes))
-    fwd = (sum(per_layer) + head + mtp) / pp
+    fwd = (blocks + head + mtp) / pp
     gemm = 3 * fwd * mb  # forward, and the two backward matmuls of each
     re_layers = recomputed_layers(L, recompute) if recompute in ("full", "every_k") else []
-    recompute_s = mb * sum(per_layer[i] for i in re_layers) / pp
+    re_dense = sum(not cfg.is_moe_layer(i) for i in re_layers)
+    recompute_s = mb * (re_dense * dense_g + (len(re_layers) - re_dense) * moe_g) / pp
 
     # Attention core: counted FLOPs x 1/2 (causal) x 7/6 (flash backward: 5 matmuls, not 4),
     # in 16-bit.
@@ -327,12 +314,12 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     if cfg.is_moe:  # token permutation: each of a token's k routed copies is gathered into
         # its expert's block before the experts and scattered back, weighted, after them: a
         # read and a write of d values each way, forward, and twice in the backward pass
-        moe_layers = sum(cfg.is_moe_layer(i) for i in range(L)) / pp
+        moe_layers = n_moe / pp
         memory += (tokens_dev * moe_layers / tp * 3 * 2 * 2 * cfg.n_experts_active * cfg.d_model
                    * act_bytes / bw)
     memory += tokens_dev / pp * 12 * cfg.vocab_size / tp / bw  # fp32 logits: write, read, grad
-    params = float(count_params(cfg))
-    memory += 32 * params / n / bw  # Adam: fp32 master weights, m, v read and written, bf16 copy
+    params = float(_memo("params", cfg, count_params))
+    memory += 32 * params / lay.devices / bw  # Adam: fp32 master weights, m, v read and written, bf16 copy
 
     # Tensor-parallel collectives: 4 per layer (2 forward, 2 backward), each of the micro-batch's
     # activations; a ring moves 2(tp-1)/tp of the message, over the scale-up links one way.
@@ -344,14 +331,17 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
         tp_comm = mb * (L / pp) * 4 * 2 * (tp - 1) / tp * msg / link * f["tp_exposed"]
 
     # Expert-parallel all-to-alls: dispatch and combine, forward and backward, k copies of each
-    # token; the share bound for other nodes crosses the scale-out network.
+    # token; the share bound for other nodes crosses the scale-out network, the share bound for
+    # other accelerators of the same node the scale-up links.
     net = acc.network_gbs() * BYTES_PER_GB * f["comm_efficiency"]
     node = acc.node_size()
     ep_comm = 0.0
     if cfg.is_moe and lay.ep > 1:
-        moe_layers = sum(cfg.is_moe_layer(i) for i in range(L)) / pp
-        per_token = (gemm_bytes + act_bytes) * 2 * remote_copies(cfg, lay, node) * cfg.d_model
-        ep_comm = mb * moe_layers * m_tokens * per_token / net
+        moe_layers = n_moe / pp
+        per_copy = (gemm_bytes + act_bytes) * 2 * cfg.d_model
+        inside = cfg.n_experts_active * (min(lay.ep, node) - 1) / lay.ep
+        ep_comm = mb * moe_layers * m_tokens * per_copy * (
+            remote_copies(cfg, lay, node) / net + inside / link)
         if lay.schedule == "dualpipe":  # overlapped with another micro-batch's compute
             ep_comm = max(0.0, ep_comm - (gemm + attention))
         else:
@@ -374,10 +364,16 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
         ring = 2 * (nodes - 1) / nodes * local * act_bytes / r if nodes > 1 else 0.0
         inside = 2 * (r - 1) / r * local * act_bytes if r > 1 else 0.0
         last = gemm / mb  # forward + backward GEMMs of one micro-batch
-        dp_comm = max(0.0, ring / net + inside / link - last * f["dp_overlap"])
+        # ZeRO-3 / FSDP all-gathers the parameters again for the backward pass: 1.5x the
+        # traffic of data parallelism (Rajbhandari et al. 2020, sec. 7.2.2)
+        sharded = 1.5 if lay.zero == 3 else 1.0
+        dp_comm = max(0.0, sharded * (ring / net + inside / link) - last * f["dp_overlap"])
 
-    # Pipeline: activations to the next stage and their gradients back, per micro-batch.
-    pp_comm = mb * 2 * m_tokens * cfg.d_model * act_bytes / tp / net if pp > 1 else 0.0
+    # Pipeline: activations to the next stage and their gradients back, per micro-batch; v
+    # interleaved chunks per device cross v times as many stage boundaries (Narayanan et al.
+    # 2021, sec. 2.2.2: "the amount of communication also increases by v").
+    pp_comm = (mb * 2 * m_tokens * cfg.d_model * act_bytes / tp / net * lay.virtual_stages
+               if pp > 1 else 0.0)
 
     # Context parallel (ring attention, Liu et al. 2023, arXiv:2310.01889): each device passes
     # its chunk's keys and values around the ring of cp devices (cp - 1 hops), forward, and
@@ -394,6 +390,8 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     if pp > 1:
         if lay.schedule == "dualpipe":
             frac = max(0.0, pp / 2 - 1) * (2 / 3) / mb
+        elif lay.schedule == "zero-bubble":  # ZB-H1: (p-1)(F + B - W) against 1F1B's
+            frac = (pp - 1) / (3 * mb)  # (p-1)(F + B + W), F = B = W (Qi et al. 2024, sec. 3.1)
         else:
             frac = (pp - 1) / (mb * lay.virtual_stages)
         bubble = compute * frac
@@ -404,7 +402,8 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     stack = busy * (1 / f["stack_efficiency"] - 1)
     tokens = lay.global_batch_tokens
     return StepTime(gemm, recompute_s, attention, memory, tp_comm, ep_comm, dp_comm, pp_comm,
-                    bubble, stack, tokens, model_flops_per_token(cfg, T) * tokens, notes)
+                    bubble, stack, tokens, _memo("flops", cfg, model_flops_per_token, T) * tokens,
+                    notes)
 
 
 def remote_copies(cfg: ModelConfig, lay: Layout, node: int) -> float:

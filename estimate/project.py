@@ -111,7 +111,11 @@ class Projection:
             "outcomes": {k: asdict(o) | {"days": o.days} for k, o in self.outcomes.items()},
             "checks": [asdict(c) for c in self.checks],
         } | ({"calibration_prior": a.calibration_prior.to_dict()}
-             if a.calibration_prior is not None else {})
+             if a.calibration_prior is not None else {}) | (
+            {"layout_plan": {"layout": asdict(a.performance.layout),
+                             "recompute": a.performance.recompute,
+                             "lines": a.performance.plan.lines()}}
+            if a.performance is not None and a.performance.plan is not None else {})
 
 
 def project(target: Target, tokens: float, acc: Accelerator, n_acc: int,
@@ -144,7 +148,15 @@ def run_checks(p: Projection) -> list[Check]:
     checks = []
     state = TRAINING_STATE_BYTES_PER_PARAM * p.target.params
     mem = p.accelerator.get("memory_gb")
-    if mem:
+    perf = p.assumptions.performance
+    if mem and perf is not None and perf.plan is not None:
+        from estimate.memory import usable_bytes
+
+        used, cap = perf.plan.best.memory, usable_bytes(mem)
+        status = "ok" if used.total <= cap else "warn"
+        checks.append(Check("memory", status, f"per device, the chosen layout: {used.describe()} "
+                            f"of {cap / 1e9:.3g} GB usable ({mem:g} GB); estimate/memory.py"))
+    elif mem:
         per_acc = state / p.n_acc
         need = math.ceil(state / (mem * 1e9))
         frac = per_acc / (mem * 1e9)

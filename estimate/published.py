@@ -1,16 +1,16 @@
 """Published training runs (`published_runs.yaml`) as inputs of the performance model, and the
-one number fitted on them: the stack efficiency.
+fit on them that `project`, the stages files and `validate` share (`fit`).
 
 Each run's model, tokens, accelerator, precision and (where published) parallel layout go
-through `estimate.perf`; where a run publishes no accelerator count, layout or batch, a
-stated rule fills it in (`perf.choose_layout`, `default_global_batch_tokens`,
-`default_run_days`). Hours whose `hours_basis` is `compute` (derived from throughput: no
-failures in them) are compared without goodput; the others with it.
+through `estimate.engine.estimate_run`, the function `project` calls; where a run publishes no
+accelerator count, layout or batch, the layout planner (`estimate.planner`) and
+`engine.choose_count` fill them in, with the defaults `project` uses.
 
-The stack efficiency is what the modelled terms leave out. Its value is the median, over the
-runs used, of modelled / reported accelerator-hours with an efficiency of 1: the median
-minimises the median |ln error| the validation reports. Predicting a published run fits it
-on the other runs only (leave-one-out), so no run's own figure helps predict it.
+`fit` is `estimate.crossval`'s fit (median polish over the runs used): the stack efficiency,
+what the modelled terms leave out, from the runs whose hours count training time; a factor per
+hours basis (wall-clock, unknown) the modelled hours are divided by; and a factor for runs whose
+layout the planner chose (`is_planned`). Predicting a published run fits it on the other runs
+only (leave-one-out), so no run's own figure helps predict it.
 """
 
 from __future__ import annotations
@@ -23,16 +23,10 @@ from pathlib import Path
 import yaml
 
 from estimate.assumptions import load_defaults
+from estimate.engine import choose_count, estimate_run
 from estimate.hardware import Accelerator, get_accelerator
-from estimate.perf import (
-    Factor,
-    Layout,
-    choose_layout,
-    goodput,
-    interleave,
-    load_factors,
-    step_time,
-)
+from estimate.perf import Factor, Layout, load_factors
+from estimate.planner import plan
 from estimate.units import SECONDS_PER_HOUR, parse_count
 from model.config import PRESETS, ModelConfig, get_preset
 from model.precision import precision as precision_of
@@ -42,7 +36,7 @@ _RUN_KEYS = ("name", "family", "year", "model", "params", "active_params", "toke
              "count", "reported", "citations", "uncertain")
 _REPORTED_KEYS = ("accelerator_hours", "days", "flops", "mfu")
 LAYOUT_KEYS = ("tp", "pp", "dp", "cp", "ep", "micro_batch", "global_batch_tokens",
-               "virtual_stages", "schedule", "recompute", "max_nodes_per_token")
+               "virtual_stages", "schedule", "recompute", "max_nodes_per_token", "zero")
 BASES = ("compute", "wallclock", "unknown")
 FORMATS = (3,)  # format 3 added `family` and `year`, which the cross-validation needs
 UNIT = Factor("stack_efficiency", 1.0, 1.0, 1.0, "high", "1: nothing left out")
@@ -86,6 +80,13 @@ def load_runs(path: str | Path = RUNS_PATH) -> list[dict]:
         if layout.get("global_batch_tokens") is not None:
             layout["global_batch_tokens"] = parse_count(layout["global_batch_tokens"], where)
     return runs
+
+
+def is_planned(run: dict) -> bool:
+    """The run publishes no tp, pp, dp or ep: its layout is the planner's, which picks the
+    fastest that fits, and so may be faster than what the run did."""
+    layout = run.get("layout") or {}
+    return not any(layout.get(k) is not None for k in ("tp", "pp", "dp", "ep"))
 
 
 def published_setup(preset: str, path: str | Path = RUNS_PATH) -> dict | None:
@@ -132,7 +133,7 @@ class Modelled:
     recompute: str
     seconds_per_step: float
     steps: float
-    goodput: float  # 1 for hours that count training time only
+    goodput: float  # the fitted factor of the run's hours basis (1: compute hours)
 
     @property
     def hours(self) -> float:
@@ -140,130 +141,94 @@ class Modelled:
 
 
 def model_run(run: dict, factors: dict[str, Factor], case: str = "central",
-              count: int | None = None, goodput_low: float | None = None,
-              unit_goodput: bool = False) -> Modelled:
-    """The run's accelerator-hours as the performance model predicts them. `count` overrides
-    the published (or rule-chosen) number of accelerators. Hours that count the whole wall-clock
-    time are divided by the failure model's goodput at the run's count, as `project` does; in
-    the worst case by `goodput_low` (the goodput fitted on published wall-clock runs) where that
-    is lower. The other hours count training time only. `unit_goodput` takes a goodput of 1
-    (what the fit of `Fit.wallclock_goodput` needs)."""
-    d = load_defaults()["performance"]
+              count: int | None = None, fit: Fit | None = None) -> Modelled:
+    """The run's accelerator-hours as the performance model predicts them, through the same
+    function as `project` (`estimate.engine.estimate_run`, same defaults). `count` overrides
+    the published (or rule-chosen) number of accelerators. With a `fit` (`fit()`), its stack
+    efficiency (x its planned-layout factor where the run publishes no layout) replaces the one
+    in `factors`, and the hours are divided by the fitted factor of the run's hours basis, as
+    `project` divides its wall-clock figure by the wall-clock factor; without one, they are the
+    modelled hours with the given factors and nothing else (what the fit itself needs)."""
+    d = load_defaults()
     cfg = run_config(run)
     acc = get_accelerator(run["accelerator"])
     given = {k: v for k, v in (run.get("layout") or {}).items() if v is not None}
-    recompute = given.pop("recompute", None) or "selective"
-    batch = given.pop("global_batch_tokens", None) or float(d["default_global_batch_tokens"]["value"])
-    T = cfg.seq_len
     precision = precision_of(run["precision"]).catalog
-
-    def modelled(n: int) -> Modelled:
-        lay = complete_layout(cfg, n, acc, T, batch, given)
-        st = step_time(cfg, T, acc, n, lay, precision, recompute, factors, case)
-        g = 1.0
-        if run["hours_basis"] == "wallclock" and not unit_goodput:
-            g = goodput(n, factors, case)
-            if case == "worst" and goodput_low is not None:
-                g = min(g, goodput_low)
-        return Modelled(run, cfg, acc, n, run["count"] is None, lay, recompute, st.total,
-                        run["tokens"] / batch, g)
-
-    if count or run["count"]:
-        return modelled(int(count or run["count"]))
-    # No published count: the fewest accelerators (a power of two) that train the run within
-    # default_run_days; the fastest count when none does. Counts whose layout has more
-    # data-parallel ranks than sequences, or idles a quarter of its time in the pipeline
-    # bubble, are not counts a run would choose.
-    days = float(d["default_run_days"]["value"])
-    fastest = None
-    for n in (2 ** i for i in range(3, 17)):
-        try:
-            m = modelled(n)
-        except ValueError:  # infeasible: more data-parallel ranks than sequences
-            continue
-        lay = m.layout
-        if (lay.pp - 1) / (lay.micro_batches(T) * lay.virtual_stages) > 0.25:
-            continue
-        if m.hours / n / 24 <= days:
-            return m
-        if fastest is None or m.hours / n < fastest.hours / fastest.count:
-            fastest = m
-    if fastest is None:
-        raise ValueError(f"run {run['name']!r}: no accelerator count from 8 to 65536 fits")
-    return fastest
+    if fit is not None:
+        factors = {**factors, "stack_efficiency": fit.stack_for(is_planned(run))}
+    args = (cfg, cfg.seq_len, run["tokens"], acc)
+    n = count or run["count"]
+    if n:
+        e = estimate_run(*args, int(n), precision, factors, d, given=given, published=True)
+    else:
+        e = choose_count(*args, precision, factors, d, given=given,
+                         wallclock=run["hours_basis"] == "wallclock", published=True)
+    g = 1.0 if fit is None else fit.basis[run["hours_basis"]].at(case)
+    return Modelled(run, cfg, acc, e.count, run["count"] is None, e.layout, e.recompute,
+                    e.steps[case].total, e.steps_taken, g)
 
 
 def complete_layout(cfg: ModelConfig, n: int, acc: Accelerator, seq_len: int, batch: float,
-                    given: dict) -> Layout:
-    """The published layout, completed by the rule where parts are missing."""
-    rule = choose_layout(cfg, n, acc, seq_len, batch, acc.node_size())
-    cp = int(given.get("cp") or 1)
-    tp = int(given.get("tp") or rule.tp)
-    if "pp" in given:
-        pp = int(given["pp"])
-    elif "dp" in given:  # the pipeline takes what tp and dp leave
-        pp = max(1, n // (tp * cp * int(given["dp"])))
-    else:
-        pp = rule.pp
-    dp = int(given.get("dp") or max(1, n // (tp * pp * cp)))
-    return Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=int(given.get("ep") or rule.ep),
-                  micro_batch=int(given.get("micro_batch") or 1), global_batch_tokens=batch,
-                  virtual_stages=int(given.get("virtual_stages") or interleave(cfg.n_layer, pp)),
-                  schedule=given.get("schedule") or "1f1b",
-                  max_nodes_per_token=given.get("max_nodes_per_token"),
-                  source="published" if given else rule.source)
-
-
-def ratio_at_unit_efficiency(run: dict, base: dict[str, Factor]) -> float | None:
-    """Modelled / reported accelerator-hours with a stack efficiency and a goodput of 1."""
-    hours, _ = reported_hours(run)
-    if hours is None:
-        return None
-    return model_run(run, {**base, "stack_efficiency": UNIT}, unit_goodput=True).hours / hours
-
-
-@cache
-def _ratios(path: str) -> dict[str, tuple[float, str]]:
-    base = load_factors(load_defaults(), UNIT)
-    out = {}
-    for run in load_runs(path):
-        r = ratio_at_unit_efficiency(run, base)
-        if r is not None:
-            out[run["name"]] = (r, run["hours_basis"])
-    return out
+                    given: dict, recompute: str | None = None) -> Layout:
+    """The given layout, completed by the planner (estimate.planner) where parts are missing."""
+    factors = load_factors(load_defaults(), UNIT)
+    given = {k: v for k, v in given.items() if v is not None and k != "global_batch_tokens"}
+    trust = any(k in given for k in ("tp", "pp", "dp", "ep"))  # stage layouts are published
+    return plan(cfg, seq_len, acc, n, precision_of("bf16").catalog, factors, given=given,
+                recompute=recompute, batch=batch, trust_given=trust).best.layout
 
 
 @dataclass
 class Fit:
-    """The two numbers fitted on published runs."""
+    """The factors fitted on published runs (estimate.crossval, all runs): what `project`, the
+    stages and `validate` divide the modelled hours by."""
 
     stack: Factor  # stack efficiency, on the runs whose hours count training time
-    wallclock_goodput: float  # training / wall-clock time of runs published as wall-clock
+    basis: dict[str, Factor]  # modelled / reported hours by hours basis (compute: 1)
+    planned: Factor  # modelled / reported hours of runs whose layout the planner chose
     runs: int
+    range_log: tuple[float, float]  # the best-worst range of a prediction (ln, conformal)
+
+    @property
+    def wallclock_goodput(self) -> float:
+        return self.basis["wallclock"].central
+
+    def stack_for(self, planned: bool) -> Factor:
+        """The stack efficiency of a run whose layout is planned (x the planned factor) or
+        published."""
+        if not planned:
+            return self.stack
+        p = self.planned
+        return Factor("stack_efficiency", self.stack.central * p.central,
+                      self.stack.low * p.low, self.stack.high * p.high, "high",
+                      f"{self.stack.source}; x{p.central:.3f} for a planned layout ({p.source})")
 
 
 def fit(exclude: str | None = None, path: str | Path = RUNS_PATH) -> Fit:
-    """Fit on the published runs, leaving out `exclude`.
+    """The fit of `estimate.crossval` (stack efficiency, a factor per hours basis, a factor for
+    planned layouts, by median polish) on the published runs, leaving out `exclude`; each
+    factor's range: the 25th-75th percentiles of the ratios it is the median of."""
+    from estimate import crossval  # crossval builds on model_run, below
 
-    - stack efficiency: the median, over runs whose hours count training time (basis compute
-      or unknown: the Llama model cards' 'GPU hours of computation'), of modelled hours at
-      efficiency 1 / reported hours; its range: their 25th-75th percentiles;
-    - wall-clock goodput: the same median over the runs published as wall-clock time, with
-      the stack efficiency applied: what failures, restarts and idle time cost those runs. It is
-      the low end of the goodput range only; the central goodput is the failure model's.
-    The median minimises the median |ln error| the validation reports."""
-    ratios = {k: v for k, v in _ratios(str(path)).items() if k != exclude}
-    train = [r for r, basis in ratios.values() if basis != "wallclock"]
-    wall = [r for r, basis in ratios.values() if basis == "wallclock"]
-    if len(train) < 3 or len(wall) < 2:
-        raise ValueError(f"{path}: too few runs with accelerator-hours to fit the model")
-    q1, med, q3 = statistics.quantiles(train, n=4, method="inclusive")
+    train = [p for p in crossval.points(str(path)) if p.name != exclude]
+    f = crossval.fit_fold(train, by_family=exclude is None)
+    ranges = crossval.factor_ranges(train)
     left_out = f", {exclude} left out" if exclude else ""
-    stack = Factor("stack_efficiency", med, q1, q3, "high",
-                   f"fitted: median over {len(train)} published runs{left_out} of modelled "
-                   f"hours at efficiency 1 / reported hours; range: their 25th-75th "
-                   f"percentiles ({q1:.2f}-{q3:.2f})")
-    return Fit(stack, min(1.0, statistics.median(r / med for r in wall)), len(ratios))
+
+    def factor(key: str, central: float, what: str) -> Factor:
+        lo, hi = ranges.get(key, (central, central))
+        return Factor(key, central, min(lo, central), max(hi, central), "high",
+                      f"fitted (estimate.crossval, {len(train)} published runs{left_out}): "
+                      f"{what}; range: 25th-75th percentiles ({lo:.2f}-{hi:.2f})")
+
+    stack = factor("stack_efficiency", f.stack,
+                   "median modelled hours at efficiency 1 / reported, compute-hour runs")
+    basis = {"compute": Factor("compute", 1.0, 1.0, 1.0, "high", "the reference basis")}
+    for b in ("wallclock", "unknown"):
+        basis[b] = factor(b, f.basis_factor[b], f"modelled / reported hours, {b}-basis runs")
+    planned = factor("planned", f.planned_factor,
+                     "modelled / reported hours, runs with no published layout")
+    return Fit(stack, basis, planned, len(train), f.range_log)
 
 
 @cache

@@ -99,6 +99,8 @@ def performance_markdown(p: Projection) -> list[str]:
         + (f", experts over {lay.ep} ranks" if lay.ep > 1 else "")
         + f"; {lay.global_batch_tokens:.4g} tokens per step, micro-batches of {lay.micro_batch} "
         f"sequence(s); {lay.source}.", "",
+        "Layout planner (estimate/planner.py):", "",
+        *[f"- {line}" for line in perf.plan.lines()], "",
         "Where the central case's wall-clock time goes:", "",
         md_table(["part", "days", "share"], rows), "",
         "Factors (defaults.yaml `performance:`; the stack efficiency is fitted on "
@@ -115,8 +117,11 @@ def projection_text(p: Projection) -> str:
         f"  total model FLOPs  {p.total_model_flops:.3g}  ({p.target.model_flops_per_token:.3g} per token)",
         f"  wall-clock         {sig(c.days)} days   (range {sig(b.days)} - {sig(w.days)})",
         f"  accelerator-hours  {human(c.accelerator_hours)}   (range {human(b.accelerator_hours)} - "
-        f"{human(w.accelerator_hours)})",
+        f"{human(w.accelerator_hours)}); training time only (goodput 1): "
+        f"{human(c.accelerator_hours * c.goodput)}",
     ]
+    if p.target.cfg is not None and p.target.name == "model given by size":
+        lines.append(f"  assumed shape      {p.target.notes[0]}")
     if c.energy_mwh is not None:
         lines.append(f"  energy             {sig(c.energy_mwh)} MWh   (range {sig(b.energy_mwh)} - "
                      f"{sig(w.energy_mwh)})")
@@ -130,10 +135,10 @@ def projection_text(p: Projection) -> str:
     if parts:
         total = sum(parts.values())
         lines.append("  where time goes    " + ", ".join(f"{k} {v / total:.0%}" for k, v in parts.items()))
-        lay = p.assumptions.performance.layout
-        lines.append(f"  layout             tp {lay.tp} x pp {lay.pp} x dp {lay.dp}"
-                     + (f" (ep {lay.ep})" if lay.ep > 1 else "")
-                     + f", {lay.global_batch_tokens:.4g} tokens/step ({lay.source})")
+        perf = p.assumptions.performance
+        plan = perf.plan
+        lines += [f"  layout             {x}" if i == 0 else f"                     {x}"
+                  for i, x in enumerate(plan.lines())]
     prior = p.assumptions.calibration_prior
     if prior is not None:
         first, *rest = prior.lines()

@@ -5,8 +5,11 @@ A stages file (configs/estimate/*.yaml) names the accelerator, a price per accel
 and the stages. A stage is one of:
 
 - `pretrain` (also context extension and SFT: next-token training on `tokens` tokens of
-  `seq_len`): the step time of `estimate.perf` at the stage's layout, the stack efficiency
-  fitted on published runs, and the failure model's goodput.
+  `seq_len`): `estimate.engine.estimate_run` (the function of `project` and `validate`) at
+  the stage's layout, with the factors fitted on published runs (`published.fit`): the stack
+  efficiency (x the planned-layout factor where the stage gives no layout) and the factor of
+  the file's `hours_basis` (default compute: hours derived from training time, as DeepSeek's
+  GPU-hour tables are).
 - `published`: a stage this model does not cover (e.g. generating SFT data), taken at its
   published figure and marked so.
 - `rl` (GRPO-style reinforcement learning, Shao et al. 2024): each step generates
@@ -34,8 +37,9 @@ from pathlib import Path
 import yaml
 
 from estimate.assumptions import load_defaults
+from estimate.engine import estimate_run
 from estimate.hardware import Accelerator, get_accelerator
-from estimate.perf import BYTES_PER_GB, goodput, load_factors, rates, step_time
+from estimate.perf import BYTES_PER_GB, load_factors, rates, step_time
 from estimate.published import complete_layout, fit
 from estimate.units import SECONDS_PER_HOUR, parse_count
 from model.config import ModelConfig, get_preset
@@ -146,7 +150,10 @@ def run_stages(path: str | Path) -> tuple[dict, list[StageResult]]:
             raise ValueError(f"{path}: missing {key!r}")
     acc = get_accelerator(spec["accelerator"])
     fitted = fit()
-    factors = load_factors(load_defaults(), fitted.stack)
+    d = load_defaults()
+    basis = spec.get("hours_basis", "compute")
+    if basis not in fitted.basis:
+        raise ValueError(f"{path}: hours_basis {basis!r}; valid: {', '.join(fitted.basis)}")
     results = []
     for i, stage in enumerate(spec["stages"]):
         where = f"{path}: stage {i + 1} ({stage.get('name', '?')})"
@@ -166,6 +173,8 @@ def run_stages(path: str | Path) -> tuple[dict, list[StageResult]]:
             continue
         cfg = get_preset(stage["model"])
         n = int(stage["count"])
+        planned = not any(k in (stage.get("layout") or {}) for k in ("tp", "pp", "dp", "ep"))
+        factors = load_factors(d, fitted.stack_for(planned))
         precision = precision_of(stage.get("precision", "bf16")).catalog
         hours, notes = {}, []
         for case in CASES:
@@ -173,17 +182,16 @@ def run_stages(path: str | Path) -> tuple[dict, list[StageResult]]:
                 T = int(stage.get("seq_len", cfg.seq_len))
                 cfg_t = cfg.replace(seq_len=max(cfg.seq_len, T))
                 tokens = _value(stage["tokens"], case, where)
-                batch = float(parse_count(stage["layout"]["global_batch_tokens"], where))
-                given = {k: v for k, v in stage["layout"].items() if k != "global_batch_tokens"}
-                lay = complete_layout(cfg_t, n, acc, T, batch, given)
-                st = step_time(cfg_t, T, acc, n, lay, precision, stage.get("recompute", "none"),
-                               factors, case)
-                seconds = tokens / batch * st.total
+                given = dict(stage["layout"])
+                given["global_batch_tokens"] = float(parse_count(given["global_batch_tokens"], where))
+                e = estimate_run(cfg_t, T, tokens, acc, n, precision, factors, d, given=given,
+                                 recompute=stage.get("recompute", "none"), published=True)
+                seconds = e.compute_seconds(case)
             else:
                 step_s, case_notes = _rl_seconds(stage, cfg, acc, n, precision, factors, case, where)
                 seconds = _value(stage["steps"], case, where) * step_s
                 notes = case_notes if case == "central" else notes
-            hours[case] = n * seconds / SECONDS_PER_HOUR / goodput(n, factors, case)
+            hours[case] = n * seconds / SECONDS_PER_HOUR / fitted.basis[basis].at(case)
         results.append(StageResult(stage["name"], kind, hours, n, published,
                                    pub.get("source", ""), pub.get("group"), notes))
     return spec, results

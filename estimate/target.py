@@ -1,15 +1,16 @@
 """The model a projection is about, and its training FLOPs per token.
 
 A target is a preset from `model.config.PRESETS`, a YAML file of `ModelConfig` fields (a run's
-resolved `config.yaml` works: its `model:` section is used), or just a parameter count. FLOPs
+resolved `config.yaml` works: its `model:` section is used), or just a parameter count, which
+`estimate.shapes` turns into a shape by a stated rule (the report prints it). FLOPs
 come from `model.flops`, the same code that counts the small models we train:
 
     model FLOPs/token = 6 * N + 12 * L * d * T     (PaLM, Chowdhery et al. 2022, app. B)
 
 N is the matmul weights one token meets: for a mixture of experts only the active experts,
 which is why DeepSeek-V3 (671B total, 37B active) costs about as much per token as a 40B dense
-model. `--params` / `--active-params` replace N (keeping the attention term of the shape);
-without a shape the attention term is left out and the report says so.
+model. With a shape, `--params` / `--active-params` replace N (keeping the attention term of
+the shape); without one, N and the attention term are those of the assumed shape.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from estimate.shapes import shape_from_size
 from model.config import PRESETS, ModelConfig, get_preset
 from model.flops import (
     RECOMPUTE_MODES,
@@ -71,10 +73,12 @@ def resolve_target(
     active_params: float | None = None,
     seq_len: int | None = None,
     name: str | None = None,
+    experts: int | None = None,
 ) -> Target:
-    """Build a Target from a preset name, a YAML path or a ModelConfig, with optional overrides."""
+    """Build a Target from a preset name, a YAML path or a ModelConfig, with optional overrides;
+    from a size alone (`params`, `active_params`, `experts`) through estimate.shapes' rule."""
     if model is None:
-        return _params_only_target(params, active_params)
+        return _params_only_target(params, active_params, seq_len, experts)
     if isinstance(model, ModelConfig):
         cfg, where = model, "the given config"
         name = name or "model"
@@ -130,25 +134,17 @@ def _load_cfg(model: str) -> ModelConfig:
     )
 
 
-def _params_only_target(params: float | None, active_params: float | None) -> Target:
+def _params_only_target(params: float | None, active_params: float | None,
+                        seq_len: int | None, experts: int | None) -> Target:
+    """A target given by size: the shape of `estimate.shapes`' stated rule, then as any shape."""
     if params is None and active_params is None:
         raise ValueError("give a model (preset name or YAML config) or --params/--active-params")
-    active = float(active_params if active_params is not None else params)
-    total = float(params if params is not None else active)
-    # Full recomputation repeats the forward of (almost) every matmul: 2N on top of 6N.
-    ratios = {"none": 1.0, "selective": 1.0, "full": 8.0 / 6.0}
-    return Target(
-        name="model given by size",
-        model_flops_per_token=6.0 * active,
-        params=total,
-        active_params=active,
-        attention_flops_per_token=0.0,
-        seq_len=None,
-        is_moe=active != total,
-        recompute_ratio=ratios,
-        notes=[
-            "no model shape: FLOPs/token = 6N only; the attention term (12 x L x d x T, about "
-            "1-10% of the total for large models at 2K-8K context) is left out",
-            "without a shape, selective recomputation is counted as free (ratio 1.0)",
-        ],
-    )
+    total = float(params if params is not None else active_params)
+    cfg = shape_from_size(total, active_params, seq_len=seq_len, experts=experts)
+    t = resolve_target(cfg, seq_len=seq_len, name="model given by size")
+    t.params = total
+    t.notes[0] = (f"{cfg.notes}: {count_params(cfg) / 1e9:.4g}B parameters"
+                  + (f", {count_params(cfg, active=True) / 1e9:.4g}B active" if cfg.is_moe else "")
+                  + f", context {cfg.seq_len}" + ("" if seq_len else
+                                                  " (default, estimate.shapes.DEFAULT_SEQ_LEN)"))
+    return t

@@ -25,6 +25,7 @@ from estimate.published import (
     RUNS_PATH,
     Modelled,
     fit,
+    is_planned,
     load_runs,
     model_run,
     reported_hours,
@@ -96,10 +97,9 @@ def check_run(run: dict, path: str | Path = RUNS_PATH) -> RunCheck:
     """Predict one published run, the stack efficiency fitted without it."""
     fitted = fit(exclude=run["name"], path=path)
     factors = load_factors(load_defaults(), fitted.stack)
-    c = model_run(run, factors, goodput_low=fitted.wallclock_goodput)
-    predicted = {case: model_run(run, factors, case, c.count, fitted.wallclock_goodput)
-                 for case in CASES}
-    stack = fitted.stack
+    c = model_run(run, factors, fit=fitted)
+    predicted = {case: model_run(run, factors, case, c.count, fitted) for case in CASES}
+    stack = fitted.stack_for(is_planned(run))
     hours, how = reported_hours(run)
     flops = model_flops_per_token(c.cfg, c.cfg.seq_len) * run["tokens"]
     peak = c.acc.peak_flops(precision_of(run["precision"]).catalog)
@@ -161,7 +161,7 @@ def validate(path: str | Path = RUNS_PATH) -> tuple[list[RunCheck], dict]:
 def _layout(m: Modelled) -> str:
     lay = m.layout
     parts = [f"tp{lay.tp} pp{lay.pp} dp{lay.dp}"] + ([f"ep{lay.ep}"] if lay.ep > 1 else [])
-    return " ".join(parts) + ("" if lay.source == "published" else " (rule)")
+    return " ".join(parts) + (" (planned)" if lay.source == "planned" else "")
 
 
 def validation_table(checks: list[RunCheck]) -> str:
@@ -204,8 +204,9 @@ def validation_markdown(checks: list[RunCheck], stats: dict, plot_name: str | No
         "# Validation against published training runs",
         "",
         "Each prediction runs the performance model (estimate/perf.py) on the run's model, "
-        "tokens, accelerator, precision and published layout (`(rule)`: chosen by "
-        "`perf.choose_layout`; `*`: count not published, chosen to finish in about 30 days), "
+        "tokens, accelerator, precision and published layout, completed by the layout planner "
+        "(`(planned)`: none published; `*`: count not published, chosen to finish in about "
+        "30 days), "
         "with the default factors and a stack efficiency fitted on the other runs "
         "(leave-one-out). ln error = ln(predicted / reported accelerator-hours). Hours whose "
         "basis is `compute` count training time only and are predicted without failures.",

@@ -189,9 +189,10 @@ def test_refusals_are_one_line(extra, message, cal_dir, tmp_path, capsys):
 
 
 def test_refused_without_a_performance_model(cal_dir, capsys):
+    # a target given by size has a shape now (estimate.shapes): the prior applies to it
     assert main(["project", "--params", "7B", "-t", "1T", "-a", "A100-SXM4-80GB", "-n", "64",
-                 "--from-calibration", str(cal_dir)]) == 2
-    assert "needs a model shape" in capsys.readouterr().err
+                 "--from-calibration", str(cal_dir)]) == 0
+    assert "calibration prior" in capsys.readouterr().out
     assert main(["project", "--model", "deepseek-r1", "--from-calibration", str(cal_dir)]) == 2
     assert "not to a stages file" in capsys.readouterr().err
     target = resolve_target("llama2-70b")

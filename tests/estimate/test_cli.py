@@ -34,12 +34,14 @@ def test_project_writes_report_json_and_plot(tmp_path, capsys):
 
 
 def test_project_inputs_are_applied_or_refused(capsys):
-    # --seq-len needs a shape; --count may be left out for a shaped model (~30-day rule)
+    # a size becomes a shape (printed); --count may be left out (~30-day rule, said so)
     assert main(["project", "--params", "70B", "--seq-len", "8192", "-t", "2T",
-                 "-a", "H100-SXM5-80GB", "-n", "1024"]) == 2
-    assert "--seq-len needs a model shape" in capsys.readouterr().err
-    assert main(["project", "--params", "70B", "-t", "2T", "-a", "H100-SXM5-80GB"]) == 2
-    assert "--count is needed" in capsys.readouterr().err
+                 "-a", "H100-SXM5-80GB", "-n", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "assumed shape" in out and "d_model 8192" in out and "context 8192" in out
+    assert "chosen:" in out and "runner-up:" in out
+    assert main(["project", "--params", "70B", "-t", "2T", "-a", "H100-SXM5-80GB"]) == 0
+    assert "no --count:" in capsys.readouterr().out
     assert main(["project", "-m", "llama2-70b", "-t", "2T", "-a", "A100-SXM4-80GB",
                  "--peak-tflops", "300", "--global-batch", "4M"]) == 0
     out = capsys.readouterr().out

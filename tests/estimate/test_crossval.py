@@ -120,10 +120,34 @@ def test_basis_factor_is_fitted_per_fold():
     f = crossval.fit_fold(pts)
     assert f.basis_factor["compute"] == 1.0
     wall = [p for p in pts if p.basis == "wallclock"]
+    planned = {True: f.planned_factor, False: 1.0}
+    # median polish: each factor is (to its settling tolerance) the median of what the others leave
     assert f.basis_factor["wallclock"] == pytest.approx(
-        statistics.median(p.unit_hours / f.stack / p.reported for p in wall))
+        statistics.median(p.unit_hours / f.stack / planned[p.planned] / p.reported for p in wall),
+        rel=1e-3)
     without = crossval.fit_fold([p for p in pts if p.basis != "wallclock"])
     assert without.basis_factor["wallclock"] == 1.0
+
+
+def test_planned_layout_factor_is_fitted_per_fold():
+    """Runs whose layout the planner chose (none published) get their own factor, fitted on
+    the fold's planned runs only; a fold without planned runs has none; it moves predictions
+    of planned runs only."""
+    pts = list(crossval.points())
+    assert any(p.planned for p in pts) and not all(p.planned for p in pts)
+    f = crossval.fit_fold(pts)
+    assert f.planned_factor == pytest.approx(statistics.median(
+        p.unit_hours / f.stack / f.basis_factor[p.basis] / p.reported for p in pts if p.planned),
+        rel=1e-3)
+    assert f.planned_factor != pytest.approx(1.0, abs=0.02)
+    published = [p for p in pts if not p.planned]
+    g = crossval.fit_fold(published)
+    assert g.planned_factor == 1.0
+    p = next(q for q in pts if q.planned)
+    assert f.predict(p) == pytest.approx(
+        p.unit_hours / (f.stack * f.basis_factor[p.basis] * f.planned_factor))
+    q = next(q for q in pts if not q.planned)
+    assert f.predict(q) == pytest.approx(q.unit_hours / (f.stack * f.basis_factor[q.basis]))
 
 
 def test_validate_command_prints_the_three_cross_validations(tmp_path, capsys):

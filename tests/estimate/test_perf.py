@@ -7,7 +7,6 @@ from estimate.hardware import get_accelerator
 from estimate.perf import (
     Factor,
     Layout,
-    choose_layout,
     goodput,
     load_factors,
     remote_copies,
@@ -92,15 +91,27 @@ def test_goodput_from_llama3_interruptions():
     assert goodput(16384, f, "worst") < g < goodput(16384, f, "best")
 
 
-def test_layout_rule_and_refusals():
-    lay = choose_layout(get_preset("llama3-405b"), 16384, H100, 8192, 16e6)
-    assert lay.tp == 8 and lay.devices == 16384 and lay.pp >= 8
-    small = choose_layout(get_preset("gpt2-124m"), 8, H100, 1024, 0.5e6)
-    assert (small.tp, small.pp, small.dp) == (1, 1, 8)
+def test_layout_refusals():
+    """The fixed layout rule (choose_layout) is gone: the planner (test_planner.py) replaces it;
+    a layout may leave accelerators idle but never use more than there are."""
     cfg = get_preset("llama2-70b")
     with pytest.raises(ValueError, match="does not fit 64 accelerators"):
         Layout(tp=8, pp=4, dp=4).check(64, cfg)
+    Layout(tp=8, pp=4, dp=4).check(1024, cfg)  # idle accelerators are allowed
     with pytest.raises(ValueError, match="no data"):
         Layout(tp=8, pp=1, dp=16, global_batch_tokens=4096).check(128, cfg)
     with pytest.raises(ValueError, match="mixture-of-experts"):
         Layout(ep=8, dp=8).check(8, cfg)
+
+
+def test_expert_all_to_all_inside_a_node_uses_the_scale_up_links():
+    """Experts over the 8 GPUs of one node: no network traffic, but the k routed copies bound
+    for the 7 other GPUs cross NVLink (dispatch and combine, forward and backward)."""
+    cfg = get_preset("deepseek-v3")
+    f = factors(ep_exposed=1.0)
+    lay = Layout(tp=1, pp=1, dp=8, ep=8, global_batch_tokens=8 * 4096)
+    st = step_time(cfg, 4096, H100, 8, lay, "bf16", "none", f)
+    link = 900 / 2 * 1e9 * f["comm_efficiency"].central
+    moe_layers = cfg.n_layer - cfg.n_dense_layers
+    copies = cfg.n_experts_active * 7 / 8
+    assert st.ep_comm == pytest.approx(moe_layers * 4096 * (2 + 2) * 2 * cfg.d_model * copies / link)

@@ -27,17 +27,19 @@ def ranged(key, central, low, high, better="high", unit=""):
     return Assumption(key, key, central, low, high, unit, better, "test")
 
 
-def test_project_params_only_exact_numbers():
-    # 1e12 params (dense, no shape): 6e12 FLOPs/token; 1e11 tokens -> 6e23 FLOPs.
+def test_project_exact_numbers():
+    # given an MFU, time = FLOPs / (n x peak x MFU): the FLOPs of the assumed shape of 1e12
+    # parameters (6N + attention) on 1e11 tokens
     target = resolve_target(params=1e12)
     acc = get_accelerator("H100-SXM5-80GB")  # 989 TFLOP/s bf16 dense
     a = AssumptionSet(point("mfu", 0.5), point("scaling", 1.0), point("goodput", 1.0),
                       point("pue", 1.5, "low"), point("power_w", 700, "low", "W"),
                       point("price", 2.0, "low", "USD"), settings=[])
     p = project(target, 1e11, acc, 1000, a)
-    seconds = 6e23 / (1000 * 989e12 * 0.5)
+    flops = target.model_flops_per_token * 1e11
+    seconds = flops / (1000 * 989e12 * 0.5)
     c = p.central
-    assert p.total_model_flops == pytest.approx(6e23)
+    assert p.total_model_flops == pytest.approx(flops)
     assert c.seconds == pytest.approx(seconds)
     assert c.days == pytest.approx(seconds / 86400)
     assert c.accelerator_hours == pytest.approx(1000 * seconds / 3600)

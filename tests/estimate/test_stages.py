@@ -73,7 +73,8 @@ def test_rl_batch_is_sized_for_the_maximum_response_length(tmp_path):
     fit an instance makes more decode waves, hence more hours; a cap below the mean is refused."""
     def stage(cap):
         return ("name: x\naccelerator: H800-SXM5-80GB\nstages:\n"
-                "  - {name: rl, kind: rl, model: deepseek-v3, count: 64, precision: fp8,\n"
+                "  - {name: rl, kind: rl, model: deepseek-v3, count: 512, precision: fp8,\n"
+                "     layout: {tp: 1, pp: 16, ep: 32},\n"
                 "     prompts_per_step: 32, samples_per_prompt: 16, steps: 10, prompt_tokens: 300,\n"
                 f"     response_tokens: 4000, max_response_tokens: {cap}, generation_instance: 32}}\n")
 
@@ -86,4 +87,36 @@ def test_rl_batch_is_sized_for_the_maximum_response_length(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(stage(1000))
     with pytest.raises(ValueError, match="max_response_tokens"):
+        run_stages(bad)
+
+
+def test_stage_hours_use_the_shared_fit_and_the_files_hours_basis(tmp_path):
+    """A pretrain stage is engine.estimate_run at the stage's layout with published.fit's stack
+    efficiency (what project and validate use), divided by the fitted factor of the file's
+    hours_basis; a basis the fit does not know is refused."""
+    from estimate.engine import estimate_run
+    from estimate.published import fit
+
+    def spec(basis):
+        return (f"name: x\naccelerator: H100-SXM5-80GB\nhours_basis: {basis}\nstages:\n"
+                "  - {name: p, kind: pretrain, model: llama-1b, count: 64, tokens: 10B,\n"
+                "     layout: {tp: 1, pp: 1, global_batch_tokens: 4e6}}\n")
+
+    hours = {}
+    for basis in ("compute", "wallclock"):
+        path = tmp_path / f"{basis}.yaml"
+        path.write_text(spec(basis))
+        hours[basis] = run_stages(path)[1][0].hours["central"]
+    f = fit()
+    d = load_defaults()
+    cfg = get_preset("llama-1b")
+    e = estimate_run(cfg, cfg.seq_len, 10e9, get_accelerator("H100-SXM5-80GB"), 64, "bf16",
+                     load_factors(d, f.stack), d, given={"tp": 1, "pp": 1,
+                                                        "global_batch_tokens": 4e6},
+                     recompute="none", published=True)
+    assert hours["compute"] == pytest.approx(e.compute_hours())
+    assert hours["wallclock"] == pytest.approx(e.compute_hours() / f.basis["wallclock"].central)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(spec("elapsed"))
+    with pytest.raises(ValueError, match="hours_basis 'elapsed'"):
         run_stages(bad)

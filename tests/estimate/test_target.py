@@ -37,14 +37,23 @@ def test_params_override_on_dense_and_moe():
     assert both.active_params == 37e9
 
 
-def test_params_only_target_has_no_attention_and_says_so():
-    t = resolve_target(params=1e9)
-    assert t.model_flops_per_token == 6e9
-    assert any("attention" in n for n in t.notes)
+def test_size_becomes_a_stated_shape():
+    """Issue 19: a size is a shape by estimate.shapes' rule (printed in the notes)."""
+    t = resolve_target(params=8.03e9)
+    assert t.cfg is not None and (t.cfg.d_model, t.cfg.n_layer) == (4096, 32)  # Llama 3 8B
+    assert (t.cfg.n_kv_head, t.cfg.ffn_hidden, t.cfg.vocab_size) == (8, 14336, 128256)
+    assert "d_model 4096" in t.notes[0] and "context 4096" in t.notes[0]
+    assert t.attention_flops_per_token > 0
     moe = resolve_target(params=100e9, active_params=10e9)
-    assert moe.is_moe and moe.model_flops_per_token == 6 * 10e9
+    assert moe.is_moe and moe.cfg.n_experts_active == 8
+    assert moe.active_params == pytest.approx(10e9, rel=0.1)
+    assert count_params(moe.cfg) == pytest.approx(100e9, rel=0.05)
+    mixtral = resolve_target(params=46.7e9, active_params=12.9e9, experts=8)
+    assert mixtral.cfg.n_experts == 8 and mixtral.cfg.n_experts_active == 2
     with pytest.raises(ValueError, match="give a model"):
         resolve_target()
+    with pytest.raises(ValueError, match="exceeds"):
+        resolve_target(params=1e9, active_params=2e9)
 
 
 def test_recompute_ratios_ordered():

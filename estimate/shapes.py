@@ -1,0 +1,115 @@
+"""A model shape from a parameter count: what `--params` (and `--active-params`, `--experts`)
+become, so that a target given by size goes through the performance model like any other.
+
+The rule follows published shapes (config.json of each model on its card):
+
+| model          | params | d_model | layers | heads x dim | kv heads | ffn    | vocab   | tied |
+|----------------|--------|---------|--------|-------------|----------|--------|---------|------|
+| Llama 3.2 1B   | 1.24B  | 2048    | 16     | 32 x 64     | 8        | 8192   | 128,256 | yes  |
+| Llama 3.2 3B   | 3.21B  | 3072    | 28     | 24 x 128    | 8        | 8192   | 128,256 | yes  |
+| Llama 3.1 8B   | 8.03B  | 4096    | 32     | 32 x 128    | 8        | 14,336 | 128,256 | no   |
+| Llama 3.1 70B  | 70.6B  | 8192    | 80     | 64 x 128    | 8        | 28,672 | 128,256 | no   |
+| Llama 3.1 405B | 406B   | 16,384  | 126    | 128 x 128   | 8        | 53,248 | 128,256 | no   |
+
+- width: d_model interpolated log-log in the parameter count between those models (beyond
+  them, the nearest segment's slope extended), rounded to 8 heads (so that 8 key/value heads
+  and tensor parallelism up to 8 divide it: 7B gives 4096, 175B 12,288 as GPT-3);
+- heads of 128 channels (64 below d_model 2560, as Llama 3.2 1B), 8 key/value heads (grouped-
+  query attention, every Llama 3 size; Qwen2.5 7B-72B also use 4-8);
+- SwiGLU width 3.5 x d_model rounded to 256 (Llama 3 8B and 70B);
+- vocabulary 128,256 (Llama 3), embeddings tied below 4B parameters (Llama 3.2 1B and 3B,
+  Qwen2.5 up to 3B tie them; the larger ones do not);
+- depth: the number of blocks that brings the parameter count to the one given;
+- mixture of experts (`active_params` < `params`): width and depth of the dense model of the
+  active size, every block a mixture; fine-grained experts after DeepSeek-V3 (DeepSeek-AI 2024,
+  sec. 2.1.2 and 4.2: 1 shared and 256 routed experts, 8 active, expert width 2048 for
+  d_model 7168): 8 routed experts active and 1 shared, each expert 3.5 x d_model / 9 wide, so
+  the active MLP width equals the dense one; the routed experts' number follows from the
+  total. `experts` fixes their number instead (up to 16: no shared expert, as Mixtral), and
+  the active ones follow from the active size.
+- context: DEFAULT_SEQ_LEN unless given.
+"""
+
+from __future__ import annotations
+
+import math
+
+from model.config import ModelConfig
+
+# (parameters, d_model) of the models in the table above
+ANCHORS = ((1.24e9, 2048), (3.21e9, 3072), (8.03e9, 4096), (70.6e9, 8192), (406e9, 16384))
+VOCAB = 128256
+TIE_BELOW = 4e9
+FFN_RATIO = 3.5
+KV_HEADS = 8
+ROUTED_ACTIVE = 8
+DEFAULT_SEQ_LEN = 4096  # Llama 2's context (Touvron et al. 2023b, sec. 2.2); --seq-len changes it
+
+
+def width(params: float) -> float:
+    """d_model for a dense model of `params` parameters, before rounding."""
+    x = math.log(params)
+    pts = [(math.log(p), math.log(d)) for p, d in ANCHORS]
+    i = 0
+    while i < len(pts) - 2 and x > pts[i + 1][0]:
+        i += 1
+    (x0, y0), (x1, y1) = pts[i], pts[i + 1]
+    return math.exp(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+def _round(x: float, multiple: int) -> int:
+    return max(multiple, int(round(x / multiple)) * multiple)
+
+
+def _attention(d: int, head: int) -> tuple[int, int, int]:
+    """(n_head, n_kv_head, parameters of the attention projections)."""
+    n_head = d // head
+    kv = min(KV_HEADS, n_head)
+    while n_head % kv:
+        kv -= 1
+    return n_head, kv, 2 * d * d + 2 * d * kv * head
+
+
+def shape_from_size(params: float, active_params: float | None = None, *,
+                    seq_len: int | None = None, experts: int | None = None) -> ModelConfig:
+    """The shape the rule above gives for `params` total (and `active_params` per token)."""
+    if not params or params <= 0:
+        raise ValueError(f"--params must be > 0, got {params}")
+    active = float(active_params or params)
+    if active > params:
+        raise ValueError(f"--active-params {active:.4g} exceeds --params {params:.4g}")
+    moe = active < params * 0.999 or experts is not None
+    head = 128 if width(active) >= 2560 else 64
+    d = _round(width(active), 8 * head)  # heads a multiple of 8: tensor parallel up to 8
+    n_head, kv, attn = _attention(d, head)
+    ffn = _round(FFN_RATIO * d, 256)
+    tie = params < TIE_BELOW
+    emb = VOCAB * d * (1 if tie else 2)
+    norms = 2 * d
+    T = int(seq_len or DEFAULT_SEQ_LEN)
+    dense_block = attn + 3 * d * ffn + norms
+    layers = max(1, round((active - emb - d) / dense_block))
+    how = (f"shape from size (estimate/shapes.py rule after Llama 3 / 3.2 shapes): d_model {d}, "
+           f"{layers} layers, {n_head} heads of {head}, {kv} kv heads, vocab {VOCAB}")
+    if not moe:
+        return ModelConfig(vocab_size=VOCAB, seq_len=T, n_layer=layers, d_model=d, n_head=n_head,
+                           n_kv_head=kv, ffn_hidden=ffn, tie_embeddings=tie,
+                           notes=f"{how}, ffn {ffn}, embeddings {'tied' if tie else 'untied'}")
+    budget_total = (params - emb - d) / layers - attn - norms - d  # MLP weights per block (router ~)
+    budget_active = (active - emb - d) / layers - attn - norms
+    if experts is None:
+        shared, k = 1, ROUTED_ACTIVE
+        f = _round(budget_active / (3 * d * (k + shared)), 64)
+        n_exp = max(k, round(budget_total / (3 * d * f) - shared))
+    else:
+        n_exp = int(experts)
+        if n_exp < 2:
+            raise ValueError(f"--experts must be >= 2, got {experts}")
+        shared = 0 if n_exp <= 16 else 1
+        f = _round(budget_total / (3 * d * (n_exp + shared)), 64)
+        k = min(n_exp, max(1, round(budget_active / (3 * d * f) - shared)))
+    return ModelConfig(vocab_size=VOCAB, seq_len=T, n_layer=layers, d_model=d, n_head=n_head,
+                       n_kv_head=kv, ffn_hidden=ffn, tie_embeddings=tie, n_experts=n_exp,
+                       n_experts_active=k, n_shared_experts=shared, moe_ffn_hidden=f,
+                       notes=f"{how}; {n_exp} routed experts ({k} active) and {shared} shared, "
+                             f"each {f} wide")
