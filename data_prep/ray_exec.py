@@ -399,9 +399,11 @@ def _join_block(t: Any, lnames: list[str], rnames: list[str]) -> Any:
 
 
 def _apply_drops(df: pd.DataFrame, cfg: PrepConfig, out: str, inputs: list[str], name: str,
-                 reason: str) -> pd.DataFrame:
+                 reason: str, earlier: str | None = None) -> pd.DataFrame:
     """Per shard of this block: rewrite it without the rows named (row >= 0; row -1 marks a
-    shard with no drops), each drop counted under `reason` with its detail."""
+    shard with no drops), each drop counted under `reason` with its detail. `earlier`: a
+    folder of drops already written per input shard (dropped/part-NNNNN.jsonl), which lead the
+    shard's own dropped file (committed with it)."""
     rep = cfg.report
     shards, accts = [], []
     for i, g in df.groupby("shard", sort=True):
@@ -411,6 +413,9 @@ def _apply_drops(df: pd.DataFrame, cfg: PrepConfig, out: str, inputs: list[str],
             drops = {int(r): d for r, d in zip(g["row"], g["detail"], strict=True) if r >= 0}
             total = StepStats(name, rep.examples_per_reason, rep.snippet_chars)
             o = ShardOutput(cfg, Path(out), i, total)
+            before = Path(earlier or "") / "dropped" / f"{shard_name(i)}.jsonl"
+            if earlier and o.dropped.f is not None and before.exists():
+                o.dropped.f.write(before.read_text(encoding="utf-8"))
             for row, d in enumerate(read_docs(inputs[i])):
                 if row in drops:
                     o.drop(d, reason, drops[row])
@@ -423,9 +428,10 @@ def _apply_drops(df: pd.DataFrame, cfg: PrepConfig, out: str, inputs: list[str],
 
 
 def _rewrite(drops: Any, cfg: PrepConfig, inp: Path, out: Path, name: str, reason: str,
-             parts: int) -> tuple[StepStats, list[dict[str, Any]]]:
+             parts: int, earlier: Path | None = None) -> tuple[StepStats, list[dict[str, Any]]]:
     """Shuffle the drops (shard, row, detail) by shard, with one marker row per shard, and
-    rewrite every shard; returns the stage's merged accounting and each shard's."""
+    rewrite every shard; returns the stage's merged accounting and each shard's. `earlier`: see
+    `_apply_drops`."""
     import ray.data
 
     inputs = _shards_in(inp)
@@ -433,7 +439,8 @@ def _rewrite(drops: Any, cfg: PrepConfig, inp: Path, out: Path, name: str, reaso
         [{"shard": i, "row": -1, "detail": ""} for i in range(len(inputs))]
     )
     ds = grouped(drops.union(markers) if drops is not None else markers, "shard", _apply_drops,
-                 parts, cfg=cfg, out=str(out), inputs=inputs, name=name, reason=reason)
+                 parts, cfg=cfg, out=str(out), inputs=inputs, name=name, reason=reason,
+                 earlier=str(earlier) if earlier else None)
     total = new_stats(cfg, name)
     accts = _collect(ds)
     for acct in accts:
@@ -488,7 +495,8 @@ def _amend(read: StepStats, rewritten: StepStats) -> None:
 def run_read(stage: Stage, cfg: PrepConfig, out: Path, res: StageResult) -> None:
     """The sources streamed on the driver into shards (out/raw), without a set of every id;
     then repeated ids found by a shuffle by id and dropped as the local read does (the first
-    occurrence in reading order stays), each shard rewritten into out/docs by one task."""
+    occurrence in reading order stays), each shard rewritten into out/docs by one task, its
+    dropped file (out/dropped/) the source's bad records then the repeated ids."""
     raw = out / "raw"
     stage.run(cfg, None, raw, res, output=RollingOutput, check_ids=False)
     inp = raw / "docs"
@@ -497,7 +505,7 @@ def run_read(stage: Stage, cfg: PrepConfig, out: Path, res: StageResult) -> None
     parts = _partitions(cfg, num_docs(inp))
     ids = _shard_items(inp).map_batches(_id_rows, batch_size=1)
     total, accts = _rewrite(grouped(ids, "id", _repeated_ids, parts), cfg, inp, out, res.name,
-                            "duplicate_id", parts)
+                            "duplicate_id", parts, earlier=raw)
     assert res.total is not None
     _amend(res.total, total)
     for k, st in enumerate(res.steps):  # one StepStats per source, in source order
@@ -506,7 +514,7 @@ def run_read(stage: Stage, cfg: PrepConfig, out: Path, res: StageResult) -> None
             if src == k:
                 mine.merge(StepStats.from_dict(acct["total"]))
         _amend(st, mine)
-    shutil.rmtree(inp)  # out/docs holds them now (raw/dropped stays for the report)
+    shutil.rmtree(raw)  # out/docs and out/dropped hold them now
 
 
 # --------------------------------------------------------------------------- exact dedup
