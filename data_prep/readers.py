@@ -499,7 +499,7 @@ class Read(Stage):
         self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult,
         output: Callable[..., Any] = StageOutput, check_ids: bool = True,
     ) -> None:
-        """`output`: StageOutput (docs.parquet) or ray_exec.RollingOutput (shards, a new one
+        """`output`: StageOutput (docs.parquet) or shardio.RollingOutput (shards, a new one
         per source). `check_ids=False` leaves repeated ids to the caller (ray_exec finds them
         with a shuffle instead of a set of every id in this process)."""
         total = new_stats(cfg, self.name)

@@ -137,7 +137,7 @@ def test_connected_components_match_union_find(ray_local):
     import pandas as pd
     import ray.data
 
-    from data_prep.ray_exec import _arrow, connected_components
+    from data_prep.ray_verbs import connected_components, to_arrow
 
     rng = random.Random(3)
     n = 100
@@ -145,7 +145,7 @@ def test_connected_components_match_union_find(ray_local):
     edges += [(rng.randrange(40, n), rng.randrange(40, n)) for _ in range(40)]
     edges = [(a, b) for a, b in edges if a != b]
     rng.shuffle(edges)
-    ds = ray.data.from_arrow(_arrow(pd.DataFrame({"u": [a for a, _ in edges],
+    ds = ray.data.from_arrow(to_arrow(pd.DataFrame({"u": [a for a, _ in edges],
                                                   "v": [b for _, b in edges]})))
     labels, rounds = connected_components(ds, 3)
     got = {r["node"]: r["comp"] for r in labels.take_all()}
