@@ -25,7 +25,8 @@ Then near-dup quality on the labelled set of `data_prep.labelled` (seeded edits 
 documents at exact Jaccard, and hard negatives: same template, different content): pair
 precision, recall and F1 at threshold 0.8 with verification, before (the bands x rows of the
 weighted-area criterion, 9 x 13, single linkage: near_dedup until issue 14) and after (bands x rows
-chosen for recall under `fp_budget`, complete linkage), and the hard negatives merged.
+chosen for recall under `fp_budget`, complete linkage), and with every `MinHashConfig` default
+(verify on), and the hard negatives merged.
 `--quality-only` runs just that section; `--labelled-bases N` sizes the set.
 
 `--docs N[,N...]` runs the scale bench instead (data_prep.scale): the document stages on a
@@ -56,7 +57,7 @@ from typing import Any
 
 from contracts.measured import header, publish
 from data_prep.config import MinHashConfig, load_config
-from data_prep.dedup import near_duplicates
+from data_prep.dedup import minhash_kwargs, near_duplicates
 from data_prep.labelled import build, score
 from data_prep.minhash import MinHasher, choose_bands_rows, parallel_signatures, words_of
 from data_prep.pipeline import run
@@ -201,18 +202,22 @@ def bench(
 
 
 def quality(bases: int = 150, seed: int = 0, threshold: float = 0.8) -> dict[str, Any]:
-    """Pair P/R/F1 of near_dedup on the labelled set, before and after issue 14's changes."""
+    """Pair P/R/F1 of near_dedup on the labelled set, before and after issue 14's changes, and
+    with MinHashConfig's defaults (which must be the measured setting: issue 23)."""
     ls = build(seed=seed, bases=bases, threshold=threshold)
     m = MinHashConfig()
     old_b, old_r = choose_bands_rows(threshold, m.num_perm, m.fp_weight, m.fn_weight)
     rows = []
+    common = {"ngram": m.ngram, "num_perm": m.num_perm, "threshold": threshold, "verify": True,
+              "seed": m.seed}
     for name, kw in [
-        ("before", {"bands": old_b, "rows": old_r, "linkage": "single"}),
-        ("after", {"fp_budget": m.fp_budget, "linkage": m.linkage}),
+        ("before", {**common, "bands": old_b, "rows": old_r, "linkage": "single"}),
+        ("after", {**common, "fp_budget": m.fp_budget, "linkage": m.linkage}),
+        # every setting as MinHashConfig ships it (the threshold as asked)
+        ("defaults", {**minhash_kwargs(m), "threshold": threshold}),
     ]:
         t = time.perf_counter()
-        found = near_duplicates(ls.ids, ls.texts, ngram=m.ngram, num_perm=m.num_perm,
-                                threshold=threshold, verify=True, seed=m.seed, workers=1, **kw)
+        found = near_duplicates(ls.ids, ls.texts, workers=1, **kw)
         rows.append({"name": name, "bands": found.bands, "rows": found.rows,
                      "linkage": kw["linkage"], "candidate_pairs": found.stats["candidate_pairs"],
                      "seconds": round(time.perf_counter() - t, 3), **score(ls, found.clusters)})

@@ -90,7 +90,9 @@ class MinHashConfig:
     # without verify: bands x rows minimise these weights of the false-positive / negative areas
     fp_weight: float = 0.5
     fn_weight: float = 0.5
-    verify: bool = False  # check each candidate pair's exact Jaccard >= threshold
+    # check each candidate pair's exact Jaccard >= threshold: on by default, the measured setting
+    # (labelled set, seed 0, 150 bases: F1 0.952 with it, 0.828 without; docs/data.md)
+    verify: bool = True
     # with verify: bands x rows minimise the false negatives with the mean false-candidate rate
     # below the threshold <= fp_budget (0.2 at t=0.8, 128 perms: 13 x 7)
     fp_budget: float = 0.2

@@ -15,7 +15,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 from tqdm import tqdm
 
-from data_prep.config import PrepConfig, to_dict
+from data_prep.config import MinHashConfig, PrepConfig, to_dict
 from data_prep.document import Document
 from data_prep.minhash import (
     MinHasher,
@@ -271,6 +271,11 @@ class ExactDedup(DedupStage):
         return drop, extra
 
 
+def minhash_kwargs(m: MinHashConfig) -> dict[str, Any]:
+    """`near_duplicates`' settings from the config's `dedup.minhash` (all but `enabled`)."""
+    return {k: v for k, v in asdict(m).items() if k != "enabled"}
+
+
 class NearDedup(DedupStage):
     name = "near_dedup"
     reason = "near_duplicate"
@@ -286,12 +291,8 @@ class NearDedup(DedupStage):
         m = cfg.dedup.minhash
         ids, texts = read_ids_texts(inp)
         log.info("near_dedup: MinHash signatures of %d documents", len(ids))
-        found = near_duplicates(
-            ids, texts, ngram=m.ngram, num_perm=m.num_perm, threshold=m.threshold, bands=m.bands,
-            rows=m.rows, fp_weight=m.fp_weight, fn_weight=m.fn_weight, fp_budget=m.fp_budget,
-            verify=m.verify, linkage=m.linkage, seed=m.seed, workers=worker_count(cfg),
-            batch_docs=m.batch_docs, progress=cfg.progress,
-        )
+        found = near_duplicates(ids, texts, **minhash_kwargs(m), workers=worker_count(cfg),
+                                progress=cfg.progress)
         drop = {
             i: f"near-duplicate of {sid} (estimated Jaccard {sim:.2f})"
             for i, (sid, sim) in found.drop.items()

@@ -27,6 +27,7 @@ from data_prep.pack import Pack
 from data_prep.readers import Read
 from data_prep.shards import split_of
 from data_prep.stage import (
+    Executor,
     Stage,
     StageResult,
     StepsStage,
@@ -66,22 +67,23 @@ DOC_STAGES: list[Stage] = [
 def run_document_stages(cfg: PrepConfig) -> list[StageResult]:
     """read .. pii: returns their results; the last one's docs_path holds the clean corpus."""
     results: list[StageResult] = []
-    with _executor(cfg):
+    with _executor(cfg) as executor:
         for i, stage in enumerate(DOC_STAGES):
-            results.append(run_stage(cfg, stage, i, results[-1] if results else None))
+            results.append(run_stage(cfg, stage, i, results[-1] if results else None, executor))
     return results
 
 
 @contextmanager
-def _executor(cfg: PrepConfig) -> Iterator[None]:
-    """Nothing for `executor: local`; a Ray session (data_prep.ray_exec) for `executor: ray`."""
+def _executor(cfg: PrepConfig) -> Iterator[Executor | None]:
+    """None (this process and its pool) for `executor: local`; for `executor: ray`, a Ray
+    session and the executor that places stages on it (data_prep.ray_exec)."""
     if cfg.executor != "ray":
-        yield
+        yield None
         return
-    from data_prep import ray_exec
+    from data_prep import ray_exec, ray_verbs
 
-    with ray_exec.session(cfg):
-        yield
+    with ray_verbs.session(cfg):
+        yield ray_exec.RayExecutor()
 
 
 def run(cfg: PrepConfig | str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:

@@ -12,37 +12,27 @@ and the file and line it came from, and the read stage counts it.
 
 from __future__ import annotations
 
-import bz2
-import fnmatch
-import glob
-import gzip
 import json
 import lzma
 import os
 import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from tqdm import tqdm
 
 from data_prep.config import PrepConfig, SourceConfig, to_dict
 from data_prep.document import BadRecord, Document
+from data_prep.paths import expand_paths, file_key, matches, open_maybe_compressed
 from data_prep.stage import STEP_MODULES, Stage, StageOutput, StageResult, new_stats
 
 Record = Document | BadRecord
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 
 
 def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
-
-
-def _matches(rel: str, include: list[str], exclude: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(rel, g) for g in include) and not any(
-        fnmatch.fnmatchcase(rel, g) for g in exclude
-    )
 
 
 def _snippet(raw: bytes, n: int = 200) -> str:
@@ -72,79 +62,16 @@ def _os_error(path: Path, e: OSError) -> str:
 
 
 # --------------------------------------------------------------------------- files and folders
-def expand_paths(cfg: SourceConfig, suffixes: tuple[str, ...] | None) -> list[tuple[str, Path]]:
-    """(relative name, path) of the files `cfg.path` names: a file, a folder (walked
-    recursively, keeping files whose name ends in one of `suffixes` and that match the
-    include/exclude globs) or a glob pattern. Sorted, so ids and order are stable."""
-    assert cfg.path is not None
-    p = Path(cfg.path).expanduser()
-    if p.is_file():
-        return [(p.name, p)]
-    if p.is_dir():
-        out = []
-        for dirpath, dirnames, filenames in os.walk(p):
-            dirnames[:] = sorted(d for d in dirnames if d not in cfg.exclude_dirs)
-            for f in filenames:
-                full = Path(dirpath, f)
-                rel = full.relative_to(p).as_posix()
-                ok_suffix = suffixes is None or any(
-                    f.endswith(s) or any(f.endswith(s + c) for c in COMPRESSED) for s in suffixes
-                )
-                if ok_suffix and _matches(rel, cfg.include, cfg.exclude):
-                    out.append((rel, full))
-        return sorted(out)
-    hits = sorted(glob.glob(str(p), recursive=True))
-    if not hits:
-        raise FileNotFoundError(f"source path {cfg.path!r} is not a file, folder or matching glob")
-    # a broken link (dangling, or a loop) is kept: its reader reports it as unreadable_file
-    return [
-        (Path(h).name if len(hits) == 1 else h, Path(h))
-        for h in hits
-        if Path(h).is_file() or _broken_link(Path(h))
-    ]
-
-
-def _broken_link(p: Path) -> bool:
-    """A symlink that leads nowhere: dangling, or part of a loop."""
-    return p.is_symlink() and not p.exists()
-
-
-def _file_key(rel: str, p: Path) -> tuple[str, int, int] | tuple[str, str]:
-    """(name, size, mtime) of a file for the cache key; (name, error) when it cannot be
-    stat'ed (a dangling link or a loop, which the reader reports as unreadable_file)."""
-    try:
-        st = p.stat()
-    except OSError as e:
-        return (rel, f"{type(e).__name__}: {e.strerror}")
-    return (rel, st.st_size, st.st_mtime_ns)
-
-
-def open_maybe_compressed(path: Path) -> IO[bytes]:
-    """A binary stream of the file, decompressed by suffix: .gz, .bz2, .xz or .zst."""
-    name = path.name
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if name.endswith(".bz2"):
-        return bz2.open(path, "rb")
-    if name.endswith(".xz"):
-        return lzma.open(path, "rb")
-    if name.endswith(".zst"):
-        import pyarrow as pa
-
-        return pa.CompressedInputStream(pa.OSFile(str(path), "rb"), "zstd")  # type: ignore[return-value]
-    return open(path, "rb")
-
-
 def fingerprint(cfg: SourceConfig) -> list[Any]:
     """What identifies this source's input for stage caching: file names, sizes, mtimes."""
     if cfg.kind == "embedded":
         files = embedded_code_files(cfg) if cfg.code else []
         import sys
 
-        return [sys.version, [_file_key(rel, p) for rel, p in files]]
+        return [sys.version, [file_key(rel, p) for rel, p in files]]
     if cfg.kind == "hub":
         return [cfg.hub_name, cfg.hub_config, cfg.hub_split]
-    return [_file_key(rel, p) for rel, p in expand_paths(cfg, _suffixes(cfg))]
+    return [file_key(rel, p) for rel, p in expand_paths(cfg, _suffixes(cfg))]
 
 
 def _suffixes(cfg: SourceConfig) -> tuple[str, ...] | None:
@@ -371,7 +298,7 @@ def embedded_code_files(cfg: SourceConfig) -> list[tuple[str, Path]]:
             if f.endswith(".py"):
                 p = Path(dirpath, f)
                 rel = p.relative_to(root).as_posix()
-                if _matches(rel, cfg.include, cfg.exclude):
+                if matches(rel, cfg.include, cfg.exclude):
                     out.append((rel, p))
     out.sort()
     return out
@@ -397,7 +324,7 @@ def read_embedded(cfg: SourceConfig) -> Iterator[Record]:
 
         for topic in sorted(topics.topics):
             rel = f"pydoc/{topic}"
-            if _matches(rel, cfg.include, cfg.exclude):
+            if matches(rel, cfg.include, cfg.exclude):
                 yield Document(
                     rel, topics.topics[topic], f"{label}:pydoc", "prose", {"topic": topic}
                 )
@@ -439,7 +366,7 @@ def expected_records(cfg: SourceConfig) -> int | None:
             if cfg.prose:
                 from pydoc_data import topics
 
-                n += sum(_matches(f"pydoc/{t}", cfg.include, cfg.exclude) for t in topics.topics)
+                n += sum(matches(f"pydoc/{t}", cfg.include, cfg.exclude) for t in topics.topics)
         elif cfg.kind == "parquet":
             import pyarrow.parquet as pq
 
@@ -489,7 +416,7 @@ class Read(Stage):
     and repeated ids, counted for the whole stage and per source."""
 
     name = "read"
-    modules = ("readers.py", *STEP_MODULES)
+    modules = ("readers.py", "paths.py", *STEP_MODULES)
 
     def part(self, cfg: PrepConfig) -> Any:
         c = to_dict(cfg)
@@ -499,7 +426,7 @@ class Read(Stage):
         self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult,
         output: Callable[..., Any] = StageOutput, check_ids: bool = True,
     ) -> None:
-        """`output`: StageOutput (docs.parquet) or ray_exec.RollingOutput (shards, a new one
+        """`output`: StageOutput (docs.parquet) or shardio.RollingOutput (shards, a new one
         per source). `check_ids=False` leaves repeated ids to the caller (ray_exec finds them
         with a shuffle instead of a set of every id in this process)."""
         total = new_stats(cfg, self.name)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
@@ -38,8 +38,6 @@ log = logging.getLogger("data_prep")
 PKG = Path(__file__).resolve().parent
 # modules every document stage runs besides its own (globs under data_prep/)
 STEP_MODULES = ("stage.py", "steps.py", "stats.py", "store.py", "document.py")
-# stages that run on Ray under `executor: ray` (data_prep.ray_exec); the others on the driver
-RAY_STAGES = ("read", "normalize", "filter", "exact_dedup", "near_dedup", "pii")
 
 
 def worker_count(cfg: PrepConfig) -> int:
@@ -278,9 +276,25 @@ def stage_dir(cfg: PrepConfig, index: int, name: str) -> Path:
     return Path(cfg.out_dir) / "stages" / f"{index:02d}_{name}"
 
 
-def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None) -> StageResult:
+class Executor(Protocol):
+    """Places a stage's work somewhere other than this process (data_prep.ray_exec.RayExecutor):
+    which stages it takes, what of the config and code its output layout adds to their key."""
+
+    modules: tuple[str, ...]
+
+    def places(self, stage: Stage) -> bool: ...
+
+    def part(self, cfg: PrepConfig) -> Any: ...
+
+    def run(self, stage: Stage, cfg: PrepConfig, inp: Path | None, out: Path,
+            res: StageResult) -> None: ...
+
+
+def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None,
+              executor: Executor | None = None) -> StageResult:
     """Run `stage` as stage number `index` on `inp`'s documents, or load its result from the
-    cache when its key is unchanged. A disabled stage forwards its input untouched."""
+    cache when its key is unchanged. A disabled stage forwards its input untouched. `executor`
+    places the stage's work when it takes the stage; else it runs here (`stage.run`)."""
     out = stage_dir(cfg, index, stage.name)
     input_key = inp.key if inp else ""
     if not stage.enabled(cfg):
@@ -292,11 +306,10 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
             stage.name, input_key, False, 0.0, st, [], {"disabled": True}, inp.docs_path
         )
     part, modules = [stage.part(cfg), _report_part(cfg)], stage.modules
-    on_ray = cfg.executor == "ray" and stage.name in RAY_STAGES
-    if on_ray:  # sharded output: a different layout, so a different key
-        from data_prep import ray_exec
-
-        part, modules = [*part, ray_exec.ray_part(cfg)], (*modules, *ray_exec.MODULES)
+    placed = executor is not None and executor.places(stage)
+    if placed:  # sharded output: a different layout, so a different key
+        assert executor is not None
+        part, modules = [*part, executor.part(cfg)], (*modules, *executor.modules)
     key = stage_key(stage.name, part, modules, input_key)
     if (
         (out / "key").exists()
@@ -308,7 +321,7 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
         log.info("stage %s: up to date (key %s), skipped", stage.name, key)
         return res
     pending = out / "key.pending"
-    if on_ray and pending.exists() and pending.read_text() == key:
+    if placed and pending.exists() and pending.read_text() == key:
         log.info("stage %s: resuming (key %s): complete shards are kept", stage.name, key)
     else:
         if out.exists():
@@ -319,8 +332,9 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
     t = time.perf_counter()
     log.info("stage %s: running (key %s)", stage.name, key)
     inp_path = Path(inp.docs_path) if inp and inp.docs_path else None
-    if on_ray:
-        ray_exec.run(stage, cfg, inp_path, out, res)
+    if placed:
+        assert executor is not None
+        executor.run(stage, cfg, inp_path, out, res)
     else:
         stage.run(cfg, inp_path, out, res)
     res.seconds = time.perf_counter() - t

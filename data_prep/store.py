@@ -3,7 +3,7 @@
 Each document stage writes `docs.parquet` in its own folder, which the next stage reads in
 record batches, so a re-run can start from any finished stage and memory stays bounded. Under
 `executor: ray` a stage writes a folder of shards instead (`docs/part-00000.parquet`, ...,
-see data_prep.ray_exec); `read_docs` and `num_docs` read either, shards in name order.
+see data_prep.shardio); `read_docs` and `num_docs` read either, shards in name order.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def test_connected_components_match_union_find(ray_local):
     import pandas as pd
     import ray.data
 
-    from data_prep.ray_exec import _arrow, connected_components
+    from data_prep.ray_verbs import connected_components, to_arrow
 
     rng = random.Random(3)
     n = 100
@@ -145,7 +145,7 @@ def test_connected_components_match_union_find(ray_local):
     edges += [(rng.randrange(40, n), rng.randrange(40, n)) for _ in range(40)]
     edges = [(a, b) for a, b in edges if a != b]
     rng.shuffle(edges)
-    ds = ray.data.from_arrow(_arrow(pd.DataFrame({"u": [a for a, _ in edges],
+    ds = ray.data.from_arrow(to_arrow(pd.DataFrame({"u": [a for a, _ in edges],
                                                   "v": [b for _, b in edges]})))
     labels, rounds = connected_components(ds, 3)
     got = {r["node"]: r["comp"] for r in labels.take_all()}
@@ -162,13 +162,23 @@ def test_connected_components_match_union_find(ray_local):
 @needs_ray
 def test_same_as_local_on_labelled_near_duplicates(ray_local, tmp_path):
     corpus = labelled_corpus(tmp_path / "labelled.jsonl")
-    acct = _assert_same(tmp_path, [_source(corpus), "dedup.minhash.verify=true"])
+    acct = _assert_same(tmp_path, [_source(corpus), "dedup.minhash.verify=true",
+                                   "report.write_dropped=true"])
     by = {r["name"]: r for r in acct}
     assert by["read"]["steps"][1]["dropped"]["duplicate_id"]["docs"] == 11
     assert {"malformed_json", "empty"} <= set(by["read"]["total"]["dropped"])
     assert by["exact_dedup"]["total"]["docs_dropped"] > 10  # the copies
     assert by["near_dedup"]["extra"]["clusters"] > 10
     assert by["near_dedup"]["extra"]["pairs_rejected_by_verification"] > 0
+    # read's dropped records land where docs/scaling.md says, the same records as local's
+    def dropped(files):
+        return sorted(line for f in files for line in f.read_text(encoding="utf-8").splitlines())
+
+    (local_read,) = (tmp_path / "local" / "stages").glob("*_read")
+    (ray_read,) = (tmp_path / "ray" / "stages").glob("*_read")
+    got = dropped(sorted((ray_read / "dropped").glob("part-*.jsonl")))
+    assert got == dropped([local_read / "dropped.jsonl"]) and len(got) >= 14
+    assert not (ray_read / "raw").exists()
 
 
 @pytest.mark.slow

@@ -93,3 +93,17 @@ def test_bench_quality_section(tmp_path, capsys):
     assert (rows["before"]["bands"], rows["before"]["rows"]) == (9, 13)
     assert (rows["after"]["bands"], rows["after"]["rows"]) == (13, 7)
     assert rows["after"]["hard_negatives_merged"] == 0
+    assert (rows["defaults"]["bands"], rows["defaults"]["rows"]) == (13, 7)
+
+
+@pytest.mark.slow  # ~17 s on 2 cores: the full 150-base set
+def test_shipped_defaults_are_the_measured_setting():
+    """Issue 23: MinHashConfig's defaults reach F1 >= 0.95 on the project's labelled set (seed 0,
+    150 bases: docs/data.md), with no hard negative merged."""
+    from data_prep.config import MinHashConfig
+    from data_prep.dedup import minhash_kwargs
+
+    ls = build(seed=0, bases=150)
+    s = score(ls, near_duplicates(ls.ids, ls.texts, workers=1,
+                                  **minhash_kwargs(MinHashConfig())).clusters)
+    assert s["f1"] >= 0.95 and s["hard_negatives_merged"] == 0, s
