@@ -268,6 +268,12 @@ def machine_peak(device: str, precision_name: str) -> tuple[float, str]:
 
     sampler = PeakSampler(torch.device(device), precision(precision_name), world=1,
                           processes_on_host=1)
+    m = sampler.machine
+    other = m.measured if m.method == "theoretical" else m.theoretical
+    if m.method != "catalog" and other:  # the figure not used, beside the one used
+        name = "measured" if m.method == "theoretical" else "theoretical"
+        return sampler.median(), (f"{m.method}: {sampler.source}; not used, the {name} "
+                                  f"{other['flops'] / 1e12:.4g} TFLOP/s ({other['source']})")
     return sampler.median(), sampler.source
 
 

@@ -108,8 +108,8 @@ def convert(model: nn.Module) -> list[str]:
 
 
 def summarize(names: list[str]) -> str:
-    """`blocks.0.mlp.w_up, blocks.1.mlp.w_up, ...` as `blocks.{0..11}.mlp.w_up`: one entry per
-    distinct name once the block index is taken out."""
+    """`blocks.0.mlp.w_down, blocks.1.mlp.w_down, ...` as `blocks.{0..11}.mlp.w_down`: one
+    entry per distinct name once the block index is taken out."""
     groups: dict[str, list[str]] = {}
     for name in names:
         parts = name.split(".")
