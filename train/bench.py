@@ -180,7 +180,9 @@ class BareStep:
         self.optimizer, self.kernel = adamw(self.model)
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, setup.vocab_size, (setup.batch, setup.seq_len + 1), generator=g)
-        self.x, self.y = tokens[:, :-1].to(self.device), tokens[:, 1:].to(self.device)
+        # contiguous: nanoGPT's loss views the targets
+        self.x = tokens[:, :-1].contiguous().to(self.device)
+        self.y = tokens[:, 1:].contiguous().to(self.device)
         self.dtype = getattr(torch, precision(setup.precision).torch_dtype)
         self.sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         self.params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
