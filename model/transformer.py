@@ -24,13 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight through `F.rms_norm` (one fused kernel where torch has one), which
-    accumulates in float32 even for bf16 inputs. x and weight are first brought to their common
-    dtype, as the product of the two always was (bf16 x, fp32 weight -> fp32): mixed dtypes
-    would miss the fused kernel."""
+    """x / rms(x) * weight, accumulated in float32 even for bf16 inputs: `F.rms_norm`, one
+    fused kernel forward and one backward on a GPU. On a CPU torch composes it from 6 ops
+    forward and 15 backward; `_RMSNormCPU` is the same function with a backward of 8. A bf16 x
+    with a float32 weight is first brought to float32, as the product of the two always was
+    (mixed dtypes would miss the fused kernel); the residual stream is already float32 under
+    autocast, so in a block this cast never runs."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -38,25 +41,52 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, self.weight.dtype)
-        return F.rms_norm(x.to(dtype), self.weight.shape, self.weight.to(dtype), self.eps)
+        w = self.weight
+        if x.dtype != w.dtype:
+            dtype = torch.promote_types(x.dtype, w.dtype)
+            x, w = x.to(dtype), w.to(dtype)
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            return _RMSNormCPU.apply(x, w, self.eps)
+        return F.rms_norm(x, w.shape, w, self.eps)
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    """y = xhat * w with xhat = x * rstd, rstd = 1 / sqrt(mean(x^2) + eps), float32, as
+    torch's composite rms_norm computes it; the backward by hand, from the saved xhat:
+    dw = sum(g * xhat), dx = rstd * (g w - xhat * mean(g w * xhat))."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        xhat = x * rstd
+        ctx.save_for_backward(xhat, rstd, w)
+        return xhat * w
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, rstd, w = ctx.saved_tensors
+        gw = (g * xhat).flatten(0, -2).sum(0)
+        gx = g * w
+        gx = (gx - xhat * (gx * xhat).mean(-1, keepdim=True)) * rstd
+        return gx, gw, None
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, each [seq_len, head_dim/2]: position p rotates
-    channel pair i by p * theta^(-2i/head_dim)."""
+    """cos and signed sin of the rotation angles, each [seq_len, head_dim]: position p rotates
+    channel pair (i, i + head_dim/2) by p * theta^(-2i/head_dim). Both halves of a row hold the
+    same angles; sin's first half is negated, so that `apply_rope` is two multiplies and an add."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + head_dim/2) of x [B, H, T, head_dim] ("rotate half" layout),
-    in x's dtype: `Transformer.forward` casts the tables to the compute dtype once per forward
-    (the `.to` here is then a no-op), so bf16 activations make no float32 round trip."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate channel pairs (i, i + head_dim/2) of x [..., head_dim] ("rotate half" layout):
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), i.e. x * cos + (x2, x1) * (-sin, sin), with
+    the tables of `rope_tables` broadcast against x (already in x's dtype: `Transformer` keeps
+    them in the compute dtype, so nothing is cast here)."""
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -105,14 +135,22 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with RoPE and grouped-query key/value heads."""
+    """Causal multi-head self-attention with RoPE and grouped-query key/value heads.
+
+    One projection makes queries, keys and values: the rows of `wqkv.weight` are the n_head
+    query heads, then the n_kv_head key heads, then the n_kv_head value heads, head_dim rows
+    each (the blocks of separate q, k, v weights, stacked). One matmul instead of three, and
+    queries and keys, side by side, are rotated in one RoPE pass. Tensor parallelism shards
+    it by head from outside (train/tensor_parallel.py): rank r of N takes heads
+    [r H/N, (r+1) H/N) of each of the three blocks, the same rows as sharding three separate
+    projections would give it.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim,
+                              bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(
@@ -124,89 +162,19 @@ class Attention(nn.Module):
         start: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, H_kv = self.n_head, self.n_kv_head
+        qk, v = self.wqkv(x).view(B, T, H + 2 * H_kv, self.head_dim).split([H + H_kv, H_kv], 2)
+        qk = apply_rope(qk, cos[:, None], sin[:, None])  # tables [T, 1, D]: all heads at once
+        q, k = qk.transpose(1, 2).split([H, H_kv], dim=1)  # [B, H, T, D], [B, H_kv, T, D]
+        v = v.transpose(1, 2)
 
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, start)
-        if self.n_kv_head != self.n_head:  # query head h reads key/value head h // n_rep
-            n_rep = self.n_head // self.n_kv_head
+        if H_kv != H:  # query head h reads key/value head h // n_rep
+            n_rep = H // H_kv
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
 
         return self.wo(causal_attention(q, k, v, start).transpose(1, 2).reshape(B, T, -1))
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Sum of cross-entropy(h @ weight^T, targets) over chunks of `chunk` rows of h, with the
-    gradients computed chunk by chunk in the forward pass (as Liger-Kernel's fused linear
-    cross-entropy does): never the [N, V] float32 copy the plain loss makes (and keeps for the
-    backward). Each chunk's logits live in one float32 buffer [chunk, V], worked in place
-    (max, shift, exp, sum: the log-sum-exp by hand, then the softmax gradient), and freed
-    before the next chunk's matmul; under 16-bit compute the buffer's 16-bit copy (the
-    matmul's output, then the gradient fed to the backward matmuls) exists beside it. The
-    matmuls run in `dtype`; softmax, loss and the weight gradient accumulate in float32. No
-    extra FLOPs: the backward only scales the stored gradients by grad_output.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, dtype, chunk, need_grad):
-        w, V = weight.to(dtype), weight.size(0)
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
-                  if need_grad else None)
-        for i in range(0, h.size(0), chunk):
-            hc, tc = h[i : i + chunk].to(dtype), targets[i : i + chunk]
-            buf = (hc @ w.t()).float()  # [n, V] logits, this chunk only; ours to overwrite
-            valid = (tc != -100).float()
-            picked = tc.clamp(min=0)[:, None]
-            buf.sub_(buf.amax(dim=1, keepdim=True))  # x - max: every exponent <= 0
-            target_logit = buf.gather(1, picked).squeeze(1)
-            total = buf.exp_().sum(dim=1)  # exp(x - max), summed: log-sum-exp = log + max
-            loss = loss + ((total.log() - target_logit) * valid).sum()
-            if not need_grad:
-                del buf  # before the next chunk's matmul
-                continue
-            # d loss / d logits = softmax - onehot(target), 0 on ignored rows, in place
-            buf.mul_((valid / total)[:, None])
-            buf.scatter_add_(1, picked, -valid[:, None])
-            g = buf.to(dtype)  # the same tensor when dtype is float32
-            del buf  # under 16-bit only the copy g lives through the matmuls
-            if g.dtype == grad_w.dtype:
-                torch.addmm(grad_w, g.t(), hc, out=grad_w)  # in place (out=, not addmm_,
-                # which FlopCounterMode does not count), no [V, d] temporary
-            else:  # in blocks of about n*V/(2d) rows (all V while d <= n/2): their 16-bit
-                # product, and on CPU its float32 cast for the +=, stay below the chunk's buffer
-                blocks = -(-2 * hc.size(1) // hc.size(0))  # ceil(2d / n)
-                rows = -(-V // blocks)
-                for j in range(0, V, rows):
-                    grad_w[j : j + rows] += g[:, j : j + rows].t() @ hc
-            grad_h[i : i + chunk] = g @ w
-            del g  # nothing [n, V] of this chunk outlives it
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        # scaled in place, not copied: a second backward through the same graph
-        # (retain_graph=True) fails autograd's saved-tensor version check instead of
-        # scaling twice
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h.mul_(grad_loss.to(grad_h.dtype))
-        return grad_h, grad_w.mul_(grad_loss).to(ctx.weight_dtype), None, None, None, None
-
-
-def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype, chunk: int
-) -> torch.Tensor:
-    """sum over targets != -100 of cross-entropy(h @ weight^T, targets) for h [N, d], weight
-    [V, d], targets [N]: what `F.cross_entropy(F.linear(h, weight).float(), targets,
-    reduction="sum")` gives, without materialising the [N, V] logits (see _LinearCrossEntropy)."""
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(h, weight, targets, dtype, chunk, need_grad)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -265,16 +233,17 @@ class LatentAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one projection whose rows are the
+    gate's, then the up's (tensor parallelism takes the same columns of each half)."""
 
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
-        self.w_gate = nn.Linear(d_model, hidden, bias=False)
-        self.w_up = nn.Linear(d_model, hidden, bias=False)
+        self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
         self.w_down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
 
 
 class MoE(nn.Module):

@@ -47,6 +47,7 @@ from model.precision import precision
 PRESETS = ("gpt2-124m", "llama-1b", "tiny", "small")
 DEFAULT_VOCAB = 4096  # for presets without a vocabulary (tiny, small): the demo data's
 OURS, HF, LOOP = "tokenclock bare step", "transformers Llama bare step", "tokenclock real loop"
+NANOGPT = "nanoGPT bare step"
 TITLE = "Training step benchmark: tokenclock vs transformers Llama"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "demo.yaml"
 
@@ -65,10 +66,12 @@ class Setup:
     compile: bool
     precision: str  # fp32 | bf16
     device: str
+    overrides: tuple = ()  # (field, value) pairs applied to the preset (`--model n_layer=12`)
+    nanogpt: str | None = None  # path of nanoGPT's model.py: also time and count nanoGPT's GPT
 
     def model(self) -> ModelConfig:
-        return get_preset(self.preset, vocab_size=self.vocab_size,
-                          seq_len=max(self.seq_len, preset_fields(self.preset)["seq_len"]))
+        return get_preset(self.preset, **{"vocab_size": self.vocab_size, **dict(self.overrides),
+                          "seq_len": max(self.seq_len, preset_fields(self.preset)["seq_len"])})
 
     @property
     def tokens_per_step(self) -> int:
@@ -111,6 +114,42 @@ def build_hf(cfg: ModelConfig, device: torch.device):
     return model, loss
 
 
+def build_nanogpt(path: str):
+    """nanoGPT's `GPT` (karpathy/nanoGPT model.py, loaded at run time from the file the user
+    gives; nothing of it is copied here) of the same depth, width, heads and vocabulary, no
+    biases, no dropout, and its own loss (cross-entropy over its float32 logits). Its MLP is
+    GPT-2's 4d GELU and its norms LayerNorm: the peer is the same size, not the same model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    if spec is None or not Path(path).is_file():
+        raise ValueError(f"--nanogpt {path}: no such file (nanoGPT's model.py)")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def build(cfg: ModelConfig, device: torch.device):
+        config = module.GPTConfig(block_size=cfg.seq_len, vocab_size=cfg.vocab_size,
+                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.d_model,
+                                  dropout=0.0, bias=False)
+        with device:
+            model = module.GPT(config)
+
+        def loss(x, y):
+            return model(x, y)[1]
+
+        return model, loss
+
+    return build
+
+
+def peers(setup: Setup) -> list[tuple[str, Callable]]:
+    """(name, build) of every model the bench times and counts: tokenclock first."""
+    out = [(OURS, build_ours), (HF, build_hf)]
+    if setup.nanogpt:
+        out.append((NANOGPT, build_nanogpt(setup.nanogpt)))
+    return out
+
+
 def adamw(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, str]:
     """AdamW as training builds it (decay on matrices only), fused where torch has the kernel."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -141,14 +180,19 @@ class BareStep:
         self.optimizer, self.kernel = adamw(self.model)
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, setup.vocab_size, (setup.batch, setup.seq_len + 1), generator=g)
-        self.x, self.y = tokens[:, :-1].to(self.device), tokens[:, 1:].to(self.device)
+        # contiguous: nanoGPT's loss views the targets
+        self.x = tokens[:, :-1].contiguous().to(self.device)
+        self.y = tokens[:, 1:].contiguous().to(self.device)
         self.dtype = getattr(torch, precision(setup.precision).torch_dtype)
         self.sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         self.params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
+    def autocast(self) -> dict:
+        return {"device_type": self.device.type, "dtype": self.dtype,
+                "enabled": self.dtype != torch.float32}
+
     def step(self) -> None:
-        with torch.autocast(self.device.type, dtype=self.dtype,
-                            enabled=self.dtype != torch.float32):
+        with torch.autocast(**self.autocast()):
             loss = self.loss(self.x, self.y)
         loss.backward()
         self.optimizer.step()
@@ -226,6 +270,12 @@ def machine_peak(device: str, precision_name: str) -> tuple[float, str]:
 
     sampler = PeakSampler(torch.device(device), precision(precision_name), world=1,
                           processes_on_host=1)
+    m = sampler.machine
+    other = m.measured if m.method == "theoretical" else m.theoretical
+    if m.method != "catalog" and other:  # the figure not used, beside the one used
+        name = "measured" if m.method == "theoretical" else "theoretical"
+        return sampler.median(), (f"{m.method}: {sampler.source}; not used, the {name} "
+                                  f"{other['flops'] / 1e12:.4g} TFLOP/s ({other['source']})")
     return sampler.median(), sampler.source
 
 
@@ -248,7 +298,7 @@ def run_bench(setup: Setup, data: Path | None = None, out: Path = Path("runs/ben
     """Warm up both bare steps, then `repeats` rounds of A, B (and C, the real loop); medians."""
     flops_token = model_flops_per_token(setup.model(), setup.seq_len)
     peak_flops, peak_source = peak or machine_peak(setup.device, setup.precision)
-    steps = [BareStep(OURS, build_ours, setup), BareStep(HF, build_hf, setup)]
+    steps = [BareStep(name, build, setup) for name, build in peers(setup)]
     warmup_s = {s.name: s.warm_up() for s in steps}
     names = [s.name for s in steps] + ([LOOP] if data is not None else [])
     samples: dict[str, list[dict]] = {n: [] for n in names}
@@ -274,6 +324,10 @@ def run_bench(setup: Setup, data: Path | None = None, out: Path = Path("runs/ben
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["vs_tokenclock_bare"] = r["tokens_per_s"] / base
+    if NANOGPT in samples:  # per round, so both sides of each ratio saw the same machine
+        ratios = [a["step_s"] / b["step_s"] for a, b in zip(samples[OURS], samples[NANOGPT],
+                                                             strict=True)]
+        rows[0]["step_vs_nanogpt_median_of_rounds"] = statistics.median(ratios)
     return {"format": 1, "setup": asdict(setup), "device_name": device_label(setup.device),
             "torch": torch.__version__, "transformers": _version("transformers"),
             "model_flops_per_token": flops_token, "peak_flops": peak_flops,
@@ -330,8 +384,56 @@ def markdown(result: dict, command: str) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         mem = f"{r['peak_mem_bytes'] / 2**30:.1f}" if r.get("peak_mem_bytes") else "—"
+        mfu = f"{r['mfu']:.1%}" + (" (above 100%: the peak is wrong)" if r["mfu"] > 1 else "")
         lines.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['vs_tokenclock_bare']:.3f}x "
-                     f"| {r['mfu']:.1%} | {r['step_s'] * 1e3:,.1f} | {mem} |")
+                     f"| {mfu} | {r['step_s'] * 1e3:,.1f} | {mem} |")
+    ratio = result["rows"][0].get("step_vs_nanogpt_median_of_rounds")
+    if ratio is not None:
+        lines += ["", f"tokenclock step / nanoGPT step: {ratio:.3f}x (median of the rounds' "
+                  "ratios)"]
+    return "\n".join(lines) + "\n"
+
+
+# --- the dispatched operations -----------------------------------------------------------------
+
+def count_ops(setup: Setup, log=print) -> dict:
+    """Dispatched operations per forward, backward and optimizer step of every peer
+    (`train.opcount`), counted on the second step (the first builds the optimizer state)."""
+    from train.opcount import count_step, summarize
+
+    out = {}
+    for name, build in peers(setup):
+        bare = BareStep(name, build, setup)
+        bare.step()
+        out[name] = summarize(count_step(lambda b=bare: b.loss(b.x, b.y), bare.optimizer,
+                                         bare.autocast()))
+        out[name]["optimizer_kind"] = bare.kernel
+        bare.release()
+        log(f"counted {name}: {out[name]['fwd_bwd']} ops per forward + backward")
+    return out
+
+
+def ops_markdown(counts: dict, setup: Setup, command: str) -> str:
+    """The op table: per phase, vs nanoGPT when it was counted, and the top ops of each model."""
+    cfg = setup.model()
+    ref = counts.get(NANOGPT, {}).get("fwd_bwd")
+    lines = [header("Dispatched operations per training step", command, device=setup.device),
+             f"{cfg.n_layer} layers, d {cfg.d_model}, {cfg.n_head} heads, vocab {cfg.vocab_size}, "
+             f"batch {setup.batch} x {setup.seq_len}, {setup.precision}"
+             f"{' autocast' if setup.precision != 'fp32' else ''} on {setup.device}; aten ops "
+             "through a TorchDispatchMode, views and metadata-only ops not counted "
+             "(train/opcount.py).", "",
+             "| model | forward | backward | fwd + bwd | vs nanoGPT | optimizer step |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, c in counts.items():
+        vs = f"{c['fwd_bwd'] / ref:.2f}x" if ref else "—"
+        lines.append(f"| {name.removesuffix(' bare step')} | {c['forward']:,} | "
+                     f"{c['backward']:,} | {c['fwd_bwd']:,} | {vs} | {c['optimizer']:,} "
+                     f"({c['optimizer_kind']}) |")
+    lines += ["", "Top ops, forward + backward:", ""]
+    for name, c in counts.items():
+        top = ", ".join(f"{op} {n}" for op, n in c["top_fwd_bwd"])
+        lines.append(f"- {name.removesuffix(' bare step')}: {top}")
     return "\n".join(lines) + "\n"
 
 
@@ -462,6 +564,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="measure the matmul ceiling only (OUT/ceiling.json)")
     p.add_argument("--ceiling-n", type=int, default=8192)
     p.add_argument("--ceiling-seconds", type=float, default=2.0)
+    p.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of the preset (repeatable): --model n_layer=12")
+    p.add_argument("--nanogpt", metavar="MODEL_PY",
+                   help="nanoGPT's model.py (karpathy/nanoGPT): also time and count its GPT")
+    p.add_argument("--count-ops", action="store_true",
+                   help="count dispatched ops per forward/backward/optimizer step (OUT/ops.json)")
     p.add_argument("--env", action="store_true", help="print the environment (versions, GPU)")
     p.add_argument("--gpu-check-report", type=Path, metavar="WORK",
                    help="write OUT/summary.md from launch/gpu_check.sh's files (OUT, WORK)")
@@ -481,10 +589,26 @@ def setup_from(args: argparse.Namespace) -> Setup:
     for name in ("batch", "steps", "repeats"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
-    return Setup(preset=args.preset, batch=args.batch,
+    overrides = []
+    for item in args.model:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ModelConfig.__dataclass_fields__:
+            raise ValueError(f"--model {item!r}: expected FIELD=VALUE with a ModelConfig field")
+        overrides.append((key, _number(value)))
+    return Setup(preset=args.preset, batch=args.batch, overrides=tuple(overrides),
+                 nanogpt=args.nanogpt,
                  seq_len=args.seq_len or fields["seq_len"], vocab_size=vocab or DEFAULT_VOCAB,
                  steps=args.steps, warmup=args.warmup, repeats=args.repeats,
                  compile=args.compile, precision=args.precision, device=device)
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -505,6 +629,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"matmul ceiling {result['dtype']} {result['n']}^3 on {result['device']}: "
               f"{result['flops_median'] / 1e12:,.4g} TFLOP/s (median of {result['calls']})")
         return result
+    if args.count_ops:
+        setup = setup_from(args)
+        counts = count_ops(setup)
+        table = ops_markdown(counts, setup, command)
+        (args.out / "ops.json").write_text(json.dumps({"format": 1, "setup": asdict(setup),
+                                                       "command": command, "counts": counts},
+                                                      indent=2))
+        print("\n" + table + f"\nwrote {args.out / 'ops.json'}")
+        return counts
     result = run_bench(setup_from(args), args.data, args.out) | {"command": command}
     table = markdown(result, command)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2))

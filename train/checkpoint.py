@@ -38,6 +38,7 @@ from contracts.checkpoint import (
 from contracts.dataset import DatasetMeta
 from contracts.run import RunDir
 from train.fsdp import is_sharded, load_sharded, save_sharded
+from train.load import refuse_unfused
 
 log = logging.getLogger("train")
 OPTIMIZER = "optimizer.pt"
@@ -169,6 +170,7 @@ def load(path: Path, model, optimizer, rank: int, expected_fingerprint: dict) ->
     if sharded:  # a collective: every rank reads its own slices
         load_sharded(path, model, optimizer)
     else:
+        refuse_unfused(path / WEIGHTS)  # a run saved before wqkv / w_gate_up (train/load.py)
         load_model(model, str(path / WEIGHTS))
         optimizer.load_state_dict(torch.load(path / OPTIMIZER, weights_only=True))
     rank_file = path / f"rank_{rank:05d}.pt"

@@ -19,10 +19,14 @@ that MFU is proportional to tokens/s whatever the split into processes and threa
 - on a CPU, the whole machine (every core this process may run on), shared evenly by the
   training processes of the host. Two figures are computed and both are printed:
   `theoretical` = cores x FLOP/cycle x clock, from the ISA flags of /proc/cpuinfo and the clock
-  of /sys cpufreq `cpuinfo_max_freq` (or /proc/cpuinfo `cpu MHz` where there is none), and
-  `measured` = the 90th percentile of 2048^3 matmuls over one second on all cores at once,
-  cached per machine (`peak_cache_dir()`). MFU divides by the theoretical figure; by the measured
-  one where the ISA is unknown or the matmul beat the theoretical figure (which then is wrong).
+  of /sys cpufreq `cpuinfo_max_freq` (else the model name's nominal "@ x GHz", else
+  /proc/cpuinfo's current `cpu MHz`, whichever is higher), and `measured` = the 90th
+  percentile of 2048^3 matmuls over one second on all cores at once, measured by every run and
+  cached per machine (`peak_cache_dir()`) only when it beats the cached figure: a measurement
+  under load can only be too low, so the cache learns upward. MFU divides by the higher of the
+  two (the theoretical one unless the matmul beat it, which shows it is wrong here). One
+  warning line each: a run measuring under half its cache, a cache under half the theoretical
+  figure, a cache above 4x the theoretical figure (not believed, replaced).
 - bf16 or fp16 on a CPU without native support (no avx512_bf16/amx_bf16, no
   avx512_fp16/amx_fp16 flag) is emulated: its peak is the fp32 rate, and the source says so.
 """
@@ -33,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import resource
 import statistics
 import sys
@@ -219,10 +224,18 @@ def parse_cpuinfo(text: str, cpus: set[int] | None = None,
     ids = [_int(b.get("processor")) for b in blocks]
     sys_khz = [max_freq_khz[i] for i in ids if max_freq_khz and i in max_freq_khz]
     mhz = [float(b["cpu MHz"]) for b in blocks if b.get("cpu MHz")]
+    brand = re.search(r"@\s*([0-9.]+)\s*GHz", first.get("model name", ""))
+    brand_mhz = float(brand.group(1)) * 1e3 if brand else 0.0
     if sys_khz:
         clock, clock_source = max(sys_khz) / 1e3, "/sys cpufreq cpuinfo_max_freq (max turbo)"
+    elif brand_mhz > max(mhz, default=0.0):  # the current clock can sit below the nominal one
+        clock, clock_source = brand_mhz, ("the model name's nominal clock (no cpufreq; above "
+                                          "/proc/cpuinfo's current cpu MHz)")
     elif mhz:
-        clock, clock_source = max(mhz), "/proc/cpuinfo cpu MHz (clock at start-up, no cpufreq)"
+        clock, clock_source = max(mhz), ("/proc/cpuinfo cpu MHz (the current clock: no cpufreq "
+                                         "max and no nominal clock in the model name; the "
+                                         "turbo clock may be higher, the measured peak then "
+                                         "beats this figure and is used)")
     else:
         clock, clock_source = None, "no clock in /sys cpufreq or /proc/cpuinfo"
     return CpuInfo(
@@ -332,35 +345,69 @@ def measure_cpu_peak(catalog: str, cpu: CpuInfo) -> Peak:
                 f"torch {torch.__version__}; {cpu.model}")
 
 
+FAR_BELOW = 0.5  # a figure under half of another it should match is flagged in one line
+IMPLAUSIBLE = 4.0  # a cached figure above this many times the theoretical one is not believed
+
+
 def _read_cache(path: Path) -> Peak | None:
+    """The cached measured peak, its source naming when it was measured."""
     try:
         raw = json.loads(path.read_text())
-        return Peak(float(raw["flops"]), str(raw["source"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        when = raw.get("measured_utc")
+        return Peak(float(raw["flops"]), str(raw["source"]) + (f"; measured {when}" if when
+                                                               else ""))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _write_cache(path: Path, peak: Peak, key: dict) -> Peak:
+    """Cache `peak` atomically; returns it with the measurement time in its source."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"flops": peak.flops, "source": peak.source, "key": key,
+                                   "measured_utc": when}, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning(f"could not cache the measured peak in {path}: {e}")
+    return Peak(peak.flops, f"{peak.source}; measured {when}")
+
+
+def _tflops(peak: Peak) -> str:
+    return f"{peak.flops / 1e12:.4g} TFLOP/s"
 
 
 def cached_cpu_peak(catalog: str, cpu: CpuInfo, cache_dir: Path | None = None,
                     measure: Callable[[str, CpuInfo], Peak] = measure_cpu_peak,
-                    may_measure: bool = True) -> tuple[Peak | None, Path]:
-    """The measured peak from the cache, or measured now (when `may_measure`) and cached."""
+                    may_measure: bool = True, theoretical: Peak | None = None,
+                    ) -> tuple[Peak | None, Path, list[str]]:
+    """The best measured peak of this machine so far, and one-line notes on what looks wrong.
+
+    A matmul measured while other work shares the machine can only come out too low, so the
+    figure learns upward: this run measures (when `may_measure`), and its figure replaces the
+    cached one only if it is higher. A run measuring under half the cache says so (and keeps
+    the cache). A cached figure above `IMPLAUSIBLE` x the theoretical one (a hand-edited or
+    foreign file) is not believed: this run's measurement replaces it.
+    """
     path = peak_cache_path(catalog, cpu, cache_dir)
-    found = _read_cache(path)
-    if found is not None or not may_measure:
-        return found, path
-    peak = measure(catalog, cpu)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"flops": peak.flops, "source": peak.source,
-                                   "key": {**cpu.key(), "torch": torch.__version__,
-                                           "precision": catalog},
-                                   "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                 time.gmtime())}, indent=1))
-        os.replace(tmp, path)
-    except OSError as e:
-        log.warning(f"could not cache the measured peak in {path}: {e}")
-    return peak, path
+    cached, notes = _read_cache(path), []
+    if cached and theoretical and cached.flops > IMPLAUSIBLE * theoretical.flops:
+        notes.append(f"the cached peak {_tflops(cached)} in {path} is over {IMPLAUSIBLE:g}x the "
+                     f"theoretical {_tflops(theoretical)}: not believed, "
+                     + ("replaced by this run's measurement" if may_measure else "ignored"))
+        cached = None
+    if not may_measure:
+        return cached, path, notes
+    now = measure(catalog, cpu)
+    if cached is None or now.flops > cached.flops:
+        key = {**cpu.key(), "torch": torch.__version__, "precision": catalog}
+        return _write_cache(path, now, key), path, notes
+    if now.flops < FAR_BELOW * cached.flops:
+        notes.append(f"this run measured {_tflops(now)}, under half the cached "
+                     f"{_tflops(cached)} ({path}): the machine is busier now; MFU keeps the "
+                     "cached figure")
+    return cached, path, notes
 
 
 @dataclass
@@ -372,7 +419,7 @@ class MachinePeak:
     method: str  # "catalog", "theoretical" or "measured"
     source: str
     rate_precision: str  # the precision of the rate (fp32 for emulated bf16/fp16)
-    note: str | None = None  # emulated precision, or why the measured figure was chosen
+    note: str | None = None  # emulated precision, why the measured figure was chosen, warnings
     theoretical: dict | None = None  # {"flops", "source"}
     measured: dict | None = None  # {"flops", "source", "cache"}
 
@@ -382,8 +429,8 @@ class MachinePeak:
 
 def choose_cpu_peak(theoretical: Peak | None, measured: Peak | None, rate: str,
                     note: str | None = None) -> MachinePeak:
-    """The theoretical figure, or the measured one where there is no theoretical figure or the
-    matmul beat it (the assumed clock or FMA units are then wrong for this machine)."""
+    """The higher of the theoretical figure and the best measured one: a matmul that beats
+    the theoretical figure shows its clock or FMA assumption is wrong here."""
     if theoretical is None and measured is None:
         raise ValueError("no CPU peak: the ISA is unknown and nothing was measured")
     theo = {"flops": theoretical.flops, "source": theoretical.source} if theoretical else None
@@ -404,15 +451,30 @@ def cpu_machine_peak(catalog: str, cpu: CpuInfo | None = None, *, local_main: bo
                      barrier: Callable[[], None] | None = None, cache_dir: Path | None = None,
                      measure: Callable[[str, CpuInfo], Peak] = measure_cpu_peak) -> MachinePeak:
     """The CPU's MachinePeak. With several processes on the host, the local main process
-    measures (all cores, the others waiting at `barrier`) and the others read its cache."""
+    measures (all cores, the others waiting at `barrier`) and the others read its cache.
+    Each note on the figures is logged as one warning line."""
     cpu = cpu or cpu_info()
     rate, note = rate_precision(precision(catalog).catalog, cpu.flags)
-    measured, path = cached_cpu_peak(rate, cpu, cache_dir, measure, may_measure=local_main)
+    theoretical = theoretical_cpu_peak(rate, cpu)
+    if local_main:
+        measured, path, notes = cached_cpu_peak(rate, cpu, cache_dir, measure,
+                                                theoretical=theoretical)
     if barrier is not None:
-        barrier()  # every rank calls it, cached or not: it is a collective
-    if measured is None:
-        measured, path = cached_cpu_peak(rate, cpu, cache_dir, measure)
-    peak = choose_cpu_peak(theoretical_cpu_peak(rate, cpu), measured, rate, note)
+        barrier()  # every rank calls it: it is a collective
+    if not local_main:  # after the barrier: the figure the local main process just settled
+        measured, path, notes = cached_cpu_peak(rate, cpu, cache_dir, measure,
+                                                may_measure=False, theoretical=theoretical)
+        if measured is None:  # nothing cached that this process can read: measure here
+            measured, path, notes = cached_cpu_peak(rate, cpu, cache_dir, measure,
+                                                    theoretical=theoretical)
+    if measured and theoretical and measured.flops < FAR_BELOW * theoretical.flops:
+        notes.append(f"the best measured peak {_tflops(measured)} is under half the "
+                     f"theoretical {_tflops(theoretical)}: every measurement so far ran under "
+                     "load, or the theoretical clock or FMA count is too high")
+    for line in notes:
+        log.warning(f"CPU peak: {line}")
+    peak = choose_cpu_peak(theoretical, measured, rate, "; ".join(filter(None, [note, *notes]))
+                           or None)
     if peak.measured is not None:
         peak.measured["cache"] = str(path)
     return peak

@@ -12,7 +12,7 @@ refused with one line (`refusal`). Weights, gradients and optimizer state stay f
 Which linears are converted (`kept_in_bf16` says why one is not):
 - not the output head, the MoE router, the embedding: DeepSeek-V3 (DeepSeek-AI 2024, sec.
   3.3.1) keeps the embedding, output head and gating in their original precision; the loss here
-  also reads the head's weight directly (`model.transformer.linear_cross_entropy`);
+  also reads the head's weight directly (`model.loss.linear_cross_entropy`);
 - not the routed MoE experts: each gets a data-dependent number of tokens, possibly none, and
   the scale of an empty tensor is undefined (torchao raises on it);
 - not where a dimension is not a multiple of 16 (the float8 matmul's requirement);
@@ -108,8 +108,8 @@ def convert(model: nn.Module) -> list[str]:
 
 
 def summarize(names: list[str]) -> str:
-    """`blocks.0.mlp.w_up, blocks.1.mlp.w_up, ...` as `blocks.{0..11}.mlp.w_up`: one entry per
-    distinct name once the block index is taken out."""
+    """`blocks.0.mlp.w_down, blocks.1.mlp.w_down, ...` as `blocks.{0..11}.mlp.w_down`: one
+    entry per distinct name once the block index is taken out."""
     groups: dict[str, list[str]] = {}
     for name in names:
         parts = name.split(".")

@@ -21,12 +21,45 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_model
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from contracts.checkpoint import SHARDED_INDEX, check_loadable
 from contracts.run import EOS_TOKEN, TRUST_PICKLE, locate_run
 from model.config import ModelConfig
+from model.hf import fuse_separate
 from model.transformer import Transformer
+
+UNFUSED = ("saved before q/k/v and gate/up were fused into one projection each (wqkv, "
+           "w_gate_up)")
+
+
+def unfused_names(names) -> list[str]:
+    """The separate key or gate weights among parameter `names` (a run saved before the
+    fusion; today's model has neither name), [] for a run of today's model."""
+    return sorted(n for n in names if n.endswith((".wk.weight", ".w_gate.weight")))
+
+
+def load_weights(model: Transformer, path: Path) -> None:
+    """Load `model.safetensors` into `model` (strict): weights of a run saved before the
+    projections were fused are stacked into the fused ones as they load (`fuse_separate`);
+    a tied embedding, stored once, fills both names."""
+    state = fuse_separate(load_file(str(path)))
+    if model.cfg.tie_embeddings:
+        shared = state.get("tok_emb.weight", state.get("lm_head.weight"))
+        state.setdefault("tok_emb.weight", shared)
+        state.setdefault("lm_head.weight", shared)
+    model.load_state_dict(state, strict=True)
+
+
+def refuse_unfused(path: Path) -> None:
+    """Raise ValueError (one line) if the weights file `path` holds separate q/k/v or gate/up
+    weights: resuming such a run would need its optimizer state re-stacked too."""
+    with safe_open(str(path), "pt") as f:
+        old = unfused_names(set(f.keys()))
+    if old:
+        raise ValueError(f"cannot resume from {path.parent}: it was {UNFUSED}; generate and "
+                         f"export still load it (weights mapped), training cannot continue it")
 
 
 @dataclasses.dataclass
@@ -55,6 +88,10 @@ def load_sharded_weights(model: Transformer, path: Path) -> None:
     (ValueError) a directory whose files do not match its manifest before DCP reads anything."""
     check_loadable(path, SHARDED_INDEX)
     state = {"model": model.state_dict()}  # the run saved {"model": ..., "optimizer": ...}
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    if unfused_names({k.removeprefix("model.") for k in saved}):
+        raise ValueError(f"cannot load the sharded checkpoint {path}: it was {UNFUSED}, which "
+                         "is mapped for model.safetensors only")
     with warnings.catch_warnings():  # "...assuming the intent is to load in a single process"
         warnings.filterwarnings("ignore", message=".*load in a single process")
         dcp.load(state, checkpoint_id=str(path))
@@ -80,5 +117,5 @@ def load_run(path: str | Path, device: str | torch.device = "cpu",
     if files.sharded:
         load_sharded_weights(model, files.weights.parent)
     else:
-        load_model(model, str(files.weights), strict=True)  # tied embeddings are stored once
+        load_weights(model, files.weights)
     return LoadedRun(model.to(device).eval(), cfg, files.weights, files.tokenizer, files.eos_token)

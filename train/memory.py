@@ -12,7 +12,7 @@ Per process, in bytes (P = parameters, `model.flops.count_params`):
   2*s*b*h, and one such layer's full activations exist during its backward; recomputing the
   attention sub-layer (attention) drops its 11*s*b*h + 5*a*s^2*b and keeps the input (2*s*b*h).
 - the LM head and cross-entropy (`loss_bytes`): the model computes them chunk by chunk
-  (`model.transformer.linear_cross_entropy`, `Transformer.loss_chunk` tokens at a time), so
+  (`model.loss.linear_cross_entropy`, `Transformer.loss_chunk` tokens at a time), so
   only one chunk's logits exist, never the [s*b, V] float32 copy a plain cross-entropy keeps.
 
 It is an estimate (fused attention kernels store less, the allocator more), used to refuse a
@@ -62,7 +62,8 @@ def loss_bytes(tokens: int, vocab_size: int, d_model: int, compute_bytes: int,
       gradient, and freed before the next chunk's matmul: 4nV;
     - under 16-bit compute, the buffer's 16-bit twin beside it (the matmul's output, then the
       gradient fed to the backward matmuls): e nV more (the weight gradient's 16-bit product
-      is made in row blocks that stay below the buffer);
+      is made in row blocks that stay below the buffer, except with a single chunk, where it
+      is made whole, e V d, after the buffer is freed: fewer kernels for small batches);
     - held from the forward pass to the backward: the weight gradient in float32 (4Vd) and
       the input gradient (4 x tokens x d), scaled in place by the backward, and during the
       forward under 16-bit compute the weight's 16-bit copy (e V d).
@@ -73,6 +74,8 @@ def loss_bytes(tokens: int, vocab_size: int, d_model: int, compute_bytes: int,
     held = 4 * vocab_size * d_model + 4 * tokens * d_model
     if compute_bytes < 4:
         chunk_bytes += compute_bytes * n * vocab_size
+        if tokens <= chunk:  # the single chunk's whole weight-gradient product, buffer freed
+            chunk_bytes = max(chunk_bytes, compute_bytes * (n * vocab_size + vocab_size * d_model))
         held += compute_bytes * vocab_size * d_model
     return chunk_bytes + held
 

@@ -27,7 +27,10 @@ def ref_rms_norm(self, x):
 
 
 def ref_apply_rope(x, cos, sin):
-    """RoPE before issue 13: a float32 round trip."""
+    """RoPE before issue 13: a float32 round trip, with half-width tables (the first half of
+    today's cos and the second half of today's signed sin)."""
+    half = x.size(-1) // 2
+    cos, sin = cos[..., :half], sin[..., half:]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos.float() - x2 * sin.float(), x2 * cos.float() + x1 * sin.float()),
                      dim=-1).type_as(x)

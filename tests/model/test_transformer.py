@@ -78,8 +78,8 @@ def test_tied_and_untied_embeddings():
 def test_gqa_shapes():
     model = build(tiny(n_head=4, n_kv_head=2))
     attn = model.blocks[0].attn
-    assert attn.wq.weight.shape == (32, 32) and attn.wk.weight.shape == (16, 32)
-    assert attn.wv.weight.shape == (16, 32) and attn.wo.weight.shape == (32, 32)
+    assert attn.wqkv.weight.shape == (32 + 16 + 16, 32)  # q heads, then k heads, then v heads
+    assert attn.wo.weight.shape == (32, 32)
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
@@ -88,10 +88,10 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     mha = Transformer(tiny(n_kv_head=4))
     state = gqa.state_dict()
     for i in range(2):
-        for w in ("wk", "wv"):
-            key = f"blocks.{i}.attn.{w}.weight"
-            heads = state[key].view(2, 8, 32)  # [kv_head, head_dim, d]
-            state[key] = heads.repeat_interleave(2, dim=0).reshape(32, 32)
+        key = f"blocks.{i}.attn.wqkv.weight"
+        q, k, v = state[key].split([32, 16, 16])
+        repeat = [kv.view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32) for kv in (k, v)]
+        state[key] = torch.cat([q, *repeat])  # [kv_head, head_dim, d] heads copied
     mha.load_state_dict(state)
     idx = torch.randint(0, 97, (2, 16))
     assert torch.allclose(gqa(idx)[0], mha(idx)[0], atol=1e-5)
@@ -162,8 +162,8 @@ def test_init_stats():
     assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.03)
     assert model.tok_emb.weight.mean().abs().item() < 1e-3
     for block in model.blocks:
-        assert block.attn.wq.weight.std().item() == pytest.approx(0.02, rel=0.05)
-        assert block.mlp.w_gate.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert block.attn.wqkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert block.mlp.w_gate_up.weight.std().item() == pytest.approx(0.02, rel=0.05)
         assert block.attn.wo.weight.std().item() == pytest.approx(resid, rel=0.05)
         assert block.mlp.w_down.weight.std().item() == pytest.approx(resid, rel=0.05)
         assert torch.equal(block.attn_norm.weight, torch.ones(128))

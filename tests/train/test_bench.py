@@ -100,3 +100,24 @@ def test_real_loop_end_to_end(tmp_path, tiny_data, fixed_peak):
     result = bench.main([*ARGS, "--repeats", "1", "--data", str(tiny_data), "--out", str(tmp_path)])
     loop = result["rows"][2]
     assert loop["name"] == bench.LOOP and loop["tokens_per_s"] > 0 and loop["mfu_from_summary"] > 0
+
+
+def test_count_ops_writes_the_table_for_every_peer(tmp_path):
+    """`--count-ops`: per-phase counts for tokenclock and transformers' Llama (nanoGPT only with
+    --nanogpt), the top ops, and OUT/ops.json."""
+    counts = bench.main(["--count-ops", "--preset", "tiny", "--batch", "1", "--seq-len", "16",
+                         "--vocab-size", "128", "--model", "n_layer=1", "--device", "cpu",
+                         "--out", str(tmp_path)])
+    assert list(counts) == [bench.OURS, bench.HF]
+    for c in counts.values():
+        assert c["fwd_bwd"] == c["forward"] + c["backward"] > 0 and c["top_fwd_bwd"]
+    saved = json.loads((tmp_path / "ops.json").read_text())
+    assert saved["setup"]["overrides"] == [["n_layer", 1]]
+    assert saved["counts"][bench.OURS]["fwd_bwd"] == counts[bench.OURS]["fwd_bwd"]
+
+
+def test_bad_model_override_and_missing_nanogpt_are_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="expected FIELD=VALUE with a ModelConfig field"):
+        bench.setup_from(bench.parse_args([*ARGS, "--model", "layers=3"]))
+    with pytest.raises(ValueError, match="no such file"):
+        bench.build_nanogpt(str(tmp_path / "model.py"))

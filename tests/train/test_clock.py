@@ -1,6 +1,8 @@
 """The peak FLOP/s: /proc/cpuinfo parsing, the theoretical CPU peak, the measured peak's cache,
 and the choice between them. No test depends on this machine's speed: peaks are injected."""
 
+import json
+
 import pytest
 import torch
 
@@ -48,6 +50,8 @@ def test_parse_cpuinfo_counts_physical_cores_and_prefers_the_sys_clock():
     assert "cpu MHz" in info.clock_source and "avx2" in info.flags
     info = parse_cpuinfo(cpuinfo_text(cores=2, smt=2), max_freq_khz={0: 3.5e6, 1: 3.4e6})
     assert info.clock_mhz == 3500.0 and "cpuinfo_max_freq" in info.clock_source
+    slow_now = parse_cpuinfo(cpuinfo_text(cores=2, smt=2, mhz=1200.0))  # "@ 2.00GHz" is higher
+    assert slow_now.clock_mhz == 2000.0 and "nominal" in slow_now.clock_source
     only_two = parse_cpuinfo(cpuinfo_text(cores=2, smt=2), cpus={0, 1})  # the affinity set
     assert (only_two.logical, only_two.cores) == (2, 2)
 
@@ -75,21 +79,58 @@ def test_bf16_without_native_support_is_the_fp32_rate_and_says_so():
     assert theoretical_cpu_peak("bf16", native).flops == 2 * theoretical_cpu_peak("fp32", native).flops
 
 
-def test_measured_peak_is_cached_and_measured_once(tmp_path):
+def measurer(*figures):
+    """A fake matmul measurement returning `figures` in turn; `calls` records each call."""
     calls = []
 
     def measure(catalog, info):
         calls.append(catalog)
-        return Peak(1e11, f"fake {catalog}")
+        return Peak(figures[len(calls) - 1], f"fake {catalog}")
 
-    info = cpu("avx fma avx2")
-    first = cpu_machine_peak("fp32", info, cache_dir=tmp_path, measure=measure)
-    second = cpu_machine_peak("fp32", info, cache_dir=tmp_path, measure=measure)
-    assert calls == ["fp32"]
-    assert first == second and first.measured["flops"] == 1e11
-    assert first.measured["cache"] == str(peak_cache_path("fp32", info, tmp_path))
-    cpu_machine_peak("bf16", cpu("avx fma avx2 avx512_bf16"), cache_dir=tmp_path, measure=measure)
-    assert calls == ["fp32", "bf16"]  # another dtype (and another CPU): another entry
+    return measure, calls
+
+
+def test_measured_peak_learns_upward_only(tmp_path, caplog):
+    """Every run measures; the cache keeps the highest figure, with when it was measured; a run
+    measuring under half the cache says so in one line and keeps the cache."""
+    info = cpu("avx fma avx2", mhz=100.0)  # theoretical 4 x 32 x 0.1 GHz = 12.8 GFLOP/s
+    measure, calls = measurer(1e10, 3e10, 2e10, 1e10)
+    seen = [cpu_machine_peak("fp32", info, cache_dir=tmp_path, measure=measure)
+            for _ in range(3)]
+    assert [p.measured["flops"] for p in seen] == [1e10, 3e10, 3e10]
+    assert [p.method for p in seen] == ["theoretical", "measured", "measured"]
+    assert seen[1].flops == 3e10 and "; measured 20" in seen[1].source  # the UTC time
+    assert seen[0].measured["cache"] == str(peak_cache_path("fp32", info, tmp_path))
+    with caplog.at_level("WARNING", logger="train"):
+        last = cpu_machine_peak("fp32", info, cache_dir=tmp_path, measure=measure)
+    assert calls == ["fp32"] * 4 and last.measured["flops"] == 3e10
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "this run measured 0.01 TFLOP/s, under half the cached" in lines[0]
+    assert "under half the cached" in last.note
+    cpu_machine_peak("bf16", cpu("avx fma avx2 avx512_bf16"), cache_dir=tmp_path,
+                     measure=measurer(1e11)[0])  # another dtype (and another CPU): another entry
+    assert len(list(tmp_path.glob("peak-*.json"))) == 2
+
+
+def test_a_cached_peak_far_above_the_theoretical_one_is_not_believed(tmp_path, caplog):
+    """Issue 22, item 9: a cache file claiming 1e16 FLOP/s (MFU 0.0%) is replaced."""
+    info = cpu("avx fma avx2")  # theoretical 384 GFLOP/s
+    path = peak_cache_path("fp32", info, tmp_path)
+    path.write_text('{"flops": 1e16, "source": "forged"}')
+    with caplog.at_level("WARNING", logger="train"):
+        peak = cpu_machine_peak("fp32", info, cache_dir=tmp_path, measure=measurer(3e11)[0])
+    assert peak.method == "theoretical" and peak.measured["flops"] == 3e11
+    assert "over 4x the theoretical 0.384 TFLOP/s: not believed" in caplog.text
+    assert json.loads(path.read_text())["flops"] == 3e11
+
+
+def test_a_measured_peak_far_below_the_theoretical_one_is_named(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="train"):
+        peak = cpu_machine_peak("fp32", cpu("avx fma avx2"), cache_dir=tmp_path,
+                                measure=measurer(1e11)[0])
+    assert peak.method == "theoretical"
+    assert "the best measured peak 0.1 TFLOP/s is under half the theoretical" in caplog.text
+    assert "under half the theoretical" in peak.note
 
 
 def test_only_the_local_main_process_measures_and_the_others_read_its_cache(tmp_path):

@@ -88,7 +88,7 @@ def test_cli_refusal_is_one_line():
     ((768, 1040), None),  # out > 1024
 ])
 def test_filter_by_shape(shape, why):
-    reason = fp8.kept_in_bf16(nn.Linear(*shape, bias=False), "blocks.0.mlp.w_up")
+    reason = fp8.kept_in_bf16(nn.Linear(*shape, bias=False), "blocks.0.mlp.w_gate_up")
     assert (reason is None) if why is None else why in reason
 
 
@@ -102,25 +102,26 @@ def meta_model(preset: str, **fields) -> Transformer:
 def test_filter_on_llama_1b_converts_the_big_block_matmuls():
     plan = fp8.plan(meta_model("llama-1b"))
     converted = {fqn for fqn, why in plan.items() if why is None}
-    per_block = ("attn.wq", "attn.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down")
+    per_block = ("attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down")
     assert converted == {f"blocks.{i}.{name}" for i in range(22) for name in per_block}
     assert "output head" in plan["lm_head"]
-    assert "too small" in plan["blocks.0.attn.wk"]  # 2048 -> 256 (4 kv heads of 64)
 
 
 def test_filter_on_gpt2_124m_converts_only_the_wide_projections():
-    """At 768 wide only the 768 -> 2048 gate and up projections pass torchao's threshold."""
+    """At 768 wide only the fused 768 -> 2304 q/k/v and 768 -> 4096 gate/up projections pass
+    torchao's threshold; the 768 -> 768 output and 2048 -> 768 down projections do not."""
     plan = fp8.plan(meta_model("gpt2-124m"))
     converted = {fqn for fqn, why in plan.items() if why is None}
-    assert converted == {f"blocks.{i}.mlp.{n}" for i in range(12) for n in ("w_gate", "w_up")}
+    assert converted == {f"blocks.{i}.{n}" for i in range(12) for n in ("attn.wqkv",
+                                                                          "mlp.w_gate_up")}
 
 
 def test_filter_keeps_router_and_routed_experts():
     plan = fp8.plan(meta_model("deepseek-v3", n_layer=4, mtp_depth=0))
     assert "router" in plan["blocks.3.mlp.router"]
-    assert "routed expert" in plan["blocks.3.mlp.experts.0.w_up"]
-    assert plan["blocks.3.mlp.shared.w_up"] is None  # 7168 -> 2048: sees every token
-    assert plan["blocks.0.mlp.w_up"] is None  # a dense layer
+    assert "routed expert" in plan["blocks.3.mlp.experts.0.w_gate_up"]
+    assert plan["blocks.3.mlp.shared.w_gate_up"] is None  # 7168 -> 2 x 2048: sees every token
+    assert plan["blocks.0.mlp.w_gate_up"] is None  # a dense layer
 
 
 FP8_TINY = ["model.vocab_size=512", "model.seq_len=32", "model.n_layer=2", "model.d_model=64",
@@ -142,10 +143,9 @@ def test_conversion_on_cpu_keeps_names_and_the_loss(caplog):
     with caplog.at_level(logging.INFO, logger="train"):
         apply_techniques(model, cfg)
     float8 = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
-    assert float8 == {f"blocks.{i}.mlp.{n}" for i in range(2) for n in ("w_gate", "w_up")}
-    assert "fp8: 4 of 15 linears in float8: blocks.{0..1}.mlp.w_gate, blocks.{0..1}.mlp.w_up" \
-        in caplog.text
-    assert "kept in bf16: blocks.{0..1}.attn.wq" in caplog.text
+    assert float8 == {f"blocks.{i}.mlp.w_gate_up" for i in range(2)}
+    assert "fp8: 2 of 9 linears in float8: blocks.{0..1}.mlp.w_gate_up" in caplog.text
+    assert "kept in bf16: blocks.{0..1}.attn.wqkv" in caplog.text
     assert model.state_dict().keys() == reference.state_dict().keys()
     idx = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
     losses = {}
@@ -156,7 +156,7 @@ def test_conversion_on_cpu_keeps_names_and_the_loss(caplog):
         losses[name] = loss.item() / idx.numel()
         assert all(torch.isfinite(p.grad).all() for p in m.parameters())
     assert losses["fp8"] == pytest.approx(losses["bf16"], abs=0.02)
-    grad, ref = model.blocks[0].mlp.w_up.weight.grad, reference.blocks[0].mlp.w_up.weight.grad
+    grad, ref = model.blocks[0].mlp.w_gate_up.weight.grad, reference.blocks[0].mlp.w_gate_up.weight.grad
     assert torch.nn.functional.cosine_similarity(grad.flatten(), ref.flatten(), dim=0) > 0.99
 
 

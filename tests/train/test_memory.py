@@ -83,8 +83,9 @@ PEAK_SCRIPT = textwrap.dedent("""
             print(shape, name, status("VmHWM") - base)
 """)
 # (N, d, V, chunk): first the chunk's logits dominate; then d = 16n, where the [V, d] weight
-# gradient does: its 16-bit product must be made in blocks, and the backward must not copy it
-SHAPES = [(1024, 64, 8192, 256), (256, 1024, 8192, 64)]
+# gradient does: its 16-bit product must be made in blocks, and the backward must not copy it;
+# then a single chunk with d = 16n, whose 16-bit weight-gradient product is made whole
+SHAPES = [(1024, 64, 8192, 256), (256, 1024, 8192, 64), (64, 1024, 8192, 256)]
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
