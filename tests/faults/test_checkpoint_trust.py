@@ -170,10 +170,12 @@ def test_a_forged_manifest_no_longer_lets_a_pickle_run(tmp_path, tiny_data):
                  ["-m", "train.export", str(ckpt), str(tmp_path / "hf")]):
         assert_one_line_refusal(cli(*args), "--trust-pickle")
     assert not marker.exists() and not (tmp_path / "hf").exists()
+    # The flag does what it says: DCP unpickles the payload, which returns no index, so the
+    # read then fails (where depends on which DCP call reads .metadata first).
     from torch.distributed.checkpoint.api import CheckpointException
 
-    with pytest.raises(CheckpointException):  # the flag does what it says: DCP unpickles the
-        load_run(ckpt, trust_pickle=True)     # payload (which returns no index)
+    with pytest.raises((AttributeError, CheckpointException)):
+        load_run(ckpt, trust_pickle=True)
     assert marker.exists()
 
 
