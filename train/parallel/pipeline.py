@@ -258,9 +258,9 @@ def split(model: Transformer, schedule: str, microbatches: int,
 
     With tied embeddings split across two ranks, `tied_group` is the group of the first and
     the last stage's ranks (`tied_embedding_group`); built from `group` when it is None."""
+    v = stages_per_rank(schedule)  # checks the name
     group = group or dist.group.WORLD
     pp, pp_rank = dist.get_world_size(group), dist.get_rank(group)
-    v = stages_per_rank(schedule)  # checks the name
     cls, _, style = SCHEDULES[schedule]
     n_stages = pp * v
     if pp < 2:
