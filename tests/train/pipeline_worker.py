@@ -9,7 +9,7 @@ import torch
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train.parallel.pipeline import split
+from train.parallel.pipeline import dp_pp_groups, split
 
 LR = 1e-2
 BATCH, SEQ, VOCAB = 8, 16, 64
@@ -61,6 +61,32 @@ def pipelined(rank: int, schedule: str, microbatches: int, tie: bool, steps: int
     out = {"loss": [], "grad_norm": [], "bubble": []}
     for step in range(steps):
         loss, clock = pipe.step(*batch(step))
+        norm = pipe.clip_grad_norm_(0.0)
+        opt.step()
+        opt.zero_grad()
+        out["loss"].append(loss.item())
+        out["grad_norm"].append(norm.item())
+        out["bubble"].append(clock.bubble)
+    if rank == 0:
+        Path(path).write_text(json.dumps(out))
+
+
+def dp_pipelined(rank: int, dp: int, schedule: str, microbatches: int, tie: bool, steps: int,
+                 path: str) -> None:
+    """The same training on dp x pp ranks: replica d takes rows d::dp of every batch, its
+    pipeline the model; gradients summed over replicas. Rank 0 writes losses as `pipelined`."""
+    pp = torch.distributed.get_world_size() // dp
+    pp_group, dp_group, tied_group = dp_pp_groups(dp, pp, tie)
+    pipe = split(build(tie), schedule, microbatches, pp_group, tied_group)
+    opt = torch.optim.AdamW(pipe.module.parameters(), lr=LR)
+    out = {"loss": [], "grad_norm": [], "bubble": []}
+    for step in range(steps):
+        idx, targets = batch(step)
+        tokens = (targets != -100).sum()
+        d = rank // pp
+        loss, clock = pipe.step(idx[d::dp], targets[d::dp], tokens)
+        pipe.reduce_dp(dp_group)
+        torch.distributed.all_reduce(loss, group=dp_group)
         norm = pipe.clip_grad_norm_(0.0)
         opt.step()
         opt.zero_grad()

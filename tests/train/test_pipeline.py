@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.train.pipeline_worker import one_process, pipelined
+from tests.train.pipeline_worker import dp_pipelined, one_process, pipelined
 from train.parallel.pipeline import block_ranges, bubble_formula, rank_stages, split
 from train.parallel.procs import spawn
 
@@ -41,6 +41,16 @@ def test_pipeline_trains_as_one_process_for_50_steps(tmp_path, schedule, tie):
     one = one_process(tie, 50)
     assert_same_training(run_pipelined(tmp_path, schedule, tie, 50), one)
     assert one["loss"][-1] < one["loss"][0] - 1.0  # 50 steps learn a lot of a fixed batch set
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_dp2_x_pp2_trains_as_one_process(tmp_path, tie):
+    """4 processes: 2 replicas of a 2-stage 1F1B pipeline, each replica half of every batch;
+    gradients summed over the replicas, the loss divided by the global token count."""
+    path = tmp_path / "dp-pp.json"
+    spawn(dp_pipelined, 4, 2, "1f1b", 2, tie, 10, str(path))
+    assert_same_training(json.loads(path.read_text()), one_process(tie, 10))
 
 
 def test_blocks_split_evenly_with_the_extra_on_the_first_stages():

@@ -209,12 +209,17 @@ class Pipeline:
     def has_last(self) -> bool:
         return any(stage.is_last for stage in self.stages)
 
-    def step(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, StepClock]:
+    def step(self, idx: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, StepClock]:
         """Forward and backward of one batch [B, T] in M micro-batches; gradients accumulate
-        in the stage modules as if the whole model had run (loss_sum / tokens).backward().
+        in the stage modules as if the whole model had run (loss_sum / tokens).backward(),
+        `tokens` being the step's target count (by default this batch's; under data
+        parallelism pass the count over every replica, then sum gradients with `reduce_dp`).
         Returns the step's loss, the mean cross-entropy per target token (the same on every
         pipeline rank), and this rank's clock of the step."""
-        tokens = (targets != -100).sum().clamp(min=1).to(torch.float32)
+        if tokens is None:
+            tokens = (targets != -100).sum()
+        tokens = tokens.clamp(min=1).to(torch.float32)
         for stage in self.stages:
             stage.busy_s = 0.0
         self.loss_s[0] = 0.0
@@ -232,6 +237,13 @@ class Pipeline:
         # the last stage's rank holds the loss; its pipeline peers hold zeros
         dist.all_reduce(loss, group=self.group)
         return loss, clock
+
+    def reduce_dp(self, dp_group: dist.ProcessGroup) -> None:
+        """Sum every gradient over the data-parallel replicas of this rank's stages (each
+        replica's loss was already divided by the global token count)."""
+        for p in self.module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=dp_group)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """The whole model's gradient norm (every stage's, over the pipeline group; a tied
@@ -303,3 +315,27 @@ def tied_embedding_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
     must call it, as `dist.new_group` requires."""
     ranks = dist.get_process_group_ranks(group)
     return dist.new_group([ranks[0], ranks[-1]])
+
+
+def dp_pp_groups(dp: int, pp: int, tied: bool) -> tuple[dist.ProcessGroup, dist.ProcessGroup,
+                                                         dist.ProcessGroup | None]:
+    """(pipeline group, data-parallel group, tied-embedding group or None) of this rank in a
+    dp x pp world laid out rank = d * pp + s (a pipeline's ranks adjacent, as torchtitan's
+    mesh puts pp outermost of the inner dims). Every rank must call it: each `new_group` is
+    collective over the world."""
+    if dist.get_world_size() != dp * pp:
+        raise ValueError(f"dp={dp} x pp={pp} needs {dp * pp} processes, "
+                         f"got {dist.get_world_size()}")
+    rank = dist.get_rank()
+    mine = {}
+    for d in range(dp):
+        ranks = list(range(d * pp, (d + 1) * pp))
+        pp_group = dist.new_group(ranks)
+        tied_group = dist.new_group([ranks[0], ranks[-1]]) if tied else None
+        if rank in ranks:
+            mine.update(pp=pp_group, tied=tied_group)
+    for s in range(pp):
+        dp_group = dist.new_group([d * pp + s for d in range(dp)])
+        if rank % pp == s:
+            mine["dp"] = dp_group
+    return mine["pp"], mine["dp"], mine["tied"]
