@@ -54,21 +54,11 @@ def one_process(tie: bool, steps: int) -> dict[str, list[float]]:
 
 def pipelined(rank: int, schedule: str, microbatches: int, tie: bool, steps: int,
               path: str) -> None:
-    """The same training with the model pipelined over the world's ranks; rank 0 writes
+    """The same training with the model pipelined over the world's ranks (no data
+    parallelism: the default pipeline group, the whole batch); rank 0 writes
     {"loss": [...], "grad_norm": [...], "bubble": [...]} to path."""
     pipe = split(build(tie), schedule, microbatches)
-    opt = torch.optim.AdamW(pipe.module.parameters(), lr=LR)
-    out = {"loss": [], "grad_norm": [], "bubble": []}
-    for step in range(steps):
-        loss, clock = pipe.step(*batch(step))
-        norm = pipe.clip_grad_norm_(0.0)
-        opt.step()
-        opt.zero_grad()
-        out["loss"].append(loss.item())
-        out["grad_norm"].append(norm.item())
-        out["bubble"].append(clock.bubble)
-    if rank == 0:
-        Path(path).write_text(json.dumps(out))
+    train(rank, pipe, lambda idx, targets: pipe.step(idx, targets), steps, path)
 
 
 def dp_pipelined(rank: int, dp: int, schedule: str, microbatches: int, tie: bool, steps: int,
@@ -78,15 +68,24 @@ def dp_pipelined(rank: int, dp: int, schedule: str, microbatches: int, tie: bool
     pp = torch.distributed.get_world_size() // dp
     pp_group, dp_group, tied_group = dp_pp_groups(dp, pp, tie)
     pipe = split(build(tie), schedule, microbatches, pp_group, tied_group)
+    d = rank // pp
+
+    def replica_step(idx, targets):
+        loss, clock = pipe.step(idx[d::dp], targets[d::dp], (targets != -100).sum())
+        pipe.reduce_dp(dp_group)
+        torch.distributed.all_reduce(loss, group=dp_group)
+        return loss, clock
+
+    train(rank, pipe, replica_step, steps, path)
+
+
+def train(rank: int, pipe, step_fn, steps: int, path: str) -> None:
+    """AdamW steps of `pipe`, step_fn(idx, targets) -> (loss, clock) doing forward and
+    backward; rank 0 writes loss, gradient norm and bubble per step to path."""
     opt = torch.optim.AdamW(pipe.module.parameters(), lr=LR)
     out = {"loss": [], "grad_norm": [], "bubble": []}
     for step in range(steps):
-        idx, targets = batch(step)
-        tokens = (targets != -100).sum()
-        d = rank // pp
-        loss, clock = pipe.step(idx[d::dp], targets[d::dp], tokens)
-        pipe.reduce_dp(dp_group)
-        torch.distributed.all_reduce(loss, group=dp_group)
+        loss, clock = step_fn(*batch(step))
         norm = pipe.clip_grad_norm_(0.0)
         opt.step()
         opt.zero_grad()

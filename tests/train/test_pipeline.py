@@ -1,9 +1,9 @@
 """Pipeline parallelism splits the model, not what a step computes: pp=2 processes under each
 schedule train the same tiny model on the same batches to the same losses and gradient norms
-as one process, in float32, within rel 1e-5 over 50 steps (measured: ~1e-7; the two sides sum
-the loss and the gradients in another order, nothing else differs). Tied and untied
-embeddings both: tied, the first and the last stage each hold the matrix and sum its
-gradients."""
+as one process, in float32, within rel 1e-5 over 50 steps (measured at most 1.2e-6 on the loss,
+6.3e-6 on the gradient norm: the two sides sum the loss and the gradients in another order,
+nothing else differs). Tied and untied embeddings both: tied, the first and the last stage
+each hold the matrix and sum its gradients. dp=2 x pp=2 on 4 processes likewise."""
 
 import json
 
