@@ -78,3 +78,15 @@ def test_bubble_formulas():
 def test_unknown_schedule_is_named():
     with pytest.raises(ValueError, match="parallel.schedule='pipedream'"):
         split(None, "pipedream", 4)
+
+
+def test_bench_pp_prints_measured_bubble_beside_the_formula(capfd):
+    from train.parallel.bench_pp import main
+
+    main(["--schedules", "1f1b", "dualpipev", "--microbatches", "4", "--steps", "1",
+          "--warmup", "0", "--mb", "1", "--n_layer", "4", "--d_model", "64", "--seq", "16"])
+    rows = {line.split()[0]: line.split() for line in capfd.readouterr().out.splitlines()
+            if line.split() and line.split()[0] in ("1f1b", "dualpipev")}
+    assert rows["1f1b"][1] == "4" and rows["1f1b"][-2] == "0.200"  # (p-1)/(m+p-1), p=2, m=4
+    assert 0 <= float(rows["1f1b"][-3]) < 1  # the measured mean idle share
+    assert rows["dualpipev"][-1] in ("<", ">=") or rows["dualpipev"][-2] in ("<", ">=")

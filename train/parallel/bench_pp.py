@@ -11,7 +11,9 @@ barrier, minus the rank's forward, backward and loss compute), their mean, and t
 (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(v*m+p-1) for interleaved 1F1B (Narayanan et al.
 2021, sec. 2.2). Zero-bubble (ZB-V) and DualPipeV have no closed form here; they are
 printed beside 1F1B at the same M. The measured idle share also holds any exposed
-point-to-point transfer time, and on a shared machine other processes' load.
+point-to-point transfer time and the schedule's own bookkeeping per micro-batch (a larger
+share with smaller micro-batches: at --mb 2 the measured/formula ratios roughly doubled),
+and on a shared machine other processes' load.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--schedules", nargs="+", default=ORDER, choices=ORDER)
     ap.add_argument("--microbatches", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--mb", type=int, default=2, help="sequences per micro-batch")
+    ap.add_argument("--mb", type=int, default=8, help="sequences per micro-batch")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--n_layer", type=int, default=8)

@@ -217,6 +217,10 @@ class Pipeline:
         parallelism pass the count over every replica, then sum gradients with `reduce_dp`).
         Returns the step's loss, the mean cross-entropy per target token (the same on every
         pipeline rank), and this rank's clock of the step."""
+        m = self.schedule._n_microbatches
+        if idx.size(0) % m:
+            raise ValueError(f"batch of {idx.size(0)} sequences does not split into "
+                             f"parallel.microbatches={m} equal micro-batches")
         if tokens is None:
             tokens = (targets != -100).sum()
         tokens = tokens.clamp(min=1).to(torch.float32)
@@ -302,8 +306,10 @@ def split(model: Transformer, schedule: str, microbatches: int,
     tied = None
     if model.cfg.tie_embeddings and (holds_first or holds_last):
         tied = model.tok_emb.weight
-    if model.cfg.tie_embeddings and tied_group is None and style == "loop":
-        tied_group = tied_embedding_group(group)  # V schedules hold both ends on rank 0
+    if style == "v":  # both ends on pipeline rank 0: one Parameter, nothing to sum
+        tied_group = None
+    elif model.cfg.tie_embeddings and tied_group is None:
+        tied_group = tied_embedding_group(group)
     pipe = Pipeline(schedule, sched, stages, nn.ModuleList(modules), group, tied,
                     tied_group if tied is not None else None, loss_s)
     return pipe
