@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from estimate.assumptions import load_defaults
+from estimate.crossval import best_constant_mfu
 from estimate.hardware import Accelerator
 from estimate.perf import Factor, load_factors
 from estimate.published import (
@@ -104,19 +105,6 @@ def check_run(run: dict, path: str | Path = RUNS_PATH) -> RunCheck:
     flops = model_flops_per_token(c.cfg, c.cfg.seq_len) * run["tokens"]
     peak = c.acc.peak_flops(precision_of(run["precision"]).catalog)
     return RunCheck(run, predicted, stack, hours, how, flops, peak)
-
-
-def best_constant_mfu(implied: list[float]) -> tuple[float, float]:
-    """The constant MFU minimising the median |ln(implied / MFU)|, and that median. The
-    optimum sits at a run's log implied MFU or midway between two: all are tried."""
-    logs = [math.log(m) for m in implied]
-    candidates = {(a + b) / 2 for a in logs for b in logs}
-
-    def median_error(c: float) -> float:
-        return statistics.median(abs(x - c) for x in logs)
-
-    best = min(sorted(candidates), key=median_error)
-    return math.exp(best), median_error(best)
 
 
 def summarize(checks: list[RunCheck]) -> dict:
