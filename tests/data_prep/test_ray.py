@@ -159,6 +159,7 @@ def test_connected_components_match_union_find(ray_local):
     assert rounds > 1, rounds
 
 
+@pytest.mark.slow  # ~27 s: keeps the default tier under 3 minutes
 @needs_ray
 def test_same_as_local_on_labelled_near_duplicates(ray_local, tmp_path):
     corpus = labelled_corpus(tmp_path / "labelled.jsonl")
