@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -239,11 +240,23 @@ class PeerWatch:
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
         self.where: Callable[[], str] = str  # the loop's "at step N; last good checkpoint ..."
         self.beating = False
+        self._stop = threading.Event()
         if world > 1 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
             with contextlib.suppress(Exception):  # no store, no names: the timeout still holds
-                threading.Thread(target=self._beat, args=(self._client(),), daemon=True,
-                                 name="heartbeat").start()
+                self._thread = threading.Thread(target=self._beat, args=(self._client(),),
+                                                daemon=True, name="heartbeat")
+                self._thread.start()
                 self.beating = True
+                # A daemon thread still inside the store's C++ code when the interpreter
+                # finalises aborts the process ("terminate called without an active
+                # exception", exit 1 after a finished run): stop and join it first.
+                atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the heartbeat thread and wait for it (a few seconds at most)."""
+        self._stop.set()
+        if self.beating:
+            self._thread.join(timeout=5)
 
     def _client(self):
         return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
@@ -251,9 +264,10 @@ class PeerWatch:
 
     def _beat(self, store) -> None:
         with contextlib.suppress(Exception):  # the store went away: the run is ending
-            while True:
+            while not self._stop.is_set():
                 store.add(f"tokenclock/beat/{self.rank}", 1)
-                time.sleep(self.BEAT_S)
+                self._stop.wait(self.BEAT_S)
+        del store  # closed here, in this thread, not at interpreter exit
 
     def silent_ranks(self) -> list[int] | None:
         """The ranks whose heartbeat stands still (this rank excluded, and the ranks that saw
