@@ -25,6 +25,7 @@ the start, take the same optimizer updates.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -139,26 +140,25 @@ class ClockedStage(PipelineStage):
 
     busy_s = 0.0
 
-    def forward_one_chunk(self, *args, **kwargs):
+    @contextlib.contextmanager
+    def _busy(self):
         start = time.perf_counter()
         try:
-            return super().forward_one_chunk(*args, **kwargs)
+            yield
         finally:
             self.busy_s += time.perf_counter() - start
+
+    def forward_one_chunk(self, *args, **kwargs):
+        with self._busy():
+            return super().forward_one_chunk(*args, **kwargs)
 
     def backward_one_chunk(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
+        with self._busy():
             return super().backward_one_chunk(*args, **kwargs)
-        finally:
-            self.busy_s += time.perf_counter() - start
 
     def backward_weight_one_chunk(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
+        with self._busy():
             return super().backward_weight_one_chunk(*args, **kwargs)
-        finally:
-            self.busy_s += time.perf_counter() - start
 
 
 @dataclass
