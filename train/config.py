@@ -53,12 +53,36 @@ OPTIM_RANGES = {
 }
 
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble", "dualpipev")  # torch's pipelining
+
+
+@dataclass
+class ParallelConfig:
+    """How the world's processes are laid out: tp x cp x pp x dp_replicate x dp_shard = world.
+    Data parallel takes whatever the other degrees leave (0 = that remainder)."""
+    tp: int = 1  # tensor parallel degree (Megatron column/row sharding of attention and MLP)
+    cp: int = 1  # context parallel degree (the sequence split across ranks)
+    pp: int = 1  # pipeline parallel stages (torch.distributed.pipelining)
+    schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved | zero_bubble | dualpipev
+    microbatches: int = 0  # pipeline micro-batches per step per dp rank; 0 = from micro_batch_size
+    dp_replicate: int = 0  # replicated data-parallel degree (DDP); 0 = the remainder
+    dp_shard: int = 0  # sharded data-parallel degree (FSDP2); 0 = the remainder when fsdp=true, else 1
+
+
+PARALLEL_RANGES = {
+    "tp": Range(1), "cp": Range(1), "pp": Range(1), "schedule": Choice(PP_SCHEDULES),
+    "microbatches": Range(0, note="0 = from micro_batch_size"),
+    "dp_replicate": Range(0, note="0 = the remainder"), "dp_shard": Range(0, note="0 = the remainder"),
+}
+
+
 @dataclass
 class TrainConfig:
     data_dir: str = "data/demo"
     out_dir: str = "runs/demo"
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 1337
     steps: int = 200  # optimizer steps
     batch_size: int = 16  # global sequences per optimizer step (all ranks, all micro-batches)
@@ -172,8 +196,13 @@ def _means_off(key: str, value) -> bool:
 def validate(cfg: TrainConfig) -> None:
     """Raise ValueError naming the bad value and what would be valid."""
     cfg.compile = str(cfg.compile).lower()  # YAML's true/false arrive as "True"/"False"
-    check_ranges(cfg, RANGES, skip=("model", "optim"))
+    check_ranges(cfg, RANGES, skip=("model", "optim", "parallel"))
     check_ranges(cfg.optim, OPTIM_RANGES, "optim.")
+    check_ranges(cfg.parallel, PARALLEL_RANGES, "parallel.")
+    for key in ("tp", "cp", "pp"):
+        if getattr(cfg.parallel, key) > 1:  # the layouts land one by one (issue 20)
+            raise ValueError(f"parallel.{key}={getattr(cfg.parallel, key)}: the trainer does not run "
+                             f"this layout yet; parallel.{key} must be 1")
     if cfg.seq_len > cfg.model.seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds model.seq_len={cfg.model.seq_len}")
     cfg.model.validate()
@@ -187,11 +216,12 @@ def describe_keys() -> str:
     """Every config key with its default and the comment beside its field (for --help), then
     the model presets."""
     lines = []
-    for prefix, schema in (("", TrainConfig), ("optim.", OptimConfig), ("model.", ModelConfig)):
+    for prefix, schema in (("", TrainConfig), ("optim.", OptimConfig), ("parallel.", ParallelConfig),
+                           ("model.", ModelConfig)):
         comments = _field_comments(schema)
         defaults = OmegaConf.to_container(OmegaConf.structured(schema))
         for f in dataclasses.fields(schema):
-            if f.name in ("model", "optim"):
+            if f.name in ("model", "optim", "parallel"):
                 continue
             value = defaults[f.name]
             if prefix == "model." and f.name in DERIVED:
