@@ -16,6 +16,7 @@ from contracts.checkpoint import sha256_file
 from contracts.dataset import SPLITS, DatasetMeta, write_dataset_meta
 from data_prep.config import PrepConfig, to_dict
 from data_prep.document import Document
+from data_prep.executor import Executor
 from data_prep.shards import dtype_for_vocab, dtype_name, order_key, split_of, write_shards
 from data_prep.stage import STEP_MODULES, Stage, StageResult, new_stats
 from data_prep.store import read_docs
@@ -35,7 +36,8 @@ class Pack(Stage):
     def part(self, cfg: PrepConfig) -> Any:
         return [to_dict(cfg)["shards"], to_dict(cfg)["tokenizer"], str(cfg.out_dir)]
 
-    def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
+    def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
+            res: StageResult) -> None:
         assert inp is not None
         sh = cfg.shards
         root = Path(cfg.out_dir)

@@ -19,18 +19,19 @@ from pathlib import Path
 
 from data_prep import report as report_mod
 from data_prep.config import PrepConfig, load_config
-from data_prep.dedup import ExactDedup, NearDedup, text_hash
+from data_prep.dedup import ExactDedup, text_hash
+from data_prep.executor import Executor, LocalExecutor
 from data_prep.filters import build_filters
 from data_prep.filters.pii import PIIScrubber
+from data_prep.near import NearDedup
 from data_prep.normalize import Normalizer
 from data_prep.pack import Pack
-from data_prep.readers import Read
+from data_prep.read_stage import Read
+from data_prep.shardops import StepsStage
 from data_prep.shards import split_of
 from data_prep.stage import (
-    Executor,
     Stage,
     StageResult,
-    StepsStage,
     check_invariant,
     run_stage,
     stage_dir,
@@ -74,16 +75,17 @@ def run_document_stages(cfg: PrepConfig) -> list[StageResult]:
 
 
 @contextmanager
-def _executor(cfg: PrepConfig) -> Iterator[Executor | None]:
-    """None (this process and its pool) for `executor: local`; for `executor: ray`, a Ray
-    session and the executor that places stages on it (data_prep.ray_exec)."""
+def _executor(cfg: PrepConfig) -> Iterator[Executor]:
+    """The executor that places every stage's tasks: a process pool on this machine for
+    `executor: local`; for `executor: ray`, Ray Data in a Ray session (data_prep.ray_verbs)."""
     if cfg.executor != "ray":
-        yield None
+        with LocalExecutor(cfg) as ex:
+            yield ex
         return
-    from data_prep import ray_exec, ray_verbs
+    from data_prep import ray_verbs
 
     with ray_verbs.session(cfg):
-        yield ray_exec.RayExecutor()
+        yield ray_verbs.RayExecutor(cfg)
 
 
 def run(cfg: PrepConfig | str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:

@@ -106,3 +106,11 @@ def read_ids_texts(path: str | Path) -> tuple[list[str], list[str]]:
         ids += table.column("id").to_pylist()
         texts += table.column("text").to_pylist()
     return ids, texts
+
+
+def read_column(path: str | Path, column: str) -> list:
+    """One column of a stage output (a file or a shard folder), as a list."""
+    out: list = []
+    for f in doc_files(path):
+        out += pq.ParquetFile(f).read(columns=[column]).column(column).to_pylist()
+    return out

@@ -26,6 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data_prep.config import PrepConfig, TokenizerConfig, to_dict
+from data_prep.executor import Executor
 from data_prep.shards import split_of
 from data_prep.stage import STEP_MODULES, Stage, StageResult, new_stats
 from data_prep.store import read_docs
@@ -195,7 +196,8 @@ class TokenizerStage(Stage):
         sha = self.pretrained.sha256 if self.pretrained else None
         return [to_dict(cfg)["tokenizer"], sh.val_fraction, sh.split_seed, sha]
 
-    def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
+    def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
+            res: StageResult) -> None:
         assert inp is not None
         sh = cfg.shards
         total = new_stats(cfg, res.name)

@@ -126,7 +126,7 @@ def test_accounting_invariant_and_dedup(prepared):
     meta = json.loads((out / "meta.json").read_text())
     assert sum(s["documents"] for s in meta["splits"].values()) == inv["documents_out"]
     # dropped documents are written out for inspection, one file per stage
-    dropped = [json.loads(ln) for p in sorted((out / "stages").glob("*/dropped.jsonl"))
+    dropped = [json.loads(ln) for p in sorted((out / "stages").glob("*/dropped/*.jsonl"))
                for ln in p.read_text().splitlines()]
     assert len(dropped) == inv["dropped"]
     assert "# Prep report" in (out / "report.md").read_text()
