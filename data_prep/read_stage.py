@@ -30,8 +30,8 @@ from data_prep.readers import (
     read_embedded,
     read_source,
 )
-from data_prep.shardio import ShardOutput, shard_done
-from data_prep.shardops import SHARD_MODULES, accounts, rewrite_shards, shard_items
+from data_prep.shardio import ShardOutput, atomic_text, shard_name
+from data_prep.shardops import SHARD_MODULES, accounts, rewrite_shards
 from data_prep.stage import Stage, StageResult, new_stats
 from data_prep.stats import StepStats
 from data_prep.store import num_docs, read_column
@@ -87,23 +87,47 @@ def check_record(rec: Record, cfg: PrepConfig) -> tuple[str, str]:
     return "", ""
 
 
+def _unit_dir(out: str | Path, u: int) -> Path:
+    return Path(out) / f"u{u:05d}"
+
+
 def _read_unit(item: dict[str, Any], cfg: PrepConfig, out: str) -> dict[str, list]:
-    """One read task: its unit's records checked and written as shard `item["shard"]`."""
-    i = int(item["shard"])
-    acct = shard_done(Path(out), i)
-    if acct is None:
+    """One read task: its unit's records checked and written as shards of at most
+    `ray.shard_docs` documents into raw/uNNNNN/ (its accounting, `done.json`, written last)."""
+    u = int(item["shard"])
+    udir = _unit_dir(out, u)
+    done = udir / "done.json"
+    if not done.exists():
         unit = json.loads(item["unit"])
         total = new_stats(cfg, "read")
-        o = ShardOutput(cfg, Path(out), i, total)
+        j = n = 0
+        cur_stats = new_stats(cfg, "read")
+        cur = ShardOutput(cfg, udir, j, cur_stats)
         for rec in unit_records(cfg.sources[unit["source"]], unit, cfg.read.max_line_bytes):
             reason, detail = check_record(rec, cfg)
             if reason:
-                o.drop(rec, reason, detail)
-            else:
-                assert isinstance(rec, Document)
-                o.forward(rec)
-        acct = o.commit({"total": total.to_dict(), "source": unit["source"]})
-    return {"shard": [i], "acct": [json.dumps(acct)]}
+                cur.drop(rec, reason, detail, total)
+                continue
+            assert isinstance(rec, Document)
+            if n >= cfg.ray.shard_docs:  # a full shard: the next document starts a new one
+                cur.commit({"total": cur_stats.to_dict()})
+                j, n, cur_stats = j + 1, 0, new_stats(cfg, "read")
+                cur = ShardOutput(cfg, udir, j, cur_stats)
+            cur.forward(rec, total)
+            n += 1
+        cur.commit({"total": cur_stats.to_dict()})
+        atomic_text(done, json.dumps({"shards": j + 1, "total": total.to_dict(),
+                                      "source": unit["source"]}))
+    return {"shard": [u], "acct": [done.read_text(encoding="utf-8")]}
+
+
+def _place(sub: Path, j: int, out: Path, g: int) -> None:
+    """Read's shard j of the unit folder `sub` moved into place as the stage's shard g."""
+    for d, ext in (("docs", "parquet"), ("dropped", "jsonl"), ("shards", "json")):
+        src = sub / d / f"{shard_name(j)}.{ext}"
+        if src.exists():
+            (out / d).mkdir(parents=True, exist_ok=True)
+            os.replace(src, out / d / f"{shard_name(g)}.{ext}")
 
 
 def _id_rows(item: dict[str, Any]) -> dict[str, list]:
@@ -152,7 +176,8 @@ class Read(Stage):
                  for u in read_units(src, chunk)]
         units = units or [{"files": [], "prose": False, "source": 0}]
         items = [{"shard": i, "unit": json.dumps(u)} for i, u in enumerate(units)]
-        raw_accts = accounts(ex, ex.map_shards(items, _read_unit, desc="read", cfg=cfg, out=str(raw)))
+        raw_accts = accounts(ex, ex.map_shards(items, _read_unit, desc="read", cfg=cfg,
+                                               out=str(raw)))
         total = new_stats(cfg, self.name)
         per = [new_stats(cfg, f"source{k}:{s.name or s.kind}") for k, s in enumerate(cfg.sources)]
         for acct in raw_accts:
@@ -160,20 +185,23 @@ class Read(Stage):
             total.merge(st)
             per[acct["source"]].merge(st)
         res.total, res.steps = total, per
-        inp_docs = raw / "docs"
-        parts = ex.partitions(num_docs(inp_docs))
-        ids = ex.map_shards(shard_items(inp_docs), _id_rows)
+        # the read shards in reading order: (unit folder, shard in it), and each one's source
+        subs = [(_unit_dir(raw, u), j) for u, a in enumerate(raw_accts) for j in range(a["shards"])]
+        source_of = [a["source"] for a in raw_accts for _ in range(a["shards"])]
+        files = [str(sub / "docs" / f"{shard_name(j)}.parquet") for sub, j in subs]
+        parts = ex.partitions(sum(num_docs(f) for f in files))
+        ids = ex.map_shards([{"shard": g, "path": f} for g, f in enumerate(files)], _id_rows)
         drops = ex.materialize(ex.group_by(ids, "id", _repeated_ids, parts))
         if not ex.count(drops) and not (out / "shards").exists():  # nothing to rewrite
-            for d in ("docs", "dropped", "shards"):
-                if (raw / d).exists():
-                    os.replace(raw / d, out / d)
+            for g, (sub, j) in enumerate(subs):
+                _place(sub, j, out, g)
         else:
-            _, accts = rewrite_shards(ex, drops, cfg, inp_docs, out, self.name, "duplicate_id",
-                                      parts, earlier=raw)
+            earlier = [str(sub / "dropped" / f"{shard_name(j)}.jsonl") for sub, j in subs]
+            _, accts = rewrite_shards(ex, drops, cfg, files, out, self.name, "duplicate_id",
+                                      parts, earlier=earlier)
             rewritten = [new_stats(cfg, s.name) for s in per]
-            for acct, r in zip(accts, raw_accts, strict=True):
-                rewritten[r["source"]].merge(StepStats.from_dict(acct["total"]))
+            for acct, src in zip(accts, source_of, strict=True):
+                rewritten[src].merge(StepStats.from_dict(acct["total"]))
             whole = new_stats(cfg, self.name)
             for st in rewritten:
                 whole.merge(st)

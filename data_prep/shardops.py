@@ -15,7 +15,7 @@ import pandas as pd
 from data_prep.config import PrepConfig, to_dict
 from data_prep.document import Document
 from data_prep.executor import Executor
-from data_prep.shardio import ShardOutput, shard_done, shard_name
+from data_prep.shardio import ShardOutput, shard_done
 from data_prep.stage import STEP_MODULES, Stage, StageResult, new_stats
 from data_prep.stats import StepStats
 from data_prep.steps import Step, run_steps
@@ -119,11 +119,11 @@ class StepsStage(Stage):
 
 # --------------------------------------------------------------------------- shard rewrite
 def _apply_drops(df: pd.DataFrame, cfg: PrepConfig, out: str, inputs: list[str], name: str,
-                 reason: str, earlier: str | None = None) -> pd.DataFrame:
+                 reason: str, earlier: list[str] | None = None) -> pd.DataFrame:
     """Per shard of this block: rewrite it without the rows named (row >= 0; row -1 marks a
-    shard with no drops), each drop counted under `reason` with its detail. `earlier`: a
-    folder of drops already written per input shard (dropped/part-NNNNN.jsonl), which lead the
-    shard's own dropped file (committed with it)."""
+    shard with no drops), each drop counted under `reason` with its detail. `earlier`: per
+    input shard, a file of drops already written (jsonl), which leads the shard's own dropped
+    file (committed with it)."""
     rep = cfg.report
     shards, accts = [], []
     for i, g in df.groupby("shard", sort=True):
@@ -133,8 +133,8 @@ def _apply_drops(df: pd.DataFrame, cfg: PrepConfig, out: str, inputs: list[str],
             drops = {int(r): d for r, d in zip(g["row"], g["detail"], strict=True) if r >= 0}
             total = StepStats(name, rep.examples_per_reason, rep.snippet_chars)
             o = ShardOutput(cfg, Path(out), i, total)
-            before = Path(earlier or "") / "dropped" / f"{shard_name(i)}.jsonl"
-            if earlier and o.dropped.f is not None and before.exists():
+            before = Path(earlier[i]) if earlier else None
+            if before is not None and o.dropped.f is not None and before.exists():
                 o.dropped.f.write(before.read_text(encoding="utf-8"))
             for row, d in enumerate(read_docs(inputs[i])):
                 if row in drops:
@@ -147,17 +147,17 @@ def _apply_drops(df: pd.DataFrame, cfg: PrepConfig, out: str, inputs: list[str],
     return pd.DataFrame({"shard": shards, "acct": accts})
 
 
-def rewrite_shards(ex: Executor, drops: Any, cfg: PrepConfig, inp: Path, out: Path, name: str,
-                   reason: str, parts: int, earlier: Path | None = None
+def rewrite_shards(ex: Executor, drops: Any, cfg: PrepConfig, inp: Path | list[str], out: Path,
+                   name: str, reason: str, parts: int, earlier: list[str] | None = None
                    ) -> tuple[StepStats, list[dict[str, Any]]]:
     """Shuffle the drops (shard, row, detail) by shard, with one marker row per shard, and
-    rewrite every shard; returns the stage's merged accounting and each shard's. `earlier`: see
-    `_apply_drops`."""
-    inputs = [str(p) for p in doc_files(inp)]
+    rewrite every input shard (the shards of the folder `inp`, or the files listed); returns
+    the stage's merged accounting and each shard's. `earlier`: see `_apply_drops`."""
+    inputs = [str(p) for p in doc_files(inp)] if isinstance(inp, Path) else inp
     markers = ex.from_items([{"shard": i, "row": -1, "detail": ""} for i in range(len(inputs))])
     rows = ex.group_by(ex.union(drops, markers) if drops is not None else markers, "shard",
                        _apply_drops, parts, cfg=cfg, out=str(out), inputs=inputs, name=name,
-                       reason=reason, earlier=str(earlier) if earlier else None)
+                       reason=reason, earlier=earlier)
     total = new_stats(cfg, name)
     accts = accounts(ex, rows)
     for acct in accts:
