@@ -144,7 +144,7 @@ class ShardConfig:
 
 @dataclass
 class RayConfig:
-    """Where and how `executor: ray` runs (see data_prep.ray_exec and docs/scaling.md)."""
+    """Where and how `executor: ray` runs (see data_prep.ray_verbs and docs/scaling.md)."""
 
     # local: an embedded Ray started (and stopped) by the run; auto: the cluster this machine
     # belongs to (`ray start`, or RAY_ADDRESS); or a cluster address, host:port / ray://host:port

@@ -19,18 +19,19 @@ from pathlib import Path
 
 from data_prep import report as report_mod
 from data_prep.config import PrepConfig, load_config
-from data_prep.dedup import ExactDedup, NearDedup, text_hash
+from data_prep.dedup import ExactDedup, text_hash
+from data_prep.executor import Executor, LocalExecutor
 from data_prep.filters import build_filters
 from data_prep.filters.pii import PIIScrubber
+from data_prep.near import NearDedup
 from data_prep.normalize import Normalizer
 from data_prep.pack import Pack
-from data_prep.readers import Read
+from data_prep.read_stage import Read
+from data_prep.shardops import StepsStage
 from data_prep.shards import split_of
 from data_prep.stage import (
-    Executor,
     Stage,
     StageResult,
-    StepsStage,
     check_invariant,
     run_stage,
     stage_dir,
@@ -64,26 +65,30 @@ DOC_STAGES: list[Stage] = [
 ]
 
 
-def run_document_stages(cfg: PrepConfig) -> list[StageResult]:
-    """read .. pii: returns their results; the last one's docs_path holds the clean corpus."""
+def run_document_stages(cfg: PrepConfig, executor: Executor | None = None) -> list[StageResult]:
+    """read .. pii: returns their results; the last one's docs_path holds the clean corpus.
+    `executor`: the one to use, else one for `cfg.executor` for these stages."""
+    if executor is None:
+        with _executor(cfg) as ex:
+            return run_document_stages(cfg, ex)
     results: list[StageResult] = []
-    with _executor(cfg) as executor:
-        for i, stage in enumerate(DOC_STAGES):
-            results.append(run_stage(cfg, stage, i, results[-1] if results else None, executor))
+    for i, stage in enumerate(DOC_STAGES):
+        results.append(run_stage(cfg, stage, i, results[-1] if results else None, executor))
     return results
 
 
 @contextmanager
-def _executor(cfg: PrepConfig) -> Iterator[Executor | None]:
-    """None (this process and its pool) for `executor: local`; for `executor: ray`, a Ray
-    session and the executor that places stages on it (data_prep.ray_exec)."""
+def _executor(cfg: PrepConfig) -> Iterator[Executor]:
+    """The executor that places every stage's tasks: a process pool on this machine for
+    `executor: local`; for `executor: ray`, Ray Data in a Ray session (data_prep.ray_verbs)."""
     if cfg.executor != "ray":
-        yield None
+        with LocalExecutor(cfg) as ex:
+            yield ex
         return
-    from data_prep import ray_exec, ray_verbs
+    from data_prep import ray_verbs
 
     with ray_verbs.session(cfg):
-        yield ray_exec.RayExecutor()
+        yield ray_verbs.RayExecutor(cfg)
 
 
 def run(cfg: PrepConfig | str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
@@ -98,19 +103,20 @@ def run(cfg: PrepConfig | str | Path, overrides: list[str] | tuple[str, ...] = (
     pretrained = load_pretrained(cfg.tokenizer) if cfg.tokenizer.pretrained else None
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = run_document_stages(cfg)
-    clean = results[-1]
-    n = len(DOC_STAGES)
-    tok_res = run_stage(cfg, TokenizerStage(pretrained), n, clean)
-    pack = Pack(stage_dir(cfg, n, "tokenizer"))
-    # pack's input is the clean corpus; its key also covers the tokenizer
-    pack_in = StageResult(
-        "clean", stage_key("clean", [], (), clean.key + tok_res.key), docs_path=clean.docs_path
-    )
-    pack_res = run_stage(cfg, pack, n + 1, pack_in)
-    if not (root / "meta.json").exists():  # deleted by hand: re-pack
-        shutil.rmtree(stage_dir(cfg, n + 1, pack.name))
-        pack_res = run_stage(cfg, pack, n + 1, pack_in)
+    with _executor(cfg) as ex:  # every stage's tasks, tokenizer and pack included
+        results = run_document_stages(cfg, ex)
+        clean = results[-1]
+        n = len(DOC_STAGES)
+        tok_res = run_stage(cfg, TokenizerStage(pretrained), n, clean, ex)
+        pack = Pack(stage_dir(cfg, n, "tokenizer"))
+        # pack's input is the clean corpus; its key also covers the tokenizer
+        pack_in = StageResult(
+            "clean", stage_key("clean", [], (), clean.key + tok_res.key), docs_path=clean.docs_path
+        )
+        pack_res = run_stage(cfg, pack, n + 1, pack_in, ex)
+        if not (root / "meta.json").exists():  # deleted by hand: re-pack
+            shutil.rmtree(stage_dir(cfg, n + 1, pack.name))
+            pack_res = run_stage(cfg, pack, n + 1, pack_in, ex)
     all_results = [*results, tok_res, pack_res]
     invariant = check_invariant(results)
     report_mod.write_reports(root, cfg, all_results, invariant, time.perf_counter() - t0)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.config import PrepConfig
-from data_prep.document import BadRecord, Document
 from data_prep.stage import DroppedWriter, StageOutput
 from data_prep.stats import StepStats
 from data_prep.store import DocWriter
@@ -68,46 +67,3 @@ class ShardOutput(StageOutput):
             os.replace(self.tmp_dropped, self.final_dropped)
         atomic_text(self.out / "shards" / f"{shard_name(self.i)}.json", json.dumps(accounting))
         return accounting
-
-
-class RollingOutput:
-    """StageOutput's interface for the driver-side read: a new ShardOutput every `shard_docs`
-    forwarded documents and at every new source (`start_source`), so each shard holds one
-    source's documents; its accounting file names that source."""
-
-    def __init__(self, cfg: PrepConfig, out: Path, *stats: StepStats) -> None:
-        self.cfg, self.out, self.stats = cfg, out, stats
-        self.n = self.i = self.source = 0
-        self.cur = ShardOutput(cfg, out, 0)
-
-    def _next(self) -> None:
-        self.cur.commit({"docs": self.n, "source": self.source})
-        self.i, self.n = self.i + 1, 0
-        self.cur = ShardOutput(self.cfg, self.out, self.i)
-
-    def start_source(self, i: int) -> None:
-        if i > 0:
-            self._next()
-        self.source = i
-
-    def forward(self, doc: Document, *also: StepStats) -> None:
-        if self.n >= self.cfg.ray.shard_docs:
-            self._next()
-        for s in self.stats:
-            s.count_in(doc.nbytes)
-            s.keep(doc.nbytes)
-        self.cur.forward(doc, *also)
-        self.n += 1
-
-    def drop(self, rec: Document | BadRecord, reason: str, detail: str, *also: StepStats) -> None:
-        for s in self.stats:
-            s.count_in(rec.nbytes)
-            s.drop(rec, reason, detail)
-        self.cur.drop(rec, reason, detail, *also)
-
-    def __enter__(self) -> RollingOutput:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.cur.commit({"docs": self.n, "source": self.source})
