@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 def prepare(args: argparse.Namespace) -> int:
     """A bad config, a missing input or an unusable tokenizer (PretrainedTokenizerError, a
     ValueError) is one `error:` line and exit code 2 (contracts.cli.run_main)."""
-    out = run(load_config(args.config, args.overrides))
-    print(f"prepared dataset: {out}")
+    cfg = load_config(args.config, args.overrides)
+    out = run(cfg)
+    print(f"prepared dataset: {cfg.out_dir}" + (f" (working copy {out})" if "://" in cfg.out_dir else ""))
     return 0
 
 
