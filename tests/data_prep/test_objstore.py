@@ -198,6 +198,40 @@ def test_killed_writer_leaves_no_object(s3, tmp_path):
     assert not storage.exists(url)
 
 
+def test_commit_moves_a_finished_object(s3):
+    """storage.commit on a store without rename: the temporary key is copied into place and
+    removed; a reader sees the old object or the whole new one."""
+    final, tmp = f"s3://{BUCKET}/unit/final.txt", f"s3://{BUCKET}/unit/.final.txt.tmp"
+    storage.write_text(final, "old")
+    storage.write_text(tmp, "new")
+    storage.commit(tmp, final)
+    assert storage.read_bytes(final) == b"new" and not storage.exists(tmp)
+
+
+def test_remote_inputs_list_like_local_ones(s3, tmp_path):
+    """A folder on s3:// and the same folder as a path or a file:// URL give the same relative
+    names (hence the same document ids), and an object's cache key is its size and ETag."""
+    from data_prep.config import SourceConfig
+    from data_prep.paths import expand_paths, file_key
+
+    raw = make_raw(tmp_path)
+    upload_dir(raw, f"s3://{BUCKET}/list")
+    names = {}
+    for path in (str(raw / "jsonl"), f"file://{raw}/jsonl", f"s3://{BUCKET}/list/jsonl"):
+        got = expand_paths(SourceConfig(kind="jsonl", path=path), (".jsonl",))
+        names[path] = [rel for rel, _ in got]
+    assert list(names.values()) == [["a.jsonl", "b.jsonl.gz"]] * 3
+    key = file_key("a.jsonl", f"s3://{BUCKET}/list/jsonl/a.jsonl")
+    assert key[1] == (raw / "jsonl" / "a.jsonl").stat().st_size and len(str(key[2])) == 32
+
+
+def test_hf_urls_route_through_fsspec():
+    """hf:// resolves to huggingface_hub's fsspec filesystem (no request is made here)."""
+    pytest.importorskip("huggingface_hub")
+    fs, path = storage.filesystem("hf://datasets/some-org/some-set/data")
+    assert type(fs).__name__ == "HfFileSystem" and path.endswith("some-set/data")
+
+
 def test_bad_urls_are_one_line(s3, tmp_path, capsys):
     """A missing bucket, for an input or for out_dir, and a protocol whose package is missing
     are one `error:` line naming it."""
