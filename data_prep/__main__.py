@@ -8,6 +8,7 @@ import logging
 import sys
 
 from contracts.cli import run_main
+from data_prep import storage
 from data_prep.config import load_config
 from data_prep.pipeline import run
 
@@ -31,7 +32,8 @@ def prepare(args: argparse.Namespace) -> int:
     ValueError) is one `error:` line and exit code 2 (contracts.cli.run_main)."""
     cfg = load_config(args.config, args.overrides)
     out = run(cfg)
-    print(f"prepared dataset: {cfg.out_dir}" + (f" (working copy {out})" if "://" in cfg.out_dir else ""))
+    copy = f" (working copy {out})" if storage.is_remote(cfg.out_dir) else ""
+    print(f"prepared dataset: {cfg.out_dir}{copy}")
     return 0
 
 

@@ -317,6 +317,62 @@ def test_uncommitted_stage_prefix_is_not_trusted(s3, tmp_path):
     assert_same_output(first, again)
 
 
+KILL_DURING_UPLOAD = """
+import os, signal, sys
+from data_prep import storage
+from data_prep.config import load_config
+from data_prep.pipeline import run
+
+real = storage.upload
+
+
+def upload(local, url):  # the process dies half-way through writing this object
+    if url.endswith(sys.argv[2]):
+        with storage.atomic_write(url) as f:
+            data = local.read_bytes()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    real(local, url)
+
+
+storage.upload = upload
+run(load_config(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_run_killed_mid_commit_resumes_from_what_was_committed(s3, tmp_path):
+    """A prep run SIGKILLed while uploading exact_dedup's stats.json (its docs are up, its key
+    is not): that stage's prefix is not committed and the object being written does not exist;
+    a rerun on a fresh working copy pulls read..filter, runs exact_dedup and the rest again, and
+    its output is the same bytes as a run that was never interrupted."""
+    raw = make_raw(tmp_path)
+    ref = run(load_config(write_config(tmp_path / "ref.yaml", str(raw), str(tmp_path / "ref"))))
+    upload_dir(raw, f"s3://{BUCKET}/in4")
+    out = f"s3://{BUCKET}/out4"
+    cfg = write_config(tmp_path / "a.yaml", f"s3://{BUCKET}/in4", out, str(tmp_path / "w1"))
+    r = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_UPLOAD, str(cfg), "stages/03_exact_dedup/stats.json"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert r.returncode == -9, r.stderr[-2000:]
+    stage = f"{out}/stages/03_exact_dedup"
+    assert storage.exists(f"{stage}/docs.parquet")  # uploaded before the kill
+    assert not storage.exists(f"{stage}/stats.json") and not storage.exists(f"{stage}/key")
+    assert storage.exists(f"{out}/stages/02_filter/key") and not storage.exists(f"{out}/meta.json")
+    shutil.rmtree(tmp_path / "w1")  # another machine: only the store is shared
+    run(load_config(write_config(tmp_path / "b.yaml", f"s3://{BUCKET}/in4", out,
+                                 str(tmp_path / "w2"))))
+    rep = json.loads(storage.read_bytes(f"{out}/report.json"))
+    cached = {s["name"]: s["cached"] for s in rep["stages"]}
+    assert cached["filter"] and not cached["exact_dedup"], cached
+    got = tmp_path / "got"
+    download_dir(out, got)
+    assert_same_output(ref, got)
+
+
 @pytest.mark.slow
 def test_ray_executor_s3_to_s3_matches_local(s3, tmp_path):
     """executor=ray from s3:// to s3:// against the same server: the same dataset bytes as
