@@ -173,6 +173,10 @@ def test_failed_write_leaves_no_object(s3):
             f.write(b"x" * (12 << 20))  # two 5 MiB parts uploaded before the error
             raise RuntimeError("boom")
     assert storage.read_bytes(url) == b"old"
+    import boto3
+
+    pending = boto3.client("s3").list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+    assert not [u for u in pending if u["Key"] == "unit/failed.bin"]  # aborted, not left over
     new = f"s3://{BUCKET}/unit/never.bin"
     with pytest.raises(RuntimeError):
         with storage.atomic_write(new) as f:
@@ -196,6 +200,10 @@ def test_killed_writer_leaves_no_object(s3, tmp_path):
                        "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
     assert r.returncode == -9, r.stderr
     assert not storage.exists(url)
+    import boto3
+
+    pending = boto3.client("s3").list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+    assert [u for u in pending if u["Key"] == "unit/killed.bin"]  # started, never completed
 
 
 def test_commit_moves_a_finished_object(s3):
