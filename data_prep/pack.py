@@ -16,7 +16,6 @@ from contracts.checkpoint import sha256_file
 from contracts.dataset import SPLITS, DatasetMeta, write_dataset_meta
 from data_prep.config import PrepConfig, to_dict
 from data_prep.document import Document
-from data_prep.mirror import work_root
 from data_prep.shards import dtype_for_vocab, dtype_name, order_key, split_of, write_shards
 from data_prep.stage import STEP_MODULES, Stage, StageResult, new_stats
 from data_prep.store import read_docs
@@ -39,6 +38,8 @@ class Pack(Stage):
     def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
         assert inp is not None
         sh = cfg.shards
+        from data_prep.mirror import work_root  # out_dir, or its working copy for a store
+
         root = work_root(cfg)
         total = new_stats(cfg, res.name)
         shutil.copyfile(self.tok_dir / "tokenizer.json", root / "tokenizer.json")

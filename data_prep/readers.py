@@ -423,7 +423,7 @@ class Read(Stage):
     and repeated ids, counted for the whole stage and per source."""
 
     name = "read"
-    modules = ("readers.py", "paths.py", "storage.py", *STEP_MODULES)
+    modules = ("readers.py", "paths.py", *STEP_MODULES)
 
     def part(self, cfg: PrepConfig) -> Any:
         c = to_dict(cfg)

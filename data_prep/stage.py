@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from data_prep.config import PrepConfig, to_dict
 from data_prep.document import BadRecord, Document
-from data_prep.mirror import work_root
 from data_prep.stats import AccountingError, StepStats, printable
 from data_prep.steps import Step, run_steps
 from data_prep.store import DocWriter, num_docs, read_docs
@@ -274,6 +273,8 @@ def _report_part(cfg: PrepConfig) -> Any:
 
 
 def stage_dir(cfg: PrepConfig, index: int, name: str) -> Path:
+    from data_prep.mirror import work_root  # out_dir, or its working copy for an object store
+
     return work_root(cfg) / "stages" / f"{index:02d}_{name}"
 
 
@@ -319,7 +320,8 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
     ):
         res = StageResult.from_dict(json.loads((out / "stats.json").read_text(encoding="utf-8")))
         res.cached = True
-        res.docs_path = _docs_path(out)  # here, even when the folder was moved or pulled
+        if res.docs_path:  # in this folder, even when it was moved or pulled from a store
+            res.docs_path = str(out / Path(res.docs_path).name)
         log.info("stage %s: up to date (key %s), skipped", stage.name, key)
         return res
     pending = out / "key.pending"
@@ -340,7 +342,10 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
     else:
         stage.run(cfg, inp_path, out, res)
     res.seconds = time.perf_counter() - t
-    res.docs_path = _docs_path(out)
+    if (out / "docs.parquet").exists():
+        res.docs_path = str(out / "docs.parquet")
+    elif (out / "docs").is_dir():
+        res.docs_path = str(out / "docs")
     for s in [res.total, *res.steps]:
         if s is not None:
             s.check()
@@ -350,13 +355,6 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
     (out / "key").write_text(key)
     pending.unlink(missing_ok=True)
     return res
-
-
-def _docs_path(out: Path) -> str | None:
-    """A stage folder's documents: docs.parquet, a docs/ shard folder, or none."""
-    if (out / "docs.parquet").exists():
-        return str(out / "docs.parquet")
-    return str(out / "docs") if (out / "docs").is_dir() else None
 
 
 def check_invariant(results: list[StageResult]) -> dict[str, int]:
