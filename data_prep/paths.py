@@ -145,6 +145,12 @@ def _open_remote(url: str) -> IO[bytes]:
     return fs.open(path, "rb", compression=comp)
 
 
+def input_path(name: str) -> Path | str:
+    """A file of expand_paths sent as text (to a task, in JSON) back as the readers take it:
+    a Path for a local file, the URL itself for an object."""
+    return name if storage.is_remote(name) else Path(name)
+
+
 def read_bytes(path: Path | str) -> bytes:
     """The bytes of a local file or an object."""
     return storage.read_bytes(path) if isinstance(path, str) else path.read_bytes()

@@ -220,7 +220,7 @@ def test_remote_inputs_list_like_local_ones(s3, tmp_path):
     """A folder on s3:// and the same folder as a path or a file:// URL give the same relative
     names (hence the same document ids), and an object's cache key is its size and ETag."""
     from data_prep.config import SourceConfig
-    from data_prep.paths import expand_paths, file_key
+    from data_prep.paths import expand_paths, file_key, input_path
 
     raw = make_raw(tmp_path)
     upload_dir(raw, f"s3://{BUCKET}/list")
@@ -229,6 +229,8 @@ def test_remote_inputs_list_like_local_ones(s3, tmp_path):
         got = expand_paths(SourceConfig(kind="jsonl", path=path), (".jsonl",))
         names[path] = [rel for rel, _ in got]
     assert list(names.values()) == [["a.jsonl", "b.jsonl.gz"]] * 3
+    for _, p in got + expand_paths(SourceConfig(kind="jsonl", path=str(raw)), (".jsonl",)):
+        assert input_path(str(p)) == p  # as sent to a task and back
     key = file_key("a.jsonl", f"s3://{BUCKET}/list/jsonl/a.jsonl")
     assert key[1] == (raw / "jsonl" / "a.jsonl").stat().st_size and len(str(key[2])) == 32
 
