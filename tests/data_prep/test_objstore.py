@@ -282,7 +282,8 @@ def test_s3_to_s3_is_byte_identical_to_local(s3, tmp_path):
     got = tmp_path / "got"
     download_dir(out, got)
     n = assert_same_output(local, got)
-    assert (got / "meta.json").is_file() and (got / "report.md").is_file()
+    assert (got / "meta.json").is_file()
+    assert (got / "report.md").read_text().startswith(f"# Prep report: `{out}`")
     assert len(list(got.glob("stages/*/key"))) == len(list(local.glob("stages/*/key")))
     print(f"s3 -> s3 output: {len(comparable(got))} files, {n} bytes, identical to local")
 
