@@ -143,7 +143,9 @@ class Pack(Stage):
     def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
             res: StageResult) -> None:
         assert inp is not None
-        root = Path(cfg.out_dir)
+        from data_prep.mirror import work_root  # out_dir, or its working copy for a store
+
+        root = work_root(cfg)
         shutil.copyfile(self.tok_dir / "tokenizer.json", root / "tokenizer.json")
         tok_path = root / "tokenizer.json"
         _, vocab_size, eos_id = load_for_packing(tok_path, cfg.tokenizer.eos_token)

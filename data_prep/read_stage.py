@@ -21,7 +21,7 @@ import pandas as pd
 from data_prep.config import PrepConfig, SourceConfig, to_dict
 from data_prep.document import BadRecord, Document
 from data_prep.executor import Executor, empty_frame
-from data_prep.paths import expand_paths
+from data_prep.paths import expand_paths, input_path
 from data_prep.readers import (
     READERS,
     Record,
@@ -60,7 +60,7 @@ def unit_records(src: SourceConfig, unit: dict[str, Any], max_line_bytes: int
     if unit["files"] is None:
         yield from read_source(src, max_line_bytes)
         return
-    files = [(r, Path(p)) for r, p in unit["files"]]
+    files = [(r, input_path(p)) for r, p in unit["files"]]
     if src.kind == "embedded":
         yield from read_embedded(src, files, unit["prose"])
     elif src.kind == "jsonl":

@@ -22,7 +22,14 @@ from typing import Any
 
 from data_prep.config import SourceConfig
 from data_prep.document import BadRecord, Document
-from data_prep.paths import expand_paths, file_key, matches, open_maybe_compressed
+from data_prep.paths import (
+    expand_paths,
+    file_key,
+    matches,
+    open_maybe_compressed,
+    parquet_source,
+    read_bytes,
+)
 
 Record = Document | BadRecord
 Files = list[tuple[str, Path]]  # (relative name, path) of the files a reader reads
@@ -202,7 +209,7 @@ def read_parquet(cfg: SourceConfig, files: Files | None = None) -> Iterator[Reco
     for rel, path in files if files is not None else expand_paths(cfg, (".parquet",)):
         source = f"{label}:{rel}"
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(parquet_source(path))
         except Exception as e:  # any corrupt file is a bad record, not a crash
             yield BadRecord(
                 "unreadable_file", source, source, 0, f"{path}: {type(e).__name__}: {e}"
@@ -242,7 +249,7 @@ def read_text(cfg: SourceConfig, files: Files | None = None) -> Iterator[Record]
             yield from read_text_file(path, source, source, cfg.domain, {"path": rel})
             continue
         try:
-            raw_all = path.read_bytes()
+            raw_all = read_bytes(path)
         except OSError as e:
             yield BadRecord("unreadable_file", source, source, 0, _os_error(path, e))
             continue
@@ -266,11 +273,11 @@ def read_text(cfg: SourceConfig, files: Files | None = None) -> Iterator[Record]
 
 
 def read_text_file(
-    path: Path, doc_id: str, source: str, domain: str, metadata: dict | None = None
+    path: Path | str, doc_id: str, source: str, domain: str, metadata: dict | None = None
 ) -> Iterator[Record]:
     """One file as one document; binary files and invalid UTF-8 become BadRecords."""
     try:
-        raw = path.read_bytes()
+        raw = read_bytes(path)
     except OSError as e:
         yield BadRecord("unreadable_file", doc_id, source, 0, _os_error(path, e))
         return
@@ -372,7 +379,7 @@ def expected_records(cfg: SourceConfig) -> int | None:
             import pyarrow.parquet as pq
 
             files = expand_paths(cfg, (".parquet",))
-            n = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files)
+            n = sum(pq.ParquetFile(parquet_source(p)).metadata.num_rows for _, p in files)
         elif cfg.kind == "text" and cfg.per == "file":
             n = len(expand_paths(cfg, None))
     except Exception:  # an unreadable file: its reader reports it; the bar just has no total

@@ -2,22 +2,22 @@
 
 A shard is `docs/part-NNNNN.parquet` (its kept documents), `dropped/part-NNNNN.jsonl` (its
 dropped ones, with `report.write_dropped`) and `shards/part-NNNNN.json` (its accounting). Every
-file is written under a temporary name and renamed into place, the accounting last, so a shard
-is complete exactly when its accounting file exists (`shard_done`), and a re-run keeps it.
-Any executor writes shards through these; see docs/scaling.md.
+file is written under a temporary name and renamed into place (data_prep.storage.commit), the
+accounting last, so a shard is complete exactly when its accounting file exists (`shard_done`),
+and a re-run keeps it. Any executor writes shards through these; see docs/scaling.md.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
+from data_prep import storage
 from data_prep.config import PrepConfig
 from data_prep.stage import DroppedWriter, StageOutput
 from data_prep.stats import StepStats
+from data_prep.storage import tmp_path
 from data_prep.store import DocWriter
 
 
@@ -25,17 +25,9 @@ def shard_name(i: int) -> str:
     return f"part-{i:05d}"
 
 
-def tmp_path(path: Path) -> Path:
-    """A hidden temporary name beside `path`, unique to this writer."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-
-
 def atomic_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write `text` to `path` all or nothing (data_prep.storage.write_text)."""
+    storage.write_text(path, text)
 
 
 def shard_done(out: Path, i: int) -> dict[str, Any] | None:
@@ -62,8 +54,8 @@ class ShardOutput(StageOutput):
     def commit(self, accounting: dict[str, Any]) -> dict[str, Any]:
         self.docs.close()
         self.dropped.close()
-        os.replace(self.tmp, self.final)
+        storage.commit(self.tmp, self.final)
         if self.tmp_dropped.exists():
-            os.replace(self.tmp_dropped, self.final_dropped)
+            storage.commit(self.tmp_dropped, self.final_dropped)
         atomic_text(self.out / "shards" / f"{shard_name(self.i)}.json", json.dumps(accounting))
         return accounting

@@ -170,7 +170,9 @@ def _report_part(cfg: PrepConfig) -> Any:
 
 
 def stage_dir(cfg: PrepConfig, index: int, name: str) -> Path:
-    return Path(cfg.out_dir) / "stages" / f"{index:02d}_{name}"
+    from data_prep.mirror import work_root  # out_dir, or its working copy for an object store
+
+    return work_root(cfg) / "stages" / f"{index:02d}_{name}"
 
 
 def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None,
@@ -203,6 +205,8 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
     ):
         res = StageResult.from_dict(json.loads((out / "stats.json").read_text(encoding="utf-8")))
         res.cached = True
+        if res.docs_path:  # in this folder, even when it was moved or pulled from a store
+            res.docs_path = str(out / Path(res.docs_path).name)
         log.info("stage %s: up to date (key %s), skipped", stage.name, key)
         return res
     pending = out / "key.pending"
