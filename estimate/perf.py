@@ -64,6 +64,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 # DDP all-reduces gradients in buckets of 25 MB (Li et al. 2020, 'PyTorch Distributed', sec.
 # 3.2.3, its default bucket_cap_mb): the number of collectives a step pays a link latency for.
 DDP_BUCKET_BYTES = 25 * 2**20
+# Adam's update: fp32 master weights, m and v read and written, the 16-bit copy written
+ADAM_BYTES_PER_PARAM = 32
 _MEMO: dict = {}
 
 
@@ -412,7 +414,7 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
                    * act_bytes / bw)
     memory += tokens_dev / pp * 12 * cfg.vocab_size / tp / bw  # fp32 logits: write, read, grad
     params = float(_memo("params", cfg, count_params))
-    memory += 32 * params / lay.devices / bw  # Adam: fp32 master weights, m, v read and written, bf16 copy
+    memory += ADAM_BYTES_PER_PARAM * params / lay.devices / bw
 
     # Tensor-parallel collectives: 4 per layer (2 forward, 2 backward), each of the micro-batch's
     # activations; a ring moves 2(tp-1)/tp of the message, over the scale-up links one way.

@@ -50,6 +50,7 @@ from estimate.assumptions import load_defaults
 from estimate.calibrate.sweep import ROOT, Runner, RunSpec, Shape, Sweep, cpu_info
 from estimate.hardware import Accelerator
 from estimate.perf import (
+    ADAM_BYTES_PER_PARAM,
     Factor,
     Layout,
     bubble_fraction,
@@ -340,8 +341,23 @@ class StepCheck:
         return dataclasses.asdict(self) | {"error": self.error, "holds": self.holds}
 
 
-def predict_step(cfg: ModelConfig, lay: Layout, bench: dict, link: LinkFit) -> tuple[float, dict]:
-    """perf.step_time of `cfg` laid out as `lay` (fp32, no recomputation) on this machine."""
+def host_ops(bench: dict, lay: Layout, seq_len: int, optimizer: bool = True) -> float:
+    """Operations one rank dispatches per step: the harness's count of a one-process training
+    step; a pipeline rank runs 1/pp of the model's forward and backward operations per
+    micro-batch, for each of its micro-batches (and no optimizer step under bench_pp)."""
+    ops = bench["ops_per_step"]
+    if lay.pp == 1:
+        return float(sum(ops.values()) if optimizer else ops["forward"] + ops["backward"])
+    return (ops["forward"] + ops["backward"]) / lay.pp * lay.micro_batches(seq_len) + (
+        ops["optimizer"] / lay.pp if optimizer else 0.0)
+
+
+def predict_step(cfg: ModelConfig, lay: Layout, bench: dict, link: LinkFit,
+                 optimizer: bool = True) -> tuple[float, dict]:
+    """perf.step_time of `cfg` laid out as `lay` (fp32, no recomputation) on this machine, plus
+    the host time of dispatching the step's operations (`host_ops` x the measured seconds per
+    operation): the per-operation overhead `project` leaves to the stack efficiency, which on
+    GPUs hides behind the kernels of the previous ones and on a CPU core adds to them."""
     m_tokens = lay.micro_batch * cfg.seq_len / lay.cp
     rate = layout_gemm_rate(cfg, m_tokens, lay, bench["gemms"])
     acc = local_accelerator(rate, bench["memory_bytes_per_s"], link)
@@ -350,7 +366,13 @@ def predict_step(cfg: ModelConfig, lay: Layout, bench: dict, link: LinkFit) -> t
                    peak_flops=rate)
     parts = {k: getattr(st, k) for k in ("gemm", "attention", "memory", "tp_comm", "dp_comm",
                                          "pp_comm", "bubble")}
-    return st.total, parts | {"gemm_rate_flops": rate, "attention_efficiency": eff}
+    # bench_pp's measured step time holds no optimizer step: neither does its prediction
+    if not optimizer:
+        st.memory -= ADAM_BYTES_PER_PARAM * count_params(cfg) / lay.devices / bench["memory_bytes_per_s"]
+        parts["memory"] = st.memory
+    host = host_ops(bench, lay, cfg.seq_len, optimizer) * bench["dispatch_s_per_op"]
+    return st.total + host, parts | {"host dispatch": host, "gemm_rate_flops": rate,
+                                     "attention_efficiency": eff}
 
 
 # --- running it -------------------------------------------------------------------------------
@@ -535,11 +557,11 @@ def calibrate_parallel(s: ParallelSweep, data_dir: str | Path, runs_dir: str | P
         M, pmb = row["microbatches"], s.pp_micro_batch
         pred, parts = predict_step(pp_cfg, Layout(pp=WORLD, micro_batch=pmb,
                                                   global_batch_tokens=M * pmb * T),
-                                   bench, links["send_recv"])
+                                   bench, links["send_recv"], optimizer=False)
         steps.append(StepCheck(f"pp=2 1f1b M={M}", "bench_pp's measure (forward + backward)",
                                pred, max(row["step_s"]), parts,
-                               "bench_pp times forward and backward, no optimizer step; perf "
-                               "adds the optimizer's memory traffic"))
+                               "bench_pp times forward and backward without an optimizer step; "
+                               "the prediction leaves out perf's optimizer traffic likewise"))
     return ParallelCalibration(s, cpu_info(), bench, links, terms, steps,
                                time.monotonic() - started)
 

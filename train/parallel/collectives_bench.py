@@ -14,7 +14,9 @@ One process:
   (`fastest_seconds`, as every timing here but the training steps);
 - **memory bandwidth**: c = a + b over tensors far larger than the caches (3 x their bytes
   moved per call);
-- **attention**: causal scaled-dot-product attention forward and backward at the model's shape.
+- **attention**: causal scaled-dot-product attention forward and backward at the model's shape;
+- **dispatch**: the host seconds of one dispatched operation under autograd, and how many
+  operations a training step of the model dispatches (`train.opcount`).
 
 Two processes (gloo):
 - **collectives**: all-reduce, all-gather, reduce-scatter, and one-way send/recv (half a
@@ -51,6 +53,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.transformer import Transformer
 from train.clock import measure_matmul_flops
+from train.opcount import OpCounter, count_step
 from train.parallel import bench_pp
 from train.parallel.procs import spawn
 from train.tensor_parallel import shard_columns, shard_gate_up, shard_qkv
@@ -106,13 +109,60 @@ def memory_bandwidth(repeats: int) -> float:
     return 3 * 4 * MEMORY_ELEMS / fastest_seconds(lambda: torch.add(a, b, out=c), repeats)
 
 
+def _kernel_ops(counts: dict) -> int:
+    return sum(sum(c.values()) for c in counts.values())
+
+
+def dispatch_seconds(repeats: int, length: int = 100) -> float:
+    """Host seconds per dispatched operation under autograd: a chain of `length` elementwise
+    ops on an 8-element tensor, forward and backward (nothing to compute: what is left is the
+    dispatcher, autograd's bookkeeping and the Python around them), over its op count."""
+    x = torch.randn(8, requires_grad=True)
+
+    def chain():
+        y = x
+        for _ in range(length):
+            y = y * 1.0001 + 0.0001
+        y.sum().backward()
+        x.grad = None
+
+    counter = OpCounter()
+    with counter:
+        chain()
+    return fastest_seconds(chain, repeats) / _kernel_ops(counter.counts)
+
+
+def step_ops(cfg: ModelConfig, micro_batch: int) -> dict[str, int]:
+    """Dispatched operations of one training step of `cfg` (forward, backward, AdamW), as
+    `train.opcount` counts them, after a warm-up step."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    try:
+        opt = torch.optim.AdamW(model.parameters(), fused=True)
+    except (RuntimeError, ValueError):
+        opt = torch.optim.AdamW(model.parameters(), foreach=True)
+    idx = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len))
+
+    def loss_fn():
+        return model(idx, idx)[1] / idx.numel()
+
+    loss_fn().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    counts = count_step(loss_fn, opt, {"device_type": "cpu", "enabled": False})
+    return {phase: sum(c.values()) for phase, c in counts.items()}
+
+
 def one_process(spec: dict) -> dict:
     torch.set_num_threads(1)
     r = spec["repeats"]
+    cfg = ModelConfig(**spec["model"])
     return {"matmul_peak_flops": measure_matmul_flops(torch.float32),
             "memory_bytes_per_s": memory_bandwidth(r),
             "gemms": [gemm_seconds(*shape, r) for shape in spec["gemms"]],
-            "attention": attention_seconds(*spec["attention"], r)}
+            "attention": attention_seconds(*spec["attention"], r),
+            "dispatch_s_per_op": dispatch_seconds(r),
+            "ops_per_step": step_ops(cfg, spec["micro_batch"])}
 
 
 # --- two processes -----------------------------------------------------------------------
