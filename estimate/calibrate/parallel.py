@@ -219,14 +219,26 @@ def local_accelerator(rate: float, memory_bytes_per_s: float, link: LinkFit,
         "source": "measured by python -m estimate calibrate --parallel"})
 
 
-def local_factors(attention_eff: float) -> dict[str, Factor]:
+def elementwise_bytes_per_dim(bench: dict, d_model: int, act_bytes: float = 4.0) -> float:
+    """The performance model's `elementwise_bytes_per_dim` as measured: the profiled
+    memory-bound seconds of a block per token, times the memory bandwidth, per model dimension,
+    in the factor's 2-byte units (perf scales it by the activation bytes)."""
+    per_token = bench["elementwise"]["s_per_token_layer"] * bench["memory_bytes_per_s"]
+    return per_token / d_model * 2 / act_bytes
+
+
+def local_factors(attention_eff: float, elementwise: float | None = None) -> dict[str, Factor]:
     """The performance model's factors for this machine: the measured rates stand for the
     achievable ones (ceiling, memory and link efficiencies 1), attention at its measured
-    efficiency, tensor-parallel collectives fully exposed (the harness's all-reduces block the
-    step), the stack efficiency 1 (nothing fitted); the rest at defaults.yaml's central values."""
+    efficiency, the memory-bound bytes per dimension measured (`elementwise`; None: the
+    defaults' judgement), tensor-parallel collectives fully exposed (the harness's all-reduces
+    block the step), the stack efficiency 1 (nothing fitted); the rest at defaults.yaml's
+    central values."""
     f = load_factors(load_defaults(), Factor("stack_efficiency", 1, 1, 1, "high", "local: 1"))
     fixed = {"matmul_ceiling_unknown": 1.0, "memory_efficiency": 1.0, "comm_efficiency": 1.0,
              "tp_exposed": 1.0, "attention_efficiency": attention_eff}
+    if elementwise is not None:
+        fixed["elementwise_bytes_per_dim"] = elementwise
     for key, value in fixed.items():
         f[key] = Factor(key, value, value, value, f[key].better, "measured by calibrate --parallel")
     return f
@@ -287,7 +299,22 @@ def term_checks(bench: dict, cfg: ModelConfig, micro_batch: int, links: dict[str
     """Every communication term of `bench` beside perf's prediction from the fitted links."""
     params = float(count_params(cfg))
     tokens = micro_batch * cfg.seq_len
-    ar, shard = links["all_reduce"], links["fsdp"]
+    ar, ag, rs = links["all_reduce"], links["all_gather"], links["reduce_scatter"]
+
+    def gathers_and_scatters(term, *args, **kw) -> float:
+        """A term of two all-gathers and one reduce-scatter (FSDP, CP's forward and
+        backward): 2/3 of it over the all-gather's link, 1/3 over the reduce-scatter's."""
+        return sum(share * term(*args, link.bytes_per_s, link.latency_s, **kw)
+                   for share, link in ((2 / 3, ag), (1 / 3, rs)))
+
+    def fsdp(net, lat, units):
+        return dp_comm_seconds(params, WORLD, 1, WORLD, net, net, 4.0, 3, lat, units=units)
+
+    def cp(link, lat):
+        return cp_ring_seconds(tokens / WORLD, 2 * cfg.n_kv_head * cfg.head_dim, cfg.n_layer,
+                               WORLD, link, 4.0, lat)
+
+    tp = bench["tp"]
     checks = [
         relative_check(
             "data-parallel gradient all-reduce (DDP buckets), 2 ranks",
@@ -296,22 +323,24 @@ def term_checks(bench: dict, cfg: ModelConfig, micro_batch: int, links: dict[str
             f"{params / 1e6:.2f}M fp32 gradients"),
         relative_check(
             "FSDP all-gathers + reduce-scatters, 2 ranks",
-            dp_comm_seconds(params, WORLD, 1, WORLD, shard.bytes_per_s, shard.bytes_per_s, 4.0,
-                            3, shard.latency_s, units=cfg.n_layer + 1),
+            gathers_and_scatters(fsdp, units=cfg.n_layer + 1),
             bench["fsdp"]["all_gather_s"] + bench["fsdp"]["reduce_scatter_s"],
             f"measured {bench['fsdp']['all_gathers']} all-gathers, "
             f"{bench['fsdp']['reduce_scatters']} reduce-scatters; perf charges 1.5x an "
-            f"all-reduce and {3 * (cfg.n_layer + 1)} latencies"),
+            f"all-reduce and {3 * (cfg.n_layer + 1)} latencies; 2/3 over the all-gather's link, "
+            "1/3 over the reduce-scatter's"),
         relative_check(
             "tensor-parallel all-reduces of a training step, tp=2",
             tp_comm_seconds(tokens, cfg.d_model, cfg.n_layer, WORLD, ar.bytes_per_s, 4.0,
-                            ar.latency_s), bench["tp"]["comm_s"],
-            f"{bench['tp']['collectives']} all-reduces measured, {4 * cfg.n_layer} charged"),
+                            ar.latency_s), tp["transfer_s"],
+            f"{tp['collectives']} all-reduces measured, {4 * cfg.n_layer} charged; measured "
+            "with a barrier before each (the transfer alone); as the step runs, without "
+            f"barriers, they take {tp['comm_s'] * 1e3:.1f} ms, the rest of it waiting for the "
+            f"slower rank ({tp['wait_s'] * 1e3:.1f} ms at the barriers): load imbalance, "
+            "which the performance model leaves to its stack efficiency"),
         relative_check(
             "context-parallel exchange of keys and values, cp=2",
-            cp_ring_seconds(tokens / WORLD, 2 * cfg.n_kv_head * cfg.head_dim, cfg.n_layer,
-                            WORLD, shard.bytes_per_s, 4.0, shard.latency_s),
-            bench["cp"]["seconds"],
+            gathers_and_scatters(cp), bench["cp"]["seconds"],
             "all-gathers and reduce-scatters of each layer's keys and values (forward 1, "
             "backward 2), not overlapped with attention here; perf hides what fits behind it"),
     ]
@@ -328,6 +357,7 @@ class StepCheck:
     measured_s: float
     parts: dict[str, float]
     note: str = ""
+    predicted_default_s: float = 0.0  # memory-bound work at the stream bandwidth (defaults)
 
     @property
     def error(self) -> float:
@@ -353,17 +383,20 @@ def host_ops(bench: dict, lay: Layout, seq_len: int, optimizer: bool = True) -> 
 
 
 def predict_step(cfg: ModelConfig, lay: Layout, bench: dict, link: LinkFit,
-                 optimizer: bool = True) -> tuple[float, dict]:
+                 optimizer: bool = True, measured_elementwise: bool = True) -> tuple[float, dict]:
     """perf.step_time of `cfg` laid out as `lay` (fp32, no recomputation) on this machine, plus
     the host time of dispatching the step's operations (`host_ops` x the measured seconds per
     operation): the per-operation overhead `project` leaves to the stack efficiency, which on
-    GPUs hides behind the kernels of the previous ones and on a CPU core adds to them."""
+    GPUs hides behind the kernels of the previous ones and on a CPU core adds to them.
+    `measured_elementwise`: the memory-bound work at its profiled rate
+    (`elementwise_bytes_per_dim`), else at the stream bandwidth with defaults.yaml's bytes."""
     m_tokens = lay.micro_batch * cfg.seq_len / lay.cp
     rate = layout_gemm_rate(cfg, m_tokens, lay, bench["gemms"])
     acc = local_accelerator(rate, bench["memory_bytes_per_s"], link)
     eff = attention_efficiency(cfg, lay.micro_batch, bench["attention"], rate)
-    st = step_time(cfg, cfg.seq_len, acc, lay.devices, lay, "fp32", "none", local_factors(eff),
-                   peak_flops=rate)
+    elem = elementwise_bytes_per_dim(bench, cfg.d_model) if measured_elementwise else None
+    st = step_time(cfg, cfg.seq_len, acc, lay.devices, lay, "fp32", "none",
+                   local_factors(eff, elem), peak_flops=rate)
     parts = {k: getattr(st, k) for k in ("gemm", "attention", "memory", "tp_comm", "dp_comm",
                                          "pp_comm", "bubble")}
     # bench_pp's measured step time holds no optimizer step: neither does its prediction
@@ -446,9 +479,11 @@ class ParallelCalibration:
     def steps_table(self) -> str:
         return md_table(
             ["layout", "measured by", "predicted step ms", "measured step ms", "error",
-             "verdict (+-25%)", "predicted parts (ms)"],
+             "verdict (+-25%)", "memory-bound at stream bandwidth: predicted ms (error)",
+             "predicted parts (ms)"],
             [[s.layout, s.how, f"{s.predicted_s * 1e3:,.1f}", f"{s.measured_s * 1e3:,.1f}",
               f"{s.error:+.0%}", "holds" if s.holds else "does not hold here",
+              f"{s.predicted_default_s * 1e3:,.1f} ({s.predicted_default_s / s.measured_s - 1:+.0%})",
               ", ".join(f"{k} {v * 1e3:.1f}" for k, v in s.parts.items()
                         if not k.endswith(("rate_flops", "efficiency")) and v)]
              for s in self.steps])
@@ -535,33 +570,41 @@ def calibrate_parallel(s: ParallelSweep, data_dir: str | Path, runs_dir: str | P
     terms = term_checks(bench, cfg, s.micro_batch_size, links)
     mb, T = s.micro_batch_size, s.seq_len
     steps = []
+
+    def both(c: ModelConfig, lay: Layout, link: LinkFit, optimizer: bool = True):
+        pred, parts = predict_step(c, lay, bench, link, optimizer)
+        default, _ = predict_step(c, lay, bench, link, optimizer, measured_elementwise=False)
+        return pred, parts, default
+
     for name, lay, link in (
             ("1 process", Layout(micro_batch=mb, global_batch_tokens=mb * T), links["all_reduce"]),
             ("DDP, 2 processes", Layout(dp=WORLD, micro_batch=mb, global_batch_tokens=WORLD * mb * T,
                                         zero=0), links["all_reduce"]),
             ("FSDP, 2 processes", Layout(dp=WORLD, micro_batch=mb,
                                          global_batch_tokens=WORLD * mb * T, zero=3), links["fsdp"])):
-        pred, parts = predict_step(cfg, lay, bench, link)
+        pred, parts, default = both(cfg, lay, link)
         steps.append(StepCheck(name, "python -m train (summary.json median step_s)", pred,
-                               measured[name], parts))
-    pred, parts = predict_step(cfg, Layout(tp=WORLD, micro_batch=mb, global_batch_tokens=mb * T),
-                               bench, links["all_reduce"])
+                               measured[name], parts, predicted_default_s=default))
+    pred, parts, default = both(cfg, Layout(tp=WORLD, micro_batch=mb, global_batch_tokens=mb * T),
+                                links["all_reduce"])
     steps.append(StepCheck("tp=2", "collectives_bench's Megatron-sharded step", pred,
                            bench["tp"]["step_s"], parts,
                            "the harness replicates the embedding, norms and LM head (no sequence "
-                           "or vocabulary parallelism); perf splits them by tp"))
+                           "or vocabulary parallelism); perf splits them by tp",
+                           predicted_default_s=default))
     pp_cfg = ModelConfig(**{k: v for k, v in bench["pp"]["model"].items() if k != "notes"})
     for row in bench["pp"]["rows"]:
         if row["schedule"] != "1f1b":
             continue
         M, pmb = row["microbatches"], s.pp_micro_batch
-        pred, parts = predict_step(pp_cfg, Layout(pp=WORLD, micro_batch=pmb,
-                                                  global_batch_tokens=M * pmb * T),
-                                   bench, links["send_recv"], optimizer=False)
+        pred, parts, default = both(pp_cfg, Layout(pp=WORLD, micro_batch=pmb,
+                                                   global_batch_tokens=M * pmb * T),
+                                    links["send_recv"], optimizer=False)
         steps.append(StepCheck(f"pp=2 1f1b M={M}", "bench_pp's measure (forward + backward)",
                                pred, max(row["step_s"]), parts,
                                "bench_pp times forward and backward without an optimizer step; "
-                               "the prediction leaves out perf's optimizer traffic likewise"))
+                               "the prediction leaves out perf's optimizer traffic likewise",
+                               predicted_default_s=default))
     return ParallelCalibration(s, cpu_info(), bench, links, terms, steps,
                                time.monotonic() - started)
 

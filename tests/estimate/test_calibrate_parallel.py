@@ -13,6 +13,7 @@ from estimate.calibrate.parallel import (
     TermCheck,
     attention_efficiency,
     bubble_checks,
+    elementwise_bytes_per_dim,
     fit_link,
     harness_spec,
     host_ops,
@@ -116,7 +117,9 @@ def _synthetic_bench(cfg, pp_cfg, sweep, rate=40e9):
             "fsdp": {"all_gather_s": 5e-3, "reduce_scatter_s": 3e-3, "all_gathers": 9,
                      "reduce_scatters": 5},
             "cp": {"seconds": 4e-3, "chunk_bytes": 1, "collectives": 12},
-            "tp": {"step_s": 0.2, "comm_s": 0.01, "collectives": 16},
+            "tp": {"step_s": 0.2, "comm_s": 0.01, "transfer_s": 0.008, "wait_s": 0.002,
+                   "collectives": 16},
+            "elementwise": {"s_per_token_layer": 1e-6},
             "pp": {"model": vars(pp_cfg), "rows": [
                 {"schedule": "1f1b", "microbatches": 4, "bubble": [0.2, 0.2],
                  "step_s": [0.3, 0.3]}]}}
@@ -134,8 +137,15 @@ def test_step_prediction_uses_the_rate_measured_at_the_layout_shapes():
     eff = attention_efficiency(cfg, sweep.micro_batch_size, bench["attention"], 40e9)
     assert 0 < eff < 1
     link = fit_link([(x, 1e-4 + x / 1e9) for x in (1e4, 1e6)])
-    total, parts = predict_step(cfg, Layout(micro_batch=sweep.micro_batch_size,
-                                            global_batch_tokens=m), bench, link)
+    one = Layout(micro_batch=sweep.micro_batch_size, global_batch_tokens=m)
+    total, parts = predict_step(cfg, one, bench, link)
+    # memory-bound work at the profiled rate: 1 us per token and layer, plus the loss and Adam
+    loss_adam = predict_step(cfg, one, bench, link)[1]["memory"] - m * cfg.n_layer * 1e-6
+    assert 0 < loss_adam < parts["memory"]
+    assert elementwise_bytes_per_dim(bench, cfg.d_model) == pytest.approx(
+        1e-6 * 20e9 / cfg.d_model / 2)
+    _, default = predict_step(cfg, one, bench, link, measured_elementwise=False)
+    assert default["memory"] != pytest.approx(parts["memory"])
     # the measured attention time, once per layer, forward and backward
     assert parts["attention"] == pytest.approx(cfg.n_layer * 3e-3)
     # GEMMs: the model's matmul FLOPs (x3 for backward) at the rate, nothing else

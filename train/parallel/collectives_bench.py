@@ -11,16 +11,20 @@ local processes started by `train.parallel.procs.spawn`.
 One process:
 - **matmul**: `train.clock`'s 1024^3 peak, and each forward matmul shape the model runs (and
   the two backward matmuls of each: dX = dY W, dW = dY^T X), the fastest of the repeats
-  (`fastest_seconds`, as every timing here but the training steps);
+  (`fastest_seconds`, as every one-process timing here);
 - **memory bandwidth**: c = a + b over tensors far larger than the caches (3 x their bytes
   moved per call);
 - **attention**: causal scaled-dot-product attention forward and backward at the model's shape;
 - **dispatch**: the host seconds of one dispatched operation under autograd, and how many
-  operations a training step of the model dispatches (`train.opcount`).
+  operations a training step of the model dispatches (`train.opcount`);
+- **memory-bound work**: torch.profiler's CPU time of one block's forward and backward,
+  without its matmuls and attention kernel (norms, RoPE, SiLU, products, residual adds,
+  copies), per token.
 
 Two processes (gloo):
 - **collectives**: all-reduce, all-gather, reduce-scatter, and one-way send/recv (half a
-  ping-pong), at each message size, fastest of the repeats;
+  ping-pong), at each message size, the median of the repeats (`median_seconds`, as every
+  two-process timing here);
 - **data parallel**: all-reduce of the model's gradients (fp32) in DDP's 25 MB buckets;
 - **FSDP**: per sharded unit (each block, then the root), an all-gather of its parameters for
   the forward and one for the backward (FSDP2 reshards blocks after forward; the root keeps
@@ -63,16 +67,27 @@ BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 MEMORY_ELEMS = 8 * 2**20  # 32 MiB per fp32 tensor: well past the caches
 
 
-def fastest_seconds(fn, repeats: int, warmup: int = 1, barrier: bool = False) -> float:
-    """The fewest wall seconds of fn() over `repeats` calls after `warmup` (a barrier before
-    each call when `barrier`, so that the ranks of a collective start together). The fastest,
-    not the median: on a shared machine a collective waits whenever either peer is
-    descheduled, and a matmul whenever its core is taken; the minimum is what the link and the
-    core do, the rest is the neighbours (calibrate reports their CPU use beside the runs)."""
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of fn() over `repeats` calls after `warmup`, a barrier before each
+    so that the ranks of a collective start together. The median, for the collectives and
+    the terms alike: a sequence of collectives pays each one's typical time, not its best."""
     times = []
     for i in range(warmup + repeats):
-        if barrier:
-            dist.barrier()
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fastest_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """The fewest wall seconds of fn() over `repeats` calls after `warmup`. The fastest, not
+    the median: on a shared machine a matmul waits whenever its core is taken; the minimum is
+    what the core does, the rest is the neighbours (calibrate reports their CPU use beside
+    the runs)."""
+    times = []
+    for i in range(warmup + repeats):
         start = time.perf_counter()
         fn()
         if i >= warmup:
@@ -153,6 +168,34 @@ def step_ops(cfg: ModelConfig, micro_batch: int) -> dict[str, int]:
     return {phase: sum(c.values()) for phase, c in counts.items()}
 
 
+MATMUL_OPS = ("mm", "addmm", "bmm", "matmul", "linear", "attention", "_efficient", "flash")
+
+
+def elementwise_seconds(cfg: ModelConfig, micro_batch: int) -> dict:
+    """CPU seconds of one block's forward and backward spent outside matmuls and the
+    attention kernel (torch.profiler's self time per aten op), per token."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    block = model.blocks[0]
+    x = torch.randn(micro_batch, cfg.seq_len, cfg.d_model, requires_grad=True)
+    cos, sin = model.rope_cos[:cfg.seq_len], model.rope_sin[:cfg.seq_len]
+    block(x, cos, sin).sum().backward()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        block(x, cos, sin).sum().backward()
+    other = total = 0.0
+    for e in prof.key_averages():
+        if not e.key.startswith("aten::"):
+            continue
+        total += e.self_cpu_time_total
+        if not any(k in e.key for k in MATMUL_OPS):
+            other += e.self_cpu_time_total
+    tokens = micro_batch * cfg.seq_len
+    return {"s_per_token_layer": other * 1e-6 / tokens, "aten_s": total * 1e-6,
+            "other_s": other * 1e-6}
+
+
 def one_process(spec: dict) -> dict:
     torch.set_num_threads(1)
     r = spec["repeats"]
@@ -162,6 +205,7 @@ def one_process(spec: dict) -> dict:
             "gemms": [gemm_seconds(*shape, r) for shape in spec["gemms"]],
             "attention": attention_seconds(*spec["attention"], r),
             "dispatch_s_per_op": dispatch_seconds(r),
+            "elementwise": elementwise_seconds(cfg, spec["micro_batch"]),
             "ops_per_step": step_ops(cfg, spec["micro_batch"])}
 
 
@@ -188,10 +232,10 @@ def collective_seconds(op: str, nbytes: int, repeats: int) -> float:
             else:
                 dist.recv(full, peer)
                 dist.send(full, peer)
-        return fastest_seconds(fn, repeats, barrier=True) / 2
+        return median_seconds(fn, repeats) / 2
     else:
         raise ValueError(f"unknown collective {op!r}")
-    return fastest_seconds(fn, repeats, barrier=True)
+    return median_seconds(fn, repeats)
 
 
 def dp_allreduce_seconds(model: nn.Module, repeats: int) -> float:
@@ -203,7 +247,7 @@ def dp_allreduce_seconds(model: nn.Module, repeats: int) -> float:
     def step():
         for b in buckets:
             dist.all_reduce(b)
-    return fastest_seconds(step, repeats, barrier=True)
+    return median_seconds(step, repeats)
 
 
 def fsdp_seconds(model: Transformer, repeats: int) -> dict:
@@ -224,8 +268,8 @@ def fsdp_seconds(model: Transformer, repeats: int) -> dict:
     def reduce_scatter():
         for i in range(len(sizes)):
             dist.reduce_scatter_tensor(part[i], full[i])
-    return {"all_gather_s": fastest_seconds(all_gather, repeats, barrier=True),
-            "reduce_scatter_s": fastest_seconds(reduce_scatter, repeats, barrier=True),
+    return {"all_gather_s": median_seconds(all_gather, repeats),
+            "reduce_scatter_s": median_seconds(reduce_scatter, repeats),
             "all_gathers": len(gathers), "reduce_scatters": len(sizes)}
 
 
@@ -241,19 +285,27 @@ def cp_exchange_seconds(cfg: ModelConfig, tokens: int, repeats: int) -> dict:
             dist.all_gather_into_tensor(full, part)
             dist.all_gather_into_tensor(full, part)
             dist.reduce_scatter_tensor(part, full)
-    return {"seconds": fastest_seconds(exchange, repeats, barrier=True),
+    return {"seconds": median_seconds(exchange, repeats),
             "chunk_bytes": chunk * 4, "collectives": 3 * cfg.n_layer}
 
 
 class _Clock:
-    """Seconds spent inside the tensor-parallel all-reduces, and how many ran."""
+    """Seconds spent inside the tensor-parallel all-reduces, and how many ran. With `split`,
+    a barrier before each all-reduce takes the wait for the slower rank out of it (`waited`):
+    what is left is the transfer the performance model charges."""
 
     seconds = 0.0
+    waited = 0.0
     calls = 0
+    split = False
 
     @classmethod
     @contextlib.contextmanager
     def timed(cls):
+        if cls.split:
+            start = time.perf_counter()
+            dist.barrier()
+            cls.waited += time.perf_counter() - start
         start = time.perf_counter()
         try:
             yield
@@ -315,17 +367,30 @@ def tensor_parallel(model: Transformer) -> Transformer:
 
 
 def tp_step(cfg: ModelConfig, micro_batch: int, steps: int, warmup: int) -> dict:
-    """A tensor-parallel training step of `cfg` on [micro_batch, seq_len] tokens: median step
-    seconds (barrier to barrier), and the seconds inside the all-reduces of the step that spent
-    fewest there (and their median)."""
+    """`tp_steps` as they run, then as many with a barrier before each all-reduce: the step
+    time of the first; the all-reduce seconds of each (with the barrier: the transfer alone,
+    and the wait for the slower rank)."""
+    plain = tp_steps(cfg, micro_batch, steps, warmup)
+    _Clock.split = True
+    try:
+        split = tp_steps(cfg, micro_batch, steps, warmup)
+    finally:
+        _Clock.split = False
+    return plain | {"transfer_s": split["comm_s"], "wait_s": split["wait_s"],
+                    "split_step_s": split["step_s"]}
+
+
+def tp_steps(cfg: ModelConfig, micro_batch: int, steps: int, warmup: int) -> dict:
+    """Tensor-parallel training steps of `cfg` on [micro_batch, seq_len] tokens: median step
+    seconds (barrier to barrier), seconds inside the all-reduces and waiting before them."""
     torch.manual_seed(0)
     model = tensor_parallel(Transformer(cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len), generator=g)
-    step_s, comm_s, calls = [], [], 0
+    step_s, comm_s, wait_s, calls = [], [], [], 0
     for i in range(warmup + steps):
-        _Clock.seconds, _Clock.calls = 0.0, 0
+        _Clock.seconds, _Clock.waited, _Clock.calls = 0.0, 0.0, 0
         dist.barrier()
         start = time.perf_counter()
         _, loss = model(idx, idx)
@@ -336,9 +401,10 @@ def tp_step(cfg: ModelConfig, micro_batch: int, steps: int, warmup: int) -> dict
         if i >= warmup:
             step_s.append(time.perf_counter() - start)
             comm_s.append(_Clock.seconds)
+            wait_s.append(_Clock.waited)
             calls = _Clock.calls
-    return {"step_s": statistics.median(step_s), "comm_s": min(comm_s),
-            "comm_median_s": statistics.median(comm_s), "collectives": calls}
+    return {"step_s": statistics.median(step_s), "comm_s": statistics.median(comm_s),
+            "wait_s": statistics.median(wait_s), "collectives": calls}
 
 
 def ranks(rank: int, spec: dict, out: str) -> None:
