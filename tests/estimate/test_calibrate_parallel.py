@@ -18,6 +18,7 @@ from estimate.calibrate.parallel import (
     harness_spec,
     host_ops,
     layout_gemm_rate,
+    link_points,
     load_parallel_sweep,
     local_accelerator,
     local_factors,
@@ -28,9 +29,11 @@ from estimate.calibrate.parallel import (
     read_checked_terms,
     relative_check,
     sent_bytes,
+    term_checks,
 )
 from estimate.hardware import load_catalog
 from estimate.perf import Layout, bubble_fraction, forward_gemms, step_time, tp_comm_seconds
+from model.flops import count_params
 from tests.utils import run_cmd
 
 
@@ -232,3 +235,31 @@ def test_parallel_calibration_end_to_end(tiny_data, tmp_path):
                     "1B", "--accelerator", "H100-SXM5-80GB", "--count", "8",
                     "--from-calibration", str(out)])
     assert "parallel terms checked on" in proj.stdout and "gloo" in proj.stdout
+
+
+def test_term_checks_predict_from_each_collectives_own_link():
+    """Collectives on exact lines: the DP term is one all-reduce of the gradients over the
+    all-reduce's link; FSDP and CP mix the all-gather's link (2/3) and the reduce-scatter's
+    (1/3); a measurement 40% off the prediction does not hold."""
+    sweep = load_parallel_sweep(PARALLEL_QUICK)
+    cfg, pp_cfg = model_config(sweep, 512), pipeline_config(sweep, 512)
+    bench = _synthetic_bench(cfg, pp_cfg, sweep)
+    lines = {"all_reduce": (1e-4, 2e9), "all_gather": (2e-4, 1e9), "reduce_scatter": (3e-4, 5e8),
+             "send_recv": (5e-5, 3e9)}
+    bench["collectives"] = {op: {str(b): a + sent_bytes(op, b) / beta for b in sweep.sizes_bytes}
+                            for op, (a, beta) in lines.items()}
+    links = {op: fit_link(link_points(bench["collectives"], (op,)), (op,)) for op in OPS}
+    assert links["reduce_scatter"].bytes_per_s == pytest.approx(5e8)
+    params = count_params(cfg)
+    grads = params * 4.0
+    bench["dp_allreduce_s"] = 1e-4 + grads / 2e9  # one bucket, 2(g-1)/g = 1 of it sent
+    units = cfg.n_layer + 1
+    fsdp = (2 / 3) * (1.5 * grads / 1e9 + 3 * units * 2e-4) + (1 / 3) * (
+        1.5 * grads / 5e8 + 3 * units * 3e-4)
+    bench["fsdp"]["all_gather_s"], bench["fsdp"]["reduce_scatter_s"] = fsdp * 1.4, 0.0
+    checks = {c.term.split(" ")[0]: c for c in term_checks(bench, cfg, sweep.micro_batch_size,
+                                                           links)}
+    assert checks["data-parallel"].predicted_s == pytest.approx(bench["dp_allreduce_s"])
+    assert checks["data-parallel"].holds
+    assert checks["FSDP"].predicted_s == pytest.approx(fsdp)
+    assert not checks["FSDP"].holds
