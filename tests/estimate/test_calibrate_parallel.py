@@ -22,6 +22,7 @@ from estimate.calibrate.parallel import (
     load_parallel_sweep,
     local_accelerator,
     local_factors,
+    machine_share,
     model_config,
     pipeline_config,
     predict_step,
@@ -263,3 +264,13 @@ def test_term_checks_predict_from_each_collectives_own_link():
     assert checks["data-parallel"].holds
     assert checks["FSDP"].predicted_s == pytest.approx(fsdp)
     assert not checks["FSDP"].holds
+
+
+def test_machine_share_stretches_only_runs_that_lacked_cores():
+    assert machine_share(2, 2, 0.0) == 1.0
+    assert machine_share(1, 2, 0.9) == 1.0  # one process, 1.1 cores left
+    assert machine_share(2, 2, 0.73) == pytest.approx(2 / 1.27)
+    assert machine_share(2, None, 0.5) == 1.0 and machine_share(2, 2, None) == 1.0
+    step = StepCheck("DDP", "x", 0.3, 0.5, {}, share=1.5)
+    assert step.error == pytest.approx(-0.4) and step.shared_error == pytest.approx(-0.1)
+    assert step.holds
