@@ -694,15 +694,15 @@ class CheckedTerms:
     path: Path
     hardware: str
     terms: tuple[tuple[str, str], ...]  # (term, verdict)
-    steps: tuple[tuple[str, float, bool], ...]  # (layout, error, holds)
+    steps: tuple[tuple[str, float, bool], ...]  # (layout, error on the cores left, holds)
 
     def lines(self) -> list[str]:
         held = sum(v.startswith("holds") for _, v in self.terms)
         out = [f"parallel terms checked on {self.hardware} ({self.path}): {held} of "
                f"{len(self.terms)} hold"]
         out += [f"  {t}: {v}" for t, v in self.terms]
-        out += [f"  step time, {layout}: predicted {err:+.0%} of measured"
-                + ("" if ok else " (outside +-25%)") for layout, err, ok in self.steps]
+        out += [f"  step time, {layout}: predicted {err:+.0%} of measured (on the cores the "
+                "run had)" + ("" if ok else ", outside +-25%") for layout, err, ok in self.steps]
         out.append("  not checked there: expert-parallel all-to-all, multi-node links, "
                    "overlap of communication with GPU kernels; the projection's link and "
                    "matmul figures come from the accelerator's catalog entry, not from this check")
@@ -723,7 +723,8 @@ def read_checked_terms(directory: str | Path) -> CheckedTerms | None:
         hardware = (f"{m['cpu']}, {m['logical_cores']} logical cores, {r['backend']} between "
                     f"{WORLD} processes, torch {m['torch']}")
         terms = tuple((t["term"], t["verdict"]) for t in r["terms"])
-        steps = tuple((x["layout"], float(x["error"]), bool(x["holds"])) for x in r["steps"])
+        steps = tuple((x["layout"], float(x.get("shared_error", x["error"])), bool(x["holds"]))
+                      for x in r["steps"])
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--from-calibration: {path} is no parallel calibration record "
                          f"({e})") from None

@@ -232,7 +232,7 @@ def test_parallel_calibration_end_to_end(tiny_data, tmp_path):
     assert all(s["predicted_s"] > 0 and s["measured_s"] > 0 for s in r["steps"])
     assert set(r["links"]) >= set(OPS)
     assert "## Step time" in (out / "report.md").read_text()
-    proj = run_cmd([sys.executable, "-m", "estimate", "project", "--model", "tiny", "--tokens",
+    proj = run_cmd([sys.executable, "-m", "estimate", "project", "--params", "1B", "--tokens",
                     "1B", "--accelerator", "H100-SXM5-80GB", "--count", "8",
                     "--from-calibration", str(out)])
     assert "parallel terms checked on" in proj.stdout and "gloo" in proj.stdout
