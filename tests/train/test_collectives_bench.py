@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.distributed as dist
 
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -36,6 +37,7 @@ def _check_tp_harness(rank: int) -> None:
     # replicated parameters see the whole gradient (f's all-reduce of the input gradients)
     torch.testing.assert_close(tp.tok_emb.weight.grad, whole.tok_emb.weight.grad,
                                rtol=1e-4, atol=1e-5)
+    dist.barrier()  # both ranks done before the group is torn down
 
 
 @pytest.mark.slow
