@@ -163,8 +163,9 @@ class Parallel:
         return self.tp.full_state(model, optimizer)
 
     def full_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """An unsharded copy on every rank (checksums, export, samples); `model` if not sharded."""
-        if not self.active or self.layout.tp == 1:
+        """A plain, unsharded copy on every rank (checksums, export, samples); `model` itself
+        without tensor/context parallel."""
+        if not self.active:
             return model
         return self.tp.full_model(model)
 
