@@ -125,13 +125,31 @@ class Node:
                 env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
     def group(self) -> list[psutil.Process]:
-        out = []
+        """The node's processes: its process group and every descendant of `ray start`."""
+        out = {}
+        try:
+            out = {p.pid: p for p in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.Error:
+            pass
         for p in psutil.process_iter():
             try:
                 if os.getpgid(p.pid) == self.proc.pid:
-                    out.append(p)
+                    out[p.pid] = p
             except (ProcessLookupError, psutil.Error):
                 continue
+        return list(out.values())
+
+    def running(self) -> list[str]:
+        """Titles of the node's worker processes that are running a task (Ray titles a worker
+        `ray::<task>` while it runs one, `ray::IDLE` between tasks)."""
+        out = []
+        for p in self.group():
+            try:
+                title = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if title.startswith("ray::") and not title.startswith("ray::IDLE"):
+                out.append(title)
         return out
 
     def kill(self) -> int:
@@ -142,6 +160,11 @@ class Node:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
         self.proc.wait(30)
         psutil.wait_procs(procs, timeout=30)
         return len(procs)
@@ -304,7 +327,8 @@ def test_two_nodes_same_as_local_and_survive_a_lost_worker(two_nodes, local_demo
     log(f"two-node run: digest {digest(ray1)}; identical to local: {ray1 == local}")
     counts = two_nodes.tasks_per_node()
     for node, c in counts.items():
-        kinds = ", ".join(f"{k.rsplit('.', 1)[-1]} {v}" for k, v in c.most_common(4))
+        kinds = ", ".join(f"{'.'.join(k.split('.')[-2:])} {v}"
+                          for k, v in c.most_common(5) if k != "retry")
         log(f"  tasks on {node}: {total(c)} ({kinds}, ...)")
     assert ray1 == local
     assert all(total(c) > 0 for c in counts.values()), counts
@@ -314,23 +338,24 @@ def test_two_nodes_same_as_local_and_survive_a_lost_worker(two_nodes, local_demo
     out = tmp_path / "ray_killed"
     p = two_nodes.prep(out, "killed")
     deadline = time.monotonic() + RUN_TIMEOUT
-    where = None
-    while where is None and p.poll() is None and time.monotonic() < deadline:
-        where = _half_done(out)
-        time.sleep(0.02)
-    assert where is not None, "no watched stage was seen half done: nothing was killed"
     worker = two_nodes.worker
+    where, busy = None, []
+    while not busy and p.poll() is None and time.monotonic() < deadline:
+        where = _half_done(out)
+        busy = worker.running() if where else []
+        time.sleep(0.02)
+    assert busy, "no watched stage was seen half done with a task on the worker: nothing killed"
     n = worker.kill()
     ran = total(executed_tasks(worker.temp)) - total(before["worker#1"])
     worker_id = next(n["id"] for n in nodes if n["ip"] == WORKER_IP)
     log(f"killed the worker node {WORKER_IP} {worker_id[:12]} (ray start pid {worker.proc.pid}, {n} processes) "
-        f"in stage {where[0]} with {where[1]}/{where[2]} shards done; it had run {ran} tasks "
-        "of this run")
+        f"in stage {where[0]} with {where[1]}/{where[2]} shards done, while it ran "
+        f"{', '.join(busy)}; it had run {ran} tasks of this run")
     rc = _wait_run(p)
     head = executed_tasks(two_nodes.head.temp)
     log(f"the interrupted run exited {rc}: {'recovered on the head' if rc == 0 else 'failed'}; "
         f"the head ran {total(head) - total(before['head#0'])} of its tasks, "
-        f"{head['retry'] - before['head#0']['retry']} of them retries")
+        f"{head['retry'] - before['head#0']['retry']} of them retries (attempt > 0)")
     if rc == 0:  # recovered: its output is already the local one
         killed = dataset_hashes(out)
         log(f"interrupted run's own output: digest {digest(killed)}; identical to local: "
