@@ -191,9 +191,10 @@ def render_scale(result: dict[str, Any]) -> str:
         f"{'worker RSS MB':>15}{'driver RSS MB':>15}{'workers':>9}",
     ]
     lines += [render_row(r) for r in result["rows"]]
-    lines.append("worker: the peak of any one worker process (Ray: the `ray::` processes of this")
-    lines.append("node), sampled every 0.5 s; private = RSS - shared pages (a Ray worker's RSS also")
-    lines.append("counts the object-store pages it maps); driver: this process. MB = 10^6 bytes.")
+    lines.append("worker: the peak of any one worker process (embedded Ray: the driver's `ray::`")
+    lines.append("descendants; a cluster: the `ray::` processes of this node), sampled every 0.5 s;")
+    lines.append("private = RSS - shared pages (a Ray worker's RSS also counts the object-store")
+    lines.append("pages it maps); driver: this process. MB = 10^6 bytes.")
     return "\n".join(lines)
 
 
