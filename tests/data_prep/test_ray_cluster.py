@@ -51,6 +51,7 @@ RUN_TIMEOUT = 480  # s, one pipeline run on the cluster
 DATASET = ("tokenizer.json", "meta.json", "train_*.bin", "val_*.bin")
 # stages watched for the kill: one task per input shard, so "some shards done" is half-way
 KILL_IN = ("filter", "near_dedup", "pii")
+NOT_TASKS = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 def log(msg: str) -> None:
@@ -141,14 +142,15 @@ class Node:
 
     def running(self) -> list[str]:
         """Titles of the node's worker processes that are running a task (Ray titles a worker
-        `ray::<task>` while it runs one, `ray::IDLE` between tasks)."""
+        `ray::<task>` while it runs one, `ray::IDLE` between tasks; its agents are
+        `ray::DashboardAgent` and `ray::RuntimeEnvAgent`)."""
         out = []
         for p in self.group():
             try:
-                title = " ".join(p.cmdline())
+                title = " ".join(p.cmdline()).strip()
             except psutil.Error:
                 continue
-            if title.startswith("ray::") and not title.startswith("ray::IDLE"):
+            if title.startswith("ray::") and title not in NOT_TASKS:
                 out.append(title)
         return out
 
