@@ -8,6 +8,7 @@ import logging
 import sys
 
 from contracts.cli import run_main
+from data_prep import storage
 from data_prep.config import load_config
 from data_prep.pipeline import run
 
@@ -29,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
 def prepare(args: argparse.Namespace) -> int:
     """A bad config, a missing input or an unusable tokenizer (PretrainedTokenizerError, a
     ValueError) is one `error:` line and exit code 2 (contracts.cli.run_main)."""
-    out = run(load_config(args.config, args.overrides))
-    print(f"prepared dataset: {out}")
+    cfg = load_config(args.config, args.overrides)
+    out = run(cfg)
+    copy = f" (working copy {out})" if storage.is_remote(cfg.out_dir) else ""
+    print(f"prepared dataset: {cfg.out_dir}{copy}")
     return 0
 
 

@@ -63,10 +63,10 @@ from typing import Any
 from contracts.measured import header, publish
 from data_prep.config import MinHashConfig, load_config
 from data_prep.dedup import minhash_kwargs, near_duplicates
+from data_prep.executor import worker_count
 from data_prep.labelled import build, score
 from data_prep.minhash import MinHasher, choose_bands_rows, parallel_signatures, words_of
 from data_prep.pipeline import run
-from data_prep.stage import worker_count
 from data_prep.store import read_docs
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "prep" / "demo.yaml"

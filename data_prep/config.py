@@ -144,7 +144,7 @@ class ShardConfig:
 
 @dataclass
 class RayConfig:
-    """Where and how `executor: ray` runs (see data_prep.ray_exec and docs/scaling.md)."""
+    """Where and how `executor: ray` runs (see data_prep.ray_verbs and docs/scaling.md)."""
 
     # local: an embedded Ray started (and stopped) by the run; auto: the cluster this machine
     # belongs to (`ray start`, or RAY_ADDRESS); or a cluster address, host:port / ray://host:port
@@ -161,7 +161,9 @@ RAY_ADDRESS_RE = re.compile(r"^(ray://)?[A-Za-z0-9_.\-]+:\d+$")
 
 @dataclass
 class PrepConfig:
-    out_dir: str = "data/demo"
+    out_dir: str = "data/demo"  # a folder, or an object store URL (s3://, gs://, hf://)
+    # out_dir on an object store: the local working copy (default: under the user cache)
+    work_dir: str = ""
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     read: ReadConfig = field(default_factory=ReadConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)

@@ -1,16 +1,18 @@
-"""Deduplication stages: exact (equal normalised text) and near (MinHash LSH).
+"""Deduplication: exact (equal normalised text) and the near-duplicate library (MinHash LSH).
 
 Both use the same survivor rule, so it does not matter in which order documents arrive: in a
 group of duplicates the longest document (most UTF-8 bytes) survives, ties broken by the
 smallest id. For exact duplicates all lengths are equal, so the smallest id survives.
 
-Both stages are a `DedupStage`: it asks its strategy (`find`) which documents are duplicates,
-then walks the documents once, forwarding the survivors and counting each duplicate dropped
-under the stage's one reason; a strategy only says how it finds duplicates.
+`ExactDedup` is the exact stage, written once against the executor's verbs; the near-duplicate
+stage is data_prep.near's `NearDedup`, built on `merge_verified` and `cluster_of` here.
+`exact_duplicates` and `near_duplicates` are the same rules over lists in one process (the
+bench's labelled-set quality and the tests use them).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
@@ -20,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import xxhash
 from tqdm import tqdm
 
 from data_prep.config import MinHashConfig, PrepConfig, to_dict
 from data_prep.document import Document
+from data_prep.executor import Executor, drop_frame, empty_frame
 from data_prep.minhash import (
     MinHasher,
     UnionFind,
@@ -37,8 +41,9 @@ from data_prep.minhash import (
     shingle_sets,
     survivor,
 )
-from data_prep.stage import STEP_MODULES, Stage, StageOutput, StageResult, new_stats, worker_count
-from data_prep.store import num_docs, read_docs, read_ids_texts
+from data_prep.shardops import SHARD_MODULES, rewrite_shards, shard_items, take_top
+from data_prep.stage import Stage, StageResult
+from data_prep.store import num_docs, read_docs
 
 log = logging.getLogger("data_prep")
 
@@ -227,32 +232,53 @@ def near_duplicates(
     return NearDedupResult(drop, clusters, bands, rows, stats)
 
 
-class DedupStage(Stage):
-    """Drops the duplicates its strategy `find` names, under the one `reason`; keeps the rest."""
-
-    reason: str = "duplicate"
-
-    def find(self, cfg: PrepConfig, inp: Path) -> tuple[dict[str, str], dict[str, Any]]:
-        """(id of each duplicate -> detail of its drop, the stage's report extras)."""
-        raise NotImplementedError  # pragma: no cover - interface
-
-    def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
-        assert inp is not None
-        total = new_stats(cfg, res.name)
-        drop, res.extra = self.find(cfg, inp)
-        with StageOutput(cfg, out, total) as o:
-            for d in read_docs(inp):
-                if d.id in drop:
-                    o.drop(d, self.reason, drop[d.id])
-                else:
-                    o.forward(d)
-        res.total = total
+# --------------------------------------------------------------------------- the exact stage
+def _hash_rows(item: dict[str, Any]) -> dict[str, list]:
+    """(text hash, id, shard, row) of every document of one shard."""
+    out: dict[str, list] = {"h": [], "id": [], "shard": [], "row": []}
+    i = int(item["shard"])
+    for row, d in enumerate(read_docs(item["path"])):
+        out["h"].append(f"{text_hash(d.text):032x}")
+        out["id"].append(d.id)
+        out["shard"].append(i)
+        out["row"].append(row)
+    return out
 
 
-class ExactDedup(DedupStage):
+def _exact_groups(df: pd.DataFrame) -> Any:
+    """Each hash group of 2+ documents: its survivor (smallest id) and the others."""
+    df = df[df.duplicated("h", keep=False)].sort_values(["h", "id"])
+    rows: dict[str, list] = {"keep": [], "size": [], "members": []}
+    for _, g in df.groupby("h", sort=False):
+        ids = g["id"].tolist()
+        rows["keep"].append(ids[0])
+        rows["size"].append(len(ids))
+        rows["members"].append(json.dumps(
+            [[int(s), int(r), x] for s, r, x in zip(g["shard"], g["row"], ids, strict=True)][1:]
+        ))
+    if not rows["keep"]:
+        return empty_frame(keep="object", size="int64", members="object")
+    return pd.DataFrame(rows)
+
+
+def _exact_drop_rows(df: pd.DataFrame) -> Any:
+    return drop_frame([(s, r, f"same text as {keep}")
+                       for keep, members in zip(df["keep"], df["members"], strict=True)
+                       for s, r, _ in json.loads(members)])
+
+
+def neg_size(df: pd.DataFrame) -> pd.DataFrame:
+    """The groups with a `neg_size` column, to list the largest first."""
+    return df.assign(neg_size=-df["size"])
+
+
+class ExactDedup(Stage):
+    """Equal texts: a map hashing every document (xxh3-128), a shuffle by the hash, and per
+    group of 2+ the smallest id survives; every shard is then rewritten without the others."""
+
     name = "exact_dedup"
     reason = "exact_duplicate"
-    modules = ("dedup.py", *STEP_MODULES)
+    modules = ("dedup.py", *SHARD_MODULES)
 
     def part(self, cfg: PrepConfig) -> Any:
         return to_dict(cfg)["dedup"]["exact"]
@@ -260,47 +286,24 @@ class ExactDedup(DedupStage):
     def enabled(self, cfg: PrepConfig) -> bool:
         return cfg.dedup.exact.enabled
 
-    def find(self, cfg: PrepConfig, inp: Path) -> tuple[dict[str, str], dict[str, Any]]:
-        found = exact_duplicates(
-            tqdm(read_docs(inp), desc="exact_dedup hash", total=num_docs(inp),
-                 disable=not cfg.progress, unit="doc")
-        )
-        drop = {i: f"same text as {keep}" for i, keep in found.drop.items()}
-        shown = found.groups[: cfg.report.clusters_shown]
-        extra = {"groups": len(found.groups), "groups_shown": shown}
-        return drop, extra
+    def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
+            res: StageResult) -> None:
+        assert inp is not None
+        parts = ex.partitions(num_docs(inp))
+        hashes = ex.map_shards(shard_items(inp), _hash_rows, desc="exact_dedup hash")
+        groups = ex.materialize(ex.group_by(hashes, "h", _exact_groups, parts))
+        n_groups = ex.count(groups)
+        shown = take_top(ex, ex.map_blocks(groups, neg_size), cfg.report.clusters_shown,
+                         ["neg_size", "keep"], [True, True])
+        drops = ex.map_blocks(groups, _exact_drop_rows) if n_groups else None
+        res.total, _ = rewrite_shards(ex, drops, cfg, inp, out, res.name, self.reason, parts)
+        res.extra = {
+            "groups": n_groups,
+            "groups_shown": [[r["keep"], *(m[2] for m in json.loads(r["members"]))]
+                             for r in shown],
+        }
 
 
 def minhash_kwargs(m: MinHashConfig) -> dict[str, Any]:
     """`near_duplicates`' settings from the config's `dedup.minhash` (all but `enabled`)."""
     return {k: v for k, v in asdict(m).items() if k != "enabled"}
-
-
-class NearDedup(DedupStage):
-    name = "near_dedup"
-    reason = "near_duplicate"
-    modules = ("dedup.py", "minhash.py", *STEP_MODULES)
-
-    def part(self, cfg: PrepConfig) -> Any:
-        return to_dict(cfg)["dedup"]["minhash"]
-
-    def enabled(self, cfg: PrepConfig) -> bool:
-        return cfg.dedup.minhash.enabled
-
-    def find(self, cfg: PrepConfig, inp: Path) -> tuple[dict[str, str], dict[str, Any]]:
-        m = cfg.dedup.minhash
-        ids, texts = read_ids_texts(inp)
-        log.info("near_dedup: MinHash signatures of %d documents", len(ids))
-        found = near_duplicates(ids, texts, **minhash_kwargs(m), workers=worker_count(cfg),
-                                progress=cfg.progress)
-        drop = {
-            i: f"near-duplicate of {sid} (estimated Jaccard {sim:.2f})"
-            for i, (sid, sim) in found.drop.items()
-        }
-        extra = {
-            "bands": found.bands,
-            "rows": found.rows,
-            **found.stats,
-            "clusters_shown": found.clusters[: cfg.report.clusters_shown],
-        }
-        return drop, extra

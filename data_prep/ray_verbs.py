@@ -1,33 +1,23 @@
-"""The Ray executor's verbs over Ray Data: the session, a shuffle by key (`grouped`), a join
-(`join`), connected components (`connected_components`, large-star / small-star), and rewriting
-the shards of a stage without the rows a shuffle named (`rewrite_shards`). Stage runners
-(data_prep.ray_exec, data_prep.ray_near) say what happens per shard or key group; these place it.
+"""`executor: ray`: the verbs of data_prep.executor over Ray Data (`RayExecutor`), and the Ray
+session. A shuffle by key is a distributed sort (`grouped`), a join is a shuffle of both sides
+tagged into one schema (`join`), connected components are large-star / small-star
+(`connected_components`). The stages (data_prep.stage, data_prep.dedup, data_prep.near,
+data_prep.read_stage) say what happens per shard or key group; this module only places it.
+Every Ray import is inside a function, so data_prep imports without Ray.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from data_prep.config import PrepConfig
-from data_prep.shardio import (
-    ShardOutput,
-    shard_done,
-    shard_name,
-)
-from data_prep.stage import (
-    new_stats,
-    worker_count,
-)
-from data_prep.stats import StepStats
-from data_prep.store import doc_files, read_docs
+from data_prep.executor import _TYPES, empty_frame, group_starts, to_arrow, worker_count
 
 log = logging.getLogger("data_prep")
 
@@ -85,25 +75,6 @@ def partitions(cfg: PrepConfig, n_docs: int) -> int:
     return max(2, 2 * cpus, -(-n_docs // cfg.ray.shard_docs))
 
 
-def shards_in(inp: Path) -> list[str]:
-    return [str(p) for p in doc_files(inp)]
-
-
-def shard_items(inp: Path) -> Any:
-    """A Dataset of one row per input shard (its index and path), one block each."""
-    import ray.data
-
-    files = shards_in(inp)
-    items = [{"shard": i, "path": p} for i, p in enumerate(files)]
-    return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-
-
-def collect(ds: Any) -> list[dict[str, Any]]:
-    """The per-shard accounting rows of `ds` (one small row per shard), in shard order."""
-    rows = ds.take_all()
-    return [json.loads(r["acct"]) for r in sorted(rows, key=lambda r: r["shard"])]
-
-
 # --------------------------------------------------------------------------- shuffles
 def grouped(ds: Any, key: str, fn: Callable, parts: int, fmt: str = "pandas",
             **fn_kwargs: Any) -> Any:
@@ -118,41 +89,6 @@ def grouped(ds: Any, key: str, fn: Callable, parts: int, fmt: str = "pandas",
     # every shuffle (seconds each on a small machine), and near_dedup runs a dozen shuffles
     DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     return map_blocks(ds.repartition(parts).sort(key), fn, fmt, **fn_kwargs)
-
-
-def group_starts(keys: np.ndarray) -> np.ndarray:
-    """Indices where a new run of equal values starts in the sorted `keys`."""
-    if not len(keys):
-        return np.empty(0, np.int64)
-    return np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
-
-
-_TYPES = {"int64": "int64", "object": "string", "bytes": "binary", "float": "float64",
-          "bool": "bool"}
-
-
-def empty_frame(**cols: str) -> Any:
-    """An empty block with these columns ("int64", "object" = string, "bytes", "float")."""
-    import pyarrow as pa
-
-    return pa.table({c: pa.array([], _TYPES[t]) for c, t in cols.items()})
-
-
-def to_arrow(block: Any) -> Any:
-    """`block` (pandas or Arrow) as an Arrow table with plain string/binary columns, so the
-    blocks of one shuffle agree on their schema whatever produced them."""
-    import pyarrow as pa
-
-    t = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
-    fields = []
-    for f in t.schema:
-        ty = f.type
-        if pa.types.is_large_string(ty):
-            ty = pa.string()
-        elif pa.types.is_large_binary(ty):
-            ty = pa.binary()
-        fields.append(pa.field(f.name, ty))
-    return t.cast(pa.schema(fields))
 
 
 class _Block:
@@ -204,68 +140,6 @@ def _join_block(t: Any, lnames: list[str], rnames: list[str]) -> Any:
     left = t.filter(pc.equal(t["_side"], 0)).select(["_k", *lnames])
     right = t.filter(pc.equal(t["_side"], 1)).select(["_k", *rnames])
     return left.join(right, "_k", join_type="inner").drop_columns(["_k"])
-
-
-def _apply_drops(df: pd.DataFrame, cfg: PrepConfig, out: str, inputs: list[str], name: str,
-                 reason: str, earlier: str | None = None) -> pd.DataFrame:
-    """Per shard of this block: rewrite it without the rows named (row >= 0; row -1 marks a
-    shard with no drops), each drop counted under `reason` with its detail. `earlier`: a
-    folder of drops already written per input shard (dropped/part-NNNNN.jsonl), which lead the
-    shard's own dropped file (committed with it)."""
-    rep = cfg.report
-    shards, accts = [], []
-    for i, g in df.groupby("shard", sort=True):
-        i = int(i)
-        acct = shard_done(Path(out), i)
-        if acct is None:
-            drops = {int(r): d for r, d in zip(g["row"], g["detail"], strict=True) if r >= 0}
-            total = StepStats(name, rep.examples_per_reason, rep.snippet_chars)
-            o = ShardOutput(cfg, Path(out), i, total)
-            before = Path(earlier or "") / "dropped" / f"{shard_name(i)}.jsonl"
-            if earlier and o.dropped.f is not None and before.exists():
-                o.dropped.f.write(before.read_text(encoding="utf-8"))
-            for row, d in enumerate(read_docs(inputs[i])):
-                if row in drops:
-                    o.drop(d, reason, drops[row])
-                else:
-                    o.forward(d)
-            acct = o.commit({"total": total.to_dict()})
-        shards.append(i)
-        accts.append(json.dumps(acct))
-    return pd.DataFrame({"shard": shards, "acct": accts})
-
-
-def rewrite_shards(drops: Any, cfg: PrepConfig, inp: Path, out: Path, name: str, reason: str,
-             parts: int, earlier: Path | None = None) -> tuple[StepStats, list[dict[str, Any]]]:
-    """Shuffle the drops (shard, row, detail) by shard, with one marker row per shard, and
-    rewrite every shard; returns the stage's merged accounting and each shard's. `earlier`: see
-    `_apply_drops`."""
-    import ray.data
-
-    inputs = shards_in(inp)
-    markers = ray.data.from_items(
-        [{"shard": i, "row": -1, "detail": ""} for i in range(len(inputs))]
-    )
-    ds = grouped(drops.union(markers) if drops is not None else markers, "shard", _apply_drops,
-                 parts, cfg=cfg, out=str(out), inputs=inputs, name=name, reason=reason,
-                 earlier=str(earlier) if earlier else None)
-    total = new_stats(cfg, name)
-    accts = collect(ds)
-    for acct in accts:
-        total.merge(StepStats.from_dict(acct["total"]))
-    return total, accts
-
-
-def _top(df: pd.DataFrame, k: int, by: list[str], ascending: list[bool]) -> pd.DataFrame:
-    return df.sort_values(by, ascending=ascending).head(k)
-
-
-def take_top(ds: Any, k: int, by: list[str], ascending: list[bool]) -> list[dict[str, Any]]:
-    """The first `k` rows of `ds` in the order `by`: k per block, then k overall."""
-    if k <= 0:
-        return []
-    rows = map_blocks(ds, _top, k=k, by=by, ascending=ascending).take_all()
-    return _top(pd.DataFrame(rows), k, by, ascending).to_dict("records") if rows else []
 
 
 # --------------------------------------------------------------------------- components
@@ -348,8 +222,76 @@ def _first_label(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop_duplicates("node")
 
 
-def drop_frame(drops: list[tuple[int, int, str]]) -> pd.DataFrame:
-    """(shard, row, detail) of each dropped document, as the frame the drop shuffle takes."""
-    if not drops:
-        return empty_frame(shard="int64", row="int64", detail="object")
-    return pd.DataFrame(drops, columns=["shard", "row", "detail"])
+# --------------------------------------------------------------------------- the executor
+class _PerItem:
+    """map_batches over item rows: `fn(item_dict, **kw)` per row, the results as one table."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.__name__ = fn.__name__
+
+    def __call__(self, batch: dict[str, np.ndarray], **kw: Any) -> Any:
+        import pyarrow as pa
+
+        cols = {k: v.tolist() for k, v in batch.items()}
+        n = len(next(iter(cols.values()))) if cols else 0
+        tables = [to_arrow(self.fn({k: v[j] for k, v in cols.items()}, **kw)) for j in range(n)]
+        tables = [t for t in tables if t.num_columns]
+        return pa.concat_tables(tables) if tables else pa.table({})
+
+
+class RayExecutor:
+    """data_prep.executor.Executor on Ray Data (in a `session`)."""
+
+    name = "ray"
+    modules = ("ray_verbs.py", "executor.py")
+
+    def __init__(self, cfg: PrepConfig) -> None:
+        self.cfg = cfg
+
+    def partitions(self, n_docs: int) -> int:
+        return partitions(self.cfg, n_docs)
+
+    def map_shards(self, items: list[dict[str, Any]], fn: Callable, desc: str = "",
+                   **kw: Any) -> Any:  # Ray Data shows its own progress bars
+        import ray.data
+
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        return ds.map_batches(_PerItem(fn), batch_size=1, fn_kwargs=kw)
+
+    def map_blocks(self, data: Any, fn: Callable, fmt: str = "pandas", **kw: Any) -> Any:
+        return map_blocks(data, fn, fmt, **kw)
+
+    def group_by(self, data: Any, key: str, fn: Callable, parts: int, fmt: str = "pandas",
+                 **kw: Any) -> Any:
+        return grouped(data, key, fn, parts, fmt, **kw)
+
+    def join(self, left: Any, right: Any, on: tuple[str, str], lcols: dict[str, str],
+             rcols: dict[str, str], parts: int) -> Any:
+        return join(left, right, on, lcols, rcols, parts)
+
+    def components(self, edges: Any, parts: int) -> tuple[Any, int]:
+        return connected_components(edges, parts)
+
+    def from_items(self, items: list[dict[str, Any]]) -> Any:
+        import ray.data
+
+        return ray.data.from_items(items)
+
+    def union(self, a: Any, b: Any) -> Any:
+        return a.union(b)
+
+    def rename(self, rows: Any, names: dict[str, str]) -> Any:
+        return rows.rename_columns(names)
+
+    def materialize(self, rows: Any) -> Any:
+        return rows.materialize()
+
+    def count(self, rows: Any) -> int:
+        return rows.count()
+
+    def sum(self, rows: Any, col: str) -> int:
+        return int(rows.sum(col) or 0) if rows.count() else 0
+
+    def rows(self, rows: Any) -> list[dict[str, Any]]:
+        return rows.take_all()

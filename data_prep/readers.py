@@ -16,18 +16,23 @@ import json
 import lzma
 import os
 import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from data_prep.config import PrepConfig, SourceConfig, to_dict
+from data_prep.config import SourceConfig
 from data_prep.document import BadRecord, Document
-from data_prep.paths import expand_paths, file_key, matches, open_maybe_compressed
-from data_prep.stage import STEP_MODULES, Stage, StageOutput, StageResult, new_stats
+from data_prep.paths import (
+    expand_paths,
+    file_key,
+    matches,
+    open_maybe_compressed,
+    parquet_source,
+    read_bytes,
+)
 
 Record = Document | BadRecord
+Files = list[tuple[str, Path]]  # (relative name, path) of the files a reader reads
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
@@ -126,7 +131,8 @@ def record_to_doc(
     return Document(doc_id, text, source, domain, meta)
 
 
-def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
+def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0,
+               files: Files | None = None) -> Iterator[Record]:
     """JSON lines, plain or compressed (.gz, .bz2, .xz, .zst); one document per line.
 
     Every physical line is a record: a line that is not valid UTF-8 or not valid JSON is a
@@ -134,7 +140,7 @@ def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
     truncated compressed file ends with an `unreadable_file` record.
     """
     label = cfg.name or "jsonl"
-    for rel, path in expand_paths(cfg, JSONL_SUFFIXES):
+    for rel, path in files if files is not None else expand_paths(cfg, JSONL_SUFFIXES):
         source = f"{label}:{rel}"
         try:
             f = open_maybe_compressed(path)
@@ -195,15 +201,15 @@ def read_jsonl(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
                 )
 
 
-def read_parquet(cfg: SourceConfig) -> Iterator[Record]:
+def read_parquet(cfg: SourceConfig, files: Files | None = None) -> Iterator[Record]:
     """Parquet files; one document per row, read in record batches."""
     import pyarrow.parquet as pq
 
     label = cfg.name or "parquet"
-    for rel, path in expand_paths(cfg, (".parquet",)):
+    for rel, path in files if files is not None else expand_paths(cfg, (".parquet",)):
         source = f"{label}:{rel}"
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(parquet_source(path))
         except Exception as e:  # any corrupt file is a bad record, not a crash
             yield BadRecord(
                 "unreadable_file", source, source, 0, f"{path}: {type(e).__name__}: {e}"
@@ -234,16 +240,16 @@ def read_parquet(cfg: SourceConfig) -> Iterator[Record]:
             )
 
 
-def read_text(cfg: SourceConfig) -> Iterator[Record]:
+def read_text(cfg: SourceConfig, files: Files | None = None) -> Iterator[Record]:
     """Plain-text files: a document per file (`per: file`) or per non-empty line (`per: line`)."""
     label = cfg.name or "text"
-    for rel, path in expand_paths(cfg, None):
+    for rel, path in files if files is not None else expand_paths(cfg, None):
         source = f"{label}:{rel}"
         if cfg.per == "file":
             yield from read_text_file(path, source, source, cfg.domain, {"path": rel})
             continue
         try:
-            raw_all = path.read_bytes()
+            raw_all = read_bytes(path)
         except OSError as e:
             yield BadRecord("unreadable_file", source, source, 0, _os_error(path, e))
             continue
@@ -267,11 +273,11 @@ def read_text(cfg: SourceConfig) -> Iterator[Record]:
 
 
 def read_text_file(
-    path: Path, doc_id: str, source: str, domain: str, metadata: dict | None = None
+    path: Path | str, doc_id: str, source: str, domain: str, metadata: dict | None = None
 ) -> Iterator[Record]:
     """One file as one document; binary files and invalid UTF-8 become BadRecords."""
     try:
-        raw = path.read_bytes()
+        raw = read_bytes(path)
     except OSError as e:
         yield BadRecord("unreadable_file", doc_id, source, 0, _os_error(path, e))
         return
@@ -304,22 +310,24 @@ def embedded_code_files(cfg: SourceConfig) -> list[tuple[str, Path]]:
     return out
 
 
-def read_embedded(cfg: SourceConfig) -> Iterator[Record]:
+def read_embedded(cfg: SourceConfig, files: Files | None = None,
+                  prose: bool | None = None) -> Iterator[Record]:
     """The embedded corpus: text that ships with every Python install.
 
     Code: the interpreter's standard library sources, one document per *.py file (id
     `stdlib/<relative path>`, domain "code"), skipping `exclude_dirs` (site-packages and the test
     suites by default). Prose: `pydoc_data.topics`, the language reference text behind `help()`,
     one document per topic (id `pydoc/<topic>`, domain "prose"). The include/exclude globs match
-    `<relative path>` for code and `pydoc/<topic>` for prose.
+    `<relative path>` for code and `pydoc/<topic>` for prose. `files` and `prose`: read only
+    these code files, and the prose or not (a read task's part of the source).
     """
     label = cfg.name or "embedded"
-    if cfg.code:
-        for rel, path in embedded_code_files(cfg):
+    if files is not None or cfg.code:
+        for rel, path in files if files is not None else embedded_code_files(cfg):
             yield from read_text_file(
                 path, f"stdlib/{rel}", f"{label}:stdlib", "code", {"path": rel}
             )
-    if cfg.prose:
+    if (cfg.prose if prose is None else prose):
         from pydoc_data import topics
 
         for topic in sorted(topics.topics):
@@ -371,7 +379,7 @@ def expected_records(cfg: SourceConfig) -> int | None:
             import pyarrow.parquet as pq
 
             files = expand_paths(cfg, (".parquet",))
-            n = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files)
+            n = sum(pq.ParquetFile(parquet_source(p)).metadata.num_rows for _, p in files)
         elif cfg.kind == "text" and cfg.per == "file":
             n = len(expand_paths(cfg, None))
     except Exception:  # an unreadable file: its reader reports it; the bar just has no total
@@ -408,66 +416,3 @@ def read_source(cfg: SourceConfig, max_line_bytes: int = 0) -> Iterator[Record]:
             return
         n += 1
         yield rec
-
-
-# --------------------------------------------------------------------------- the read stage
-class Read(Stage):
-    """Reads every source into docs.parquet; drops bad records, blank or oversized documents
-    and repeated ids, counted for the whole stage and per source."""
-
-    name = "read"
-    modules = ("readers.py", "paths.py", *STEP_MODULES)
-
-    def part(self, cfg: PrepConfig) -> Any:
-        c = to_dict(cfg)
-        return [c["sources"], c["read"], [fingerprint(s) for s in cfg.sources]]
-
-    def run(
-        self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult,
-        output: Callable[..., Any] = StageOutput, check_ids: bool = True,
-    ) -> None:
-        """`output`: StageOutput (docs.parquet) or shardio.RollingOutput (shards, a new one
-        per source). `check_ids=False` leaves repeated ids to the caller (ray_exec finds them
-        with a shuffle instead of a set of every id in this process)."""
-        total = new_stats(cfg, self.name)
-        seen_ids: set[str] = set()
-        per_source = {}
-        with output(cfg, out, total) as o:
-            for i, src in enumerate(cfg.sources):
-                if hasattr(o, "start_source"):
-                    o.start_source(i)
-                st = new_stats(cfg, f"source{i}:{src.name or src.kind}")
-                records = read_source(src, cfg.read.max_line_bytes)
-                desc = f"read {src.kind} {src.path or ''}".strip()
-                expect = expected_records(src) if cfg.progress else None
-                bar = tqdm(records, desc=desc, total=expect, disable=not cfg.progress, unit="doc")
-                for rec in bar:
-                    reason, detail = check_record(rec, cfg, seen_ids)
-                    if reason:
-                        o.drop(rec, reason, detail, st)
-                    else:
-                        assert isinstance(rec, Document)
-                        if check_ids:
-                            seen_ids.add(rec.id)
-                        o.forward(rec, st)
-                per_source[st.name] = st
-        res.total, res.steps = total, list(per_source.values())
-
-
-def check_record(rec: Record, cfg: PrepConfig, seen: set[str]) -> tuple[str, str]:
-    """(reason, detail) to drop a record as it is read, or ("", "") to keep it."""
-    if isinstance(rec, BadRecord):
-        return rec.reason, rec.detail
-    try:
-        n = len(rec.text.encode("utf-8"))
-    except UnicodeEncodeError as e:
-        return "invalid_utf8", f"lone surrogate in text: {e.reason}"
-    if cfg.read.max_doc_bytes and n > cfg.read.max_doc_bytes:
-        return "too_large", f"{n} bytes > read.max_doc_bytes={cfg.read.max_doc_bytes}"
-    k = len(rec.text.strip())
-    if k < cfg.read.min_doc_chars:
-        m = cfg.read.min_doc_chars
-        return "empty", f"{k} characters once whitespace is stripped < read.min_doc_chars={m}"
-    if rec.id in seen:
-        return "duplicate_id", f"id {rec.id!r} already read"
-    return "", ""

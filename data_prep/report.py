@@ -26,7 +26,8 @@ def write_reports(
         "config": to_dict(cfg),
     }
     (root / "report.json").write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    (root / "report.md").write_text(render_markdown(data, root), encoding="utf-8")
+    # titled by out_dir: for an object store its URL, not the local working copy
+    (root / "report.md").write_text(render_markdown(data, cfg.out_dir), encoding="utf-8")
 
 
 def _fence(text: str) -> str:
@@ -34,7 +35,7 @@ def _fence(text: str) -> str:
     return "```\n" + text.rstrip() + "\n```"
 
 
-def render_markdown(data: dict[str, Any], root: Path) -> str:
+def render_markdown(data: dict[str, Any], root: Path | str) -> str:
     inv = data["invariant"]
     out = [
         f"# Prep report: `{root}`",

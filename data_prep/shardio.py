@@ -2,23 +2,22 @@
 
 A shard is `docs/part-NNNNN.parquet` (its kept documents), `dropped/part-NNNNN.jsonl` (its
 dropped ones, with `report.write_dropped`) and `shards/part-NNNNN.json` (its accounting). Every
-file is written under a temporary name and renamed into place, the accounting last, so a shard
-is complete exactly when its accounting file exists (`shard_done`), and a re-run keeps it.
-Any executor writes shards through these; see docs/scaling.md.
+file is written under a temporary name and renamed into place (data_prep.storage.commit), the
+accounting last, so a shard is complete exactly when its accounting file exists (`shard_done`),
+and a re-run keeps it. Any executor writes shards through these; see docs/scaling.md.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
+from data_prep import storage
 from data_prep.config import PrepConfig
-from data_prep.document import BadRecord, Document
 from data_prep.stage import DroppedWriter, StageOutput
 from data_prep.stats import StepStats
+from data_prep.storage import tmp_path
 from data_prep.store import DocWriter
 
 
@@ -26,17 +25,9 @@ def shard_name(i: int) -> str:
     return f"part-{i:05d}"
 
 
-def tmp_path(path: Path) -> Path:
-    """A hidden temporary name beside `path`, unique to this writer."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-
-
 def atomic_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write `text` to `path` all or nothing (data_prep.storage.write_text)."""
+    storage.write_text(path, text)
 
 
 def shard_done(out: Path, i: int) -> dict[str, Any] | None:
@@ -63,51 +54,8 @@ class ShardOutput(StageOutput):
     def commit(self, accounting: dict[str, Any]) -> dict[str, Any]:
         self.docs.close()
         self.dropped.close()
-        os.replace(self.tmp, self.final)
+        storage.commit(self.tmp, self.final)
         if self.tmp_dropped.exists():
-            os.replace(self.tmp_dropped, self.final_dropped)
+            storage.commit(self.tmp_dropped, self.final_dropped)
         atomic_text(self.out / "shards" / f"{shard_name(self.i)}.json", json.dumps(accounting))
         return accounting
-
-
-class RollingOutput:
-    """StageOutput's interface for the driver-side read: a new ShardOutput every `shard_docs`
-    forwarded documents and at every new source (`start_source`), so each shard holds one
-    source's documents; its accounting file names that source."""
-
-    def __init__(self, cfg: PrepConfig, out: Path, *stats: StepStats) -> None:
-        self.cfg, self.out, self.stats = cfg, out, stats
-        self.n = self.i = self.source = 0
-        self.cur = ShardOutput(cfg, out, 0)
-
-    def _next(self) -> None:
-        self.cur.commit({"docs": self.n, "source": self.source})
-        self.i, self.n = self.i + 1, 0
-        self.cur = ShardOutput(self.cfg, self.out, self.i)
-
-    def start_source(self, i: int) -> None:
-        if i > 0:
-            self._next()
-        self.source = i
-
-    def forward(self, doc: Document, *also: StepStats) -> None:
-        if self.n >= self.cfg.ray.shard_docs:
-            self._next()
-        for s in self.stats:
-            s.count_in(doc.nbytes)
-            s.keep(doc.nbytes)
-        self.cur.forward(doc, *also)
-        self.n += 1
-
-    def drop(self, rec: Document | BadRecord, reason: str, detail: str, *also: StepStats) -> None:
-        for s in self.stats:
-            s.count_in(rec.nbytes)
-            s.drop(rec, reason, detail)
-        self.cur.drop(rec, reason, detail, *also)
-
-    def __enter__(self) -> RollingOutput:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.cur.commit({"docs": self.n, "source": self.source})

@@ -1,14 +1,16 @@
 """The stage framework: a stage is a small object with one job, run once and cached on disk.
 
-A `Stage` reads the previous stage's documents (`docs.parquet`) and writes its own into
-`OUT/stages/<nn>_<name>/`, with its accounting (`stats.json`, a `StageResult`) and last a `key`
-file. The key hashes the stage's part of the config, the source code of the modules that
-implement it and the key of its input, so `run_stage` skips a stage whose key is unchanged and
-re-runs exactly the stages a config or code change affects (and everything downstream of them).
+A `Stage` reads the previous stage's documents (a folder of shards, `docs/part-NNNNN.parquet`)
+and writes its own into `OUT/stages/<nn>_<name>/`, with its accounting (`stats.json`, a
+`StageResult`) and last a `key` file. The key hashes the stage's part of the config, the source
+code of the modules that implement it (and of the executor's) and the key of its input, so
+`run_stage` skips a stage whose key is unchanged and re-runs exactly the stages a config or code
+change affects (and everything downstream of them).
 
-Every stage counts what it forwarded and dropped, by reason, in StepStats (`StageOutput` does
-it for stages that walk documents one by one; `StepsStage` runs a list of Steps over batches in
-a process pool and merges the workers' counts), and `run_stage` checks in = kept + dropped.
+A stage is written once, against the verbs of `data_prep.executor.Executor` (its map per shard,
+its shuffle keys, its reduce); the executor it is handed (the local process pool or Ray) only
+decides where those tasks run. Every stage counts what it forwarded and dropped, by reason, in
+StepStats, and `run_stage` checks in = kept + dropped.
 """
 
 from __future__ import annotations
@@ -16,33 +18,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from tqdm import tqdm
-
-from data_prep.config import PrepConfig, to_dict
+from data_prep.config import PrepConfig
 from data_prep.document import BadRecord, Document
+from data_prep.executor import Executor, LocalExecutor
 from data_prep.stats import AccountingError, StepStats, printable
-from data_prep.steps import Step, run_steps
-from data_prep.store import DocWriter, num_docs, read_docs
+from data_prep.store import DocWriter
 
 log = logging.getLogger("data_prep")
 PKG = Path(__file__).resolve().parent
 # modules every document stage runs besides its own (globs under data_prep/)
 STEP_MODULES = ("stage.py", "steps.py", "stats.py", "store.py", "document.py")
-
-
-def worker_count(cfg: PrepConfig) -> int:
-    """Processes for parallel work: cfg.workers, or every core when it is 0."""
-    return cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
 
 
 def new_stats(cfg: PrepConfig, name: str) -> StepStats:
@@ -102,8 +94,10 @@ class Stage:
     def enabled(self, cfg: PrepConfig) -> bool:
         return True
 
-    def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
-        """Read documents from `inp`, write into the folder `out`, fill in `res`."""
+    def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
+            res: StageResult) -> None:
+        """Read documents from `inp`, write into the folder `out` with the tasks `ex` runs,
+        fill in `res`."""
         raise NotImplementedError  # pragma: no cover - interface
 
 
@@ -127,8 +121,9 @@ class DroppedWriter:
 
 
 class StageOutput:
-    """A stage's documents (docs.parquet) and drops (dropped.jsonl): `forward` writes a kept
-    document and `drop` a dropped one, each counted in `stats` (and any extra StepStats given)."""
+    """Documents (a Parquet file) and drops (a jsonl file): `forward` writes a kept document
+    and `drop` a dropped one, each counted in `stats` (and any extra StepStats given). Stages
+    write through its atomic subclass, one per shard (data_prep.shardio.ShardOutput)."""
 
     def __init__(self, cfg: PrepConfig, out: Path, *stats: StepStats) -> None:
         self.stats = stats
@@ -155,104 +150,6 @@ class StageOutput:
         self.dropped.close()
 
 
-# --------------------------------------------------------------------------- parallel steps
-_WORKER_STEPS: list[Step] = []
-
-
-def _init_worker(stage: StepsStage, cfg: PrepConfig) -> None:
-    global _WORKER_STEPS
-    _WORKER_STEPS = stage.build(cfg)
-
-
-def _run_batch(args: tuple[list[Document], str, int, int]) -> tuple[Any, ...]:
-    docs, stage_name, n_ex, n_snip = args
-    total = StepStats(stage_name, n_ex, n_snip)
-    per = {s.name: StepStats(s.name, n_ex, n_snip) for s in _WORKER_STEPS}
-    dropped: list[tuple[Document, str, str]] = []
-    kept = list(run_steps(_WORKER_STEPS, docs, total, per, dropped))
-    return kept, total, per, dropped
-
-
-def _batches(it: Iterable[Document], n: int) -> Iterator[list[Document]]:
-    batch: list[Document] = []
-    for d in it:
-        batch.append(d)
-        if len(batch) >= n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def ordered_map(
-    fn: Callable, items: Iterable[Any], workers: int, init: Callable, initargs: tuple
-) -> Iterator[Any]:
-    """map(fn, items) in `workers` processes (in-process when 1), results in input order, with
-    at most 2*workers batches in flight so memory stays bounded."""
-    if workers <= 1:
-        init(*initargs)
-        yield from map(fn, items)
-        return
-    with ProcessPoolExecutor(workers, initializer=init, initargs=initargs) as pool:
-        window: deque = deque()
-        for item in items:
-            window.append(pool.submit(fn, item))
-            if len(window) >= 2 * workers:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-
-
-class StepsStage(Stage):
-    """Runs the Steps `build(cfg)` returns over every document, 256 at a time, in a process pool
-    (in-process for 512 documents or fewer); records the stage total and every step's stats.
-
-    `section` is the config section it depends on, `modules` the files of its steps; `build`
-    must be a module-level function (worker processes receive it pickled). The stage is
-    disabled when `build` returns no step.
-    """
-
-    def __init__(
-        self, name: str, section: str, modules: tuple[str, ...],
-        build: Callable[[PrepConfig], list[Step]],
-    ) -> None:
-        self.name, self.section, self.build = name, section, build
-        self.modules = (*modules, *STEP_MODULES)
-
-    def part(self, cfg: PrepConfig) -> Any:
-        return to_dict(cfg)[self.section]
-
-    def enabled(self, cfg: PrepConfig) -> bool:
-        return bool(self.build(cfg))
-
-    def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
-        assert inp is not None
-        total = new_stats(cfg, res.name)
-        per = {s.name: new_stats(cfg, s.name) for s in self.build(cfg)}
-        n = num_docs(inp)
-        rep = cfg.report
-        jobs = (
-            (b, res.name, rep.examples_per_reason, rep.snippet_chars)
-            for b in _batches(read_docs(inp), 256)
-        )
-        bar = tqdm(total=n, desc=res.name, disable=not cfg.progress, unit="doc")
-        with StageOutput(cfg, out) as o:  # counted by the workers' stats, merged below
-            results = ordered_map(
-                _run_batch, jobs, worker_count(cfg) if n > 512 else 1, _init_worker, (self, cfg)
-            )
-            for kept, t, p, drops in results:
-                total.merge(t)
-                for name, s in p.items():
-                    per[name].merge(s)
-                for d in kept:
-                    o.forward(d)
-                for d, reason, detail in drops:
-                    o.drop(d, reason, detail)
-                bar.update(t.seen.docs)
-        bar.close()
-        res.total, res.steps = total, list(per.values())
-
-
 # --------------------------------------------------------------------------- the cache
 def _code_hash(modules: Iterable[str]) -> str:
     h = hashlib.sha256()
@@ -273,28 +170,20 @@ def _report_part(cfg: PrepConfig) -> Any:
 
 
 def stage_dir(cfg: PrepConfig, index: int, name: str) -> Path:
-    return Path(cfg.out_dir) / "stages" / f"{index:02d}_{name}"
+    from data_prep.mirror import work_root  # out_dir, or its working copy for an object store
 
-
-class Executor(Protocol):
-    """Places a stage's work somewhere other than this process (data_prep.ray_exec.RayExecutor):
-    which stages it takes, what of the config and code its output layout adds to their key."""
-
-    modules: tuple[str, ...]
-
-    def places(self, stage: Stage) -> bool: ...
-
-    def part(self, cfg: PrepConfig) -> Any: ...
-
-    def run(self, stage: Stage, cfg: PrepConfig, inp: Path | None, out: Path,
-            res: StageResult) -> None: ...
+    return work_root(cfg) / "stages" / f"{index:02d}_{name}"
 
 
 def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None,
               executor: Executor | None = None) -> StageResult:
-    """Run `stage` as stage number `index` on `inp`'s documents, or load its result from the
-    cache when its key is unchanged. A disabled stage forwards its input untouched. `executor`
-    places the stage's work when it takes the stage; else it runs here (`stage.run`)."""
+    """Run `stage` as stage number `index` on `inp`'s documents, its tasks placed by `executor`
+    (a local process pool when None), or load its result from the cache when its key is
+    unchanged. A disabled stage forwards its input untouched. A stage that did not finish
+    leaves `key.pending`; a re-run with the same key keeps its complete shards."""
+    if executor is None:
+        with LocalExecutor(cfg) as ex:
+            return run_stage(cfg, stage, index, inp, ex)
     out = stage_dir(cfg, index, stage.name)
     input_key = inp.key if inp else ""
     if not stage.enabled(cfg):
@@ -305,11 +194,9 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
         return StageResult(
             stage.name, input_key, False, 0.0, st, [], {"disabled": True}, inp.docs_path
         )
-    part, modules = [stage.part(cfg), _report_part(cfg)], stage.modules
-    placed = executor is not None and executor.places(stage)
-    if placed:  # sharded output: a different layout, so a different key
-        assert executor is not None
-        part, modules = [*part, executor.part(cfg)], (*modules, *executor.modules)
+    # the shard layout (read's shard size) is part of every stage's output
+    part = [stage.part(cfg), _report_part(cfg), ["layout", cfg.ray.shard_docs]]
+    modules = (*stage.modules, *executor.modules)
     key = stage_key(stage.name, part, modules, input_key)
     if (
         (out / "key").exists()
@@ -318,10 +205,12 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
     ):
         res = StageResult.from_dict(json.loads((out / "stats.json").read_text(encoding="utf-8")))
         res.cached = True
+        if res.docs_path:  # in this folder, even when it was moved or pulled from a store
+            res.docs_path = str(out / Path(res.docs_path).name)
         log.info("stage %s: up to date (key %s), skipped", stage.name, key)
         return res
     pending = out / "key.pending"
-    if placed and pending.exists() and pending.read_text() == key:
+    if pending.exists() and pending.read_text() == key:
         log.info("stage %s: resuming (key %s): complete shards are kept", stage.name, key)
     else:
         if out.exists():
@@ -330,17 +219,11 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
         pending.write_text(key)
     res = StageResult(stage.name, key)
     t = time.perf_counter()
-    log.info("stage %s: running (key %s)", stage.name, key)
+    log.info("stage %s: running (key %s) on %s", stage.name, key, executor.name)
     inp_path = Path(inp.docs_path) if inp and inp.docs_path else None
-    if placed:
-        assert executor is not None
-        executor.run(stage, cfg, inp_path, out, res)
-    else:
-        stage.run(cfg, inp_path, out, res)
+    stage.run(cfg, executor, inp_path, out, res)
     res.seconds = time.perf_counter() - t
-    if (out / "docs.parquet").exists():
-        res.docs_path = str(out / "docs.parquet")
-    elif (out / "docs").is_dir():
+    if (out / "docs").is_dir():
         res.docs_path = str(out / "docs")
     for s in [res.total, *res.steps]:
         if s is not None:

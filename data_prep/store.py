@@ -1,9 +1,9 @@
-"""Stage outputs on disk: documents as a Parquet file (id, text, source, domain, metadata).
+"""Stage outputs on disk: documents as Parquet (id, text, source, domain, metadata).
 
-Each document stage writes `docs.parquet` in its own folder, which the next stage reads in
-record batches, so a re-run can start from any finished stage and memory stays bounded. Under
-`executor: ray` a stage writes a folder of shards instead (`docs/part-00000.parquet`, ...,
-see data_prep.shardio); `read_docs` and `num_docs` read either, shards in name order.
+Each document stage writes a folder of shards (`docs/part-00000.parquet`, ..., see
+data_prep.shardio), which the next stage reads shard by shard in record batches, so a re-run
+can start from any finished stage and memory stays bounded. `read_docs` and `num_docs` read a
+single file or a shard folder, shards in name order.
 """
 
 from __future__ import annotations
@@ -96,13 +96,9 @@ def num_docs(path: str | Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in doc_files(path))
 
 
-def read_ids_texts(path: str | Path) -> tuple[list[str], list[str]]:
-    """The `id` and `text` columns alone, as lists: what dedup needs to find duplicates, without
-    building a Document (and parsing its metadata) per row. A shard folder is read in order."""
-    ids: list[str] = []
-    texts: list[str] = []
+def read_column(path: str | Path, column: str) -> list:
+    """One column of a stage output (a file or a shard folder), as a list."""
+    out: list = []
     for f in doc_files(path):
-        table = pq.ParquetFile(f).read(columns=["id", "text"])  # read_table imports pyarrow.dataset
-        ids += table.column("id").to_pylist()
-        texts += table.column("text").to_pylist()
-    return ids, texts
+        out += pq.ParquetFile(f).read(columns=[column]).column(column).to_pylist()
+    return out

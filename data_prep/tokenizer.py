@@ -14,6 +14,7 @@ round-trips text exactly depends on it (normalisers and unknown tokens lose info
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from collections.abc import Iterable, Iterator
@@ -26,8 +27,10 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data_prep.config import PrepConfig, TokenizerConfig, to_dict
+from data_prep.executor import Executor
 from data_prep.shards import split_of
 from data_prep.stage import STEP_MODULES, Stage, StageResult, new_stats
+from data_prep.stats import StepStats
 from data_prep.store import read_docs
 
 log = logging.getLogger("data_prep")
@@ -195,10 +198,20 @@ class TokenizerStage(Stage):
         sha = self.pretrained.sha256 if self.pretrained else None
         return [to_dict(cfg)["tokenizer"], sh.val_fraction, sh.split_seed, sha]
 
-    def run(self, cfg: PrepConfig, inp: Path | None, out: Path, res: StageResult) -> None:
+    def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
+            res: StageResult) -> None:
+        """Trained (or checked) in one task, which reads the clean shards itself: the driver
+        sees only the counts and the vocabulary size."""
         assert inp is not None
+        (row,) = ex.rows(ex.map_shards([{"shard": 0}], _tokenizer_task, stage=self, cfg=cfg,
+                                       inp=str(inp), out=str(out)))
+        acct = json.loads(row["acct"])
+        res.total, res.extra = StepStats.from_dict(acct["total"]), acct["extra"]
+
+    def train(self, cfg: PrepConfig, inp: Path, out: Path) -> dict[str, Any]:
+        """The stage's work: its accounting and extras, the tokenizer written into `out`."""
         sh = cfg.shards
-        total = new_stats(cfg, res.name)
+        total = new_stats(cfg, "tokenizer")
 
         def train_texts() -> Iterator[str]:
             for d in read_docs(inp):
@@ -211,11 +224,11 @@ class TokenizerStage(Stage):
         if self.pretrained is None:
             tok = train_tokenizer(train_texts(), cfg.tokenizer, progress=cfg.progress)
             tok.save(str(out / "tokenizer.json"))
-            res.extra = {"vocab_size": tok.get_vocab_size()}
+            extra: dict[str, Any] = {"vocab_size": tok.get_vocab_size()}
         else:
-            res.extra = self._use_pretrained(cfg, train_texts(), out)
-        total.bump("vocab_size", res.extra["vocab_size"])
-        res.total = total
+            extra = self._use_pretrained(cfg, train_texts(), out)
+        total.bump("vocab_size", extra["vocab_size"])
+        return {"total": total.to_dict(), "extra": extra}
 
     def _use_pretrained(self, cfg: PrepConfig, texts: Iterator[str], out: Path) -> dict[str, Any]:
         pre = self.pretrained
@@ -245,3 +258,8 @@ class TokenizerStage(Stage):
             "round_trip_checked": checked,
             "round_trip_mismatches": bad,
         }
+
+
+def _tokenizer_task(item: dict[str, Any], stage: TokenizerStage, cfg: PrepConfig, inp: str,
+                    out: str) -> dict[str, list]:
+    return {"shard": [0], "acct": [json.dumps(stage.train(cfg, Path(inp), Path(out)))]}

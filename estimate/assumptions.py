@@ -278,11 +278,11 @@ def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str,
     from estimate.engine import estimate_run
     from estimate.perf import load_factors
     from estimate.perf import mfu as perf_mfu
-    from estimate.published import fit
+    from estimate.published import fit, is_fast
 
     fitted = fit()
     planned = not any(given.get(k) is not None for k in ("tp", "pp", "dp", "ep"))
-    stack, prior = fitted.stack_for(planned), None
+    stack, prior = fitted.stack_for(planned, acc), None
     if calibration is not None:
         from estimate.calibrate.prior import size_prior
         from estimate.published import fitted_flops_per_token
@@ -306,6 +306,8 @@ def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str,
         f"stack efficiency {stack.central:.2f} fitted on {fitted.runs} published runs"
         + (f" (x{fitted.planned.central:.2f}: the layout is planned, not published)"
            if planned else "")
+        + (f" (x{fitted.fast.central:.2f}: a fast accelerator, >= 500 bf16 TFLOP/s)"
+           if is_fast(acc) else "")
         + (f" x{prior.factor:.3f} calibration prior (--from-calibration)" if prior else "")
         + "; range: every factor at its favourable / unfavourable end")
     a.notes += steps["central"].notes

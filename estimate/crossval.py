@@ -44,7 +44,15 @@ from pathlib import Path
 
 from estimate.assumptions import load_defaults
 from estimate.perf import load_factors
-from estimate.published import RUNS_PATH, UNIT, is_planned, load_runs, model_run, reported_hours
+from estimate.published import (
+    RUNS_PATH,
+    UNIT,
+    is_fast,
+    is_planned,
+    load_runs,
+    model_run,
+    reported_hours,
+)
 from estimate.report import md_table
 from estimate.units import SECONDS_PER_HOUR, human
 from model.flops import model_flops_per_token
@@ -70,6 +78,7 @@ class Point:
     unit_hours: float  # modelled at stack efficiency 1 and goodput 1
     implied_mfu: float  # model FLOPs / (reported hours x peak)
     planned: bool = False  # no published tp/pp/dp/ep: the layout planner chose it
+    fast: bool = False  # a fast accelerator (published.is_fast: bf16 peak >= 500 TFLOP/s)
 
 
 @cache
@@ -86,7 +95,7 @@ def points(path: str = str(RUNS_PATH)) -> tuple[Point, ...]:
         peak = m.acc.peak_flops(precision_of(run["precision"]).catalog)
         out.append(Point(run["name"], run["family"], int(run["year"]), run["hours_basis"],
                          hours, m.hours, flops / (hours * SECONDS_PER_HOUR * peak),
-                         is_planned(run)))
+                         is_planned(run), is_fast(m.acc)))
     return tuple(out)
 
 
@@ -100,11 +109,13 @@ class FoldFit:
     constant_mfu: float
     n_train: int
     planned_factor: float = 1.0  # modelled / reported hours of runs with a planned layout
+    fast_factor: float = 1.0  # modelled / reported hours of runs on fast accelerators
 
     def factor(self, p: Point) -> float:
         """All the fitted factors the modelled hours of `p` at efficiency 1 are divided by."""
         return (self.stack * self.basis_factor.get(p.basis, 1.0)
-                * (self.planned_factor if p.planned else 1.0))
+                * (self.planned_factor if p.planned else 1.0)
+                * (self.fast_factor if p.fast else 1.0))
 
     def predict(self, p: Point) -> float:
         return p.unit_hours / self.factor(p)
@@ -117,45 +128,53 @@ class FoldFit:
 POLISH_ROUNDS = 50  # at most; the polish usually settles in a few
 
 
-def _central_fit(train: list[Point]) -> tuple[float, dict[str, float], float]:
-    """Stack efficiency, basis factors and planned-layout factor by median polish (Tukey 1977,
-    Exploratory Data Analysis, ch. 11): ln(modelled at efficiency 1 / reported) of a run is
-    ln stack + ln basis factor (compute: 0) + ln planned factor (published layout: 0); the
-    effects are fitted in turn, each as the median of what the others leave, until they
-    settle. A basis or the planned group with fewer than MIN_BASIS_RUNS runs keeps factor 1."""
+def _central_fit(train: list[Point]) -> tuple[float, dict[str, float], float, float]:
+    """Stack efficiency, basis factors, planned-layout factor and fast-accelerator factor by
+    median polish (Tukey 1977, Exploratory Data Analysis, ch. 11): ln(modelled at efficiency 1
+    / reported) of a run is ln stack + ln basis factor (compute: 0) + ln planned factor
+    (published layout: 0) + ln fast factor (bf16 peak under 500 TFLOP/s: 0); the effects are
+    fitted in turn, each as the median of what the others leave, until they settle. A basis,
+    the planned group or the fast group with fewer than MIN_BASIS_RUNS runs keeps factor 1."""
     compute = [p for p in train if p.basis == "compute"]
     if len(compute) < 3:
         raise ValueError(f"a fold needs at least 3 runs whose hours basis is compute, got {len(compute)}")
     r = {p: math.log(p.unit_hours / p.reported) for p in train}
     b = {"compute": 0.0, "wallclock": 0.0, "unknown": 0.0}
-    c = 0.0
-    s = 0.0
+    c = h = s = 0.0
     planned = [p for p in train if p.planned]
+    fast = [p for p in train if p.fast]
+
+    def rest(p: Point, *, stack: bool = True, basis: bool = True, plan: bool = True,
+             speed: bool = True) -> float:  # what the effects not named False leave of r
+        return (r[p] - (s if stack else 0.0) - (b[p.basis] if basis else 0.0)
+                - (c if plan and p.planned else 0.0) - (h if speed and p.fast else 0.0))
+
     for _ in range(POLISH_ROUNDS):
-        before = (s, dict(b), c)
-        s = statistics.median(r[p] - (c if p.planned else 0.0) for p in compute)
+        before = (s, dict(b), c, h)
+        s = statistics.median(rest(p, stack=False) for p in compute)
         for basis in ("wallclock", "unknown"):
-            group = [r[p] - s - (c if p.planned else 0.0) for p in train if p.basis == basis]
+            group = [rest(p, basis=False) for p in train if p.basis == basis]
             b[basis] = statistics.median(group) if len(group) >= MIN_BASIS_RUNS else 0.0
-        group = [r[p] - s - b[p.basis] for p in planned]
-        c = statistics.median(group) if len(group) >= MIN_BASIS_RUNS else 0.0
-        if (s, b, c) == before:  # settled: each effect is the median of what the others leave
+        c = statistics.median(rest(p, plan=False) for p in planned) if len(planned) >= MIN_BASIS_RUNS else 0.0
+        h = statistics.median(rest(p, speed=False) for p in fast) if len(fast) >= MIN_BASIS_RUNS else 0.0
+        if (s, b, c, h) == before:  # settled: each effect is the median of what the others leave
             break
-    return math.exp(s), {k: math.exp(v) for k, v in b.items()}, math.exp(c)
+    return math.exp(s), {k: math.exp(v) for k, v in b.items()}, math.exp(c), math.exp(h)
 
 
 def factor_ranges(train: list[Point]) -> dict[str, tuple[float, float]]:
     """Each fitted factor's own range: the 25th-75th percentiles of the ratios it is the median
     of, the other fitted factors applied (stack efficiency: compute runs; a basis factor: that
     basis' runs; `planned`: the runs whose layout was planned)."""
-    stack, basis, planned = _central_fit(train)
-    fold = FoldFit(stack, basis, (0.0, 0.0), 0.0, len(train), planned)
+    stack, basis, planned, fast = _central_fit(train)
+    fold = FoldFit(stack, basis, (0.0, 0.0), 0.0, len(train), planned, fast)
 
     def ratio(p: Point, leave: float) -> float:  # modelled / reported, one factor left out
         return p.unit_hours / (fold.factor(p) / leave) / p.reported
 
     groups = {"stack_efficiency": [ratio(p, stack) for p in train if p.basis == "compute"],
-              "planned": [ratio(p, planned) for p in train if p.planned]}
+              "planned": [ratio(p, planned) for p in train if p.planned],
+              "fast": [ratio(p, fast) for p in train if p.fast]}
     for b in ("wallclock", "unknown"):
         groups[b] = [ratio(p, basis[b]) for p in train if p.basis == b]
     out = {}
@@ -196,10 +215,10 @@ def nested_errors(train: list[Point], by_family: bool) -> list[tuple[Point, floa
         held = [p for p in train if (p.family if by_family else p.name) == g]
         rest = [p for p in train if p not in held]
         try:
-            s, f, planned = _central_fit(rest)
+            s, f, planned, fast = _central_fit(rest)
         except ValueError:  # too few compute runs left: these runs cannot be held out
             continue
-        fold = FoldFit(s, f, (0.0, 0.0), 0.0, len(rest), planned)
+        fold = FoldFit(s, f, (0.0, 0.0), 0.0, len(rest), planned, fast)
         out += [(p, math.log(p.reported / fold.predict(p))) for p in held]
     return out
 
@@ -222,9 +241,9 @@ def fit_fold(train: list[Point], by_family: bool = False) -> FoldFit:
     """Fit the stack efficiency, the basis factors, the range and the best constant MFU on
     `train` only; the range on nested held-out errors (whole families held out when
     `by_family`, as the split itself does)."""
-    stack, factors, planned = _central_fit(train)
+    stack, factors, planned, fast = _central_fit(train)
     return FoldFit(stack, factors, _quantiles([e for _, e in nested_errors(train, by_family)]),
-                   best_constant_mfu([p.implied_mfu for p in train])[0], len(train), planned)
+                   best_constant_mfu([p.implied_mfu for p in train])[0], len(train), planned, fast)
 
 
 def folds(split: str, pts: tuple[Point, ...]) -> list[tuple[str, list[Point], list[Point]]]:
@@ -348,7 +367,7 @@ def all_splits(path: str | Path = RUNS_PATH) -> dict[str, tuple[list[Prediction]
 def markdown(results: dict[str, tuple[list[Prediction], dict]], path: str | Path = RUNS_PATH) -> str:
     parts = ["## Cross-validation", "",
              "Each fold fits the stack efficiency, one factor per hours basis (wall-clock, "
-             "unknown), the best-worst range (a nominal 80% split-conformal interval of the "
+             "unknown), a factor for planned layouts and one for fast accelerators, the best-worst range (a nominal 80% split-conformal interval of the "
              "fold's own nested held-out errors) and the best constant MFU on its training runs only; ln "
              "error = ln(predicted / reported accelerator-hours). See estimate/crossval.py.",
              ""]
@@ -363,6 +382,9 @@ def markdown(results: dict[str, tuple[list[Prediction], dict]], path: str | Path
     lo, hi = ranges.get("planned", (float("nan"),) * 2)
     lines.append(f"- planned layout (none published): modelled / reported {f.planned_factor:.3f} "
                  f"({lo:.3f}-{hi:.3f})")
+    lo, hi = ranges.get("fast", (float("nan"),) * 2)
+    lines.append(f"- fast accelerator (bf16 peak >= 500 TFLOP/s): modelled / reported "
+                 f"{f.fast_factor:.3f} ({lo:.3f}-{hi:.3f})")
     lines.append(f"- best-worst range: x{math.exp(f.range_log[0]):.2f} to "
                  f"x{math.exp(f.range_log[1]):.2f} of the central prediction")
     parts += ["Fitted on all runs (what a projection would use; estimate.crossval.fitted):", "",

@@ -256,12 +256,25 @@ def rates(acc: Accelerator, precision: str, f: dict[str, float],
     return peak * (ceiling or unknown), wide_peak * (wide_ceiling or unknown), peak
 
 
+def attention_efficiency(acc: Accelerator, default: Factor, case: str = "central") -> float:
+    """The fraction of the peak the attention kernel reaches on `acc`: the catalog entry's own
+    `attention_efficiency` (central, low, high, source) where it has one (Hopper: the
+    FlashAttention-2 of most runs reaches 35% of the H100's peak, FlashAttention-3 75%), else
+    defaults.yaml's (measured on A100)."""
+    own = acc.get("attention_efficiency")
+    if not own:
+        return default.at(case)
+    return Factor("attention_efficiency", float(own["central"]), float(own["low"]),
+                  float(own["high"]), "high", str(own["source"])).at(case)
+
+
 def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Layout,
               precision: str, recompute: str, factors: dict[str, Factor], case: str = "central",
               peak_flops: float | None = None) -> StepTime:
     """Seconds per optimizer step of `cfg` at `seq_len` on n accelerators laid out as `lay`."""
     lay.check(n, cfg, seq_len)
     f = {k: v.at(case) for k, v in factors.items()}
+    f["attention_efficiency"] = attention_efficiency(acc, factors["attention_efficiency"], case)
     rate, wide_rate, peak = rates(acc, precision, f, peak_flops)
     wide_peak = wide_rate / rate * peak if rate else peak
     fp8 = precision_of(precision).catalog == "fp8"

@@ -34,9 +34,9 @@ def count_probe(params: float = 7e9, acc_name: str = "H100-SXM5-80GB",
     """Days, hours and layout of `params` (by size) on each count."""
     d = load_defaults()
     fitted = fit()
-    factors = load_factors(d, fitted.stack_for(planned=True))
-    cfg = shape_from_size(params)
     acc = get_accelerator(acc_name)
+    factors = load_factors(d, fitted.stack_for(True, acc))
+    cfg = shape_from_size(params)
     rows = []
     for n in counts:
         e = estimate_run(cfg, cfg.seq_len, tokens, acc, n, "bf16", factors, d)
@@ -51,8 +51,8 @@ def context_probe(params: float = 7e9, acc_name: str = "H100-SXM5-80GB", n: int 
     """The same shape at `short` and `long` context: hours ratio against the FLOPs ratio."""
     d = load_defaults()
     fitted = fit()
-    factors = load_factors(d, fitted.stack_for(planned=True))
     acc = get_accelerator(acc_name)
+    factors = load_factors(d, fitted.stack_for(True, acc))
     out = {}
     for T in (short, long):
         cfg = shape_from_size(params, seq_len=T)

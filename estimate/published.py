@@ -89,6 +89,17 @@ def is_planned(run: dict) -> bool:
     return not any(layout.get(k) is not None for k in ("tp", "pp", "dp", "ep"))
 
 
+FAST_PEAK_FLOPS = 500e12  # bf16 dense peak from which an accelerator counts as fast (H100, H800, B200)
+
+
+def is_fast(acc: Accelerator) -> bool:
+    """A fast accelerator (dense bf16 peak >= 500 TFLOP/s: Hopper and later): the runs fitted
+    on show these reaching less of what the performance model predicts than A100, V100 or TPU
+    runs (kernels, memory and networks that grew slower than the matmul peak); the fit gives
+    them their own factor (estimate.crossval)."""
+    return "bf16" in acc.precisions() and acc.peak_flops("bf16") >= FAST_PEAK_FLOPS
+
+
 def published_setup(preset: str, path: str | Path = RUNS_PATH) -> dict | None:
     """The published training set-up of a preset's run (the first run in published_runs.yaml
     whose model is the preset): name, precision, count, layout and tokens; None if none."""
@@ -155,7 +166,7 @@ def model_run(run: dict, factors: dict[str, Factor], case: str = "central",
     given = {k: v for k, v in (run.get("layout") or {}).items() if v is not None}
     precision = precision_of(run["precision"]).catalog
     if fit is not None:
-        factors = {**factors, "stack_efficiency": fit.stack_for(is_planned(run))}
+        factors = {**factors, "stack_efficiency": fit.stack_for(is_planned(run), acc)}
     args = (cfg, cfg.seq_len, run["tokens"], acc)
     n = count or run["count"]
     if n:
@@ -188,20 +199,23 @@ class Fit:
     planned: Factor  # modelled / reported hours of runs whose layout the planner chose
     runs: int
     range_log: tuple[float, float]  # the best-worst range of a prediction (ln, conformal)
+    fast: Factor = UNIT  # modelled / reported hours of runs on fast accelerators (is_fast)
 
     @property
     def wallclock_goodput(self) -> float:
         return self.basis["wallclock"].central
 
-    def stack_for(self, planned: bool) -> Factor:
+    def stack_for(self, planned: bool, acc: Accelerator | None = None) -> Factor:
         """The stack efficiency of a run whose layout is planned (x the planned factor) or
-        published."""
-        if not planned:
-            return self.stack
-        p = self.planned
-        return Factor("stack_efficiency", self.stack.central * p.central,
-                      self.stack.low * p.low, self.stack.high * p.high, "high",
-                      f"{self.stack.source}; x{p.central:.3f} for a planned layout ({p.source})")
+        published, on `acc` (x the fast-accelerator factor where `is_fast(acc)`)."""
+        out = self.stack
+        for applies, f, what in ((planned, self.planned, "a planned layout"),
+                                 (acc is not None and is_fast(acc), self.fast, "a fast accelerator")):
+            if applies:
+                out = Factor("stack_efficiency", out.central * f.central, out.low * f.low,
+                             out.high * f.high, "high",
+                             f"{out.source}; x{f.central:.3f} for {what} ({f.source})")
+        return out
 
 
 def fit(exclude: str | None = None, path: str | Path = RUNS_PATH) -> Fit:
@@ -228,7 +242,10 @@ def fit(exclude: str | None = None, path: str | Path = RUNS_PATH) -> Fit:
         basis[b] = factor(b, f.basis_factor[b], f"modelled / reported hours, {b}-basis runs")
     planned = factor("planned", f.planned_factor,
                      "modelled / reported hours, runs with no published layout")
-    return Fit(stack, basis, planned, len(train), f.range_log)
+    fast = factor("fast", f.fast_factor,
+                  f"modelled / reported hours, runs on accelerators of >= {FAST_PEAK_FLOPS / 1e12:.0f} "
+                  "bf16 TFLOP/s peak")
+    return Fit(stack, basis, planned, len(train), f.range_log, fast)
 
 
 @cache

@@ -174,7 +174,7 @@ def run_stages(path: str | Path) -> tuple[dict, list[StageResult]]:
         cfg = get_preset(stage["model"])
         n = int(stage["count"])
         planned = not any(k in (stage.get("layout") or {}) for k in ("tp", "pp", "dp", "ep"))
-        factors = load_factors(d, fitted.stack_for(planned))
+        factors = load_factors(d, fitted.stack_for(planned, acc))
         precision = precision_of(stage.get("precision", "bf16")).catalog
         hours, notes = {}, []
         for case in CASES:

@@ -100,7 +100,7 @@ def check_run(run: dict, path: str | Path = RUNS_PATH) -> RunCheck:
     factors = load_factors(load_defaults(), fitted.stack)
     c = model_run(run, factors, fit=fitted)
     predicted = {case: model_run(run, factors, case, c.count, fitted) for case in CASES}
-    stack = fitted.stack_for(is_planned(run))
+    stack = fitted.stack_for(is_planned(run), c.acc)
     hours, how = reported_hours(run)
     flops = model_flops_per_token(c.cfg, c.cfg.seq_len) * run["tokens"]
     peak = c.acc.peak_flops(precision_of(run["precision"]).catalog)

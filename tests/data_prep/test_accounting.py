@@ -14,6 +14,7 @@ from data_prep import load_config, run
 from data_prep.config import SourceConfig
 from data_prep.document import BadRecord, Document
 from data_prep.readers import read_source
+from data_prep.store import read_docs
 
 PROSE = (
     "The river ran past the mill and under the old stone bridge, and the children of the village "
@@ -126,7 +127,7 @@ def test_accounting_invariant_and_dedup(prepared):
     meta = json.loads((out / "meta.json").read_text())
     assert sum(s["documents"] for s in meta["splits"].values()) == inv["documents_out"]
     # dropped documents are written out for inspection, one file per stage
-    dropped = [json.loads(ln) for p in sorted((out / "stages").glob("*/dropped.jsonl"))
+    dropped = [json.loads(ln) for p in sorted((out / "stages").glob("*/dropped/*.jsonl"))
                for ln in p.read_text().splitlines()]
     assert len(dropped) == inv["dropped"]
     assert "# Prep report" in (out / "report.md").read_text()
@@ -173,3 +174,35 @@ def test_hub_unreachable_says_so(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", failing)
     with pytest.raises(RuntimeError, match="hub reachable"):
         list(read_source(SourceConfig(kind="hub", hub_name="org/corpus")))
+
+
+def test_shard_layout_and_pool_change_nothing(prepared, tmp_path):
+    """The same corpus in shards of 3 documents, 2 worker processes: the same documents in the
+    same order, the same drops and the same accounting as one shard per file in one process."""
+    out, _ = prepared
+    cfg = load_config(out.parent / "cfg.yaml", [f"out_dir={tmp_path / 'out'}", "workers=2",
+                                                "ray.shard_docs=3"])
+    run(cfg)
+
+    volatile = {"seconds", "key", "cached", "docs_path", "signature_s", "signatures_per_s",
+                "lsh_and_clustering_s"}
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in volatile}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    def stages(root: Path) -> list[dict]:
+        return strip(json.loads((root / "report.json").read_text())["stages"])
+
+    assert stages(tmp_path / "out") == stages(out)
+    read = tmp_path / "out" / "stages" / "00_read"
+    assert len(list((read / "docs").glob("part-*.parquet"))) > 5
+    for stage in ("00_read", "05_pii"):
+        a = [(d.id, d.text) for d in read_docs(out / "stages" / stage / "docs")]
+        b = [(d.id, d.text) for d in read_docs(tmp_path / "out" / "stages" / stage / "docs")]
+        assert a == b
+    names = sorted(p.name for p in out.glob("*.bin"))
+    assert names and names == sorted(p.name for p in (tmp_path / "out").glob("*.bin"))
+    for name in [*names, "tokenizer.json"]:
+        assert (tmp_path / "out" / name).read_bytes() == (out / name).read_bytes()

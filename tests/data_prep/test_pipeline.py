@@ -77,3 +77,33 @@ def test_unknown_key_is_an_error(tmp_path):
         load_config(bad)
     with pytest.raises(ValueError, match="kind"):
         load_config(TINY, ["sources.0.kind=csv"])
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_pack_tasks_give_the_one_process_token_stream(tmp_path, shuffle):
+    """Pack encodes shard by shard in a pool and writes each split in a task: its shards hold
+    the clean documents' tokens in the order one process would pack them (sorted by
+    `order_key` with shuffle, reading order without), cut every shard_tokens tokens."""
+    from data_prep import run
+    from data_prep.shards import order_key
+
+    out = tmp_path / "out"
+    cfg = load_config(TINY, [f"out_dir={out}", "progress=false", "workers=2",
+                             "ray.shard_docs=10", "shards.shard_tokens=3000",
+                             f"shards.shuffle={str(shuffle).lower()}"])
+    run(cfg)
+    report = json.loads((out / "report.json").read_text())
+    clean = [s for s in report["stages"] if s["name"] == "pii"][0]["docs_path"]
+    assert len(list((out / "stages").glob("*_pii/docs/part-*.parquet"))) > 2  # several tasks
+    docs = list(read_docs(clean))
+    sh = cfg.shards
+    if shuffle:
+        docs.sort(key=lambda d: order_key(d.id, sh.split_seed))
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.encode_special_tokens = True
+    meta = json.loads((out / "meta.json").read_text())
+    for split in ("train", "val"):
+        want = [t for d in docs if split_of(d.id, sh.val_fraction, sh.split_seed) == split
+                for t in [*tok.encode(d.text, add_special_tokens=False).ids, 0]]
+        assert read_split(out, split).tolist() == want
+        assert len(meta["splits"][split]["shards"]) == -(-len(want) // 3000)

@@ -121,10 +121,11 @@ def test_basis_factor_is_fitted_per_fold():
     assert f.basis_factor["compute"] == 1.0
     wall = [p for p in pts if p.basis == "wallclock"]
     planned = {True: f.planned_factor, False: 1.0}
+    fast = {True: f.fast_factor, False: 1.0}
     # median polish: each factor is (to its settling tolerance) the median of what the others leave
     assert f.basis_factor["wallclock"] == pytest.approx(
-        statistics.median(p.unit_hours / f.stack / planned[p.planned] / p.reported for p in wall),
-        rel=1e-3)
+        statistics.median(p.unit_hours / f.stack / planned[p.planned] / fast[p.fast] / p.reported
+                          for p in wall), rel=1e-3)
     without = crossval.fit_fold([p for p in pts if p.basis != "wallclock"])
     assert without.basis_factor["wallclock"] == 1.0
 
@@ -136,18 +137,40 @@ def test_planned_layout_factor_is_fitted_per_fold():
     pts = list(crossval.points())
     assert any(p.planned for p in pts) and not all(p.planned for p in pts)
     f = crossval.fit_fold(pts)
+    fast = {True: f.fast_factor, False: 1.0}
     assert f.planned_factor == pytest.approx(statistics.median(
-        p.unit_hours / f.stack / f.basis_factor[p.basis] / p.reported for p in pts if p.planned),
-        rel=1e-3)
+        p.unit_hours / f.stack / f.basis_factor[p.basis] / fast[p.fast] / p.reported
+        for p in pts if p.planned), rel=1e-3)
     assert f.planned_factor != pytest.approx(1.0, abs=0.02)
     published = [p for p in pts if not p.planned]
     g = crossval.fit_fold(published)
     assert g.planned_factor == 1.0
-    p = next(q for q in pts if q.planned)
+    p = next(q for q in pts if q.planned and not q.fast)
     assert f.predict(p) == pytest.approx(
         p.unit_hours / (f.stack * f.basis_factor[p.basis] * f.planned_factor))
-    q = next(q for q in pts if not q.planned)
+    q = next(q for q in pts if not q.planned and not q.fast)
     assert f.predict(q) == pytest.approx(q.unit_hours / (f.stack * f.basis_factor[q.basis]))
+
+
+def test_fast_accelerator_factor_is_fitted_per_fold():
+    """Runs on accelerators of >= 500 bf16 TFLOP/s (H100, H800) get their own factor, fitted on
+    the fold's fast runs only: a fold without two of them (the time split's, before 2024) has
+    none; it moves the predictions of fast runs only."""
+    pts = list(crossval.points())
+    fast = [p for p in pts if p.fast]
+    assert fast and {p.name for p in fast} >= {"DeepSeek-V3", "Llama 3.1 405B"}
+    assert not any(p.fast for p in pts if p.name in {"OPT-175B", "PaLM 540B", "GPT-3 175B"})
+    f = crossval.fit_fold(pts)
+    planned = {True: f.planned_factor, False: 1.0}
+    assert f.fast_factor == pytest.approx(statistics.median(
+        p.unit_hours / f.stack / f.basis_factor[p.basis] / planned[p.planned] / p.reported
+        for p in fast), rel=1e-3)
+    assert f.fast_factor != pytest.approx(1.0, abs=0.02)
+    before = crossval.fit_fold([p for p in pts if p.year < crossval.TIME_SPLIT_YEAR])
+    assert before.fast_factor == 1.0
+    p = next(q for q in fast if not q.planned)
+    assert f.predict(p) == pytest.approx(
+        p.unit_hours / (f.stack * f.basis_factor[p.basis] * f.fast_factor))
 
 
 def test_validate_command_prints_the_three_cross_validations(tmp_path, capsys):

@@ -115,3 +115,22 @@ def test_expert_all_to_all_inside_a_node_uses_the_scale_up_links():
     moe_layers = cfg.n_layer - cfg.n_dense_layers
     copies = cfg.n_experts_active * 7 / 8
     assert st.ep_comm == pytest.approx(moe_layers * 4096 * (2 + 2) * 2 * cfg.d_model * copies / link)
+
+
+def test_attention_efficiency_from_the_catalog_where_an_entry_has_one():
+    """H100 carries its own attention efficiency (FlashAttention-2 at 35% of its peak, per the
+    FlashAttention-3 paper); A100 takes defaults.yaml's. The attention term scales with it."""
+    from estimate.hardware import Accelerator
+
+    cfg = ModelConfig(vocab_size=1000, seq_len=4096, n_layer=2, d_model=1024, n_head=8,
+                      ffn_hidden=2048)
+    f = factors()
+    lay = Layout(global_batch_tokens=4096)
+    own = H100.get("attention_efficiency")
+    assert own["central"] == pytest.approx(0.35) and own["high"] == pytest.approx(0.75)
+    plain = Accelerator(H100.name, {k: v for k, v in H100.entry.items() if k != "attention_efficiency"})
+    with_entry = step_time(cfg, 4096, H100, 1, lay, "bf16", "none", f)
+    without = step_time(cfg, 4096, plain, 1, lay, "bf16", "none", f)
+    assert with_entry.attention == pytest.approx(without.attention * f["attention_efficiency"].central / 0.35)
+    assert with_entry.gemm == pytest.approx(without.gemm)
+    assert get_accelerator("A100-SXM4-80GB").get("attention_efficiency") is None

@@ -110,8 +110,10 @@ def test_stage_hours_use_the_shared_fit_and_the_files_hours_basis(tmp_path):
     f = fit()
     d = load_defaults()
     cfg = get_preset("llama-1b")
-    e = estimate_run(cfg, cfg.seq_len, 10e9, get_accelerator("H100-SXM5-80GB"), 64, "bf16",
-                     load_factors(d, f.stack), d, given={"tp": 1, "pp": 1,
+    acc = get_accelerator("H100-SXM5-80GB")  # fast: the stack efficiency x the fast factor
+    assert f.stack_for(False, acc).central == pytest.approx(f.stack.central * f.fast.central)
+    e = estimate_run(cfg, cfg.seq_len, 10e9, acc, 64, "bf16",
+                     load_factors(d, f.stack_for(False, acc)), d, given={"tp": 1, "pp": 1,
                                                         "global_batch_tokens": 4e6},
                      recompute="none", published=True)
     assert hours["compute"] == pytest.approx(e.compute_hours())

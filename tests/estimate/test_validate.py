@@ -116,8 +116,9 @@ def test_model_beats_every_constant_mfu(validated):
     assert model < stats["flat_mfu_median_abs_log_error"]
     # 0.140 on the first 25 runs; 0.163 on the 43 of format 3 with the fixed layout rule;
     # 0.192 with the layout planner and the crossval fit (stack efficiency, basis and planned
-    # factors) of issue 19: the planner's layouts are faster than what some runs did
-    assert model <= 0.20
+    # factors) of issue 19: the planner's layouts are faster than what some runs did; 0.145 on
+    # 45 runs with the fast-accelerator factor
+    assert model <= 0.16
 
 
 def test_load_runs_rejects_uncited(tmp_path):

@@ -20,7 +20,8 @@ from data_prep import load_config
 from data_prep.config import SourceConfig
 from data_prep.document import BadRecord
 from data_prep.pipeline import check_invariant, run_document_stages
-from data_prep.readers import Read, read_source
+from data_prep.read_stage import Read
+from data_prep.readers import read_source
 from data_prep.stage import StageResult, run_stage
 
 PROSE = (

@@ -1,5 +1,17 @@
-"""near_dedup under `executor: ray`: distributed MinHash LSH over the shards (see data_prep.ray_exec's
-docstring for the plan), built on the verbs of data_prep.ray_verbs."""
+"""near_dedup: MinHash LSH over the shards, written once against data_prep.executor's verbs.
+
+The usual distributed plan (Leskovec, Rajaraman, Ullman, *Mining of Massive Datasets*, ch. 3):
+signatures in a map, one task per shard (written as resumable shards, `sigs/`); one row per
+(band, band values) key, shuffled so that a bucket meets in one group, which emits the pairs
+(first member, other member); the pairs shuffled again to drop repeats; with `verify`, the
+texts joined onto both ends of each pair and the exact Jaccard checked; the connected
+components of the pairs (union-find locally; large-star / small-star under Ray, Kiveris et al.,
+"Connected Components in MapReduce and Beyond", SoCC 2014); then one group per component, which
+applies complete linkage (`dedup.merge_verified`, exact because merges never cross components)
+and the survivor rule (`minhash.survivor` via `dedup.cluster_of`); last every shard is
+rewritten without the dropped rows. The driver holds counts and the `report.clusters_shown`
+largest clusters, never a list of documents, pairs or labels.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_prep.config import PrepConfig
-from data_prep.dedup import (
-    NearDedup,
-    cluster_of,
-    merge_verified,
-    verified_edge,
-)
+from data_prep.config import PrepConfig, to_dict
+from data_prep.dedup import cluster_of, merge_verified, neg_size, verified_edge
+from data_prep.executor import Executor, drop_frame, empty_frame, group_starts
 from data_prep.minhash import (
     MinHasher,
     UnionFind,
@@ -28,71 +36,38 @@ from data_prep.minhash import (
     jaccard,
     shingle_hashes,
 )
-from data_prep.ray_verbs import (
-    connected_components,
-    drop_frame,
-    empty_frame,
-    group_starts,
-    grouped,
-    join,
-    map_blocks,
-    partitions,
-    rewrite_shards,
-    shard_items,
-    shards_in,
-    take_top,
-)
-from data_prep.shardio import (
-    shard_name,
-    tmp_path,
-)
-from data_prep.stage import StageResult
+from data_prep.shardio import shard_name, tmp_path
+from data_prep.shardops import SHARD_MODULES, rewrite_shards, shard_items, take_top
+from data_prep.stage import Stage, StageResult
 from data_prep.store import num_docs, read_docs
 
 log = logging.getLogger("data_prep")
 
 
-# --------------------------------------------------------------------------- near dedup
-def _sig_shard(batch: dict[str, np.ndarray], out: str, hasher: MinHasher,
-               offsets: list[int]) -> dict[str, list]:
-    """Signatures of each input shard into sigs/part-i.parquet (skipped when it exists):
-    global index g, id, bytes, has-shingles, the signature as num_perm*4 bytes."""
+def _sig_shard(item: dict[str, Any], out: str, hasher: MinHasher, offsets: list[int]) -> Any:
+    """Signatures of one input shard into sigs/part-i.parquet (skipped when it exists), and
+    the table itself: global index g, id, bytes, has-shingles, the signature as bytes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    res: dict[str, list] = {"shard": [], "seconds": []}
-    for i, path in zip(batch["shard"].tolist(), batch["path"].tolist(), strict=True):
-        final = Path(out) / "sigs" / f"{shard_name(i)}.parquet"
-        t = time.perf_counter()
-        if not final.exists():
-            docs = list(read_docs(path))
-            sig, has = hasher.signatures([d.text for d in docs])
-            table = pa.table({
-                "g": pa.array(np.arange(len(docs), dtype=np.int64) + offsets[i]),
-                "id": pa.array([d.id for d in docs], pa.string()),
-                "nbytes": pa.array([d.nbytes for d in docs], pa.int64()),
-                "has": pa.array(has),
-                "sig": pa.array([r.tobytes() for r in sig], pa.binary()),
-            })
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = tmp_path(final)
-            pq.write_table(table, tmp)
-            os.replace(tmp, final)
-        res["shard"].append(i)
-        res["seconds"].append(time.perf_counter() - t)
-    return res
-
-
-def _read_sigs(batch: dict[str, np.ndarray], out: str) -> Any:
-    """The signature shards of these input shards (pyarrow directly: Ray's read_parquet would
-    list the files through fsspec)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    return pa.concat_tables([
-        pq.read_table(Path(out) / "sigs" / f"{shard_name(i)}.parquet")
-        for i in batch["shard"].tolist()
-    ])
+    i = int(item["shard"])
+    final = Path(out) / "sigs" / f"{shard_name(i)}.parquet"
+    if final.exists():
+        return pq.read_table(final)
+    docs = list(read_docs(item["path"]))
+    sig, has = hasher.signatures([d.text for d in docs])
+    table = pa.table({
+        "g": pa.array(np.arange(len(docs), dtype=np.int64) + offsets[i]),
+        "id": pa.array([d.id for d in docs], pa.string()),
+        "nbytes": pa.array([d.nbytes for d in docs], pa.int64()),
+        "has": pa.array(has, pa.bool_()),
+        "sig": pa.array([r.tobytes() for r in sig], pa.binary()),
+    })
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(final)
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+    return table
 
 
 def _band_rows(df: pd.DataFrame, bands: int, rows: int, num_perm: int) -> pd.DataFrame:
@@ -130,12 +105,12 @@ def _unique_pairs(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"a": p >> 32, "b": p & 0xFFFFFFFF})
 
 
-def _text_rows(batch: dict[str, np.ndarray], offsets: list[int]) -> dict[str, list]:
+def _text_rows(item: dict[str, Any], offsets: list[int]) -> dict[str, list]:
     out: dict[str, list] = {"g": [], "text": []}
-    for i, path in zip(batch["shard"].tolist(), batch["path"].tolist(), strict=True):
-        for row, d in enumerate(read_docs(path)):
-            out["g"].append(offsets[i] + row)
-            out["text"].append(d.text)
+    i = int(item["shard"])
+    for row, d in enumerate(read_docs(item["path"])):
+        out["g"].append(offsets[i] + row)
+        out["text"].append(d.text)
     return out
 
 
@@ -243,86 +218,106 @@ LABEL = {"node": "int64", "comp": "int64"}
 SIG = {"g": "int64", "id": "object", "nbytes": "int64", "has": "bool", "sig": "bytes"}
 
 
-def run_near(cfg: PrepConfig, inp: Path, out: Path, res: StageResult) -> None:
+class NearDedup(Stage):
+    """Near duplicates by MinHash LSH (see the module docstring); the survivor of each cluster
+    stays, the others are dropped under `near_duplicate`."""
 
+    name = "near_dedup"
+    reason = "near_duplicate"
+    modules = ("near.py", "dedup.py", "minhash.py", *SHARD_MODULES)
+
+    def part(self, cfg: PrepConfig) -> Any:
+        return to_dict(cfg)["dedup"]["minhash"]
+
+    def enabled(self, cfg: PrepConfig) -> bool:
+        return cfg.dedup.minhash.enabled
+
+    def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
+            res: StageResult) -> None:
+        assert inp is not None
+        res.extra = run_near(cfg, ex, inp, out, res)
+
+
+def bands_rows(cfg: PrepConfig) -> tuple[int, int]:
     m = cfg.dedup.minhash
-    parts = partitions(cfg, num_docs(inp))
     if m.bands and m.rows:
-        bands, rows = m.bands, m.rows
-    elif m.verify:
-        bands, rows = choose_bands_rows_for_recall(m.threshold, m.num_perm, m.fp_budget)
-    else:
-        bands, rows = choose_bands_rows(m.threshold, m.num_perm, m.fp_weight, m.fn_weight)
-    files = shards_in(inp)
-    sizes = [num_docs(f) for f in files]
+        return m.bands, m.rows
+    if m.verify:
+        return choose_bands_rows_for_recall(m.threshold, m.num_perm, m.fp_budget)
+    return choose_bands_rows(m.threshold, m.num_perm, m.fp_weight, m.fn_weight)
+
+
+def run_near(cfg: PrepConfig, ex: Executor, inp: Path, out: Path,
+             res: StageResult) -> dict[str, Any]:
+    """The plan of the module docstring; fills res.total, returns the report's extras."""
+    m = cfg.dedup.minhash
+    parts = ex.partitions(num_docs(inp))
+    bands, rows = bands_rows(cfg)
+    items = shard_items(inp)
+    sizes = [num_docs(it["path"]) for it in items]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
     hasher = MinHasher(num_perm=m.num_perm, ngram=m.ngram, seed=m.seed)
     t0 = time.perf_counter()
-    shard_items(inp).map_batches(
-        _sig_shard, batch_size=1, fn_kwargs={"out": str(out), "hasher": hasher, "offsets": offsets}
-    ).materialize()
+    sigs = ex.materialize(ex.map_shards(items, _sig_shard, desc="near_dedup signatures", out=str(out), hasher=hasher,
+                                        offsets=offsets))
     sig_s = time.perf_counter() - t0
-    log.info("near_dedup: signatures of %d shards in %.1fs", len(files), sig_s)
+    log.info("near_dedup: signatures of %d shards in %.1fs", len(items), sig_s)
     t1 = time.perf_counter()
-    sigs = shard_items(inp).map_batches(_read_sigs, batch_size=1, fn_kwargs={"out": str(out)})
     n_docs = sum(sizes)
-    n_has = int(sigs.sum("has") or 0) if n_docs else 0
-    bucket = map_blocks(sigs, _band_rows, bands=bands, rows=rows, num_perm=m.num_perm)
-    pairs = grouped(grouped(bucket, "key", _bucket_pairs, parts), "p", _unique_pairs,
-                    parts).materialize()
-    n_pairs = pairs.count()
+    n_has = ex.sum(sigs, "has") if n_docs else 0
+    bucket = ex.map_blocks(sigs, _band_rows, bands=bands, rows=rows, num_perm=m.num_perm)
+    pairs = ex.materialize(ex.group_by(ex.group_by(bucket, "key", _bucket_pairs, parts), "p",
+                                       _unique_pairs, parts))
+    n_pairs = ex.count(pairs)
     log.info("near_dedup: %d candidate pairs after %.1fs", n_pairs, time.perf_counter() - t1)
-    rejected = 0
-    comps: list[dict[str, Any]] = []
-    rounds = 0
+    rejected = rounds = 0
     clusters = None
     if n_pairs:
+        texts = None
         if m.verify:
-            texts = shard_items(inp).map_batches(_text_rows, batch_size=1,
-                                                  fn_kwargs={"offsets": offsets})
-            ta = texts.rename_columns({"text": "text_a"})
-            tb = texts.rename_columns({"text": "text_b"})
-            with_a = join(pairs, ta, ("a", "g"), PAIR, {"g": "int64", "text_a": "object"}, parts)
-            joined = join(with_a, tb, ("b", "g"), {**PAIR, "text_a": "object"},
-                          {"g": "int64", "text_b": "object"}, parts)
-            edges = map_blocks(joined, _verify, ngram=m.ngram, threshold=m.threshold)
-            edges = edges.materialize()
-            rejected = n_pairs - edges.count()
+            texts = ex.map_shards(items, _text_rows, offsets=offsets)
+            ta = ex.rename(texts, {"text": "text_a"})
+            tb = ex.rename(texts, {"text": "text_b"})
+            with_a = ex.join(pairs, ta, ("a", "g"), PAIR, {"g": "int64", "text_a": "object"},
+                             parts)
+            joined = ex.join(with_a, tb, ("b", "g"), {**PAIR, "text_a": "object"},
+                             {"g": "int64", "text_b": "object"}, parts)
+            edges = ex.materialize(ex.map_blocks(joined, _verify, ngram=m.ngram,
+                                                 threshold=m.threshold))
+            rejected = n_pairs - ex.count(edges)
             log.info("near_dedup: %d pairs verified after %.1fs", n_pairs - rejected,
                      time.perf_counter() - t1)
         else:
-            edges = map_blocks(pairs, _with_s)
-        if edges.count():
-            labels, rounds = connected_components(
-                map_blocks(edges, _as_uv), parts)
-            labels = labels.materialize()
+            edges = ex.map_blocks(pairs, _with_s)
+        if ex.count(edges):
+            labels, rounds = ex.components(ex.map_blocks(edges, _as_uv), parts)
+            labels = ex.materialize(labels)
             log.info("near_dedup: components in %d rounds after %.1fs", rounds,
                      time.perf_counter() - t1)
-            nodes = join(labels, sigs, ("node", "g"), LABEL, SIG, parts)
+            nodes = ex.join(labels, sigs, ("node", "g"), LABEL, SIG, parts)
             if m.verify and m.linkage == "complete":
-                texts = shard_items(inp).map_batches(_text_rows, batch_size=1,
-                                                      fn_kwargs={"offsets": offsets})
-                nodes = join(nodes, texts, ("node", "g"), {**LABEL, **SIG},
-                             {"g": "int64", "text": "object"}, parts)
-            nodes = map_blocks(nodes, _node_rows)
-            tagged = map_blocks(join(edges, labels, ("a", "node"), {**PAIR, "s": "float"}, LABEL,
-                               parts), _edge_rows)
-            clusters = grouped(nodes.union(tagged), "comp", _component, parts, cfg=cfg,
-                               offsets=offsets).materialize()
-    if clusters is not None and clusters.count():
-        real = map_blocks(clusters, _real)
-        n_clusters = real.count()
-        in_clusters = int(real.sum("size") or 0) if n_clusters else 0
-        blocked = int(clusters.sum("blocked") or 0)
-        comps = take_top(map_blocks(real, _group_order_near), cfg.report.clusters_shown, ["neg_size", "survivor"], [True, True])
-        drops = map_blocks(real, _near_drop_rows)
-    else:
-        n_clusters = in_clusters = blocked = 0
-        drops = None
+                assert texts is not None
+                nodes = ex.join(nodes, texts, ("node", "g"), {**LABEL, **SIG},
+                                {"g": "int64", "text": "object"}, parts)
+            nodes = ex.map_blocks(nodes, _node_rows)
+            tagged = ex.map_blocks(ex.join(edges, labels, ("a", "node"),
+                                           {**PAIR, "s": "float"}, LABEL, parts), _edge_rows)
+            clusters = ex.materialize(ex.group_by(ex.union(nodes, tagged), "comp", _component,
+                                                  parts, cfg=cfg, offsets=offsets))
+    comps: list[dict[str, Any]] = []
+    n_clusters = in_clusters = blocked = 0
+    drops = None
+    if clusters is not None and ex.count(clusters):
+        real = ex.materialize(ex.map_blocks(clusters, _real))
+        n_clusters = ex.count(real)
+        in_clusters = ex.sum(real, "size") if n_clusters else 0
+        blocked = ex.sum(clusters, "blocked")
+        comps = take_top(ex, ex.map_blocks(real, neg_size), cfg.report.clusters_shown,
+                         ["neg_size", "survivor"], [True, True])
+        drops = ex.map_blocks(real, _near_drop_rows) if n_clusters else None
     lsh_s = time.perf_counter() - t1
-    res.total, _ = rewrite_shards(drops if n_clusters else None, cfg, inp, out, res.name,
-                            NearDedup.reason, parts)
-    res.extra = {
+    res.total, _ = rewrite_shards(ex, drops, cfg, inp, out, res.name, NearDedup.reason, parts)
+    return {
         "bands": bands,
         "rows": rows,
         "documents": n_docs,
@@ -350,7 +345,3 @@ def _real(df: pd.DataFrame) -> pd.DataFrame:
 
 def _with_s(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(s=np.ones(len(df)))
-
-
-def _group_order_near(df: pd.DataFrame) -> pd.DataFrame:
-    return df.assign(neg_size=-df["size"])
