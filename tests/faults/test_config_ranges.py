@@ -25,6 +25,7 @@ BAD = {
     "optim.grad_clip": "-1", "optim.fused": "maybe",
     "parallel.tp": "0", "parallel.cp": "-1", "parallel.pp": "0", "parallel.schedule": "zigzag",
     "parallel.microbatches": "-1", "parallel.dp_replicate": "-1", "parallel.dp_shard": "-2",
+    "parallel.sequence_parallel": "maybe",
     "model.vocab_size": "-1", "model.seq_len": "0", "model.n_layer": "-1", "model.d_model": "0",
     "model.n_head": "0", "model.n_kv_head": "0", "model.ffn_hidden": "-4",
     "model.multiple_of": "0", "model.tie_embeddings": "maybe", "model.rope_theta": "-1",
