@@ -199,13 +199,43 @@ def validate(cfg: TrainConfig) -> None:
     check_ranges(cfg, RANGES, skip=("model", "optim", "parallel"))
     check_ranges(cfg.optim, OPTIM_RANGES, "optim.")
     check_ranges(cfg.parallel, PARALLEL_RANGES, "parallel.")
-    for key in ("tp", "cp", "pp"):
+    for key in ("tp", "cp"):
         if getattr(cfg.parallel, key) > 1:  # the layouts land one by one (issue 20)
             raise ValueError(f"parallel.{key}={getattr(cfg.parallel, key)}: the trainer does not run "
                              f"this layout yet; parallel.{key} must be 1")
+    if cfg.parallel.pp > 1:
+        validate_pipeline(cfg)
     if cfg.seq_len > cfg.model.seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds model.seq_len={cfg.model.seq_len}")
     cfg.model.validate()
+
+
+# Switches a pipelined run (parallel.pp > 1) does not combine with, and why, in one line each
+PP_REFUSED = {
+    "fsdp": "pipeline stages are not sharded with FSDP here; use fsdp=false (data parallel "
+            "across pipelines is plain replication)",
+    "compile": "the pipeline stages are not compiled; use compile=false",
+    "compile_optimizer": "the pipelined optimizer is not compiled; use compile_optimizer=false",
+    "mixed_precision": "the pipeline runs in fp32 or bf16 autocast (no grad scaler, no float8); "
+                       "use mixed_precision=no or bf16",
+}
+
+
+def validate_pipeline(cfg: TrainConfig) -> None:
+    """One-line refusals of what parallel.pp > 1 does not run (the world's size is checked at
+    launch: train.parallel.pp_train.check_layout)."""
+    pp, schedule = cfg.parallel.pp, cfg.parallel.schedule
+    on = {"fsdp": cfg.fsdp, "compile": cfg.compile == "true",
+          "compile_optimizer": cfg.compile_optimizer,
+          "mixed_precision": cfg.mixed_precision not in ("no", "bf16")}
+    for key, why in PP_REFUSED.items():
+        if on[key]:
+            raise ValueError(f"parallel.pp={pp} with {key}={getattr(cfg, key)}: {why}")
+    v = 1 if schedule in ("gpipe", "1f1b") else 2  # stages per rank (pipeline.SCHEDULES)
+    if cfg.model.n_layer < pp * v:
+        raise ValueError(f"parallel.pp={pp} with parallel.schedule={schedule} splits the model into "
+                         f"{pp * v} stages of whole blocks: model.n_layer={cfg.model.n_layer} must "
+                         f"be >= {pp * v}")
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -160,8 +160,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             f"(distributed type {accelerator.distributed_type}). On a CPU-only host launch with "
             + CPU_LAUNCH.format(n=expected)
         )
-    if cfg.batch_size % (cfg.micro_batch_size * accelerator.num_processes):
-        raise ValueError(
+    if cfg.parallel.pp == 1 and cfg.batch_size % (cfg.micro_batch_size * accelerator.num_processes):
+        raise ValueError(  # pipelines: train.parallel.pp_train.check_layout, over replicas
             f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size x world_size = "
             f"{cfg.micro_batch_size} x {accelerator.num_processes}"
         )

@@ -57,8 +57,9 @@ def measure(rank: int, args: argparse.Namespace) -> None:
                     p.grad = None
                 if step >= args.warmup:
                     clocks.append(clock)
-            mine = (statistics.median(c.bubble for c in clocks),
-                    statistics.median(c.step_s for c in clocks))
+            mine = (statistics.median(c.blocked for c in clocks),
+                    statistics.median(c.step_s for c in clocks),
+                    statistics.median(c.bubble for c in clocks))
             every = [None] * dist.get_world_size()
             dist.all_gather_object(every, mine)
             rows.append((schedule, m, every))
@@ -70,13 +71,14 @@ def print_table(rows: list, pp: int, cfg: ModelConfig) -> None:
     print(f"pp={pp} gloo CPU, 1 thread/rank; model n_layer={cfg.n_layer} d_model={cfg.d_model} "
           f"seq_len={cfg.seq_len} vocab={cfg.vocab_size}; medians over the timed steps")
     ranks = " ".join(f"{'rank' + str(r):>6}" for r in range(pp))
-    print(f"{'schedule':<12} {'M':>2} {'step_s':>7} {ranks} {'mean':>6} {'formula':>7} "
-          f"{'meas/formula':>12}")
-    one_f_one_b = {m: statistics.mean(b for b, _ in every)
+    print(f"{'schedule':<12} {'M':>2} {'step_s':>7} {ranks} {'idle':>6} {'mean':>6} "
+          f"{'formula':>7} {'meas/formula':>12}")
+    one_f_one_b = {m: statistics.mean(b for b, *_ in every)
                    for s, m, every in rows if s == "1f1b"}
     for schedule, m, every in rows:
-        bubbles = [b for b, _ in every]
+        bubbles = [b for b, *_ in every]
         mean = statistics.mean(bubbles)
+        idle = statistics.mean(i for *_, i in every)
         formula = bubble_formula(schedule, pp, m)
         if formula is not None:
             verdict = f"{mean / formula:>12.2f}"
@@ -84,10 +86,10 @@ def print_table(rows: list, pp: int, cfg: ModelConfig) -> None:
             verdict = f"{'< 1f1b' if mean < one_f_one_b[m] else '>= 1f1b':>12}"
         else:
             verdict = f"{'-':>12}"
-        step_s = max(s for _, s in every)
+        step_s = max(s for _, s, _ in every)
         print(f"{schedule:<12} {m:>2} {step_s:>7.3f} "
               + " ".join(f"{b:>6.3f}" for b in bubbles)
-              + f" {mean:>6.3f} {'-' if formula is None else f'{formula:.3f}':>7} {verdict}")
+              + f" {idle:>6.3f} {mean:>6.3f} {'-' if formula is None else f'{formula:.3f}':>7} {verdict}")
 
 
 def main(argv: list[str] | None = None) -> None:
