@@ -230,7 +230,11 @@ def validate_pipeline(cfg: TrainConfig) -> None:
           "mixed_precision": cfg.mixed_precision not in ("no", "bf16")}
     for key, why in PP_REFUSED.items():
         if on[key]:
-            raise ValueError(f"parallel.pp={pp} with {key}={getattr(cfg, key)}: {why}")
+            value = getattr(cfg, key)
+            value = str(value).lower() if isinstance(value, bool) else value
+            raise ValueError(f"parallel.pp={pp} with {key}={value}: {why}")
+    if cfg.compile == "auto":  # would compile on a GPU: settled here, config.yaml says so
+        cfg.compile = "false"
     v = 1 if schedule in ("gpipe", "1f1b") else 2  # stages per rank (pipeline.SCHEDULES)
     if cfg.model.n_layer < pp * v:
         raise ValueError(f"parallel.pp={pp} with parallel.schedule={schedule} splits the model into "

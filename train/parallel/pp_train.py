@@ -110,8 +110,9 @@ class PipelineRun:
 
     def _record(self, clock, comm_s: float) -> dict:
         """The step's clocks: this rank's compute by kind and exposed communication, and the
-        blocked and idle share of every pipeline rank (one small all-gather)."""
-        mine = torch.tensor([clock.blocked, clock.bubble], dtype=torch.float64)
+        blocked, idle and compute share of every pipeline rank (one small all-gather)."""
+        mine = torch.tensor([clock.blocked, clock.bubble, clock.busy_s / clock.step_s],
+                            dtype=torch.float64)
         every = [torch.zeros_like(mine) for _ in range(self.pp)]
         dist.all_gather(every, mine, group=self.pp_group)
         shares = [t.tolist() for t in every]
@@ -119,8 +120,9 @@ class PipelineRun:
                 **{f"pp_{kind}_s": seconds for kind, seconds in clock.compute.items()},
                 "pp_blocked_s": clock.blocked_s, "pp_overhead_s": clock.overhead_s,
                 "comm_exposed_s": comm_s,
-                "pp_bubble_per_rank": [b for b, _ in shares],
-                "pp_idle_per_rank": [i for _, i in shares]}
+                "pp_bubble_per_rank": [b for b, _, _ in shares],
+                "pp_idle_per_rank": [i for _, i, _ in shares],
+                "pp_compute_per_rank": [c for _, _, c in shares]}
 
     @torch.no_grad()
     def evaluate(self, loader: BatchLoader, batches: int) -> float:
@@ -177,4 +179,5 @@ class PipelineRun:
                 "bubble_formula": bubble_formula(self.schedule, self.pp, self.m),
                 "bubble_median_per_rank": medians("pp_bubble_per_rank"),
                 "idle_median_per_rank": medians("pp_idle_per_rank"),
+                "compute_median_per_rank": medians("pp_compute_per_rank"),
                 "steps_measured": len(steady)}
