@@ -84,10 +84,13 @@ def test_pp2_trains_as_one_process_for_50_steps(tiny_data, tmp_path, one_process
 @pytest.mark.slow
 def test_dp2_x_pp2_trains_as_one_process(tiny_data, tmp_path):
     """4 processes: two replicas of a 2-stage 1F1B pipeline, each half of every batch (the
-    same windows as one process's step), gradients summed over the replicas."""
+    same windows as one process's step), gradients summed over the replicas. Validation:
+    eval_batches is per replica, so each replica takes half of one process's batches (the
+    same windows again)."""
     ref, out = tmp_path / "ref", tmp_path / "run"
-    train(tiny_data, ref, 1, "steps=6", "eval_every=3", "micro_batch_size=2")
-    train(tiny_data, out, 4, "steps=6", "eval_every=3", "micro_batch_size=2", "parallel.pp=2")
+    train(tiny_data, ref, 1, "steps=6", "eval_every=3", "micro_batch_size=2", "eval_batches=4")
+    train(tiny_data, out, 4, "steps=6", "eval_every=3", "micro_batch_size=2", "eval_batches=2",
+          "parallel.pp=2")
     assert max_rel_difference(records(out), records(ref)) < 1e-5
     assert summary(out)["pipeline"]["dp"] == 2
 
