@@ -124,6 +124,7 @@ def test_pp2_sigkill_then_resume_is_bit_exact_and_loads_in_one_process(tiny_data
     ("fsdp=true", "parallel.pp=2 with fsdp=true: pipeline stages are not sharded"),
     ("compile=true", "parallel.pp=2 with compile=true: the pipeline stages are not compiled"),
     ("mixed_precision=fp8", "parallel.pp=2 with mixed_precision=fp8"),
+    ("mixed_precision=bf16", "parallel.pp=2 with mixed_precision=bf16: the pipeline runs in fp32"),
     ("model.n_layer=3", "model.n_layer=3 must be >= 4"),
 ])
 def test_pipeline_refusals_are_one_line(override, message):

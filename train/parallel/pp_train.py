@@ -88,8 +88,7 @@ class PipelineRun:
         x = torch.cat([b[0] for b in batches]).to(accelerator.device)
         y = torch.cat([b[1] for b in batches]).to(accelerator.device)
         step_tokens = float(self.dp * y.numel())
-        with accelerator.autocast():
-            loss, clock = self.pipe.step(x, y, torch.tensor(step_tokens))
+        loss, clock = self.pipe.step(x, y, torch.tensor(step_tokens))  # fp32 (config.PP_REFUSED)
         if poison:
             loss = loss * float("nan")
         timer.lap("fwd_bwd_s")
@@ -134,8 +133,7 @@ class PipelineRun:
         for _ in range(min(batches, loader.per_rank // loader.micro_batch_size)):
             x, y = loader.next()
             device = self.accelerator.device
-            with self.accelerator.autocast():
-                total[0] += float(self.pipe.forward_loss(x.to(device), y.to(device)))
+            total[0] += float(self.pipe.forward_loss(x.to(device), y.to(device)))
             total[1] += y.numel()
         self.model.train()
         if self.dp > 1:
