@@ -183,7 +183,10 @@ def fingerprint(cfg, meta: DatasetMeta, world_size: int) -> dict:
     """What must not change for a resume to continue the same run exactly."""
     model = {k: v for k, v in vars(cfg.model).items() if k != "notes"}
     train = meta.splits["train"]
-    return {
+    # a pipelined run's layout: another split or micro-batching sums in another order
+    pipeline = ({"pipeline": {k: getattr(cfg.parallel, k) for k in ("pp", "schedule", "microbatches")}}
+                if cfg.parallel.pp > 1 else {})
+    return {**pipeline,
         "model": model,
         "data": {"tokenizer_sha256": meta.tokenizer_sha256, "vocab_size": meta.vocab_size,
                  "dtype": meta.dtype, "train_tokens": train.get("tokens"),

@@ -201,10 +201,8 @@ def validate(cfg: TrainConfig) -> None:
     check_ranges(cfg, RANGES, skip=("model", "optim", "parallel"))
     check_ranges(cfg.optim, OPTIM_RANGES, "optim.")
     check_ranges(cfg.parallel, PARALLEL_RANGES, "parallel.")
-    for key in ("pp",):
-        if getattr(cfg.parallel, key) > 1:  # the layouts land one by one (issue 20)
-            raise ValueError(f"parallel.{key}={getattr(cfg.parallel, key)}: the trainer does not run "
-                             f"this layout yet; parallel.{key} must be 1")
+    if cfg.parallel.pp > 1:
+        validate_pipeline(cfg)
     if cfg.seq_len > cfg.model.seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds model.seq_len={cfg.model.seq_len}")
     cfg.model.validate()
@@ -241,6 +239,38 @@ def check_tp_cp(cfg: TrainConfig) -> None:
     if cfg.compile == "true" or cfg.mixed_precision == "fp8":
         raise ValueError(f"{where}: compile=true and mixed_precision=fp8 are not supported with "
                          "tensor/context parallel; use compile=false")
+
+
+# Switches a pipelined run (parallel.pp > 1) does not combine with, and why, in one line each
+PP_REFUSED = {
+    "fsdp": "pipeline stages are not sharded with FSDP here; use fsdp=false (data parallel "
+            "across pipelines is plain replication)",
+    "compile": "the pipeline stages are not compiled; use compile=false",
+    "compile_optimizer": "the pipelined optimizer is not compiled; use compile_optimizer=false",
+    "mixed_precision": "the pipeline runs in fp32 only so far (autocast's dtypes against the "
+                       "stages' inferred transfer shapes are untested); use mixed_precision=no",
+}
+
+
+def validate_pipeline(cfg: TrainConfig) -> None:
+    """One-line refusals of what parallel.pp > 1 does not run (the world's size is checked at
+    launch: train.parallel.pp_train.check_layout)."""
+    pp, schedule = cfg.parallel.pp, cfg.parallel.schedule
+    on = {"fsdp": cfg.fsdp, "compile": cfg.compile == "true",
+          "compile_optimizer": cfg.compile_optimizer,
+          "mixed_precision": cfg.mixed_precision != "no"}
+    for key, why in PP_REFUSED.items():
+        if on[key]:
+            value = getattr(cfg, key)
+            value = str(value).lower() if isinstance(value, bool) else value
+            raise ValueError(f"parallel.pp={pp} with {key}={value}: {why}")
+    if cfg.compile == "auto":  # would compile on a GPU: settled here, config.yaml says so
+        cfg.compile = "false"
+    v = 1 if schedule in ("gpipe", "1f1b") else 2  # stages per rank (pipeline.SCHEDULES)
+    if cfg.model.n_layer < pp * v:
+        raise ValueError(f"parallel.pp={pp} with parallel.schedule={schedule} splits the model into "
+                         f"{pp * v} stages of whole blocks: model.n_layer={cfg.model.n_layer} must "
+                         f"be >= {pp * v}")
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -161,8 +161,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             + CPU_LAUNCH.format(n=expected)
         )
     dp = accelerator.num_processes // (cfg.parallel.tp * cfg.parallel.cp)  # tp, cp share batches
-    if cfg.batch_size % (cfg.micro_batch_size * dp):
-        raise ValueError(
+    if cfg.parallel.pp == 1 and cfg.batch_size % (cfg.micro_batch_size * dp):
+        raise ValueError(  # pipelines: train.parallel.pp_train.check_layout, over replicas
             f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size x data-parallel "
             f"ranks = {cfg.micro_batch_size} x {dp} (world_size {accelerator.num_processes} / "
             f"tp {cfg.parallel.tp} / cp {cfg.parallel.cp})"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -59,6 +60,7 @@ from train.metrics import (
 )
 from train.optim import compile_step, lr_at, set_lr, skip_update
 from train.parallel.layout import Layout, Parallel
+from train.parallel.pp_train import PipelineRun
 from train.rundir import (
     claim_out_dir,
     disk_space,
@@ -166,15 +168,26 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
     # Data first: the vocabulary size and token dtype come from the prepared dataset.
     meta = open_dataset(cfg)
     seq_len = cfg.seq_len or cfg.model.seq_len
-    layout = Layout.plan(cfg.parallel, rank, world)  # tp x cp x dp: the ranks of one dp index read alike
+    # tp x cp x dp: the ranks of one dp index read alike (train/parallel/layout.py); under
+    # pipeline parallel a replica's pp ranks load the same data (train/parallel/pp_train.py)
+    layout = Layout.plan(cfg.parallel, rank, world)
+    pipeline = PipelineRun(cfg, accelerator) if cfg.parallel.pp > 1 else None
+    data_rank, data_world = (pipeline.dp_rank, pipeline.dp) if pipeline else (layout.dp_rank, layout.dp)
     train_loader = BatchLoader(TokenWindows(meta, "train", seq_len, cfg.model.vocab_size),
-                               cfg.micro_batch_size, layout.dp_rank, layout.dp, cfg.seed)
+                               cfg.micro_batch_size, data_rank, data_world, cfg.seed)
     val_loader = BatchLoader(TokenWindows(meta, "val", seq_len, cfg.model.vocab_size),
-                             cfg.micro_batch_size, layout.dp_rank, layout.dp, cfg.seed, shuffle=False)
-    accum = cfg.batch_size // (cfg.micro_batch_size * layout.dp)
+                             cfg.micro_batch_size, data_rank, data_world, cfg.seed, shuffle=False)
+    accum = cfg.batch_size // (cfg.micro_batch_size * data_world)
     check_memory(cfg, accelerator)  # refuse a model too big for the device before allocating it
     parallel = Parallel(layout)  # its process groups, when tp or cp > 1
-    model, optimizer = build_model(cfg, accelerator, parallel)  # techniques, DDP or FSDP, optimizer
+    if pipeline:
+        model, optimizer = pipeline.model, pipeline.optimizer
+        step_fn, eval_fn = pipeline.train_step, pipeline.evaluate
+    else:
+        model, optimizer = build_model(cfg, accelerator, parallel)  # techniques, DDP or FSDP, optimizer
+        step_fn = functools.partial(train_step, replicas=layout.replicas,
+                                    clip_grad_norm_=parallel.clip_grad_norm_(None))
+        eval_fn = functools.partial(evaluate, model, accelerator=accelerator)
     raw_model = accelerator.unwrap_model(model)
 
     # Resume, when asked, from a verified checkpoint of the same run (same fingerprint):
@@ -208,11 +221,13 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
     log.info(info.describe(cfg, accelerator, accum, len(train_loader.windows)))
     log.info(peaks.describe())
     if resume_from is None:
-        state.initial_val_loss = evaluate(model, val_loader, cfg.eval_batches, accelerator)
+        state.initial_val_loss = eval_fn(val_loader, cfg.eval_batches)
         log.info(f"step 0: val loss {state.initial_val_loss:.4f}")
         metrics.write({"step": 0, "val_loss": state.initial_val_loss})
 
     def save_checkpoint(step: int) -> None:
+        if pipeline:
+            pipeline.gather()  # every stage's weights and moments into the main rank's model
         trainer = {**dataclasses.asdict(state), "fingerprint": run_fingerprint,
                    "config": dataclasses.asdict(cfg),
                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
@@ -252,18 +267,17 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
         parallel.comm_seconds()  # from here on, this step's tp/cp collectives (not evaluation's)
         batches = [train_batches.next() for _ in range(accum)]
         timer.lap("data_wait_s")
-        result = train_step(model, optimizer, batches, accelerator, timer, cfg.optim.grad_clip,
-                            poison=step in cfg.inject_nan_at_steps, replicas=layout.replicas,
-                            clip_grad_norm_=parallel.clip_grad_norm_(None))
+        result = step_fn(model, optimizer, batches, accelerator, timer, cfg.optim.grad_clip,
+                         poison=step in cfg.inject_nan_at_steps)
         state.advance(step, result.tokens)
         pending.append(PendingStep(step, lr, state.tokens, result, timer.snapshot(),
-                                   parallel.comm_seconds()))
+                                   {**parallel.comm_seconds(),
+                                    **(pipeline.last_record if pipeline else {})}))
 
         evaluated = step % cfg.eval_every == 0 or step == cfg.steps
         if evaluated:
-            pending[-1].extra["val_loss"] = evaluate(model, val_loader, cfg.eval_batches,
-                                                     accelerator)
-            if world > 1:
+            pending[-1].extra["val_loss"] = eval_fn(val_loader, cfg.eval_batches)
+            if data_world > 1:
                 pending[-1].extra["grad_allreduce_s"] = time_allreduce(info.params,
                                                                        accelerator.device)
         stop = stopper.check(timer.wall(), checkpointer.last_save_s)
@@ -280,11 +294,15 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
             finish(accelerator)
             raise SystemExit(EXIT_STOPPED)
 
+    if pipeline:
+        pipeline.gather()  # every rank's model whole: checksums, export, samples
     raw_model = parallel.full_model(full_copy(raw_model))  # unsharded (fsdp, tp): checksums, export
     if cfg.fsdp and main:  # the last checkpoint gets pickle-free weights too
         with disk_space(checkpointer.root, lambda: state_bytes(raw_model)):
             checkpointer.consolidate(cfg.steps, raw_model)
     summary = summarize(cfg, info, metrics, state)
+    if pipeline:
+        summary["pipeline"] = pipeline.summary(metrics.records, cfg.warmup_steps_excluded)
     summary["rank_weight_sha256"] = weight_checksums(raw_model, accelerator)
     if main:
         write_outputs(cfg, summary, raw_model, accelerator.device, meta.eos_id)

@@ -92,3 +92,17 @@ def test_bench_pp_prints_measured_bubble_beside_the_formula(capfd):
     assert rows["1f1b"][1] == "4" and rows["1f1b"][-2] == "0.200"  # (p-1)/(m+p-1), p=2, m=4
     assert 0 <= float(rows["1f1b"][-3]) < 1  # the measured mean idle share
     assert rows["dualpipev"][-1] in ("<", ">=") or rows["dualpipev"][-2] in ("<", ">=")
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved"])
+@pytest.mark.parametrize("pp, m", [(2, 4), (2, 8), (4, 4), (4, 8), (3, 6)])
+def test_torch_orders_leave_the_formula_bubble_with_equal_stages(schedule, pp, m):
+    """torch's own 1F1B and interleaved orders, run with equal stages and free transfers,
+    idle every rank by exactly the formula; a slower last stage (the LM head) idles the
+    other ranks more, the slowest one less."""
+    from train.parallel.schedule_sim import simulated_bubble
+
+    idle = simulated_bubble(schedule, pp, m)
+    assert list(idle.values()) == pytest.approx([bubble_formula(schedule, pp, m)] * pp, abs=1e-12)
+    slow_last = simulated_bubble(schedule, pp, m, head=0.3)
+    assert slow_last[0] > idle[0] and slow_last[pp - 1] < idle[pp - 1]

@@ -5,15 +5,20 @@
 Starts `pp` gloo CPU processes (one torch thread each), splits a balanced model (untied
 embeddings, a small vocabulary so the head adds little to the last stage, n_layer a multiple
 of 2 * pp so every stage holds as many blocks) and times `steps` training steps per
-schedule and micro-batch count M, at a fixed micro-batch of `--mb` sequences. For each it
-prints every rank's idle share of the step (the bubble as measured: step time, barrier to
-barrier, minus the rank's forward, backward and loss compute), their mean, and the formula:
-(p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(v*m+p-1) for interleaved 1F1B (Narayanan et al.
-2021, sec. 2.2). Zero-bubble (ZB-V) and DualPipeV have no closed form here; they are
-printed beside 1F1B at the same M. The measured idle share also holds any exposed
-point-to-point transfer time and the schedule's own bookkeeping per micro-batch (a larger
-share with smaller micro-batches: at --mb 2 the measured/formula ratios roughly doubled),
-and on a shared machine other processes' load.
+schedule and micro-batch count M, at a fixed micro-batch of `--mb` sequences. Columns, each a
+median over the timed steps (shares of the step, barrier to barrier):
+
+- rankN: the rank's blocked share, the bubble as measured: time spent waiting in the
+  schedule's point-to-point sends and receives, and at the closing barrier for the other
+  stages (`StepClock.blocked`);
+- imbal: the largest minus the smallest rank's compute share: stage imbalance, which the
+  formula assumes away (every rank but the slowest also waits that much for it);
+- idle: mean of 1 - compute share: blocked time plus the schedule's own bookkeeping;
+- mean: the mean blocked share, compared with the formula: (p-1)/(m+p-1) for GPipe and 1F1B,
+  (p-1)/(v*m+p-1) for interleaved 1F1B (Narayanan et al. 2021, sec. 2.2).
+
+Zero-bubble (ZB-V) and DualPipeV have no closed form here; they are printed beside 1F1B at
+the same M. On a shared machine other processes' load shows up as blocked time on the peer.
 """
 
 from __future__ import annotations
@@ -66,8 +71,10 @@ def measure_rows(args: argparse.Namespace) -> list[tuple[str, int, list[tuple[fl
                     p.grad = None
                 if step >= args.warmup:
                     clocks.append(clock)
-            mine = (statistics.median(c.bubble for c in clocks),
-                    statistics.median(c.step_s for c in clocks))
+            mine = (statistics.median(c.blocked for c in clocks),
+                    statistics.median(c.step_s for c in clocks),
+                    statistics.median(c.bubble for c in clocks),
+                    statistics.median(c.busy_s / c.step_s for c in clocks))
             every = [None] * dist.get_world_size()
             dist.all_gather_object(every, mine)
             rows.append((schedule, m, every))
@@ -78,13 +85,15 @@ def print_table(rows: list, pp: int, cfg: ModelConfig) -> None:
     print(f"pp={pp} gloo CPU, 1 thread/rank; model n_layer={cfg.n_layer} d_model={cfg.d_model} "
           f"seq_len={cfg.seq_len} vocab={cfg.vocab_size}; medians over the timed steps")
     ranks = " ".join(f"{'rank' + str(r):>6}" for r in range(pp))
-    print(f"{'schedule':<12} {'M':>2} {'step_s':>7} {ranks} {'mean':>6} {'formula':>7} "
-          f"{'meas/formula':>12}")
-    one_f_one_b = {m: statistics.mean(b for b, _ in every)
+    print(f"{'schedule':<12} {'M':>2} {'step_s':>7} {ranks} {'imbal':>6} {'idle':>6} {'mean':>6} "
+          f"{'formula':>7} {'meas/formula':>12}")
+    one_f_one_b = {m: statistics.mean(b for b, *_ in every)
                    for s, m, every in rows if s == "1f1b"}
     for schedule, m, every in rows:
-        bubbles = [b for b, _ in every]
+        bubbles = [b for b, *_ in every]
         mean = statistics.mean(bubbles)
+        idle = statistics.mean(i for _, _, i, _ in every)
+        imbalance = max(c for *_, c in every) - min(c for *_, c in every)
         formula = bubble_formula(schedule, pp, m)
         if formula is not None:
             verdict = f"{mean / formula:>12.2f}"
@@ -92,10 +101,11 @@ def print_table(rows: list, pp: int, cfg: ModelConfig) -> None:
             verdict = f"{'< 1f1b' if mean < one_f_one_b[m] else '>= 1f1b':>12}"
         else:
             verdict = f"{'-':>12}"
-        step_s = max(s for _, s in every)
+        step_s = max(s for _, s, *_ in every)
         print(f"{schedule:<12} {m:>2} {step_s:>7.3f} "
               + " ".join(f"{b:>6.3f}" for b in bubbles)
-              + f" {mean:>6.3f} {'-' if formula is None else f'{formula:.3f}':>7} {verdict}")
+              + f" {imbalance:>6.3f} {idle:>6.3f} {mean:>6.3f} "
+              + f"{'-' if formula is None else f'{formula:.3f}':>7} {verdict}")
 
 
 def main(argv: list[str] | None = None) -> None:

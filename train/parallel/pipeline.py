@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -40,6 +41,7 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleZBVZeroBubble,
+    schedules,
 )
 
 from model.transformer import Transformer, compute_dtype, linear_cross_entropy
@@ -134,40 +136,78 @@ class StageModule(nn.Module):
 
 
 class ClockedStage(PipelineStage):
-    """A PipelineStage that adds up the seconds its forward and backward computations take
-    (`busy_s`); what a step spends outside them is waiting: the bubble, plus exposed
-    point-to-point transfers."""
+    """A PipelineStage that adds up the seconds its computations take, by kind (`busy`:
+    forward, backward, and the weight half of a split backward under zero-bubble and
+    DualPipeV); what a step spends outside them is waiting (the bubble, exposed
+    point-to-point transfers) or the schedule's own bookkeeping."""
 
-    busy_s = 0.0
+    busy: dict[str, float]
 
     @contextlib.contextmanager
-    def _busy(self):
+    def _busy(self, kind: str):
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.busy_s += time.perf_counter() - start
+            self.busy[kind] = self.busy.get(kind, 0.0) + time.perf_counter() - start
+
+    @property
+    def busy_s(self) -> float:
+        return sum(getattr(self, "busy", {}).values())
 
     def forward_one_chunk(self, *args, **kwargs):
-        with self._busy():
+        with self._busy("forward"):
             return super().forward_one_chunk(*args, **kwargs)
 
     def backward_one_chunk(self, *args, **kwargs):
-        with self._busy():
+        with self._busy("backward"):
             return super().backward_one_chunk(*args, **kwargs)
 
     def backward_weight_one_chunk(self, *args, **kwargs):
-        with self._busy():
+        with self._busy("weight"):
             return super().backward_weight_one_chunk(*args, **kwargs)
+
+
+class _Blocked:
+    """Seconds this process spends blocked in the schedules' point-to-point waits
+    (`torch.distributed.pipelining.schedules._wait_batch_p2p`, through which the torch
+    schedules wait for a send or a receive): time a stage sits idle for its neighbour,
+    the transfer included. Installed once per process; `Pipeline.step` reads it per step."""
+
+    seconds = 0.0
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls.installed:
+            return
+        wait = schedules._wait_batch_p2p
+
+        def timed_wait(work):
+            start = time.perf_counter()
+            try:
+                return wait(work)
+            finally:
+                cls.seconds += time.perf_counter() - start
+
+        schedules._wait_batch_p2p = timed_wait
+        cls.installed = True
 
 
 @dataclass
 class StepClock:
     """One rank's clock of one pipeline step: the step's wall time (from a barrier before it
-    to a barrier after, so every rank measures the same step) and its compute time."""
+    to a barrier after, so every rank measures the same step), its compute by kind, and the
+    time it sat blocked: in point-to-point waits and in the closing barrier (a stage that
+    finishes before the others, as the last one does in the drain). `comm_s`: the tied
+    embedding's gradient sum and the loss's all-reduce after the step (exposed, outside
+    step_s)."""
 
     step_s: float
     busy_s: float
+    blocked_s: float = 0.0
+    compute: dict[str, float] = field(default_factory=dict)  # forward, backward, weight, loss
+    comm_s: float = 0.0
 
     @property
     def idle_s(self) -> float:
@@ -175,8 +215,22 @@ class StepClock:
 
     @property
     def bubble(self) -> float:
-        """Fraction of the step this rank did not compute: the bubble as measured."""
+        """Fraction of the step this rank did not compute (compute clocks only): the bubble
+        plus the schedule's own work, an upper bound of the bubble."""
         return self.idle_s / self.step_s if self.step_s > 0 else 0.0
+
+    @property
+    def blocked(self) -> float:
+        """Fraction of the step this rank waited for a peer: the bubble as measured, the
+        schedule's own per-micro-batch work counted as the stage's work (as the formula
+        counts a stage's whole time per micro-batch)."""
+        return min(self.blocked_s / self.step_s, 1.0) if self.step_s > 0 else 0.0
+
+    @property
+    def overhead_s(self) -> float:
+        """Neither compute nor blocked: the schedule's bookkeeping, splitting the batch into
+        micro-batches, posting transfers."""
+        return max(self.step_s - self.busy_s - self.blocked_s, 0.0)
 
 
 def bubble_formula(schedule: str, pp: int, microbatches: int) -> float | None:
@@ -204,6 +258,8 @@ class Pipeline:
     tied: nn.Parameter | None = None  # this rank's copy of a tied embedding, when it holds one
     tied_group: dist.ProcessGroup | None = None  # the ranks whose copies are summed
     loss_s: list[float] = field(default_factory=lambda: [0.0])
+    head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (h, targets) -> loss sum
+    width: int = 0  # the residual stream's width, d_model: what one stage sends the next
 
     @property
     def has_last(self) -> bool:
@@ -225,22 +281,57 @@ class Pipeline:
             tokens = (targets != -100).sum()
         tokens = tokens.clamp(min=1).to(torch.float32)
         for stage in self.stages:
-            stage.busy_s = 0.0
+            stage.busy = {}
         self.loss_s[0] = 0.0
+        _Blocked.install()
         losses: list[torch.Tensor] = []
         dist.barrier(group=self.group)
-        start = time.perf_counter()
+        start, blocked = time.perf_counter(), _Blocked.seconds
         self.schedule.step(idx, target=targets, losses=losses, return_outputs=False,
                            loss_kwargs={"tokens": tokens})
+        done = time.perf_counter()
         dist.barrier(group=self.group)
-        clock = StepClock(time.perf_counter() - start,
-                          sum(s.busy_s for s in self.stages) + self.loss_s[0])
+        end = time.perf_counter()
+        compute = {"forward": 0.0, "backward": 0.0, "weight": 0.0, "loss": self.loss_s[0]}
+        for stage in self.stages:
+            for kind, seconds in stage.busy.items():
+                compute[kind] += seconds
+        clock = StepClock(end - start, sum(compute.values()),
+                          _Blocked.seconds - blocked + (end - done), compute)
         if self.tied_group is not None:
             dist.all_reduce(self.tied.grad, group=self.tied_group)
         loss = torch.stack(losses).sum().detach() if losses else torch.zeros(())
         # the last stage's rank holds the loss; its pipeline peers hold zeros
         dist.all_reduce(loss, group=self.group)
+        clock.comm_s = time.perf_counter() - end
         return loss, clock
+
+    def stage_rank(self, stage: int) -> int:
+        """The pipeline rank (in `group`) that holds stage `stage`."""
+        pp = dist.get_world_size(self.group)
+        if SCHEDULES[self.schedule_name][2] == "v":
+            return stage if stage < pp else 2 * pp - 1 - stage
+        return stage % pp
+
+    @torch.no_grad()
+    def forward_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy of a batch [B, T], forward only (evaluation): stage after
+        stage, each stage's output sent to the next stage's rank; the same on every rank of
+        the pipeline afterwards."""
+        me, n = dist.get_rank(self.group), self.stages[0].num_stages
+        mine = {stage.stage_index: stage.submod for stage in self.stages}
+        h = idx
+        for s in sorted(mine):
+            if s > 0 and self.stage_rank(s - 1) != me:
+                h = torch.empty((*idx.shape, self.width), device=idx.device)
+                dist.recv(h, group=self.group, group_src=self.stage_rank(s - 1))
+            h = mine[s](h)
+            if s < n - 1 and self.stage_rank(s + 1) != me:
+                dist.send(h.float().contiguous(), group=self.group, group_dst=self.stage_rank(s + 1))
+        loss = self.head(h, targets) if n - 1 in mine else torch.zeros((), device=idx.device)
+        loss = loss.detach().float()
+        dist.all_reduce(loss, group=self.group)
+        return loss
 
     def reduce_dp(self, dp_group: dist.ProcessGroup) -> None:
         """Sum every gradient over the data-parallel replicas of this rank's stages (each
@@ -294,6 +385,10 @@ def split(model: Transformer, schedule: str, microbatches: int,
         loss_s[0] += time.perf_counter() - start
         return loss
 
+    def head(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(h.flatten(0, 1), model.lm_head.weight, targets.reshape(-1),
+                                    compute_dtype(h), model.loss_chunk)
+
     stages, modules = [], []
     for s in rank_stages(schedule, pp, pp_rank):
         module = StageModule(model, ranges[s], s == 0, s == n_stages - 1)
@@ -311,7 +406,7 @@ def split(model: Transformer, schedule: str, microbatches: int,
     elif model.cfg.tie_embeddings and tied_group is None:
         tied_group = tied_embedding_group(group)
     pipe = Pipeline(schedule, sched, stages, nn.ModuleList(modules), group, tied,
-                    tied_group if tied is not None else None, loss_s)
+                    tied_group if tied is not None else None, loss_s, head, model.cfg.d_model)
     return pipe
 
 
