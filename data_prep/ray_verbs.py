@@ -1,6 +1,8 @@
-"""`executor: ray`: the verbs of data_prep.executor over Ray Data (`RayExecutor`), and the Ray
-session. A shuffle by key is a distributed sort (`grouped`), a join is a shuffle of both sides
-tagged into one schema (`join`), connected components are large-star / small-star
+"""`executor: ray`: the verbs of data_prep.executor as plain Ray tasks (`RayExecutor`), and the
+Ray session. Rows are `Blocks` (object refs to Arrow tables). A shuffle by key is a
+range-partitioned exchange with a stable sort in each reducer (`grouped`), a join is a
+shuffle of both sides tagged into one schema (`join`), connected components are large-star /
+small-star
 (`connected_components`). The stages (data_prep.stage, data_prep.dedup, data_prep.near,
 data_prep.read_stage) say what happens per shard or key group; this module only places it.
 Every Ray import is inside a function, so data_prep imports without Ray.
@@ -31,7 +33,6 @@ def session(cfg: PrepConfig) -> Iterator[None]:
     import ray
 
     if ray.is_initialized():
-        _quiet(cfg)
         yield
         return
     kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
@@ -49,19 +50,9 @@ def session(cfg: PrepConfig) -> Iterator[None]:
     log.info("ray: connecting to %s", cfg.ray.address)
     ray.init(**kw)
     try:
-        _quiet(cfg)
         yield
     finally:
         ray.shutdown()
-
-
-def _quiet(cfg: PrepConfig) -> None:
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def partitions(cfg: PrepConfig, n_docs: int) -> int:
