@@ -36,6 +36,11 @@ memory of any one worker and of the driver, per size:
     python -m data_prep.bench --executor ray --docs 5000,20000
     python -m data_prep.bench --executor ray --docs 50000,200000 ray.address=auto --publish
 
+`--overhead` compares the whole pipeline under the local pool and an embedded Ray on one input,
+interleaved, `--rounds` times each (data_prep.scale.overhead; issue 23's goal: <= 1.3x):
+
+    python -m data_prep.bench --overhead --rounds 2 --publish     # configs/prep/demo.yaml
+
 It prints the table as Markdown headed by `contracts.measured.header` (date, machine, torch,
 command); `--publish` also writes it to docs/measured/data_prep-bench-<date>.md.
 """
@@ -317,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=_sizes, default=None, metavar="N[,N...]",
                    help="scale bench instead: the document stages on generated corpora of N "
                         "documents each (e.g. --docs 5000,20000): docs/s, peak memory per worker")
+    p.add_argument("--overhead", action="store_true",
+                   help="Ray's overhead instead: the whole pipeline under local and embedded Ray, "
+                        "interleaved, --rounds times each (medians, ratio)")
+    p.add_argument("--rounds", type=int, default=2, help="--overhead: rounds of each executor")
     p.add_argument("--json", type=Path, default=None, help="also write the table here as JSON")
     p.add_argument("--publish", action="store_true",
                    help="also write the Markdown to docs/measured/data_prep-bench-<date>.md")
@@ -328,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.executor and not args.docs:
         args.overrides = [*args.overrides, f"executor={args.executor}"]
     try:
-        if args.docs:
+        if args.overhead:
+            from data_prep.scale import overhead
+
+            result = overhead(args.config, args.overrides, args.rounds)
+        elif args.docs:
             from data_prep.scale import render_scale, scale_bench
 
             result = scale_bench(args.config, args.overrides, args.executor or "local", args.docs)
@@ -343,7 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cmd = ["python", "-m", "data_prep.bench", *argv]
-    if args.docs:
+    if args.overhead:
+        from data_prep.scale import render_overhead
+
+        name = "data_prep-ray-overhead"
+        text = header("data_prep: Ray's overhead", cmd) + "\n```\n" + render_overhead(result) + "\n```\n"
+    elif args.docs:
         name = f"data_prep-scale-{args.executor or 'local'}"
         text = header("data_prep scale bench", cmd) + "\n```\n" + render_scale(result) + "\n```\n"
     elif args.quality_only:

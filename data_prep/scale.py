@@ -7,9 +7,14 @@ it with the chosen executor, and reports docs/s and peak memory: the largest res
 (RSS) any one worker process reached, its private part (RSS minus shared pages: a Ray worker's
 RSS also counts the pages of the shared object store it maps), and the driver's RSS. Memory is
 sampled every `interval` seconds with psutil: under `local`, the driver's child processes (the
-process pool); under `ray`, every Ray worker process on this node (processes titled
-`ray::...`), which on an embedded Ray are the run's workers. On a multi-node cluster only this
-node's workers are seen.
+process pool); under an embedded Ray (`ray.address=local`), the Ray worker processes (titled
+`ray::...`) among the driver's descendants (its raylet starts them), so another Ray on the
+same machine is not counted; on a cluster (`ray.address=auto` or an address), every `ray::`
+process on this node. On a multi-node cluster only this node's workers are seen.
+
+`overhead` (`python -m data_prep.bench --overhead`) runs the whole pipeline (`data_prep.run`)
+on one input under the local pool and under an embedded Ray, interleaved, and compares medians
+(issue 23's goal: Ray within 1.3x of local on one machine).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import json
 import random
 import re
+import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -79,8 +86,8 @@ def synthetic_corpus(path: Path, n: int, seed: int = 0, copy_frac: float = 0.05,
 class MemorySampler:
     """Peak RSS of worker processes and of this (driver) process, sampled in a thread."""
 
-    def __init__(self, executor: str, interval: float = 0.5) -> None:
-        self.executor, self.interval = executor, interval
+    def __init__(self, executor: str, interval: float = 0.5, embedded: bool = True) -> None:
+        self.executor, self.interval, self.embedded = executor, interval, embedded
         self.peak_worker = self.peak_worker_rss = self.peak_driver = 0
         self.workers_seen: set[int] = set()
         self._stop = threading.Event()
@@ -90,9 +97,13 @@ class MemorySampler:
     def _workers(self) -> list[psutil.Process]:
         if self.executor == "local":
             return self._me.children(recursive=True)
+        procs = self._me.children(recursive=True) if self.embedded else psutil.process_iter()
         out = []
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = p.info.get("cmdline") or []
+        for p in procs:
+            try:
+                cmd = p.cmdline()
+            except psutil.Error:
+                continue
             if cmd and cmd[0].startswith("ray::"):
                 out.append(p)
         return out
@@ -143,7 +154,7 @@ def scale_bench(config: str | Path, overrides: list[str], executor: str, sizes: 
                 kinds = synthetic_corpus(corpus, n, seed)
                 src = f"sources=[{{kind: jsonl, path: '{corpus}', id_field: id}}]"
                 cfg = load_config(config, [*base, src, f"out_dir={Path(tmp) / 'out'}"])
-                with MemorySampler(executor) as mem:
+                with MemorySampler(executor, embedded=cfg.ray.address == "local") as mem:
                     t = time.perf_counter()
                     results = run_document_stages(cfg)
                     wall = time.perf_counter() - t
@@ -161,8 +172,15 @@ def scale_bench(config: str | Path, overrides: list[str], executor: str, sizes: 
                     "peak_driver_rss_bytes": mem.peak_driver,
                     "worker_processes_seen": len(mem.workers_seen),
                 })
+                print(render_row(rows[-1]), file=sys.stderr, flush=True)  # a cut run keeps it
     return {"format": 1, "config": str(config), "overrides": overrides, "executor": executor,
             "cpus": psutil.cpu_count(), "rows": rows}
+
+
+def render_row(r: dict[str, Any]) -> str:
+    return (f"{r['docs']:>9,}{r['docs_kept'] or 0:>9,}{r['seconds']:>9.1f}{r['docs_per_s']:>9,.0f}"
+            f"{r['peak_worker_private_bytes'] / 1e6:>19.0f}{r['peak_worker_rss_bytes'] / 1e6:>15.0f}"
+            f"{r['peak_driver_rss_bytes'] / 1e6:>15.0f}{r['worker_processes_seen']:>9}")
 
 
 def render_scale(result: dict[str, Any]) -> str:
@@ -172,14 +190,146 @@ def render_scale(result: dict[str, Any]) -> str:
         f"{'docs':>9}{'kept':>9}{'s':>9}{'docs/s':>9}{'worker private MB':>19}"
         f"{'worker RSS MB':>15}{'driver RSS MB':>15}{'workers':>9}",
     ]
-    for r in result["rows"]:
-        lines.append(
-            f"{r['docs']:>9,}{r['docs_kept'] or 0:>9,}{r['seconds']:>9.1f}{r['docs_per_s']:>9,.0f}"
-            f"{r['peak_worker_private_bytes'] / 1e6:>19.0f}{r['peak_worker_rss_bytes'] / 1e6:>15.0f}"
-            f"{r['peak_driver_rss_bytes'] / 1e6:>15.0f}"
-            f"{r['worker_processes_seen']:>9}"
-        )
-    lines.append("worker: the peak of any one worker process (Ray: the `ray::` processes of this")
-    lines.append("node), sampled every 0.5 s; private = RSS - shared pages (a Ray worker's RSS also")
-    lines.append("counts the object-store pages it maps); driver: this process. MB = 10^6 bytes.")
+    lines += [render_row(r) for r in result["rows"]]
+    lines.append("worker: the peak of any one worker process (embedded Ray: the driver's `ray::`")
+    lines.append("descendants; a cluster: the `ray::` processes of this node), sampled every 0.5 s;")
+    lines.append("private = RSS - shared pages (a Ray worker's RSS also counts the object-store")
+    lines.append("pages it maps); driver: this process. MB = 10^6 bytes.")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- Ray's overhead
+RUNS = ("local", "ray", "ray_warm")
+
+
+def overhead(config: str | Path, overrides: list[str], rounds: int = 2) -> dict[str, Any]:
+    """The whole pipeline (`data_prep.run`, read .. pack) on one input, `rounds` times each way,
+    interleaved: `local` (the process pool), `ray` (an embedded Ray the run starts and stops,
+    as `python -m data_prep ... executor=ray` does) and `ray_warm` (the same, on a Ray session
+    started before the timer: the run minus Ray's start). Each run writes into a fresh
+    directory (no stage cache). Returns medians of the wall time and of every stage's time
+    (report.json's `seconds`), the ratios to local, and Ray's fixed costs on this machine
+    (`ray_fixed_costs`), which say how much of the difference is starting Ray."""
+    import ray
+
+    from data_prep.pipeline import run
+
+    if rounds < 1:
+        raise ValueError(f"--rounds {rounds}: must be >= 1")
+    walls: dict[str, list[float]] = {k: [] for k in RUNS}
+    stages: dict[str, list[dict[str, float]]] = {k: [] for k in RUNS}
+    docs = 0
+    for r in range(rounds):
+        for kind in RUNS:
+            with tempfile.TemporaryDirectory(prefix="prep-overhead-") as tmp:
+                executor = "local" if kind == "local" else "ray"
+                cfg = load_config(config, [*overrides, "progress=false", f"executor={executor}",
+                                           f"out_dir={tmp}"])
+                if kind == "ray_warm":  # what the pipeline's embedded session would start
+                    ray.init(num_cpus=cfg.ray.num_cpus or cfg.workers or psutil.cpu_count(),
+                             include_dashboard=False, log_to_driver=False,
+                             logging_level="WARNING")
+                try:
+                    t = time.perf_counter()
+                    run(cfg)
+                    walls[kind].append(time.perf_counter() - t)
+                finally:
+                    if kind == "ray_warm":
+                        ray.shutdown()
+                report = json.loads((Path(tmp) / "report.json").read_text(encoding="utf-8"))
+                stages[kind].append({s["name"]: s["seconds"] for s in report["stages"]})
+                docs = report["stages"][0]["total"]["docs_in"]
+            print(f"round {r + 1}/{rounds} {kind}: {walls[kind][-1]:.2f} s", file=sys.stderr,
+                  flush=True)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    names = list(stages["local"][0])
+    fixed = ray_fixed_costs(cfg.ray.num_cpus or cfg.workers or psutil.cpu_count(), rounds)
+    return {
+        "format": 1, "config": str(config), "overrides": overrides, "rounds": rounds,
+        "cpus": psutil.cpu_count(), "docs": docs,
+        "seconds": {k: [round(x, 3) for x in v] for k, v in walls.items()},
+        "median_s": {k: round(v, 3) for k, v in med.items()},
+        "ratio": {k: round(med[k] / med["local"], 3) for k in RUNS[1:]},
+        "stage_median_s": {n: {k: round(statistics.median(s[n] for s in stages[k]), 3)
+                               for k in RUNS} for n in names},
+        "ray_fixed_costs_s": fixed,
+    }
+
+
+def render_overhead(res: dict[str, Any]) -> str:
+    med = res["median_s"]
+    lines = [
+        f"Ray's overhead: the whole pipeline (data_prep.run) on {res['config']} "
+        f"{' '.join(res['overrides'])}".rstrip() + f", {res['docs']:,} documents, "
+        f"{res['cpus']} CPUs; median of {res['rounds']} interleaved rounds",
+        f"{'':<28}{'local':>9}{'ray':>9}{'ray warm':>10}{'ray - local':>13}",
+    ]
+    for name, m in res["stage_median_s"].items():
+        lines.append(f"{name:<28}{m['local']:>9.2f}{m['ray']:>9.2f}{m['ray_warm']:>10.2f}"
+                     f"{m['ray'] - m['local']:>13.2f}")
+    docs_stages = [n for n in res["stage_median_s"] if n not in ("tokenizer", "pack")]
+    sums = {k: sum(res["stage_median_s"][n][k] for n in docs_stages) for k in RUNS}
+    lines.append(f"{'document stages (read..pii)':<28}{sums['local']:>9.2f}{sums['ray']:>9.2f}"
+                 f"{sums['ray_warm']:>10.2f}{sums['ray'] - sums['local']:>13.2f}")
+    lines.append(f"{'whole run (wall)':<28}{med['local']:>9.2f}{med['ray']:>9.2f}"
+                 f"{med['ray_warm']:>10.2f}{med['ray'] - med['local']:>13.2f}")
+    lines.append(f"ray / local: {res['ratio']['ray']:.2f}x (Ray started by the run), "
+                 f"{res['ratio']['ray_warm']:.2f}x (Ray already running); goal <= 1.3x")
+    lines.append(f"document stages alone: {sums['ray'] / sums['local']:.2f}x, "
+                 f"{sums['ray_warm'] / sums['local']:.2f}x")
+    lines.append("seconds: stage wall times as report.json records them (medians per stage),")
+    lines.append("the wall time of data_prep.run; each round runs local, ray, ray warm in turn.")
+    for k in RUNS:
+        lines.append(f"  {k} runs: " + ", ".join(f"{x:.2f}" for x in res["seconds"][k]) + " s")
+    lines.append(render_fixed_costs(res["ray_fixed_costs_s"]))
+    return "\n".join(lines)
+
+
+def render_fixed_costs(f: dict[str, float]) -> str:
+    return (f"Ray's fixed costs here (data_prep.scale.ray_fixed_costs, medians): session start "
+            f"{f['init_s']:.2f} s, stop {f['shutdown_s']:.2f} s, the session's first Ray Data "
+            f"job (worker processes start, import Ray Data) {f['first_job_s']:.2f} s; warm: a "
+            f"4-task map {f['map_s']:.2f} s, a 100-row sort shuffle {f['shuffle_s']:.2f} s")
+
+
+def _identity(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+def ray_fixed_costs(num_cpus: int = 2, repeats: int = 3, blocks: int = 4) -> dict[str, float]:
+    """What Ray costs before any data moves, on this machine (medians of `repeats`): starting
+    and stopping an embedded session, the first Ray Data job of a session (its worker
+    processes start and import), and, warm, a map of `blocks` one-row blocks (one task each)
+    and a sort shuffle of 100 rows into `blocks` blocks (the task-based pull shuffle the
+    pipeline's `grouped` uses: about 3 tasks per block, sample, map and reduce)."""
+    import ray
+    import ray.data
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    rows = [{"k": (i * 37) % 100} for i in range(100)]
+    out: dict[str, list[float]] = {k: [] for k in ("init_s", "first_job_s", "map_s",
+                                                   "shuffle_s", "shutdown_s")}
+
+    def timed(key: str, fn: Any) -> None:
+        t = time.perf_counter()
+        fn()
+        out[key].append(time.perf_counter() - t)
+
+    for _ in range(repeats):
+        timed("init_s", lambda: ray.init(num_cpus=num_cpus, include_dashboard=False,
+                                         log_to_driver=False, logging_level="WARNING"))
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+
+        def job() -> None:
+            ray.data.from_items(rows[:blocks], override_num_blocks=blocks).map_batches(
+                _identity, batch_size=1).materialize()
+
+        timed("first_job_s", job)
+        timed("map_s", job)
+        timed("shuffle_s", lambda: ray.data.from_items(rows, override_num_blocks=blocks)
+              .repartition(blocks).sort("k").materialize())
+        timed("shutdown_s", ray.shutdown)
+    return {k: round(statistics.median(v), 3) for k, v in out.items()}

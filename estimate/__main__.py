@@ -8,6 +8,8 @@
     python -m estimate catalog
     python -m estimate calibrate [--data data/demo] [--out reports/calibrate] [--quick] [--steps 20]
         [--nproc 2] [--repeats 1] [--sweep configs/estimate/calibrate.yaml] [--publish]
+    python -m estimate calibrate --parallel [--data data/demo] [--out reports/calibrate] [--quick]
+        [--publish]
 
 Assumption options take one number (a point) or CENTRAL:LOW:HIGH; omitted ones use the sourced
 defaults in estimate/defaults.yaml.
@@ -125,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nproc", type=int, help="processes of the data-parallel check (default 2)")
     c.add_argument("--repeats", type=int, help="rounds of the sweep (medians over rounds)")
     c.add_argument("--publish", action="store_true",
-                   help="also write the report as docs/measured/calibration-DATE.md")
+                   help="also write the report as docs/measured/calibration-DATE.md "
+                   "(with --parallel: calibration-parallel-DATE.md)")
+    c.add_argument("--parallel", action="store_true",
+                   help="check the performance model's parallel terms and step time here "
+                   "instead (configs/estimate/calibrate_parallel.yaml; with --quick its quick "
+                   "version): rates, gloo collectives, DP/FSDP/TP/CP/PP terms, 5 layouts")
     return parser
 
 
@@ -163,13 +170,16 @@ def cmd_project(args: argparse.Namespace) -> int:
                          "shape has its own experts")
     target = resolve_target(args.model, params=args.params, active_params=args.active_params,
                             seq_len=args.seq_len, experts=args.experts)
-    calibration = None
+    calibration = checked = None
     if args.from_calibration:
         from estimate.assumptions import refuse_calibration
-        from estimate.calibrate.prior import read_calibration
+        from estimate.calibrate.parallel import read_checked_terms
+        from estimate.calibrate.prior import FILE, read_calibration
 
-        refuse_calibration(args.mfu is not None, args.mfu_from is not None)
-        calibration = read_calibration(args.from_calibration)
+        checked = read_checked_terms(args.from_calibration)
+        if checked is None or (Path(args.from_calibration) / FILE).is_file():
+            refuse_calibration(args.mfu is not None, args.mfu_from is not None)
+            calibration = read_calibration(args.from_calibration)
     acc = get_accelerator(args.accelerator)
     setup = published_setup(args.model) if args.model else None
     # A preset's published layout holds at its published count only; its batch always.
@@ -213,10 +223,19 @@ def cmd_project(args: argparse.Namespace) -> int:
     recompute = next(s.value for s in assumptions.settings if s.key == "recompute")
     p = project(target, args.tokens, acc, count, assumptions, precision, recompute, peak)
     print(projection_text(p))
+    if checked:
+        print("\n" + "\n".join(checked.lines()))
     if args.out:
         plots = _projection_plots(p, Path(args.out), setup, count)
-        md, js = write_outputs(args.out, projection_markdown(p, *[x.name for x in plots]),
-                               p.to_dict())
+        md = projection_markdown(p, *[x.name for x in plots])
+        record = p.to_dict()
+        if checked:
+            md += ("\n## Parallel terms checked (--from-calibration)\n\n```\n"
+                   + "\n".join(checked.lines()) + "\n```\n")
+            record["parallel_terms_checked"] = {"source": str(checked.path),
+                                                "hardware": checked.hardware,
+                                                "terms": [list(t) for t in checked.terms]}
+        md, js = write_outputs(args.out, md, record)
         print(f"wrote {md}, {js}, " + ", ".join(str(x) for x in plots))
     return 0
 
@@ -341,8 +360,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.quick and args.sweep:
         raise ValueError("--quick and --sweep both choose the sweep; give one")
-    sweep = args.sweep or (QUICK_SWEEP if args.quick else DEFAULT_SWEEP)
     command = shlex.join(["python", "-m", "estimate", *args.argv])
+    if args.parallel:
+        from estimate.calibrate.parallel import PARALLEL_QUICK, PARALLEL_SWEEP, run_parallel_cli
+
+        if args.nproc not in (None, 2):
+            raise ValueError(f"--parallel runs 2 processes; --nproc {args.nproc} is not supported")
+        sweep = args.sweep or (PARALLEL_QUICK if args.quick else PARALLEL_SWEEP)
+        return run_parallel_cli(sweep, args.data, args.out, args.steps, args.repeats,
+                                args.publish, command)
+    sweep = args.sweep or (QUICK_SWEEP if args.quick else DEFAULT_SWEEP)
     return run_cli(sweep, args.data, args.out, args.steps, args.nproc, args.repeats,
                    args.publish, command)
 

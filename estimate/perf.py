@@ -61,6 +61,11 @@ BYTES_PER_GB = 1e9
 # 'Zero Bubble Pipeline Parallelism', sec. 3: the weight-gradient pass W fills the bubble).
 SCHEDULES = ("1f1b", "dualpipe", "zero-bubble")
 ZERO_STAGES = (0, 1, 2, 3)
+# DDP all-reduces gradients in buckets of 25 MB (Li et al. 2020, 'PyTorch Distributed', sec.
+# 3.2.3, its default bucket_cap_mb): the number of collectives a step pays a link latency for.
+DDP_BUCKET_BYTES = 25 * 2**20
+# Adam's update: fp32 master weights, m and v read and written, the 16-bit copy written
+ADAM_BYTES_PER_PARAM = 32
 _MEMO: dict = {}
 
 
@@ -238,6 +243,94 @@ def _block_gemms(cfg: ModelConfig, layer: int, m: float,
     return out + [(tokens_per_expert, d, f, 2 * k), (tokens_per_expert, f, d, k)]
 
 
+def forward_gemms(cfg: ModelConfig, m_tokens: float,
+                  lay: Layout) -> list[tuple[float, float, float, float]]:
+    """Every forward matmul of the whole model on one device for a micro-batch of m tokens,
+    as (m, k, n, how many): each block's (`_block_gemms`, shaped by tp) and the LM head, as
+    `step_time` charges them (MTP modules left out). What `calibrate --parallel` times on
+    this machine to measure the matmul rate at the model's own shapes."""
+    out: list[tuple[float, float, float, float]] = []
+    for layer in range(cfg.n_layer):
+        out += _block_gemms(cfg, layer, m_tokens, lay)
+    return out + [(m_tokens, cfg.d_model, cfg.vocab_size / lay.tp, 1)]
+
+
+def activation_bytes(precision: str) -> float:
+    """Bytes of an activation or gradient element between kernels: 2 in 16-bit and fp8
+    training (fp8 keeps activations in bf16, DeepSeek-V3 sec. 3.3), 4 in fp32."""
+    return max(2.0, float(precision_of(precision).bytes))
+
+
+def link_latency_s(acc: Accelerator) -> float:
+    """Seconds each collective pays before its bytes flow (the alpha of an alpha-beta model,
+    Hockney 1994): the entry's `link_latency_us`, which `calibrate --parallel` measures for
+    this machine; 0 for catalog accelerators, whose microseconds vanish beside their messages."""
+    return float(acc.get("link_latency_us") or 0.0) * 1e-6
+
+
+def tp_comm_seconds(m_tokens: float, d_model: int, layers: float, tp: int, link: float,
+                    act_bytes: float, latency_s: float = 0.0) -> float:
+    """Tensor-parallel collectives of one micro-batch on one device, none of them hidden: 4
+    per layer (2 forward, 2 backward, Megatron: Shoeybi et al. 2019; with sequence
+    parallelism, Korthikanti et al. 2022, the same bytes), each of the micro-batch's
+    activations; a ring moves 2(tp-1)/tp of an all-reduced message over `link` bytes/s."""
+    if tp <= 1:
+        return 0.0
+    msg = m_tokens * d_model * act_bytes
+    return layers * 4 * (latency_s + 2 * (tp - 1) / tp * msg / link)
+
+
+def dp_comm_seconds(local_params: float, dp_group: int, tp: int, node: int, net: float,
+                    link: float, grad_bytes: float, zero: int, latency_s: float = 0.0,
+                    units: int = 1) -> float:
+    """Data-parallel traffic of one step on one device, before any overlap: a gradient
+    all-reduce (or reduce-scatter + all-gather, the same bytes) of `local_params` in 16-bit,
+    ZeRO-3 / FSDP's second all-gather for the backward pass making it 1.5x (Rajbhandari et al.
+    2020, sec. 7.2.2). Ranks are laid out tensor-parallel innermost, then data-parallel
+    (Megatron-LM's order), so a node holds node / tp data-parallel replicas of each shard: the
+    collective reduces among them over the scale-up `link` first, and each of their NICs
+    carries 1/r of the message across nodes over `net` (hierarchical all-reduce, Jia et al.
+    2018, arXiv:1807.11205). With a latency, each collective pays it once: DDP's gradient
+    buckets (DDP_BUCKET_BYTES), or under ZeRO-3 three per sharded unit (`units`: the blocks
+    and the root) per step."""
+    if dp_group <= 1:
+        return 0.0
+    r = max(1, min(dp_group, node // tp))
+    nodes = max(1.0, dp_group / r)
+    ring = 2 * (nodes - 1) / nodes * local_params * grad_bytes / r if nodes > 1 else 0.0
+    inside = 2 * (r - 1) / r * local_params * grad_bytes if r > 1 else 0.0
+    sharded = 1.5 if zero == 3 else 1.0
+    calls = 3 * units if zero == 3 else -(-local_params * grad_bytes // DDP_BUCKET_BYTES)
+    return sharded * (ring / net + inside / link) + calls * latency_s
+
+
+def cp_ring_seconds(m_tokens: float, kv_width: float, layers: float, cp: int, link: float,
+                    act_bytes: float, latency_s: float = 0.0) -> float:
+    """Context-parallel exchange of one micro-batch on one device, none of it hidden (ring
+    attention, Liu et al. 2023, arXiv:2310.01889): its chunk's keys and values (`kv_width`
+    channels per token) pass cp - 1 hops forward, and keys, values and their gradients
+    backward: 3 (cp - 1) transfers of the chunk per layer."""
+    if cp <= 1:
+        return 0.0
+    kv = m_tokens * kv_width * act_bytes
+    return layers * 3 * (cp - 1) * (kv / link + latency_s)
+
+
+def bubble_fraction(schedule: str, pp: int, microbatches: float, virtual_stages: int = 1) -> float:
+    """Pipeline idle time as a fraction of the compute: (pp - 1) / (m v) for 1F1B with v
+    interleaved chunks (Narayanan et al. 2021, sec. 2.2); ZB-H1's (p-1)(F + B - W) against
+    1F1B's (p-1)(F + B + W) with F = B = W (Qi et al. 2024, sec. 3.1); DualPipe's
+    (pp/2 - 1)(F&B + B - 3W) (DeepSeek-AI 2024, table 2) taken as 2/3 of (pp/2 - 1)(F + B).
+    The share of the step it idles is b / (1 + b)."""
+    if pp <= 1:
+        return 0.0
+    if schedule == "dualpipe":
+        return max(0.0, pp / 2 - 1) * (2 / 3) / microbatches
+    if schedule == "zero-bubble":
+        return (pp - 1) / (3 * microbatches)
+    return (pp - 1) / (microbatches * virtual_stages)
+
+
 def rates(acc: Accelerator, precision: str, f: dict[str, float],
           peak_flops: float | None = None) -> tuple[float, float, float]:
     """(GEMM rate, rate of what stays in 16-bit, the precision's peak) in FLOP/s.
@@ -279,7 +372,8 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     wide_peak = wide_rate / rate * peak if rate else peak
     fp8 = precision_of(precision).catalog == "fp8"
     bw = float(acc.get("memory_bw_gbs")) * BYTES_PER_GB * f["memory_efficiency"]
-    act_bytes = 2.0  # bf16/fp16 activations between kernels
+    act_bytes = activation_bytes(precision)
+    latency = link_latency_s(acc)
     gemm_bytes = 1.0 if fp8 else act_bytes
     T, L, tp, pp, cp = seq_len, cfg.n_layer, lay.tp, lay.pp, lay.cp
     m_tokens = lay.micro_batch * T / cp  # tokens of a micro-batch on one device
@@ -318,7 +412,8 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     # parallelism), fp8 casts of the GEMM inputs, the fp32 loss over the vocabulary, and the
     # optimizer update.
     tokens_dev = mb * m_tokens
-    elem = f["elementwise_bytes_per_dim"] * cfg.d_model
+    # (the factor counts 2-byte elements; fp32 training moves twice the bytes)
+    elem = f["elementwise_bytes_per_dim"] * cfg.d_model * act_bytes / 2
     if fp8:  # casts: read 16-bit, write 8-bit, each GEMM input, forward and both backward
         width = cfg.ffn_hidden if not cfg.is_moe else (
             (cfg.n_experts_active + cfg.n_shared_experts) * cfg.moe_ffn_hidden)
@@ -332,16 +427,14 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
                    * act_bytes / bw)
     memory += tokens_dev / pp * 12 * cfg.vocab_size / tp / bw  # fp32 logits: write, read, grad
     params = float(_memo("params", cfg, count_params))
-    memory += 32 * params / lay.devices / bw  # Adam: fp32 master weights, m, v read and written, bf16 copy
+    memory += ADAM_BYTES_PER_PARAM * params / lay.devices / bw
 
     # Tensor-parallel collectives: 4 per layer (2 forward, 2 backward), each of the micro-batch's
     # activations; a ring moves 2(tp-1)/tp of the message, over the scale-up links one way.
     scale_up = acc.get("interconnect_gbs")  # both directions; TPU v3 gives only its pod's
     link = (scale_up / 2 if scale_up else acc.network_gbs()) * BYTES_PER_GB * f["comm_efficiency"]
-    tp_comm = 0.0
-    if tp > 1:
-        msg = m_tokens * cfg.d_model * act_bytes
-        tp_comm = mb * (L / pp) * 4 * 2 * (tp - 1) / tp * msg / link * f["tp_exposed"]
+    tp_comm = mb * tp_comm_seconds(m_tokens, cfg.d_model, L / pp, tp, link, act_bytes,
+                                   latency) * f["tp_exposed"]
 
     # Expert-parallel all-to-alls: dispatch and combine, forward and backward, k copies of each
     # token; the share bound for other nodes crosses the scale-out network, the share bound for
@@ -368,19 +461,15 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     # so a node holds node / tp data-parallel replicas of each shard: the collective reduces
     # among them over the scale-up links first, and each of their NICs carries 1/r of the
     # message across nodes (hierarchical all-reduce, Jia et al. 2018, arXiv:1807.11205).
+    # (dp_comm_seconds: hierarchical inside and across nodes, 1.5x under ZeRO-3)
     dp_comm = 0.0
     dp_group = lay.dp * lay.cp
     if dp_group > 1:
         local = params / (tp * pp * (lay.ep if cfg.is_moe else 1))
-        r = max(1, min(dp_group, node // tp))
-        nodes = max(1.0, dp_group / r)
-        ring = 2 * (nodes - 1) / nodes * local * act_bytes / r if nodes > 1 else 0.0
-        inside = 2 * (r - 1) / r * local * act_bytes if r > 1 else 0.0
         last = gemm / mb  # forward + backward GEMMs of one micro-batch
-        # ZeRO-3 / FSDP all-gathers the parameters again for the backward pass: 1.5x the
-        # traffic of data parallelism (Rajbhandari et al. 2020, sec. 7.2.2)
-        sharded = 1.5 if lay.zero == 3 else 1.0
-        dp_comm = max(0.0, sharded * (ring / net + inside / link) - last * f["dp_overlap"])
+        raw = dp_comm_seconds(local, dp_group, tp, node, net, link, act_bytes, lay.zero,
+                              latency, units=int(L / pp) + 1)
+        dp_comm = max(0.0, raw - last * f["dp_overlap"])
 
     # Pipeline: activations to the next stage and their gradients back, per micro-batch; v
     # interleaved chunks per device cross v times as many stage boundaries (Narayanan et al.
@@ -394,20 +483,14 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     # with the attention of the chunk in hand, so only what exceeds that attention shows.
     if cp > 1:
         kv_heads = cfg.n_head if cfg.is_mla else cfg.n_kv_head  # MLA: keys, values expanded
-        kv = m_tokens * kv_heads / tp * (cfg.qk_head_dim + cfg.value_head_dim) * act_bytes
-        ring_s = mb * (L / pp) * 3 * (cp - 1) * kv / link
+        kv_width = kv_heads / tp * (cfg.qk_head_dim + cfg.value_head_dim)
+        ring_s = mb * cp_ring_seconds(m_tokens, kv_width, L / pp, cp, link, act_bytes, latency)
         pp_comm += max(0.0, ring_s - attention)
 
     compute = gemm + recompute_s + attention + memory + tp_comm
     bubble = 0.0
     if pp > 1:
-        if lay.schedule == "dualpipe":
-            frac = max(0.0, pp / 2 - 1) * (2 / 3) / mb
-        elif lay.schedule == "zero-bubble":  # ZB-H1: (p-1)(F + B - W) against 1F1B's
-            frac = (pp - 1) / (3 * mb)  # (p-1)(F + B + W), F = B = W (Qi et al. 2024, sec. 3.1)
-        else:
-            frac = (pp - 1) / (mb * lay.virtual_stages)
-        bubble = compute * frac
+        bubble = compute * bubble_fraction(lay.schedule, pp, mb, lay.virtual_stages)
         if mb < pp:
             notes.append(f"{mb:.3g} micro-batches per step for {pp} pipeline stages: the "
                          "bubble dominates")

@@ -67,12 +67,14 @@ class ParallelConfig:
     microbatches: int = 0  # pipeline micro-batches per step per dp rank; 0 = from micro_batch_size
     dp_replicate: int = 0  # replicated data-parallel degree (DDP); 0 = the remainder
     dp_shard: int = 0  # sharded data-parallel degree (FSDP2); 0 = the remainder when fsdp=true, else 1
+    sequence_parallel: bool = True  # with tp > 1: norms and residuals on 1/tp of the sequence
 
 
 PARALLEL_RANGES = {
     "tp": Range(1), "cp": Range(1), "pp": Range(1), "schedule": Choice(PP_SCHEDULES),
     "microbatches": Range(0, note="0 = from micro_batch_size"),
     "dp_replicate": Range(0, note="0 = the remainder"), "dp_shard": Range(0, note="0 = the remainder"),
+    "sequence_parallel": Flag(),
 }
 
 
@@ -199,13 +201,46 @@ def validate(cfg: TrainConfig) -> None:
     check_ranges(cfg, RANGES, skip=("model", "optim", "parallel"))
     check_ranges(cfg.optim, OPTIM_RANGES, "optim.")
     check_ranges(cfg.parallel, PARALLEL_RANGES, "parallel.")
-    for key in ("tp", "cp", "pp"):
+    for key in ("pp",):
         if getattr(cfg.parallel, key) > 1:  # the layouts land one by one (issue 20)
             raise ValueError(f"parallel.{key}={getattr(cfg.parallel, key)}: the trainer does not run "
                              f"this layout yet; parallel.{key} must be 1")
     if cfg.seq_len > cfg.model.seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds model.seq_len={cfg.model.seq_len}")
     cfg.model.validate()
+    check_tp_cp(cfg)
+
+
+def check_tp_cp(cfg: TrainConfig) -> None:
+    """The tensor- and context-parallel layouts the trainer runs (train/parallel/layout.py),
+    each other combination refused in one line."""
+    p, m = cfg.parallel, cfg.model
+    if p.tp == 1 and p.cp == 1:
+        return
+    where = f"parallel.tp={p.tp}, parallel.cp={p.cp}"
+    if cfg.fsdp or p.dp_shard > 1:
+        raise ValueError(f"{where} with fsdp=true (or parallel.dp_shard > 1): sharded data "
+                         "parallel does not compose with tensor/context parallel here; use "
+                         "fsdp=false (data parallel is then DDP)")
+    if p.pp > 1:
+        raise ValueError(f"{where} with parallel.pp={p.pp}: pipeline stages do not compose with "
+                         "tensor/context parallel yet; use one of them")
+    if m.is_mla or m.n_experts:
+        raise ValueError(f"{where}: standard attention and dense MLPs only; multi-head latent "
+                         "attention (model.kv_lora_rank) and MoE (model.n_experts) are not split")
+    for key in ("n_kv_head", "ffn_hidden", "vocab_size"):
+        if getattr(m, key) % p.tp:
+            raise ValueError(f"parallel.tp={p.tp} needs model.{key} ({getattr(m, key)}) "
+                             "divisible by it: a rank holds whole heads, hidden columns and "
+                             "vocabulary rows")
+    seq_len = cfg.seq_len or m.seq_len
+    chunks = 2 * p.cp * (p.tp if p.sequence_parallel else 1) if p.cp > 1 else p.tp
+    if seq_len % chunks:
+        raise ValueError(f"seq_len={seq_len} must be a multiple of {chunks} at {where} (context "
+                         "parallel cuts 2 x cp chunks, sequence parallel tp shards of each rank's)")
+    if cfg.compile == "true" or cfg.mixed_precision == "fp8":
+        raise ValueError(f"{where}: compile=true and mixed_precision=fp8 are not supported with "
+                         "tensor/context parallel; use compile=false")
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -160,10 +160,12 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             f"(distributed type {accelerator.distributed_type}). On a CPU-only host launch with "
             + CPU_LAUNCH.format(n=expected)
         )
-    if cfg.batch_size % (cfg.micro_batch_size * accelerator.num_processes):
+    dp = accelerator.num_processes // (cfg.parallel.tp * cfg.parallel.cp)  # tp, cp share batches
+    if cfg.batch_size % (cfg.micro_batch_size * dp):
         raise ValueError(
-            f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size x world_size = "
-            f"{cfg.micro_batch_size} x {accelerator.num_processes}"
+            f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size x data-parallel "
+            f"ranks = {cfg.micro_batch_size} x {dp} (world_size {accelerator.num_processes} / "
+            f"tp {cfg.parallel.tp} / cp {cfg.parallel.cp})"
         )
     return accelerator
 

@@ -30,7 +30,6 @@ from train import trackers
 from train.checkpoint import (
     Checkpointer,
     fingerprint,
-    load,
     log_changed_settings,
     resume_path,
     rng_state,
@@ -59,6 +58,7 @@ from train.metrics import (
     summarize,
 )
 from train.optim import compile_step, lr_at, set_lr, skip_update
+from train.parallel.layout import Layout, Parallel
 from train.rundir import (
     claim_out_dir,
     disk_space,
@@ -94,10 +94,13 @@ class TrainState:
 
 
 def train_step(model, optimizer, batches: list, accelerator: Accelerator, timer: PhaseTimer,
-               grad_clip: float, poison: bool = False) -> StepResult:
+               grad_clip: float, poison: bool = False, replicas: int = 1,
+               clip_grad_norm_=None) -> StepResult:
     """Forward and backward over this rank's micro-batches, then one update of the weights,
     without waiting for the device: the result's loss, grad norm and flags are device tensors.
-    `poison` turns the loss into NaN (inject_nan_at_steps, to test the handling below)."""
+    `poison` turns the loss into NaN (inject_nan_at_steps, to test the handling below).
+    Under tensor/context parallel `replicas` ranks share each batch (train/parallel/layout.py)
+    and `clip_grad_norm_` is the layout's."""
     device, world = accelerator.device, accelerator.num_processes
     # Normalise by the number of target tokens of the whole step on all ranks, so that
     # every token weighs the same however it is split into micro-batches and ranks (DDP
@@ -116,7 +119,8 @@ def train_step(model, optimizer, batches: list, accelerator: Accelerator, timer:
             accelerator.backward(loss * world / step_tokens)
         loss_sum += loss.detach()
     timer.lap("fwd_bwd_s")
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    clip = clip_grad_norm_ or accelerator.clip_grad_norm_
+    grad_norm = clip(model.parameters(), grad_clip or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
     loss_total = loss_sum.double()  # summed over ranks, as the logged loss and the NaN check need
@@ -135,7 +139,8 @@ def train_step(model, optimizer, batches: list, accelerator: Accelerator, timer:
     skipped = True if fp16 and accelerator.optimizer_step_was_skipped else found_inf
     optimizer.zero_grad(set_to_none=True)
     timer.lap("optim_s")
-    return StepResult(train_loss, grad_norm, step_tokens, skipped, loss_bad if fp16 else found_inf)
+    return StepResult(train_loss, grad_norm, step_tokens / replicas, skipped,
+                      loss_bad if fp16 else found_inf)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -161,23 +166,25 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
     # Data first: the vocabulary size and token dtype come from the prepared dataset.
     meta = open_dataset(cfg)
     seq_len = cfg.seq_len or cfg.model.seq_len
+    layout = Layout.plan(cfg.parallel, rank, world)  # tp x cp x dp: the ranks of one dp index read alike
     train_loader = BatchLoader(TokenWindows(meta, "train", seq_len, cfg.model.vocab_size),
-                               cfg.micro_batch_size, rank, world, cfg.seed)
+                               cfg.micro_batch_size, layout.dp_rank, layout.dp, cfg.seed)
     val_loader = BatchLoader(TokenWindows(meta, "val", seq_len, cfg.model.vocab_size),
-                             cfg.micro_batch_size, rank, world, cfg.seed, shuffle=False)
-    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+                             cfg.micro_batch_size, layout.dp_rank, layout.dp, cfg.seed, shuffle=False)
+    accum = cfg.batch_size // (cfg.micro_batch_size * layout.dp)
     check_memory(cfg, accelerator)  # refuse a model too big for the device before allocating it
-    model, optimizer = build_model(cfg, accelerator)  # techniques, DDP or FSDP, optimizer
+    parallel = Parallel(layout)  # its process groups, when tp or cp > 1
+    model, optimizer = build_model(cfg, accelerator, parallel)  # techniques, DDP or FSDP, optimizer
     raw_model = accelerator.unwrap_model(model)
 
     # Resume, when asked, from a verified checkpoint of the same run (same fingerprint):
     # weights, optimizer, counters, grad scaler, and this rank's RNG states and data position.
     checkpointer = Checkpointer(cfg.out_dir, cfg.keep_checkpoints, rank, accelerator.wait_for_everyone)
-    run_fingerprint = fingerprint(cfg, meta, world)
+    run_fingerprint = fingerprint(cfg, meta, layout.dp)  # tp and cp may change on resume
     state = TrainState()
     resume_from = resume_path(cfg.resume, checkpointer)
     if resume_from is not None:
-        saved, rank_state = load(resume_from, raw_model, optimizer, rank, run_fingerprint)
+        saved, rank_state = parallel.load(resume_from, raw_model, optimizer, run_fingerprint)
         state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
         if accelerator.scaler is not None and saved.get("scaler"):
             accelerator.scaler.load_state_dict(saved["scaler"])  # fp16 loss scale and its tracker
@@ -209,8 +216,9 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
         trainer = {**dataclasses.asdict(state), "fingerprint": run_fingerprint,
                    "config": dataclasses.asdict(cfg),
                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
-        with disk_space(checkpointer.root, lambda: state_bytes(raw_model, optimizer)):
-            path = checkpointer.save(step, raw_model, optimizer, trainer,
+        whole, whole_optimizer = parallel.to_save(raw_model, optimizer)  # full tensors under tp
+        with disk_space(checkpointer.root, lambda: state_bytes(whole, whole_optimizer)):
+            path = checkpointer.save(step, whole, whole_optimizer, trainer,
                                      {"rng": rng_state(), "data": train_batches.state_dict()})
         log.info(f"step {step}: saved checkpoint {path}")
 
@@ -241,12 +249,15 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
         lr = lr_at(step - 1, cfg.steps, cfg.optim)
         set_lr(optimizer, lr)
         timer.start()
+        parallel.comm_seconds()  # from here on, this step's tp/cp collectives (not evaluation's)
         batches = [train_batches.next() for _ in range(accum)]
         timer.lap("data_wait_s")
         result = train_step(model, optimizer, batches, accelerator, timer, cfg.optim.grad_clip,
-                            poison=step in cfg.inject_nan_at_steps)
+                            poison=step in cfg.inject_nan_at_steps, replicas=layout.replicas,
+                            clip_grad_norm_=parallel.clip_grad_norm_(None))
         state.advance(step, result.tokens)
-        pending.append(PendingStep(step, lr, state.tokens, result, timer.snapshot(), {}))
+        pending.append(PendingStep(step, lr, state.tokens, result, timer.snapshot(),
+                                   parallel.comm_seconds()))
 
         evaluated = step % cfg.eval_every == 0 or step == cfg.steps
         if evaluated:
@@ -269,7 +280,7 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
             finish(accelerator)
             raise SystemExit(EXIT_STOPPED)
 
-    raw_model = full_copy(raw_model)  # unsharded under fsdp=true: checksums, export, samples
+    raw_model = parallel.full_model(full_copy(raw_model))  # unsharded (fsdp, tp): checksums, export
     if cfg.fsdp and main:  # the last checkpoint gets pickle-free weights too
         with disk_space(checkpointer.root, lambda: state_bytes(raw_model)):
             checkpointer.consolidate(cfg.steps, raw_model)

@@ -310,6 +310,8 @@ def summarize(cfg, info: RunInfo, metrics: MetricsLog, state) -> dict:
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in steady),
         "grad_allreduce_s": distribution([r["grad_allreduce_s"] for r in records
                                           if "grad_allreduce_s" in r]),
+        **{key: distribution([r[key] for r in steady]) for key in ("tp_comm_s", "cp_comm_s")
+           if steady and all(key in r for r in steady)},  # exposed tensor/context-parallel collectives
         "mfu_steps_above_100_percent": (above := mfu_above_100(records)),
         "mfu_above_100_percent": above["count"] > 0,  # any step, warm-up included
     }

@@ -34,10 +34,12 @@ from train.optim import build_optimizer
 log = logging.getLogger("train")
 
 
-def build_model(cfg: TrainConfig, accelerator: Accelerator):
+def build_model(cfg: TrainConfig, accelerator: Accelerator, parallel=None):
     """The model with the configured techniques and its optimizer, both prepared for the
     distributed set-up: DDP (or nothing) through accelerate, FSDP2 through accelerate's plugin
-    on GPU, or through `train.fsdp.shard` on CPU, where accelerate would use DDP instead."""
+    on GPU, or through `train.fsdp.shard` on CPU, where accelerate would use DDP instead.
+    Under tensor/context parallel (`parallel`, train/parallel/layout.py) the model is split
+    first and DDP spans only the ranks that sum gradients."""
     launched_fsdp = accelerator.distributed_type == DistributedType.FSDP
     if launched_fsdp and not cfg.fsdp:
         raise ValueError("launched with an FSDP accelerate config but fsdp=false: add fsdp=true")
@@ -55,7 +57,12 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator):
             cfg.activation_checkpointing = "full"
             log.info("activation checkpointing from the FSDP config: activation_checkpointing=full")
     resolve_compile(cfg, accelerator.device)  # done already by the loop; not by every caller
-    model = apply_techniques(Transformer(cfg.model), cfg)
+    model = Transformer(cfg.model)
+    if parallel is not None and parallel.active:
+        model = apply_techniques(parallel.apply(model), cfg)
+        optimizer = build_optimizer(model, cfg.optim, accelerator.device, cfg.compile_optimizer)
+        return parallel.wrap(model), accelerator.prepare_optimizer(optimizer)
+    model = apply_techniques(model, cfg)
     if cfg.fsdp and not launched_fsdp:
         fsdp.shard(model, cfg.mixed_precision)
         optimizer = build_optimizer(model, cfg.optim, accelerator.device, cfg.compile_optimizer)

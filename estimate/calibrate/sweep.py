@@ -95,7 +95,7 @@ def validate_sweep(s: Sweep) -> None:
 class RunSpec:
     """One configuration of the sweep."""
 
-    role: str  # fit | held_out | long_seq | recompute | bf16 | dp | threads
+    role: str  # fit | held_out | long_seq | recompute | bf16 | dp | threads | parallel's
     shape: Shape
     seq_len: int
     micro_batch_size: int
@@ -103,13 +103,14 @@ class RunSpec:
     recompute: str = "none"  # train's activation_checkpointing
     nproc: int = 1
     threads: int = 1
+    fsdp: bool = False  # train's fsdp (FSDP2 over the nproc processes)
 
     @property
     def name(self) -> str:
         prec = precision(self.precision).catalog
         ckpt = "" if self.recompute == "none" else f"_ckpt-{self.recompute}"
         return (f"L{self.shape.n_layer}_d{self.shape.d_model}_T{self.seq_len}_{prec}{ckpt}"
-                f"_{self.nproc}x{self.threads}")
+                f"_{self.nproc}x{self.threads}" + ("_fsdp" if self.fsdp else ""))
 
     @property
     def label(self) -> str:
@@ -120,6 +121,8 @@ class RunSpec:
             parts.append(f"recompute {self.recompute}")
         if self.nproc > 1 or self.threads > 1:
             parts.append(f"{self.nproc} proc x {self.threads} thr")
+        if self.fsdp:
+            parts.append("FSDP")
         return " ".join(parts)
 
     @property
@@ -158,7 +161,7 @@ class RunSpec:
             f"steps={sweep.steps}", f"eval_every={sweep.steps}",
             f"warmup_steps_excluded={sweep.warmup_steps_excluded}",
             f"threads_per_process={self.threads}", f"mixed_precision='{self.precision}'",
-            f"activation_checkpointing={self.recompute}", "compile=false", "fsdp=false",
+            f"activation_checkpointing={self.recompute}", "compile=false", f"fsdp={str(self.fsdp).lower()}",
         ]
 
 

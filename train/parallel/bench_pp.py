@@ -42,6 +42,15 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 def measure(rank: int, args: argparse.Namespace) -> None:
     """Runs in each process: every (schedule, M), warm-up steps then timed ones; rank 0
     prints the table."""
+    rows = measure_rows(args)
+    if rank == 0:
+        print_table(rows, dist.get_world_size(), model_config(args))
+
+
+def measure_rows(args: argparse.Namespace) -> list[tuple[str, int, list[tuple[float, float]]]]:
+    """Every (schedule, M) of `args`, measured on every rank of the world: (schedule, M,
+    [(median bubble, median step_s) per rank]), the same list on every rank (also what
+    `calibrate --parallel` reads, through train.parallel.collectives_bench)."""
     cfg = model_config(args)
     rows = []
     for schedule in args.schedules:
@@ -62,8 +71,7 @@ def measure(rank: int, args: argparse.Namespace) -> None:
             every = [None] * dist.get_world_size()
             dist.all_gather_object(every, mine)
             rows.append((schedule, m, every))
-    if rank == 0:
-        print_table(rows, dist.get_world_size(), cfg)
+    return rows
 
 
 def print_table(rows: list, pp: int, cfg: ModelConfig) -> None:

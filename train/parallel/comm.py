@@ -1,0 +1,105 @@
+"""Autograd-aware collectives of one process group, each timed: the four conjugate pairs that
+Megatron-LM's tensor parallelism (Shoeybi et al. 2019, sec. 3: the operators f and g) and
+sequence parallelism (Korthikanti et al. 2022, sec. 4.2: g and its conjugate) are built from,
+and the all-gather of context parallelism's keys and values.
+
+| function | forward | backward |
+|---|---|---|
+| `copy_in` (f) | identity | all-reduce |
+| `reduce_out` (g) | all-reduce | identity |
+| `gather` (along a dim) | all-gather | reduce-scatter |
+| `scatter_reduce` (along a dim) | reduce-scatter | all-gather |
+
+`Comm.seconds` adds up the wall time spent inside the collectives. On a CPU (gloo) every
+collective blocks until its peers have sent their part, so that is the step's exposed
+communication; on a GPU the clock synchronises the device around each collective first, so
+it reads the same (TP's collectives sit on the critical path: nothing overlaps them here).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class Comm:
+    """The collectives of `group` (this rank's `rank` of `size`), and the time spent in them."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+        self.size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.seconds = 0.0
+
+    def _timed(self, fn, *args) -> None:
+        cuda = args[0].is_cuda if isinstance(args[0], torch.Tensor) else False
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(*args, group=self.group)
+        if cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+
+    def take_seconds(self) -> float:
+        """The seconds spent in collectives since the last call."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+    # Plain (no autograd) collectives, along dim 0 of contiguous tensors.
+    def all_reduce_(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.size > 1:
+            self._timed(dist.all_reduce, x, op)
+        return x
+
+    def all_gather_raw(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        moved = x.movedim(dim, 0).contiguous()
+        out = moved.new_empty((self.size * moved.size(0), *moved.shape[1:]))
+        self._timed(dist.all_gather_into_tensor, out, moved)
+        return out.movedim(0, dim)
+
+    def reduce_scatter_raw(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        if x.size(dim) % self.size:
+            raise ValueError(f"dimension {dim} of size {x.size(dim)} does not split into "
+                             f"{self.size} equal shards")
+        moved = x.movedim(dim, 0).contiguous()
+        out = moved.new_empty((moved.size(0) // self.size, *moved.shape[1:]))
+        self._timed(dist.reduce_scatter_tensor, out, moved)
+        return out.movedim(0, dim)
+
+    # Autograd-aware pairs.
+    def copy_in(self, x: torch.Tensor) -> torch.Tensor:
+        return self._pair(x, lambda t: t.view_as(t), lambda g: self.all_reduce_(g.contiguous().clone()))
+
+    def reduce_out(self, x: torch.Tensor) -> torch.Tensor:
+        return self._pair(x, lambda t: self.all_reduce_(t.contiguous().clone()), lambda g: g)
+
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return self._pair(x, lambda t: self.all_gather_raw(t, dim),
+                          lambda g: self.reduce_scatter_raw(g, dim))
+
+    def scatter_reduce(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return self._pair(x, lambda t: self.reduce_scatter_raw(t, dim),
+                          lambda g: self.all_gather_raw(g, dim))
+
+    def _pair(self, x: torch.Tensor, forward, backward) -> torch.Tensor:
+        return _Conjugate.apply(x, forward, backward) if self.size > 1 else x
+
+
+class _Conjugate(torch.autograd.Function):
+    """y = forward(x) with dL/dx = backward(dL/dy): a collective and its conjugate."""
+
+    @staticmethod
+    def forward(ctx, x, forward, backward):
+        ctx.backward_fn = backward
+        return forward(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.backward_fn(g), None, None
