@@ -173,7 +173,7 @@ class PrepConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     workers: int = 0  # processes for parallel stages; 0 = all cores
-    # local: a process pool on this machine; ray: Ray Data over sharded stages (issue 14)
+    # local: a process pool on this machine; ray: Ray tasks over sharded stages (issue 14)
     executor: str = "local"
     ray: RayConfig = field(default_factory=RayConfig)
     progress: bool = True  # tqdm progress bars

@@ -3,13 +3,13 @@
 A stage (data_prep.stage) is written once against the verbs below: what happens per input
 shard (`map_shards`), per block of rows (`map_blocks`), per group of rows sharing a key
 (`group_by`, a shuffle), a `join` on an integer key, and the `components` of an edge list.
-Rows travel as a handle the executor owns (a pandas DataFrame here, a Ray Dataset under Ray);
+Rows travel as a handle the executor owns (a pandas DataFrame here, object refs to Arrow blocks under Ray);
 the functions a stage passes take and return plain pandas frames (or Arrow tables), and are
 module-level so that a process pool or a Ray worker can receive them pickled.
 
 `LocalExecutor` runs the tasks in a process pool on this machine (`workers` processes), with
 the shuffles as sorts of one in-memory frame cut at group boundaries; `data_prep.ray_verbs`'s
-`RayExecutor` runs the same definitions as Ray Data jobs. (datatrove's `executor/base.py` is
+`RayExecutor` runs the same definitions as plain Ray tasks. (datatrove's `executor/base.py` is
 the example: a step is called with its rank and world size and never sees the executor.)
 """
 

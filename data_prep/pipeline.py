@@ -99,7 +99,7 @@ def _run_synced(cfg: PrepConfig, stage: Stage, i: int, inp: StageResult | None,
 @contextmanager
 def _executor(cfg: PrepConfig) -> Iterator[Executor]:
     """The executor that places every stage's tasks: a process pool on this machine for
-    `executor: local`; for `executor: ray`, Ray Data in a Ray session (data_prep.ray_verbs)."""
+    `executor: local`; for `executor: ray`, Ray tasks in a Ray session (data_prep.ray_verbs)."""
     if cfg.executor != "ray":
         with LocalExecutor(cfg) as ex:
             yield ex

@@ -1,6 +1,8 @@
-"""`executor: ray`: the verbs of data_prep.executor over Ray Data (`RayExecutor`), and the Ray
-session. A shuffle by key is a distributed sort (`grouped`), a join is a shuffle of both sides
-tagged into one schema (`join`), connected components are large-star / small-star
+"""`executor: ray`: the verbs of data_prep.executor as plain Ray tasks (`RayExecutor`), and the
+Ray session. Rows are `Blocks` (object refs to Arrow tables). A shuffle by key is a
+range-partitioned exchange with a stable sort in each reducer (`grouped`), a join is a
+shuffle of both sides tagged into one schema (`join`), connected components are large-star /
+small-star
 (`connected_components`). The stages (data_prep.stage, data_prep.dedup, data_prep.near,
 data_prep.read_stage) say what happens per shard or key group; this module only places it.
 Every Ray import is inside a function, so data_prep imports without Ray.
@@ -31,7 +33,6 @@ def session(cfg: PrepConfig) -> Iterator[None]:
     import ray
 
     if ray.is_initialized():
-        _quiet(cfg)
         yield
         return
     kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
@@ -49,19 +50,9 @@ def session(cfg: PrepConfig) -> Iterator[None]:
     log.info("ray: connecting to %s", cfg.ray.address)
     ray.init(**kw)
     try:
-        _quiet(cfg)
         yield
     finally:
         ray.shutdown()
-
-
-def _quiet(cfg: PrepConfig) -> None:
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def partitions(cfg: PrepConfig, n_docs: int) -> int:
@@ -75,52 +66,131 @@ def partitions(cfg: PrepConfig, n_docs: int) -> int:
     return max(2, 2 * cpus, -(-n_docs // cfg.ray.shard_docs))
 
 
-# --------------------------------------------------------------------------- shuffles
-def grouped(ds: Any, key: str, fn: Callable, parts: int, fmt: str = "pandas",
-            **fn_kwargs: Any) -> Any:
-    """A shuffle with a vectorised reduce: a distributed sort by `key` (range-partitioned, so
-    rows with equal keys land in one block, the mechanism Ray's own `groupby().map_groups`
-    uses under the sort shuffle), then `fn(block_as_pandas, **fn_kwargs)` once per block,
-    seeing every group whole. `parts`: blocks the input is cut into first (its parallelism)."""
-    from ray.data import DataContext
-    from ray.data.context import ShuffleStrategy
+# --------------------------------------------------------------------------- tasks
+# Rows under Ray are `Blocks`: a list of object refs to Arrow tables, each with a ref to its row
+# count. Every verb submits plain Ray tasks at once (no Ray Data plan, no streaming executor,
+# no actors): on a small machine a Ray Data sort costs a plan, a sample stage and a streaming
+# executor start per shuffle, and near_dedup runs a dozen shuffles (issue 23, item 5).
+class Blocks:
+    """The Ray executor's rows: `refs[i]` an Arrow table, `lens[i]` a ref to its row count."""
 
-    # task-based sort shuffles: the default hash shuffle starts a pool of aggregator actors for
-    # every shuffle (seconds each on a small machine), and near_dedup runs a dozen shuffles
-    DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    return map_blocks(ds.repartition(parts).sort(key), fn, fmt, **fn_kwargs)
+    def __init__(self, refs: list[Any], lens: list[Any]) -> None:
+        self.refs, self.lens = refs, lens
 
+    def sizes(self) -> list[int]:
+        import ray
 
-class _Block:
-    """`fn(block, **kw)` with its result made an Arrow table by `to_arrow`."""
-
-    def __init__(self, fn: Callable) -> None:
-        self.fn = fn
-        self.__name__ = fn.__name__
-
-    def __call__(self, df: Any, **kw: Any) -> Any:
-        return to_arrow(self.fn(df, **kw))
+        return ray.get(self.lens)
 
 
-def map_blocks(ds: Any, fn: Callable, fmt: str = "pandas", **fn_kwargs: Any) -> Any:
-    """map_batches of `fn` over whole blocks, as pandas (or `fmt`) (see _Block)."""
-    return ds.map_batches(_Block(fn), batch_size=None, batch_format=fmt, fn_kwargs=fn_kwargs)
+_REMOTE: dict[str, Any] = {}
 
 
-def join(left: Any, right: Any, on: tuple[str, str], lcols: dict[str, str],
-         rcols: dict[str, str], parts: int) -> Any:
+def _task(fn: Callable, num_returns: int = 2) -> Any:
+    """`fn` as a Ray task (made once per process and return count), spread over the nodes."""
+    import ray
+
+    name = f"{fn.__name__}/{num_returns}"
+    if name not in _REMOTE:
+        _REMOTE[name] = ray.remote(num_returns=num_returns, scheduling_strategy="SPREAD")(fn)
+    return _REMOTE[name]
+
+
+def _as(t: Any, fmt: str) -> Any:
+    return t if fmt == "pyarrow" else t.to_pandas()
+
+
+def _concat(tables: list[Any]) -> Any:
+    import pyarrow as pa
+
+    """Tables as one; empty ones (whose column types pandas may have guessed) only when all are."""
+    full = [t for t in tables if t.num_rows] or [t for t in tables if t.num_columns][:1]
+    if not full:
+        return pa.table({})
+    return pa.concat_tables(full, promote_options="default") if len(full) > 1 else full[0]
+
+
+def _apply(fn: Callable, arg: Any, kw: dict[str, Any], fmt: str) -> tuple[Any, int]:
+    """One task: `fn(arg, **kw)` on an item (a dict) or a block (as `fmt`), as Arrow."""
+    if not isinstance(arg, dict) and not arg.num_rows:
+        return arg, 0  # an empty block stays empty, as under a map over its rows
+    t = to_arrow(fn(arg if isinstance(arg, dict) else _as(arg, fmt), **kw))
+    return t, t.num_rows
+
+
+def _sample(t: Any, key: str, k: int) -> Any:
+    """Up to `k` evenly spaced keys of a block, sorted (the shuffle's range boundaries)."""
+    keys = np.sort(t[key].to_numpy(zero_copy_only=False))
+    return keys[np.linspace(0, len(keys) - 1, min(k, len(keys))).astype(np.int64)]
+
+
+def _split(t: Any, key: str, bounds: Any) -> tuple[Any, ...]:
+    """A block cut by key range into len(bounds) + 1 pieces (one per reducer)."""
+    keys = t[key].to_numpy(zero_copy_only=False)
+    part = np.searchsorted(bounds, keys, side="right")
+    order = np.argsort(part, kind="stable")
+    cuts = np.searchsorted(part[order], np.arange(len(bounds) + 2))
+    pieces = tuple(t.take(order[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
+    return pieces if len(pieces) > 1 else pieces[0]
+
+
+def _reduce(fn: Callable, kw: dict[str, Any], fmt: str, key: str, *pieces: Any) -> tuple[Any, int]:
+    """One reducer: its pieces in input order, stably sorted by key (every group whole and in
+    input order, as the local executor's stable sort), then `fn` once."""
+    t = _concat(list(pieces))
+    t = to_arrow(fn(_as(t.sort_by(key), fmt), **kw))
+    return t, t.num_rows
+
+
+def _put_kw(kw: dict[str, Any]) -> Any:
+    import ray
+
+    return ray.put(kw)
+
+
+def map_blocks(data: Blocks, fn: Callable, fmt: str = "pandas", **kw: Any) -> Blocks:
+    """`fn(block as pandas (or fmt), **kw)` once per block, one task each."""
+    task, kref = _task(_apply), _put_kw(kw)
+    out = [task.remote(fn, r, kref, fmt) for r in data.refs]
+    return Blocks([r for r, _ in out], [n for _, n in out])
+
+
+def grouped(data: Blocks, key: str, fn: Callable, parts: int, fmt: str = "pandas",
+            **kw: Any) -> Blocks:
+    """A shuffle with a vectorised reduce: every block cut by key range (boundaries from a
+    sample of every block's keys) into `parts` pieces, then one reducer per range sorts its
+    pieces by `key` and calls `fn(block, **kw)`, seeing every group whole."""
+    import ray
+
+    live = [r for r, n in zip(data.refs, data.sizes(), strict=True) if n]
+    if not live:
+        return Blocks([], [])
+    sample = np.sort(np.concatenate(ray.get([_task(_sample, 1).remote(r, key, 8 * parts)
+                                             for r in live])))
+    bounds = np.unique(sample[np.linspace(0, len(sample) - 1, parts + 1).astype(np.int64)[1:-1]])
+    n_out = len(bounds) + 1
+    split = _task(_split, n_out)
+    pieces = [split.remote(r, key, bounds) for r in live]
+    if n_out == 1:
+        pieces = [[p] for p in pieces]
+    task, kref = _task(_reduce), _put_kw(kw)
+    out = [task.remote(fn, kref, fmt, key, *[p[j] for p in pieces]) for j in range(n_out)]
+    return Blocks([r for r, _ in out], [n for _, n in out])
+
+
+def join(left: Blocks, right: Blocks, on: tuple[str, str], lcols: dict[str, str],
+         rcols: dict[str, str], parts: int) -> Blocks:
     """Inner join of the rows with left[on[0]] == right[on[1]] (int64 keys), as a shuffle:
     both sides tagged into one schema (`_k`, `_side`, every column of both, null where a side
     has none; `lcols`/`rcols`: column -> "int64" | "object" | "bytes" | "float" | "bool"),
-    sorted by `_k` so that a key's rows share a block (`grouped`), then joined block by block.
-    The result has left's columns and right's except its key. (Ray's own Dataset.join needs
-    polars and a pool of aggregator actors per join.)"""
+    range-partitioned by `_k` so that a key's rows share a block (`grouped`), then joined block
+    by block. The result has left's columns and right's except its key."""
     rc = {c: t for c, t in rcols.items() if c != on[1]}
     cols = {**lcols, **rc}
-    tagged = map_blocks(left, _tag, key=on[0], side=0, cols=cols).union(
-        map_blocks(right, _tag, key=on[1], side=1, cols=cols))
-    return grouped(tagged, "_k", _join_block, parts, fmt="pyarrow", lnames=list(lcols),
-                   rnames=list(rc))
+    a = map_blocks(left, _tag, key=on[0], side=0, cols=cols)
+    b = map_blocks(right, _tag, key=on[1], side=1, cols=cols)
+    return grouped(Blocks(a.refs + b.refs, a.lens + b.lens), "_k", _join_block, parts,
+                   fmt="pyarrow", lnames=list(lcols), rnames=list(rc))
 
 
 def _tag(df: pd.DataFrame, key: str, side: int, cols: dict[str, str]) -> Any:
@@ -192,25 +262,46 @@ def _not_star(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"bad": [two_parents + parent_and_child]})
 
 
-def connected_components(edges: Any, parts: int) -> Any:
+def connected_components(edges: Blocks, parts: int) -> tuple[Blocks, int]:
     """(node, comp) for every node of the edge list (u, v): comp = the smallest node of its
     component, by alternating large-star and small-star until every component is a star."""
-    e = map_blocks(edges, _toward_smaller).materialize()
+    e = map_blocks(edges, _toward_smaller)
     rounds = 0
     while True:
         rounds += 1
-        e = grouped(map_blocks(e, _both_ways), "u",
-                    _large_star, parts)
-        e = grouped(map_blocks(e, _toward_smaller), "u",
-                    _small_star, parts).materialize()
-        bad = grouped(map_blocks(e, _roles), "node",
-                      _not_star, parts).sum("bad")
+        e = grouped(map_blocks(e, _both_ways), "u", _large_star, parts)
+        e = grouped(map_blocks(e, _toward_smaller), "u", _small_star, parts)
+        bad = column_sum(grouped(map_blocks(e, _roles), "node", _not_star, parts), "bad")
         log.info("near_dedup: connected components, round %d: %s nodes off star form",
                  rounds, bad)
         if not bad:
             break
-    return grouped(map_blocks(e, _labels), "node",
-                   _first_label, parts), rounds
+    return grouped(map_blocks(e, _labels), "node", _first_label, parts), rounds
+
+
+def _col_sum(t: Any, col: str) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(t[col]).as_py() or 0) if t.num_rows else 0
+
+
+def column_sum(rows: Blocks, col: str) -> int:
+    """The sum of `col` over every block (0 when there are no rows)."""
+    import ray
+
+    return sum(ray.get([_task(_col_sum, 1).remote(r, col) for r in rows.refs]))
+
+
+def to_blocks(table: Any) -> Blocks:
+    """An Arrow table (or pandas frame) as one block in the object store."""
+    import ray
+
+    t = to_arrow(table)
+    return Blocks([ray.put(t)], [ray.put(t.num_rows)])
+
+
+def _renamed(t: Any, names: dict[str, str]) -> Any:
+    return t.rename_columns([names.get(c, c) for c in t.column_names])
 
 
 def _labels(df: pd.DataFrame) -> pd.DataFrame:
@@ -223,25 +314,8 @@ def _first_label(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- the executor
-class _PerItem:
-    """map_batches over item rows: `fn(item_dict, **kw)` per row, the results as one table."""
-
-    def __init__(self, fn: Callable) -> None:
-        self.fn = fn
-        self.__name__ = fn.__name__
-
-    def __call__(self, batch: dict[str, np.ndarray], **kw: Any) -> Any:
-        import pyarrow as pa
-
-        cols = {k: v.tolist() for k, v in batch.items()}
-        n = len(next(iter(cols.values()))) if cols else 0
-        tables = [to_arrow(self.fn({k: v[j] for k, v in cols.items()}, **kw)) for j in range(n)]
-        tables = [t for t in tables if t.num_columns]
-        return pa.concat_tables(tables) if tables else pa.table({})
-
-
 class RayExecutor:
-    """data_prep.executor.Executor on Ray Data (in a `session`)."""
+    """data_prep.executor.Executor on plain Ray tasks (in a `session`); rows are `Blocks`."""
 
     name = "ray"
     modules = ("ray_verbs.py", "executor.py")
@@ -253,45 +327,45 @@ class RayExecutor:
         return partitions(self.cfg, n_docs)
 
     def map_shards(self, items: list[dict[str, Any]], fn: Callable, desc: str = "",
-                   **kw: Any) -> Any:  # Ray Data shows its own progress bars
-        import ray.data
+                   **kw: Any) -> Blocks:
+        """`fn(item, **kw)` per item, one task each."""
+        task, kref = _task(_apply), _put_kw(kw)
+        out = [task.remote(fn, dict(item), kref, "pandas") for item in items]
+        return Blocks([r for r, _ in out], [n for _, n in out])
 
-        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-        return ds.map_batches(_PerItem(fn), batch_size=1, fn_kwargs=kw)
-
-    def map_blocks(self, data: Any, fn: Callable, fmt: str = "pandas", **kw: Any) -> Any:
+    def map_blocks(self, data: Blocks, fn: Callable, fmt: str = "pandas", **kw: Any) -> Blocks:
         return map_blocks(data, fn, fmt, **kw)
 
-    def group_by(self, data: Any, key: str, fn: Callable, parts: int, fmt: str = "pandas",
-                 **kw: Any) -> Any:
+    def group_by(self, data: Blocks, key: str, fn: Callable, parts: int, fmt: str = "pandas",
+                 **kw: Any) -> Blocks:
         return grouped(data, key, fn, parts, fmt, **kw)
 
-    def join(self, left: Any, right: Any, on: tuple[str, str], lcols: dict[str, str],
-             rcols: dict[str, str], parts: int) -> Any:
+    def join(self, left: Blocks, right: Blocks, on: tuple[str, str], lcols: dict[str, str],
+             rcols: dict[str, str], parts: int) -> Blocks:
         return join(left, right, on, lcols, rcols, parts)
 
-    def components(self, edges: Any, parts: int) -> tuple[Any, int]:
+    def components(self, edges: Blocks, parts: int) -> tuple[Blocks, int]:
         return connected_components(edges, parts)
 
-    def from_items(self, items: list[dict[str, Any]]) -> Any:
-        import ray.data
+    def from_items(self, items: list[dict[str, Any]]) -> Blocks:
+        return to_blocks(pd.DataFrame(items)) if items else Blocks([], [])
 
-        return ray.data.from_items(items)
+    def union(self, a: Blocks, b: Blocks) -> Blocks:
+        return Blocks(a.refs + b.refs, a.lens + b.lens)
 
-    def union(self, a: Any, b: Any) -> Any:
-        return a.union(b)
+    def rename(self, rows: Blocks, names: dict[str, str]) -> Blocks:
+        return map_blocks(rows, _renamed, "pyarrow", names=names)
 
-    def rename(self, rows: Any, names: dict[str, str]) -> Any:
-        return rows.rename_columns(names)
+    def materialize(self, rows: Blocks) -> Blocks:
+        return rows  # every verb has already submitted its tasks
 
-    def materialize(self, rows: Any) -> Any:
-        return rows.materialize()
+    def count(self, rows: Blocks) -> int:
+        return sum(rows.sizes())
 
-    def count(self, rows: Any) -> int:
-        return rows.count()
+    def sum(self, rows: Blocks, col: str) -> int:
+        return column_sum(rows, col)
 
-    def sum(self, rows: Any, col: str) -> int:
-        return int(rows.sum(col) or 0) if rows.count() else 0
+    def rows(self, rows: Blocks) -> list[dict[str, Any]]:
+        import ray
 
-    def rows(self, rows: Any) -> list[dict[str, Any]]:
-        return rows.take_all()
+        return _concat(ray.get(rows.refs)).to_pylist()

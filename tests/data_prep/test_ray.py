@@ -135,9 +135,8 @@ def ray_local():
 def test_connected_components_match_union_find(ray_local):
     """Chains and stars that take several large-star/small-star rounds, against union-find."""
     import pandas as pd
-    import ray.data
 
-    from data_prep.ray_verbs import connected_components, to_arrow
+    from data_prep.ray_verbs import connected_components, to_blocks
 
     rng = random.Random(3)
     n = 100
@@ -145,10 +144,9 @@ def test_connected_components_match_union_find(ray_local):
     edges += [(rng.randrange(40, n), rng.randrange(40, n)) for _ in range(40)]
     edges = [(a, b) for a, b in edges if a != b]
     rng.shuffle(edges)
-    ds = ray.data.from_arrow(to_arrow(pd.DataFrame({"u": [a for a, _ in edges],
-                                                  "v": [b for _, b in edges]})))
+    ds = to_blocks(pd.DataFrame({"u": [a for a, _ in edges], "v": [b for _, b in edges]}))
     labels, rounds = connected_components(ds, 3)
-    got = {r["node"]: r["comp"] for r in labels.take_all()}
+    got = {r["node"]: r["comp"] for t in ray_local.get(labels.refs) for r in t.to_pylist()}
     uf = UnionFind(n)
     for a, b in edges:
         uf.union(a, b)
