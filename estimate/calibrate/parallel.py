@@ -285,7 +285,7 @@ def relative_check(term: str, predicted: float, measured: float, note: str = "")
 
 
 def bubble_checks(rows: list[dict], pp: int = WORLD) -> list[TermCheck]:
-    """Each schedule's measured bubble (the mean over ranks of the idle share of a step)
+    """Each schedule's measured bubble (the mean over ranks of the blocked share of a step)
     against the performance model's b / (1 + b), b = perf.bubble_fraction; a formula of 0
     (DualPipe at pp = 2) holds when the measured bubble is below 1F1B's at the same M."""
     one_f = {r["microbatches"]: statistics.mean(r["bubble"]) for r in rows

@@ -52,9 +52,10 @@ def measure(rank: int, args: argparse.Namespace) -> None:
         print_table(rows, dist.get_world_size(), model_config(args))
 
 
-def measure_rows(args: argparse.Namespace) -> list[tuple[str, int, list[tuple[float, float]]]]:
+def measure_rows(args: argparse.Namespace) -> list[tuple[str, int, list[tuple[float, ...]]]]:
     """Every (schedule, M) of `args`, measured on every rank of the world: (schedule, M,
-    [(median bubble, median step_s) per rank]), the same list on every rank (also what
+    [(median blocked share, median step_s, median idle share, median compute share) per
+    rank]), the same list on every rank (also what
     `calibrate --parallel` reads, through train.parallel.collectives_bench)."""
     cfg = model_config(args)
     rows = []
