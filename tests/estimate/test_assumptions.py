@@ -42,6 +42,7 @@ def test_defaults_have_sources_and_ordered_ranges():
         assert anchor in src
 
 
+@pytest.mark.slow  # every published run by size and by shape: 9 s: the default tier stays under 3 minutes
 def test_a_size_goes_through_the_performance_model():
     """Issue 19: --params was a flat 0.36-0.40 MFU whatever the count; now a size becomes a
     shape (estimate.shapes) and the performance model times it like any other."""

@@ -92,6 +92,7 @@ def test_mfu_and_mfu_from_are_exclusive(capsys):
               "--mfu", "0.4", "--mfu-from", "x"])
 
 
+@pytest.mark.slow  # validate's whole CLI run, 45 runs x three cross-validations: 15 s: the default tier stays under 3 minutes
 def test_validate_writes_outputs(tmp_path, capsys):
     assert main(["validate", "--out", str(tmp_path)]) == 0
     assert "median |ln error|" in capsys.readouterr().out

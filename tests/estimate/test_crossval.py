@@ -173,6 +173,7 @@ def test_fast_accelerator_factor_is_fitted_per_fold():
         p.unit_hours / (f.stack * f.basis_factor[p.basis] * f.fast_factor))
 
 
+@pytest.mark.slow  # the whole validate command: 10 s: the default tier stays under 3 minutes
 def test_validate_command_prints_the_three_cross_validations(tmp_path, capsys):
     from estimate.__main__ import main
 

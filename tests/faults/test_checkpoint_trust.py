@@ -99,6 +99,7 @@ def assert_one_line_refusal(result, names: str) -> None:
     assert names in lines[0]
 
 
+@pytest.mark.slow  # two CLIs on a 2-rank FSDP run's checkpoint: 9 s: the default tier stays under 3 minutes
 def test_generate_and_export_refuse_a_crafted_sharded_checkpoint(tmp_path, tiny_data):
     ckpt, marker = crafted_checkpoint(tmp_path / "a", tiny_data, "none")
     assert_one_line_refusal(cli("-m", "train.generate", str(ckpt), "--threads", "1"),

@@ -79,6 +79,7 @@ def test_load_checkpoint_dir(run_dir, tmp_path):
     assert loaded.tokenizer_path == run / "tokenizer.json"
 
 
+@pytest.mark.slow  # two generate CLI runs: 6 s: the default tier stays under 3 minutes
 def test_cli_greedy_same_with_and_without_cache(run_dir):
     """50 new tokens after an 18-token prompt pass seq_len=64, so the cropped window is
     re-encoded too."""
