@@ -50,6 +50,7 @@ def _one_error_line(stderr: str, *words: str) -> None:
         assert word in lines[-1], stderr
 
 
+@pytest.mark.slow  # several trainer CLI runs: 9 s: the default tier stays under 3 minutes
 def test_train_user_errors_are_one_line(tmp_path):
     """A bad value at config time, and a missing dataset at run time (a traceback before)."""
     bad = run_cmd([sys.executable, "-m", "train", TRAIN_CONFIG, "eval_batches=0"], check=False)

@@ -17,6 +17,7 @@ from tests.utils import ROOT, run_cmd
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 
+@pytest.mark.slow  # an accelerate launch: 5 s: the default tier stays under 3 minutes
 def test_accelerate_launch_without_multi_gpu_is_refused(tiny_data, tmp_path):
     """`accelerate launch --num_processes 2` on a CPU host starts ONE process: refused with one
     line saying how to start 2, instead of training alone with exit code 0."""

@@ -43,6 +43,7 @@ def test_flat_config():
     assert all(isinstance(v, bool | int | float | str) for v in flat.values())
 
 
+@pytest.mark.slow  # a trainer run with tensorboard: 5 s: the default tier stays under 3 minutes
 def test_tensorboard_run(tiny_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
