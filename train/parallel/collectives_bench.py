@@ -42,7 +42,6 @@ Two processes (gloo):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -59,6 +58,7 @@ from model.transformer import Transformer
 from train.clock import measure_matmul_flops
 from train.opcount import OpCounter, count_step
 from train.parallel import bench_pp
+from train.parallel.comm import Comm
 from train.parallel.procs import spawn
 from train.tensor_parallel import shard_columns, shard_gate_up, shard_qkv
 
@@ -289,66 +289,30 @@ def cp_exchange_seconds(cfg: ModelConfig, tokens: int, repeats: int) -> dict:
             "chunk_bytes": chunk * 4, "collectives": 3 * cfg.n_layer}
 
 
-class _Clock:
-    """Seconds spent inside the tensor-parallel all-reduces, and how many ran. With `split`,
-    a barrier before each all-reduce takes the wait for the slower rank out of it (`waited`):
-    what is left is the transfer the performance model charges."""
+class _HarnessComm(Comm):
+    """The world's tensor-parallel collectives (train.parallel.comm: f = copy_in, g =
+    reduce_out), counted. With `split`, a barrier before each all-reduce takes the wait for the
+    slower rank out of `seconds` into `waited`: what is left is the transfer the performance
+    model charges."""
 
-    seconds = 0.0
-    waited = 0.0
-    calls = 0
-    split = False
+    def __init__(self):
+        super().__init__(dist.group.WORLD)
+        self.waited, self.calls, self.split = 0.0, 0, False
 
-    @classmethod
-    @contextlib.contextmanager
-    def timed(cls):
-        if cls.split:
+    def _timed(self, fn, *args) -> None:
+        if self.split:
             start = time.perf_counter()
             dist.barrier()
-            cls.waited += time.perf_counter() - start
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            cls.seconds += time.perf_counter() - start
-            cls.calls += 1
+            self.waited += time.perf_counter() - start
+        super()._timed(fn, *args)
+        self.calls += 1
 
 
-class _ReduceOutput(torch.autograd.Function):
-    """Megatron's g: all-reduce the row-parallel partial outputs forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        with _Clock.timed():
-            dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class _ReduceInputGrad(torch.autograd.Function):
-    """Megatron's f: identity forward, all-reduce of the input's gradient backward (each rank's
-    column shard contributed a part of it)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        with _Clock.timed():
-            dist.all_reduce(grad)
-        return grad
-
-
-def tensor_parallel(model: Transformer) -> Transformer:
+def tensor_parallel(model: Transformer, comm: _HarnessComm | None = None) -> Transformer:
     """Shard every block of `model` over the world in place (rank r keeps heads and MLP
     columns r/WORLD), with f before attention and MLP and g after their outputs."""
     rank, cfg = dist.get_rank(), model.cfg
+    comm = comm or _HarnessComm()
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
         attn.wqkv.weight = nn.Parameter(shard_qkv(attn.wqkv.weight.data, cfg, rank, WORLD))
@@ -360,9 +324,9 @@ def tensor_parallel(model: Transformer) -> Transformer:
         mlp.w_down.weight = nn.Parameter(shard_columns(mlp.w_down.weight.data, rank, WORLD))
         for sub in (attn, mlp):
             sub.register_forward_pre_hook(
-                lambda _m, args: (_ReduceInputGrad.apply(args[0]), *args[1:]))
+                lambda _m, args: (comm.copy_in(args[0]), *args[1:]))
         for out in (attn.wo, mlp.w_down):
-            out.register_forward_hook(lambda _m, _args, y: _ReduceOutput.apply(y))
+            out.register_forward_hook(lambda _m, _args, y: comm.reduce_out(y))
     return model
 
 
@@ -371,26 +335,25 @@ def tp_step(cfg: ModelConfig, micro_batch: int, steps: int, warmup: int) -> dict
     time of the first; the all-reduce seconds of each (with the barrier: the transfer alone,
     and the wait for the slower rank)."""
     plain = tp_steps(cfg, micro_batch, steps, warmup)
-    _Clock.split = True
-    try:
-        split = tp_steps(cfg, micro_batch, steps, warmup)
-    finally:
-        _Clock.split = False
+    split = tp_steps(cfg, micro_batch, steps, warmup, split=True)
     return plain | {"transfer_s": split["comm_s"], "wait_s": split["wait_s"],
                     "split_step_s": split["step_s"]}
 
 
-def tp_steps(cfg: ModelConfig, micro_batch: int, steps: int, warmup: int) -> dict:
+def tp_steps(cfg: ModelConfig, micro_batch: int, steps: int, warmup: int,
+             split: bool = False) -> dict:
     """Tensor-parallel training steps of `cfg` on [micro_batch, seq_len] tokens: median step
     seconds (barrier to barrier), seconds inside the all-reduces and waiting before them."""
     torch.manual_seed(0)
-    model = tensor_parallel(Transformer(cfg))
+    comm = _HarnessComm()
+    comm.split = split
+    model = tensor_parallel(Transformer(cfg), comm)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len), generator=g)
     step_s, comm_s, wait_s, calls = [], [], [], 0
     for i in range(warmup + steps):
-        _Clock.seconds, _Clock.waited, _Clock.calls = 0.0, 0.0, 0
+        comm.seconds, comm.waited, comm.calls = 0.0, 0.0, 0
         dist.barrier()
         start = time.perf_counter()
         _, loss = model(idx, idx)
@@ -400,9 +363,9 @@ def tp_steps(cfg: ModelConfig, micro_batch: int, steps: int, warmup: int) -> dic
         dist.barrier()
         if i >= warmup:
             step_s.append(time.perf_counter() - start)
-            comm_s.append(_Clock.seconds)
-            wait_s.append(_Clock.waited)
-            calls = _Clock.calls
+            comm_s.append(comm.seconds)
+            wait_s.append(comm.waited)
+            calls = comm.calls
     return {"step_s": statistics.median(step_s), "comm_s": statistics.median(comm_s),
             "wait_s": statistics.median(wait_s), "collectives": calls}
 
