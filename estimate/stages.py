@@ -20,8 +20,12 @@ and the stages. A stage is one of:
   KV cache leaves room for. The update is a training step on the generated tokens (plus a
   forward pass of the reference model for the KL term: 4/3 of a training step). The KV cache
   is reserved for `max_response_tokens` (the run's length cap, default the mean), so a cap can
-  shrink the batch. Not modelled: the tail of a rollout, when the longest responses decode
-  at a small batch after the others have finished.
+  shrink the batch. A rollout may generate the responses of several steps at once
+  (`outputs_per_rollout`, default one step's: R1 generates 8,192 outputs per rollout and
+  trains on them in 16 mini-batches of 512), which decodes them in larger batches. Not
+  modelled: the tail of a rollout, when the longest responses decode at a small batch after
+  the others have finished; with large rollouts and a cap far above the mean length it can
+  set the rollout's duration.
 
 Inputs a paper does not publish are given as `assumed: {central, low, high, why}` and swept
 over their range; published inputs carry a `source`. Stages that share one published figure
@@ -78,6 +82,10 @@ def _value(spec, case: str, where: str) -> float:
     return float(parse_count(spec, where))
 
 
+# Inputs whose low-cost end is their high value (a larger rollout decodes in larger batches).
+_HIGH_IS_BEST = {"best": "worst", "central": "central", "worst": "best"}
+
+
 def kv_bytes_per_token(cfg: ModelConfig) -> float:
     """KV-cache bytes per token in 16 bits: MLA caches its compressed latent and the shared
     rope key (DeepSeek-V2 sec. 2.1.2); other attention caches keys and values per KV head."""
@@ -119,24 +127,30 @@ def _rl_seconds(stage: dict, cfg: ModelConfig, acc: Accelerator, n: int, precisi
     g = int(stage.get("generation_instance", 32))
     instances = max(1, n // g)
     sequences = prompts * samples
+    rollout = _value(stage.get("outputs_per_rollout", sequences), _HIGH_IS_BEST[case], where)
+    if rollout < sequences:
+        raise ValueError(f"{where}: outputs_per_rollout {rollout:.0f} is below one step's "
+                         f"{sequences:.0f} responses")
     context = prompt_len + response / 2  # mean context while decoding
     hbm = float(acc.get("memory_gb")) * BYTES_PER_GB * g * 0.9
     room = hbm - count_params(cfg) * precision_of(precision).bytes
     if room <= 0:
         raise ValueError(f"{where}: the model does not fit one {g}-accelerator generation "
                          "instance; raise generation_instance")
-    per_instance = math.ceil(sequences / instances)
+    per_instance = math.ceil(rollout / instances)
     batch = max(1.0, min(per_instance, room / ((prompt_len + longest) * kv_bytes_per_token(cfg))))
     waves = math.ceil(per_instance / batch)
-    gen = waves * response * decode_seconds(cfg, acc, g, batch, context, precision, f)
+    # one rollout feeds rollout / sequences steps: its decoding time is shared among them
+    gen = waves * response * decode_seconds(cfg, acc, g, batch, context, precision, f) \
+        * sequences / rollout
     tokens = sequences * (prompt_len + response)
     seq_len = int(prompt_len + response)
     lay = complete_layout(cfg, n, acc, seq_len, tokens, stage.get("layout") or {})
     train = step_time(cfg, seq_len, acc, n, lay, precision, stage.get("recompute", "full"),
                       factors, case).total * 4 / 3
-    note = (f"per step: {sequences:.0f} responses of {response:.0f} tokens, decoded in "
-            f"{waves} wave(s) of {batch:.0f} per {g}-accelerator instance ({gen:.0f} s), "
-            f"update {train:.0f} s")
+    note = (f"per step: {sequences:.0f} responses of {response:.0f} tokens, from rollouts of "
+            f"{rollout:.0f} decoded in {waves} wave(s) of {batch:.0f} per {g}-accelerator "
+            f"instance ({gen:.0f} s a step), update {train:.0f} s")
     return gen + train, [note]
 
 

@@ -122,3 +122,29 @@ def test_stage_hours_use_the_shared_fit_and_the_files_hours_basis(tmp_path):
     bad.write_text(spec("elapsed"))
     with pytest.raises(ValueError, match="hours_basis 'elapsed'"):
         run_stages(bad)
+
+
+def test_a_rollout_of_several_steps_decodes_in_larger_batches(tmp_path):
+    """outputs_per_rollout: R1 decodes 8,192 outputs per rollout and trains on them in 16 steps.
+    The rollout's decoding is shared among its steps, and its larger batch reads the weights
+    once for more sequences, so the hours fall; the update (a training step) does not change.
+    A rollout smaller than one step's responses is refused."""
+    def stage(rollout):
+        extra = "" if rollout is None else f", outputs_per_rollout: {rollout}"
+        return ("name: x\naccelerator: H800-SXM5-80GB\nstages:\n"
+                "  - {name: rl, kind: rl, model: deepseek-v3, count: 512, precision: fp8,\n"
+                "     layout: {tp: 1, pp: 16, ep: 32},\n"
+                "     prompts_per_step: 32, samples_per_prompt: 16, steps: 10, prompt_tokens: 300,\n"
+                f"     response_tokens: 4000, max_response_tokens: 8000, generation_instance: 32{extra}}}\n")
+
+    hours = {}
+    for rollout in (None, 512, 8192):
+        path = tmp_path / f"r{rollout}.yaml"
+        path.write_text(stage(rollout))
+        hours[rollout] = run_stages(path)[1][0].hours["central"]
+    assert hours[512] == pytest.approx(hours[None])  # the default is one step's responses
+    assert hours[8192] < hours[512]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(stage(256))
+    with pytest.raises(ValueError, match="outputs_per_rollout"):
+        run_stages(bad)
