@@ -40,7 +40,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from estimate.calibrate.sweep import (
     cpu_info,
     cpu_seconds,
     others_cores,
+    run_calibration,
 )
 from estimate.hardware import Accelerator
 from estimate.perf import (
@@ -659,21 +659,13 @@ def run_parallel_cli(sweep_path: str | Path, data: str, out: str | None, steps: 
     from estimate.report import write_outputs
 
     sweep = load_parallel_sweep(sweep_path, steps=steps, repeats=repeats)
-    with tempfile.TemporaryDirectory(prefix="calibrate-parallel-") as tmp:
-        runs_dir = Path(out) / "runs" if out else Path(tmp)
-        try:
-            cal = calibrate_parallel(sweep, data, runs_dir)
-        except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print()
-        print(cal.text())
-        if out:
-            md, js = write_outputs(out, cal.markdown(command), cal.record())
-            print(f"\nwrote {md}, {js}")
-        if publish:
-            print(f"published {publish_parallel(cal, command)}")
-    return 0
+
+    def write(cal: ParallelCalibration, out_dir: Path) -> str:
+        return ", ".join(map(str, write_outputs(out_dir, cal.markdown(command), cal.record())))
+
+    return run_calibration(lambda runs_dir: calibrate_parallel(sweep, data, runs_dir), out,
+                           "calibrate-parallel-", write,
+                           (lambda cal: publish_parallel(cal, command)) if publish else None)
 
 
 def publish_parallel(cal: ParallelCalibration, command: str | None = None,

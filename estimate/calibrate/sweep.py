@@ -9,6 +9,8 @@ import os
 import platform
 import resource
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -344,3 +346,26 @@ class Runner:
                  f"{summary.step_s['median'] * 1e3:8.1f} ms/step "
                  f"{summary.tokens_per_s_median:9,.0f} tok/s  ({wall:.0f} s{busy})")
         return x
+
+
+def run_calibration(measure: Callable[[Path], Any], out: str | None, prefix: str,
+                    write: Callable[[Any, Path], str],
+                    publish: Callable[[Any], Path] | None = None) -> int:
+    """What both calibrate commands do around their measurement: run `measure(runs_dir)` with
+    the run directories in OUT/runs (or a temporary directory, removed after), print its
+    `text()`, with `out` write its report files (`write(cal, out)` says which), with `publish`
+    publish its table. A failed run (RuntimeError) is one line on stderr and exit status 1."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        runs_dir = Path(out) / "runs" if out else Path(tmp)
+        try:
+            cal = measure(runs_dir)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print()
+        print(cal.text())
+        if out:
+            print(f"\nwrote {write(cal, Path(out))}; run directories in {runs_dir}")
+        if publish:
+            print(f"published {publish(cal)}")
+    return 0
