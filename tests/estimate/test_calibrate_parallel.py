@@ -99,11 +99,16 @@ def test_perf_terms_are_what_step_time_charges():
     acc = local_accelerator(50e9, 20e9, link)
     f = local_factors(0.2)
     st = step_time(cfg, cfg.seq_len, acc, 2, lay, "fp32", "none", f, peak_flops=50e9)
-    per_mb = tp_comm_seconds(8 * cfg.seq_len, cfg.d_model, cfg.n_layer, 2, 1e9, 4.0)
-    assert st.tp_comm == pytest.approx(2 * per_mb)  # two micro-batches, fully exposed
+    per_mb = tp_comm_seconds(8 * cfg.seq_len, cfg.d_model, cfg.n_layer, 2, 1e9, 4.0, ends=1)
+    norm = 8 / 1e9  # the gradient norm's all-reduce, once per step
+    assert st.tp_comm == pytest.approx(2 * per_mb + norm)  # two micro-batches, fully exposed
     slow = local_accelerator(50e9, 20e9, LinkFit(("all_reduce",), 1e-3, 1e9, ()))
     st2 = step_time(cfg, cfg.seq_len, slow, 2, lay, "fp32", "none", f, peak_flops=50e9)
-    assert st2.tp_comm - st.tp_comm == pytest.approx(2 * 4 * cfg.n_layer * 1e-3)
+    # under sequence parallelism, per micro-batch: 8 per layer, 4 for the embedding and the
+    # LM head's input, a norm gradient per layer norm (2 per layer and the final one), 3 of the
+    # cross-entropy; and the gradient norm
+    calls = 2 * (8 * cfg.n_layer + 4 + 2 * cfg.n_layer + 1 + 3) + 1
+    assert st2.tp_comm - st.tp_comm == pytest.approx(calls * 1e-3)
     # catalog accelerators have no latency: the projection is unchanged by it
     assert not any("link_latency_us" in e for e in load_catalog().values())
 
