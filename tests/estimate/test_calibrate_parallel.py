@@ -11,6 +11,7 @@ from estimate.calibrate.parallel import (
     ParallelCalibration,
     StepCheck,
     TermCheck,
+    TrainerRun,
     attention_efficiency,
     bubble_checks,
     elementwise_bytes_per_dim,
@@ -29,11 +30,18 @@ from estimate.calibrate.parallel import (
     publish_parallel,
     read_checked_terms,
     relative_check,
-    sent_bytes,
     term_checks,
 )
 from estimate.hardware import load_catalog
-from estimate.perf import Layout, bubble_fraction, forward_gemms, step_time, tp_comm_seconds
+from estimate.perf import (
+    Layout,
+    bubble_fraction,
+    forward_gemms,
+    sent_bytes,
+    step_time,
+    tp_collectives,
+    tp_comm_seconds,
+)
 from model.flops import count_params
 from tests.utils import run_cmd
 
@@ -63,9 +71,9 @@ def test_sent_bytes_are_the_ring_shares_perf_counts():
     assert sent_bytes("all_reduce", 1000, 4) == 1500
     assert sent_bytes("all_gather", 1000, 2) == 500
     assert sent_bytes("reduce_scatter", 1000, 4) == 750
-    assert sent_bytes("send_recv", 1000) == 1000
+    assert sent_bytes("send_recv", 1000, 2) == 1000
     with pytest.raises(ValueError, match="unknown collective"):
-        sent_bytes("all_to_all", 1000)
+        sent_bytes("all_to_all", 1000, 2)
 
 
 def test_relative_check_and_bubble_verdicts():
@@ -87,6 +95,30 @@ def test_relative_check_and_bubble_verdicts():
     b = bubble_fraction("zero-bubble", 2, 4)
     assert checks["zero_bubble"].predicted_s == pytest.approx(b / (1 + b))
     assert not checks["zero_bubble"].holds
+
+
+def test_tp_collectives_count_and_bytes():
+    """perf.tp_collectives: sequence parallelism turns each all-reduce into an all-gather and a
+    reduce-scatter (twice the calls, the same bytes sent); the count grows by 8 per layer
+    (+2 norm gradients) with it, by 4 per layer without; the ends (embedding, head input,
+    cross-entropy) are there only for the device that runs them."""
+    def sent(rows, g=2):
+        return sum(c * sent_bytes(op, b, g) for op, b, c in rows)
+
+    def calls(rows):
+        return sum(c for _, _, c in rows)
+
+    m, d = 1024, 256
+    sp, plain = tp_collectives(m, d, 4, 2, 4.0), tp_collectives(m, d, 4, 2, 4.0, False)
+    norms = 2 * 4 * 4.0 * d  # all-reduced (sent once at g = 2) fp32 norm gradients under sp
+    assert sent(sp) == pytest.approx(sent(plain) + norms)
+    assert calls(sp) == 8 * 4 + 2 * 4 and calls(plain) == 4 * 4
+    assert calls(tp_collectives(m, d, 5, 2, 4.0)) - calls(sp) == 10
+    ends = tp_collectives(m, d, 4, 2, 4.0, ends=1)
+    assert calls(ends) - calls(sp) == 2 + 2 + 1 + 3
+    assert tp_collectives(m, d, 4, 1, 4.0) == []
+    by_group = [sent(tp_collectives(m, d, 4, g, 4.0), g) for g in (2, 4, 8)]
+    assert by_group == sorted(by_group)  # more ranks: a larger share of each message sent
 
 
 def test_perf_terms_are_what_step_time_charges():
@@ -126,8 +158,6 @@ def _synthetic_bench(cfg, pp_cfg, sweep, rate=40e9):
             "fsdp": {"all_gather_s": 5e-3, "reduce_scatter_s": 3e-3, "all_gathers": 9,
                      "reduce_scatters": 5},
             "cp": {"seconds": 4e-3, "chunk_bytes": 1, "collectives": 12},
-            "tp": {"step_s": 0.2, "comm_s": 0.01, "transfer_s": 0.008, "wait_s": 0.002,
-                   "collectives": 16},
             "elementwise": {"s_per_token_layer": 1e-6},
             "pp": {"model": vars(pp_cfg), "rows": [
                 {"schedule": "1f1b", "microbatches": 4, "bubble": [0.2, 0.2],
@@ -252,7 +282,7 @@ def test_term_checks_predict_from_each_collectives_own_link():
     bench = _synthetic_bench(cfg, pp_cfg, sweep)
     lines = {"all_reduce": (1e-4, 2e9), "all_gather": (2e-4, 1e9), "reduce_scatter": (3e-4, 5e8),
              "send_recv": (5e-5, 3e9)}
-    bench["collectives"] = {op: {str(b): a + sent_bytes(op, b) / beta for b in sweep.sizes_bytes}
+    bench["collectives"] = {op: {str(b): a + sent_bytes(op, b, 2) / beta for b in sweep.sizes_bytes}
                             for op, (a, beta) in lines.items()}
     links = {op: fit_link(link_points(bench["collectives"], (op,)), (op,)) for op in OPS}
     assert links["reduce_scatter"].bytes_per_s == pytest.approx(5e8)
@@ -264,11 +294,23 @@ def test_term_checks_predict_from_each_collectives_own_link():
         1.5 * grads / 5e8 + 3 * units * 3e-4)
     bench["fsdp"]["all_gather_s"], bench["fsdp"]["reduce_scatter_s"] = fsdp * 1.4, 0.0
     checks = {c.term.split(" ")[0]: c for c in term_checks(bench, cfg, sweep.micro_batch_size,
-                                                           links)}
+                                                           links, TrainerRun(0.1, 0.0, 0.02, 1))}
     assert checks["data-parallel"].predicted_s == pytest.approx(bench["dp_allreduce_s"])
     assert checks["data-parallel"].holds
     assert checks["FSDP"].predicted_s == pytest.approx(fsdp)
     assert not checks["FSDP"].holds
+    # tensor parallel (sequence parallel), each collective over its own line: per layer 4
+    # all-gathers and 4 reduce-scatters of the activations (half of each sent) and 2 norm
+    # gradients; the embedding and the head's input 2 more of each, the final norm, 3
+    # cross-entropy all-reduces of a value per token, the gradient norm
+    L, d, m = cfg.n_layer, cfg.d_model, sweep.micro_batch_size * cfg.seq_len
+    msg = m * d * 4.0
+    (a_ar, b_ar), (a_ag, b_ag), (a_rs, b_rs) = (lines[k] for k in ("all_reduce", "all_gather",
+                                                                   "reduce_scatter"))
+    tp = ((4 * L + 2) * (a_ag + msg / 2 / b_ag + a_rs + msg / 2 / b_rs)
+          + (2 * L + 1) * (a_ar + 4 * d / b_ar) + 3 * (a_ar + 4 * m / b_ar) + a_ar + 8 / b_ar)
+    assert checks["tensor-parallel"].predicted_s == pytest.approx(tp)
+    assert f"1 issued per step, {10 * L + 9} charged" in checks["tensor-parallel"].note
 
 
 def test_machine_share_stretches_only_runs_that_lacked_cores():

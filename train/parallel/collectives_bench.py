@@ -31,12 +31,10 @@ Two processes (gloo):
   its gathered parameters) and a reduce-scatter of its gradients;
 - **context parallel**: per layer, the all-gather of this rank's keys and values (forward),
   and the all-gather and reduce-scatter of keys, values and their gradients (backward);
-- **tensor parallel**: the model's blocks sharded Megatron-style with
-  `train.tensor_parallel`'s shards (heads and MLP columns split over 2 ranks; embedding,
-  norms and head replicated, no sequence parallelism), an all-reduce after each row-parallel
-  projection (forward) and of each column-parallel input's gradient (backward), each timed
-  where it runs; a training step (forward, backward, AdamW) timed barrier to barrier;
 - **pipeline**: `train.parallel.bench_pp.measure_rows` at the spec's schedules and M.
+
+Tensor parallelism is not timed here: calibrate runs the trainer itself at parallel.tp=2,
+which clocks its collectives per step (tp_comm_s, tp_collectives in metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -58,9 +56,7 @@ from model.transformer import Transformer
 from train.clock import measure_matmul_flops
 from train.opcount import OpCounter, count_step
 from train.parallel import bench_pp
-from train.parallel.comm import Comm
 from train.parallel.procs import spawn
-from train.tensor_parallel import shard_columns, shard_gate_up, shard_qkv
 
 WORLD = 2
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
@@ -289,87 +285,6 @@ def cp_exchange_seconds(cfg: ModelConfig, tokens: int, repeats: int) -> dict:
             "chunk_bytes": chunk * 4, "collectives": 3 * cfg.n_layer}
 
 
-class _HarnessComm(Comm):
-    """The world's tensor-parallel collectives (train.parallel.comm: f = copy_in, g =
-    reduce_out), counted. With `split`, a barrier before each all-reduce takes the wait for the
-    slower rank out of `seconds` into `waited`: what is left is the transfer the performance
-    model charges."""
-
-    def __init__(self):
-        super().__init__(dist.group.WORLD)
-        self.waited, self.calls, self.split = 0.0, 0, False
-
-    def _timed(self, fn, *args) -> None:
-        if self.split:
-            start = time.perf_counter()
-            dist.barrier()
-            self.waited += time.perf_counter() - start
-        super()._timed(fn, *args)
-        self.calls += 1
-
-
-def tensor_parallel(model: Transformer, comm: _HarnessComm | None = None) -> Transformer:
-    """Shard every block of `model` over the world in place (rank r keeps heads and MLP
-    columns r/WORLD), with f before attention and MLP and g after their outputs."""
-    rank, cfg = dist.get_rank(), model.cfg
-    comm = comm or _HarnessComm()
-    for block in model.blocks:
-        attn, mlp = block.attn, block.mlp
-        attn.wqkv.weight = nn.Parameter(shard_qkv(attn.wqkv.weight.data, cfg, rank, WORLD))
-        attn.wo.weight = nn.Parameter(shard_columns(attn.wo.weight.data, rank, WORLD))
-        attn.n_head, attn.n_kv_head = cfg.n_head // WORLD, cfg.n_kv_head // WORLD
-        hidden = mlp.w_down.weight.size(1)
-        mlp.w_gate_up.weight = nn.Parameter(
-            shard_gate_up(mlp.w_gate_up.weight.data, hidden, rank, WORLD))
-        mlp.w_down.weight = nn.Parameter(shard_columns(mlp.w_down.weight.data, rank, WORLD))
-        for sub in (attn, mlp):
-            sub.register_forward_pre_hook(
-                lambda _m, args: (comm.copy_in(args[0]), *args[1:]))
-        for out in (attn.wo, mlp.w_down):
-            out.register_forward_hook(lambda _m, _args, y: comm.reduce_out(y))
-    return model
-
-
-def tp_step(cfg: ModelConfig, micro_batch: int, steps: int, warmup: int) -> dict:
-    """`tp_steps` as they run, then as many with a barrier before each all-reduce: the step
-    time of the first; the all-reduce seconds of each (with the barrier: the transfer alone,
-    and the wait for the slower rank)."""
-    plain = tp_steps(cfg, micro_batch, steps, warmup)
-    split = tp_steps(cfg, micro_batch, steps, warmup, split=True)
-    return plain | {"transfer_s": split["comm_s"], "wait_s": split["wait_s"],
-                    "split_step_s": split["step_s"]}
-
-
-def tp_steps(cfg: ModelConfig, micro_batch: int, steps: int, warmup: int,
-             split: bool = False) -> dict:
-    """Tensor-parallel training steps of `cfg` on [micro_batch, seq_len] tokens: median step
-    seconds (barrier to barrier), seconds inside the all-reduces and waiting before them."""
-    torch.manual_seed(0)
-    comm = _HarnessComm()
-    comm.split = split
-    model = tensor_parallel(Transformer(cfg), comm)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len), generator=g)
-    step_s, comm_s, wait_s, calls = [], [], [], 0
-    for i in range(warmup + steps):
-        comm.seconds, comm.waited, comm.calls = 0.0, 0.0, 0
-        dist.barrier()
-        start = time.perf_counter()
-        _, loss = model(idx, idx)
-        (loss / idx.numel()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dist.barrier()
-        if i >= warmup:
-            step_s.append(time.perf_counter() - start)
-            comm_s.append(comm.seconds)
-            wait_s.append(comm.waited)
-            calls = comm.calls
-    return {"step_s": statistics.median(step_s), "comm_s": statistics.median(comm_s),
-            "wait_s": statistics.median(wait_s), "collectives": calls}
-
-
 def ranks(rank: int, spec: dict, out: str) -> None:
     r = spec["repeats"]
     cfg = ModelConfig(**spec["model"])
@@ -382,7 +297,6 @@ def ranks(rank: int, spec: dict, out: str) -> None:
         "dp_allreduce_s": dp_allreduce_seconds(model, r),
         "fsdp": fsdp_seconds(model, r),
         "cp": cp_exchange_seconds(cfg, tokens, r),
-        "tp": tp_step(cfg, spec["micro_batch"], spec["steps"], spec["warmup"]),
     }
     pp = spec["pp"]
     args = argparse.Namespace(
