@@ -380,8 +380,15 @@ def dp_comm_seconds(local_params: float, dp_group: int, tp: int, node: int, net:
     ring = 2 * (nodes - 1) / nodes * local_params * grad_bytes / r if nodes > 1 else 0.0
     inside = 2 * (r - 1) / r * local_params * grad_bytes if r > 1 else 0.0
     sharded = 1.5 if zero == 3 else 1.0
-    calls = 3 * units if zero == 3 else -(-local_params * grad_bytes // DDP_BUCKET_BYTES)
+    calls = dp_collectives(local_params, grad_bytes, zero, units)
     return sharded * (ring / net + inside / link) + calls * latency_s
+
+
+def dp_collectives(local_params: float, grad_bytes: float, zero: int, units: int = 1) -> int:
+    """Data-parallel collectives of one step: DDP's gradient buckets (DDP_BUCKET_BYTES), or
+    under ZeRO-3 three per sharded unit (an all-gather forward, one backward, a
+    reduce-scatter)."""
+    return int(3 * units if zero == 3 else -(-local_params * grad_bytes // DDP_BUCKET_BYTES))
 
 
 def cp_ring_seconds(m_tokens: float, kv_width: float, layers: float, cp: int, link: float,
@@ -549,9 +556,13 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     if dp_group > 1:
         local = params / (tp * pp * (lay.ep if cfg.is_moe else 1))
         last = gemm / mb  # forward + backward GEMMs of one micro-batch
+        units = int(L / pp) + 1
         raw = dp_comm_seconds(local, dp_group, tp, node, net, link, act_bytes, lay.zero,
-                              latency, units=int(L / pp) + 1)
-        dp_comm = max(0.0, raw - last * f["dp_overlap"])
+                              latency, units=units)
+        # the last bucket (or unit) is ready only when the backward pass ends: at most
+        # (calls - 1) / calls of the traffic can hide (one bucket: none of it)
+        calls = dp_collectives(local, act_bytes, lay.zero, units)
+        dp_comm = raw - min(last * f["dp_overlap"], raw * (calls - 1) / calls)
 
     # Pipeline: activations to the next stage and their gradients back, per micro-batch; v
     # interleaved chunks per device cross v times as many stage boundaries (Narayanan et al.

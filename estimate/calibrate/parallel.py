@@ -247,11 +247,13 @@ def elementwise_bytes_per_dim(bench: dict, d_model: int, act_bytes: float = 4.0)
     return per_token / d_model * 2 / act_bytes
 
 
-def local_factors(attention_eff: float, elementwise: float | None = None) -> dict[str, Factor]:
+def local_factors(attention_eff: float, elementwise: float | None = None,
+                  dp_overlap: float | None = None) -> dict[str, Factor]:
     """The performance model's factors for this machine: the measured rates stand for the
     achievable ones (ceiling, memory and link efficiencies 1), attention at its measured
     efficiency, the memory-bound bytes per dimension measured (`elementwise`; None: the
-    defaults' judgement), tensor-parallel collectives fully exposed (the harness's all-reduces
+    defaults' judgement), the share of compute a collective hides behind as measured
+    (`dp_overlap`; None: the defaults'), tensor-parallel collectives fully exposed (gloo's
     block the step), the stack efficiency 1 (nothing fitted); the rest at defaults.yaml's
     central values."""
     f = load_factors(load_defaults(), Factor("stack_efficiency", 1, 1, 1, "high", "local: 1"))
@@ -259,6 +261,8 @@ def local_factors(attention_eff: float, elementwise: float | None = None) -> dic
              "tp_exposed": 1.0, "attention_efficiency": attention_eff}
     if elementwise is not None:
         fixed["elementwise_bytes_per_dim"] = elementwise
+    if dp_overlap is not None:
+        fixed["dp_overlap"] = dp_overlap
     for key, value in fixed.items():
         f[key] = Factor(key, value, value, value, f[key].better, "measured by calibrate --parallel")
     return f
@@ -453,7 +457,8 @@ def predict_step(cfg: ModelConfig, lay: Layout, bench: dict, link: LinkFit,
     eff = attention_efficiency(cfg, lay.micro_batch, bench["attention"], rate)
     elem = elementwise_bytes_per_dim(bench, cfg.d_model) if measured_elementwise else None
     st = step_time(cfg, cfg.seq_len, acc, lay.devices, lay, "fp32", "none",
-                   local_factors(eff, elem), peak_flops=rate)
+                   local_factors(eff, elem, bench.get("overlap", {}).get("share")),
+                   peak_flops=rate)
     parts = {k: getattr(st, k) for k in ("gemm", "attention", "memory", "tp_comm", "dp_comm",
                                          "pp_comm", "bubble")}
     # bench_pp's measured step time holds no optimizer step: neither does its prediction
@@ -525,9 +530,16 @@ class ParallelCalibration:
     wall_s: float
 
     def link_table(self) -> str:
+        col = self.bench["collectives"]
+
+        def inputs(ops: tuple[str, ...]) -> str:
+            return "; ".join(f"{_size(int(b))} {t * 1e3:.3g}" for op in ops
+                             for b, t in col[op].items())
         rows = [[name, ", ".join(f.ops), f"{f.latency_s * 1e6:,.0f}", f"{f.bytes_per_s / 1e9:.2f}",
+                 inputs(f.ops) if len(f.ops) == 1 else "(the two above)",
                  " ".join(f"{r:+.0%}" for r in f.residuals)] for name, f in self.links.items()]
-        return md_table(["link fit", "collectives", "latency us", "GB/s sent per rank",
+        return md_table(["link fit", "collectives", "alpha: latency us",
+                         "beta: GB/s sent per rank", "measured: message ms (median)",
                          "residuals (measured/fit - 1)"], rows)
 
     def terms_table(self) -> str:
@@ -554,7 +566,13 @@ class ParallelCalibration:
         return (f"matmul 1024^3 peak {b['matmul_peak_flops'] / 1e9:.1f} GFLOP/s per process (1 "
                 f"thread); at the model's shapes {self.steps[0].parts['gemm_rate_flops'] / 1e9:.1f}"
                 f" GFLOP/s (1 process); memory {b['memory_bytes_per_s'] / 1e9:.1f} GB/s (c = a + b); "
-                f"attention at {self.steps[0].parts['attention_efficiency']:.0%} of the matmul rate")
+                f"attention at {self.steps[0].parts['attention_efficiency']:.0%} of the matmul rate"
+                f"; host dispatch {b['dispatch_s_per_op'] * 1e6:.1f} us per operation (a chain of "
+                f"tiny ops), x {sum(b['ops_per_step'].values())} operations per step (train.opcount)"
+                + (f"; a collective beside compute hides behind {o['share']:.0%} of it (all-reduce "
+                   f"{o['comm_s'] * 1e3:.1f} ms, matmuls {o['compute_s'] * 1e3:.1f} ms, both "
+                   f"{o['both_s'] * 1e3:.1f} ms: perf's dp_overlap)" if (o := b.get("overlap"))
+                   else ""))
 
     def text(self) -> str:
         m = self.machine
@@ -586,6 +604,10 @@ class ParallelCalibration:
                 "wall_s": self.wall_s, "links": {k: v.to_dict() for k, v in self.links.items()},
                 "terms": [t.to_dict() for t in self.terms],
                 "steps": [x.to_dict() for x in self.steps], "harness": self.bench}
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:g} MB" if nbytes >= 2**20 else f"{nbytes / 2**10:g} KB"
 
 
 def _fmt(value: float, term: str) -> str:

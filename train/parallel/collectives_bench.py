@@ -29,6 +29,8 @@ Two processes (gloo):
 - **FSDP**: per sharded unit (each block, then the root), an all-gather of its parameters for
   the forward and one for the backward (FSDP2 reshards blocks after forward; the root keeps
   its gathered parameters) and a reduce-scatter of its gradients;
+- **overlap**: an all-reduce alone, matmuls alone, and the two at once: the share of the
+  compute a collective hides behind (perf's dp_overlap);
 - **context parallel**: per layer, the all-gather of this rank's keys and values (forward),
   and the all-gather and reduce-scatter of keys, values and their gradients (backward);
 - **pipeline**: `train.parallel.bench_pp.measure_rows` at the spec's schedules and M.
@@ -234,6 +236,33 @@ def collective_seconds(op: str, nbytes: int, repeats: int) -> float:
     return median_seconds(fn, repeats)
 
 
+def overlap_share(repeats: int, nbytes: int = 16 * 2**20, matmuls: int = 3,
+                  n: int = 512) -> dict:
+    """How much of a collective hides behind compute here (perf's `dp_overlap`, measured): an
+    all-reduce of `nbytes` alone (X), `matmuls` n^3 matmuls alone (C, shorter than X), and the
+    all-reduce started asynchronously before the matmuls and waited for after them (B). The
+    collective hid behind C + X - B seconds of the compute: dp_overlap = that / C, in [0, 1]
+    (1: it proceeds at full speed beside compute, as on a GPU's copy engines; 0: it takes the
+    same cores)."""
+    buf = torch.ones(nbytes // 4)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def compute():
+        for _ in range(matmuls):
+            torch.mm(a, b)
+
+    def both():
+        work = dist.all_reduce(buf, async_op=True)
+        compute()
+        work.wait()
+
+    x = median_seconds(lambda: dist.all_reduce(buf), repeats)
+    c = median_seconds(compute, repeats)
+    t = median_seconds(both, repeats)
+    return {"comm_s": x, "compute_s": c, "both_s": t,
+            "share": min(1.0, max(0.0, (c + x - t) / c))}
+
+
 def dp_allreduce_seconds(model: nn.Module, repeats: int) -> float:
     """All-reduce of every gradient, flattened into DDP-sized buckets, one after another."""
     numel = sum(p.numel() for p in model.parameters())
@@ -297,6 +326,7 @@ def ranks(rank: int, spec: dict, out: str) -> None:
         "dp_allreduce_s": dp_allreduce_seconds(model, r),
         "fsdp": fsdp_seconds(model, r),
         "cp": cp_exchange_seconds(cfg, tokens, r),
+        "overlap": overlap_share(r),
     }
     pp = spec["pp"]
     args = argparse.Namespace(
