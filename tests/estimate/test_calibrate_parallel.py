@@ -261,6 +261,9 @@ def test_parallel_calibration_end_to_end(tiny_data, tmp_path):
                  "bubble, 1f1b", "bubble, zero_bubble"):
         assert any(word in t for t in terms), (word, terms)
     assert all(t["predicted_s"] >= 0 and t["measured_s"] > 0 for t in r["terms"])
+    # the performance model counts the collectives the trainer's tp=2 step issues
+    counts = [t["counts"] for t in r["terms"] if t["term"].startswith("tensor-parallel")][0]
+    assert counts["issued"] == counts["charged"] > 0, counts
     layouts = [s["layout"] for s in r["steps"]]
     assert layouts == ["1 process", "DDP, 2 processes", "FSDP, 2 processes", "tp=2",
                        "pp=2 1f1b M=4"]
