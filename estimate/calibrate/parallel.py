@@ -311,7 +311,10 @@ def bubble_checks(rows: list[dict], pp: int = WORLD) -> list[TermCheck]:
         predicted, measured = b / (1 + b), statistics.mean(r["bubble"])
         term = f"pipeline bubble, {name}, pp={pp} M={m} (share of step)"
         note = (f"perf schedule {schedule!r}" + (", v=2" if name == "interleaved" else "")
-                + "; ranks " + ", ".join(f"{x:.3f}" for x in r["bubble"]))
+                + "; blocked share of ranks " + ", ".join(f"{x:.3f}" for x in r["bubble"]))
+        if r.get("compute"):  # the formula assumes equal stages: the others wait for the slowest
+            note += ("; compute share of ranks " + ", ".join(f"{x:.3f}" for x in r["compute"])
+                     + f" (imbalance {max(r['compute']) - min(r['compute']):.3f})")
         if predicted > 0:
             out.append(relative_check(term, predicted, measured, note))
         elif m in one_f:

@@ -335,7 +335,8 @@ def ranks(rank: int, spec: dict, out: str) -> None:
         d_model=cfg.d_model, seq=cfg.seq_len, vocab=cfg.vocab_size)
     result["pp"] = {"model": vars(bench_pp.model_config(args)),
                     "rows": [{"schedule": s, "microbatches": m,
-                              "bubble": [e[0] for e in every], "step_s": [e[1] for e in every]}
+                              "bubble": [e[0] for e in every], "step_s": [e[1] for e in every],
+                              "compute": [e[3] for e in every]}
                              for s, m, every in bench_pp.measure_rows(args)]}
     every = [None] * WORLD
     dist.all_gather_object(every, result)
