@@ -269,6 +269,11 @@ def test_parallel_calibration_end_to_end(tiny_data, tmp_path):
                        "pp=2 1f1b M=4"]
     assert all(s["predicted_s"] > 0 and s["measured_s"] > 0 for s in r["steps"])
     assert set(r["links"]) >= set(OPS)
+    for op in OPS:  # measured here: a 256x larger message takes longer; the fit has a latency
+        # (>= 0) and a bandwidth (> 0), so its time grows with the message
+        times = {int(b): t for b, t in r["harness"]["collectives"][op].items()}
+        assert times[max(times)] > times[min(times)], (op, times)
+        assert r["links"][op]["latency_s"] >= 0 and r["links"][op]["bytes_per_s"] > 0
     assert "## Step time" in (out / "report.md").read_text()
     proj = run_cmd([sys.executable, "-m", "estimate", "project", "--params", "1B", "--tokens",
                     "1B", "--accelerator", "H100-SXM5-80GB", "--count", "8",
