@@ -24,7 +24,9 @@ the fitted link of the collective it runs (its latency included), and the step t
 layout by `perf.step_time` on a "local accelerator" (`local_accelerator`) whose matmul rate
 is the one measured at that layout's own matmul shapes, whose memory bandwidth, attention
 efficiency and collective links are the ones measured here, with nothing hidden that the run does not
-hide (`local_factors`: tensor-parallel collectives fully exposed, the stack efficiency 1).
+hide (`local_factors`: tensor-parallel collectives fully exposed, the share of compute a
+collective hides behind as measured, the stack efficiency 1). A collective a step enters
+straight from compute pays the measured arrival skew beside its isolated latency (`in_step`).
 Nothing is fitted to the step times being predicted.
 
 Verdicts: a term holds when its prediction is within REL_TOL of the measurement; a pipeline
@@ -189,6 +191,13 @@ def fit_link(points: list[tuple[float, float]], ops: tuple[str, ...] = ()) -> Li
         raise ValueError(f"collective times {points} do not grow with size: no bandwidth to fit")
     fit = LinkFit(ops, alpha, 1 / inv_beta, ())
     return dataclasses.replace(fit, residuals=tuple(t / fit.seconds(x) - 1 for x, t in points))
+
+
+def in_step(links: dict[str, LinkFit], skew_s: float) -> dict[str, LinkFit]:
+    """The links as a training step meets them: each collective entered straight from compute
+    pays the measured arrival skew (the harness's `arrival`: waiting for the later rank,
+    waking the transport) on top of its isolated latency."""
+    return {k: dataclasses.replace(f, latency_s=f.latency_s + skew_s) for k, f in links.items()}
 
 
 def link_points(collectives: dict, ops: tuple[str, ...]) -> list[tuple[float, float]]:
@@ -359,6 +368,11 @@ def term_checks(bench: dict, cfg: ModelConfig, micro_batch: int, links: dict[str
     tp_lay = Layout(tp=WORLD, micro_batch=micro_batch, global_batch_tokens=tokens)
     tp_rows = tp_step_collectives(cfg, cfg.seq_len, tp_lay, 4.0)
     charged = sum(count for _, _, count in tp_rows)
+    skew = bench.get("arrival", {}).get("skew_s", 0.0)
+
+    def tp_seconds(with_skew: bool) -> float:
+        step = in_step(links, skew if with_skew else 0.0)
+        return collectives_seconds(tp_rows, WORLD, {op: f.link for op, f in step.items()})
     checks = [
         relative_check(
             "data-parallel gradient all-reduce (DDP buckets), 2 ranks",
@@ -375,14 +389,15 @@ def term_checks(bench: dict, cfg: ModelConfig, micro_batch: int, links: dict[str
             "1/3 over the reduce-scatter's"),
         relative_check(
             "tensor-parallel collectives of a training step, tp=2 (the trainer)",
-            collectives_seconds(tp_rows, WORLD, {op: f.link for op, f in links.items()}),
-            tp_run.tp_comm_s,
+            tp_seconds(True), tp_run.tp_comm_s,
             f"python -m train parallel.tp=2 (sequence parallel): tp_comm_s, the median step's "
             f"seconds inside its collectives; {tp_run.tp_collectives} issued per step, "
             f"{charged:g} charged by perf.tp_step_collectives ("
             + ", ".join(f"{count:g} x {op} of {nbytes / 1e3:,.1f} KB"
-                        for op, nbytes, count in tp_rows) + "), each over its own fitted link; "
-            "the measure includes the wait for the slower rank inside each collective",
+                        for op, nbytes, count in tp_rows) + "), each over its own fitted link "
+            f"with the arrival skew measured here ({skew * 1e6:,.0f} us) added to its latency "
+            f"(without it: {tp_seconds(False) * 1e3:.2f} ms); the measure includes the wait for "
+            "the slower rank inside each collective",
             {"issued": tp_run.tp_collectives, "charged": charged}),
         relative_check(
             "context-parallel exchange of keys and values, cp=2",
@@ -575,7 +590,11 @@ class ParallelCalibration:
                 + (f"; a collective beside compute hides behind {o['share']:.0%} of it (all-reduce "
                    f"{o['comm_s'] * 1e3:.1f} ms, matmuls {o['compute_s'] * 1e3:.1f} ms, both "
                    f"{o['both_s'] * 1e3:.1f} ms: perf's dp_overlap)" if (o := b.get("overlap"))
-                   else ""))
+                   else "")
+                + (f"; a {a['bytes'] / 1e3:g} KB all-reduce entered from compute takes "
+                   f"{a['in_step_s'] * 1e6:,.0f} us, entered together {a['isolated_s'] * 1e6:,.0f} us: "
+                   f"each collective of a step pays {a['skew_s'] * 1e6:,.0f} us more (arrival skew)"
+                   if (a := b.get("arrival")) else ""))
 
     def text(self) -> str:
         m = self.machine
@@ -676,20 +695,23 @@ def calibrate_parallel(s: ParallelSweep, data_dir: str | Path, runs_dir: str | P
     harness_share = machine_share(WORLD, cores, bench.get("others_cores"))
     steps = []
 
-    def both(c: ModelConfig, lay: Layout, link: LinkFit, optimizer: bool = True):
-        pred, parts = predict_step(c, lay, bench, link, optimizer, links=links)
-        default, _ = predict_step(c, lay, bench, link, optimizer, measured_elementwise=False,
-                                  links=links)
+    # a step enters its collectives from compute: each pays the arrival skew
+    step_links = in_step(links, bench.get("arrival", {}).get("skew_s", 0.0))
+
+    def both(c: ModelConfig, lay: Layout, link: str, optimizer: bool = True):
+        link_fit = step_links[link]
+        pred, parts = predict_step(c, lay, bench, link_fit, optimizer, links=step_links)
+        default, _ = predict_step(c, lay, bench, link_fit, optimizer, measured_elementwise=False,
+                                  links=step_links)
         return pred, parts, default
 
     for name, lay, link in (
-            ("1 process", Layout(micro_batch=mb, global_batch_tokens=mb * T), links["all_reduce"]),
+            ("1 process", Layout(micro_batch=mb, global_batch_tokens=mb * T), "all_reduce"),
             ("DDP, 2 processes", Layout(dp=WORLD, micro_batch=mb, global_batch_tokens=WORLD * mb * T,
-                                        zero=0), links["all_reduce"]),
+                                        zero=0), "all_reduce"),
             ("FSDP, 2 processes", Layout(dp=WORLD, micro_batch=mb,
-                                         global_batch_tokens=WORLD * mb * T, zero=3), links["fsdp"]),
-            ("tp=2", Layout(tp=WORLD, micro_batch=mb, global_batch_tokens=mb * T),
-             links["all_reduce"])):
+                                         global_batch_tokens=WORLD * mb * T, zero=3), "fsdp"),
+            ("tp=2", Layout(tp=WORLD, micro_batch=mb, global_batch_tokens=mb * T), "all_reduce")):
         pred, parts, default = both(cfg, lay, link)
         run = measured[name]
         steps.append(StepCheck(name, "python -m train (summary.json median step_s)", pred,
@@ -702,7 +724,7 @@ def calibrate_parallel(s: ParallelSweep, data_dir: str | Path, runs_dir: str | P
         M, pmb = row["microbatches"], s.pp_micro_batch
         pred, parts, default = both(pp_cfg, Layout(pp=WORLD, micro_batch=pmb,
                                                    global_batch_tokens=M * pmb * T),
-                                    links["send_recv"], optimizer=False)
+                                    "send_recv", optimizer=False)
         steps.append(StepCheck(f"pp=2 1f1b M={M}", "bench_pp's measure (forward + backward)",
                                pred, max(row["step_s"]), parts,
                                "bench_pp times forward and backward without an optimizer step; "

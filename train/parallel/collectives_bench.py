@@ -31,6 +31,9 @@ Two processes (gloo):
   its gathered parameters) and a reduce-scatter of its gradients;
 - **overlap**: an all-reduce alone, matmuls alone, and the two at once: the share of the
   compute a collective hides behind (perf's dp_overlap);
+- **arrival**: a small all-reduce entered straight from compute on both ranks (no barrier),
+  against the same entered together: the latency a collective pays inside a step beyond the
+  isolated alpha (waiting for the later rank, waking the transport);
 - **context parallel**: per layer, the all-gather of this rank's keys and values (forward),
   and the all-gather and reduce-scatter of keys, values and their gradients (backward);
 - **pipeline**: `train.parallel.bench_pp.measure_rows` at the spec's schedules and M.
@@ -263,6 +266,29 @@ def overlap_share(repeats: int, nbytes: int = 16 * 2**20, matmuls: int = 3,
             "share": min(1.0, max(0.0, (c + x - t) / c))}
 
 
+def arrival_seconds(repeats: int, nbytes: int = 4096, n: int = 256, matmuls: int = 4) -> dict:
+    """A collective as a training step issues it: each rank arrives from its own compute (the
+    same `matmuls` n^3 matmuls on both, no barrier between them and the collective), so its
+    time includes waiting for the later rank and waking the transport; against the same
+    all-reduce of `nbytes` entered together (a barrier before it). The difference is the
+    latency a collective pays in a step beyond the isolated alpha (`skew_s`)."""
+    buf = torch.ones(max(1, nbytes // 4))
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    inside = []
+    for i in range(repeats + 1):
+        dist.barrier()
+        for _ in range(matmuls):
+            torch.mm(a, b)
+        start = time.perf_counter()
+        dist.all_reduce(buf)
+        if i:
+            inside.append(time.perf_counter() - start)
+    alone = median_seconds(lambda: dist.all_reduce(buf), repeats)
+    step = statistics.median(inside)
+    return {"in_step_s": step, "isolated_s": alone, "skew_s": max(0.0, step - alone),
+            "bytes": nbytes}
+
+
 def dp_allreduce_seconds(model: nn.Module, repeats: int) -> float:
     """All-reduce of every gradient, flattened into DDP-sized buckets, one after another."""
     numel = sum(p.numel() for p in model.parameters())
@@ -327,6 +353,7 @@ def ranks(rank: int, spec: dict, out: str) -> None:
         "fsdp": fsdp_seconds(model, r),
         "cp": cp_exchange_seconds(cfg, tokens, r),
         "overlap": overlap_share(r),
+        "arrival": arrival_seconds(max(21, 3 * r)),
     }
     pp = spec["pp"]
     args = argparse.Namespace(
