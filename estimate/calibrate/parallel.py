@@ -596,12 +596,24 @@ class ParallelCalibration:
                    f"each collective of a step pays {a['skew_s'] * 1e6:,.0f} us more (arrival skew)"
                    if (a := b.get("arrival")) else ""))
 
+    def load_line(self) -> str:
+        """How shared the machine was: the cores other work used during the harness (its
+        collectives and terms) and during the trainer runs."""
+        others = self.bench.get("others_cores")
+        if others is None:
+            return "other work on the machine: not measured (no /proc/stat)"
+        runs = [round((s.share - 1) * 100) for s in self.steps if s.how.startswith("python -m train")]
+        return (f"shared machine: other work used {others:.2f} of its "
+                f"{self.machine['logical_cores']} cores during the harness (every timing there is "
+                "a median of its repeats); the trainer runs' stretch for it is in the step table "
+                f"(x share: up to +{max(runs, default=0)}%)")
+
     def text(self) -> str:
         m = self.machine
         return "\n".join([
             f"parallel calibration on {m['cpu']} ({m['logical_cores']} logical cores, torch "
             f"{m['torch']}), gloo, {WORLD} processes x 1 thread, {self.wall_s / 60:.1f} min",
-            self.rates_line(), "", self.link_table(), "", self.terms_table(), "",
+            self.load_line(), self.rates_line(), "", self.link_table(), "", self.terms_table(), "",
             self.steps_table()])
 
     def markdown(self, command: str | None = None) -> str:
@@ -611,7 +623,8 @@ class ParallelCalibration:
             f"Machine: {self.machine['cpu']}, {self.machine['logical_cores']} logical cores; "
             f"gloo between {WORLD} local processes of 1 thread; {self.wall_s / 60:.1f} min. "
             f"Model preset `{s.model['preset']}` L{s.n_layer} d{s.d_model}, {s.micro_batch_size} x "
-            f"{s.seq_len} tokens per micro-batch, fp32. Method: estimate/calibrate/parallel.py.",
+            f"{s.seq_len} tokens per micro-batch, fp32. Method: estimate/calibrate/parallel.py. "
+            f"{self.load_line()[0].upper()}{self.load_line()[1:]}.",
             "", "## Rates measured", "", self.rates_line() + ".", "", self.link_table(), "",
             "## Parallel terms: the performance model against the measurement", "",
             "Each prediction comes from `estimate.perf`'s own term functions with the link "
