@@ -268,16 +268,96 @@ def link_latency_s(acc: Accelerator) -> float:
     return float(acc.get("link_latency_us") or 0.0) * 1e-6
 
 
-def tp_comm_seconds(m_tokens: float, d_model: int, layers: float, tp: int, link: float,
-                    act_bytes: float, latency_s: float = 0.0) -> float:
-    """Tensor-parallel collectives of one micro-batch on one device, none of them hidden: 4
-    per layer (2 forward, 2 backward, Megatron: Shoeybi et al. 2019; with sequence
-    parallelism, Korthikanti et al. 2022, the same bytes), each of the micro-batch's
-    activations; a ring moves 2(tp-1)/tp of an all-reduced message over `link` bytes/s."""
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+# a collective's link: bytes per second one rank sends, and the latency (alpha) in seconds
+Link = tuple[float, float]
+
+
+def sent_bytes(op: str, nbytes: float, group: int) -> float:
+    """Bytes one rank of `group` sends for a collective on a message of `nbytes` (the
+    all-reduced tensor, the gathered output, the scattered input, the sent message): ring
+    algorithms (Patarasuk & Yuan 2009) send 2(g-1)/g of an all-reduced message, (g-1)/g of a
+    gathered or scattered one."""
+    share = {"all_reduce": 2 * (group - 1) / group, "all_gather": (group - 1) / group,
+             "reduce_scatter": (group - 1) / group, "send_recv": 1.0}
+    if op not in share:
+        raise ValueError(f"unknown collective {op!r}; valid: {', '.join(share)}")
+    return share[op] * nbytes
+
+
+def collective_seconds(op: str, nbytes: float, group: int, link: Link) -> float:
+    """One collective, alpha-beta (Hockney 1994): the link's latency, then the bytes this rank
+    sends at its bandwidth."""
+    bytes_per_s, latency_s = link
+    return latency_s + sent_bytes(op, nbytes, group) / bytes_per_s
+
+
+def collective_links(acc: Accelerator, link: float, latency_s: float) -> dict[str, Link]:
+    """Each collective's link on `acc`: the entry's `collective_links` ({op: [GB/s sent per
+    rank, latency us]}, what `calibrate --parallel` fits per collective on this machine), else
+    the scale-up `link` and `latency_s` for all."""
+    own = acc.get("collective_links") or {}
+    return {op: ((own[op][0] * BYTES_PER_GB, own[op][1] * 1e-6) if op in own
+                 else (link, latency_s)) for op in COLLECTIVES}
+
+
+def tp_collectives(m_tokens: float, d_model: int, layers: float, tp: int, act_bytes: float,
+                   sequence_parallel: bool = True, ends: float = 0.0,
+                   ) -> list[tuple[str, float, float]]:
+    """The tensor-parallel collectives of one micro-batch on one device, as (collective,
+    message bytes, count), the message being the micro-batch's activations [m_tokens, d].
+    Each layer's attention and MLP enter through f and leave through g (Megatron: Shoeybi et
+    al. 2019, sec. 3): f is an all-reduce backward, g one forward, 4 per layer; with sequence
+    parallelism (Korthikanti et al. 2022, sec. 4.2.2) f is an all-gather (its backward a
+    reduce-scatter) and g a reduce-scatter (its backward an all-gather), 8 per layer of the
+    same bytes in all, and each norm weight's gradient, a partial sum over this rank's tokens,
+    is all-reduced (fp32). `ends`: the share of the embedding and the loss this device runs
+    (1 without a pipeline): the vocabulary-parallel embedding leaves through g, the LM head's
+    input enters through f, the final norm's gradient (under sp), and the vocabulary-parallel
+    cross-entropy all-reduces three fp32 values per token (the max, the sum of exponentials,
+    the target's logit; Megatron-LM's vocab-parallel cross-entropy)."""
     if tp <= 1:
-        return 0.0
+        return []
     msg = m_tokens * d_model * act_bytes
-    return layers * 4 * (latency_s + 2 * (tp - 1) / tp * msg / link)
+    if sequence_parallel:
+        out = [("all_gather", msg, 4 * layers + 2 * ends),
+               ("reduce_scatter", msg, 4 * layers + 2 * ends),
+               ("all_reduce", 4.0 * d_model, 2 * layers + ends)]
+    else:
+        out = [("all_reduce", msg, 4 * layers + 2 * ends)]
+    return out + [("all_reduce", 4.0 * m_tokens, 3 * ends)]
+
+
+def collectives_seconds(collectives: list[tuple[str, float, float]], group: int,
+                        links: dict[str, Link]) -> float:
+    """(collective, message bytes, count) rows, each at its link's alpha-beta time."""
+    return sum(count * collective_seconds(op, nbytes, group, links[op])
+               for op, nbytes, count in collectives if count)
+
+
+def tp_comm_seconds(m_tokens: float, d_model: int, layers: float, tp: int,
+                    link: float | dict[str, Link], act_bytes: float, latency_s: float = 0.0,
+                    sequence_parallel: bool = True, ends: float = 0.0) -> float:
+    """Tensor-parallel collectives of one micro-batch on one device, none of them hidden
+    (`tp_collectives`), each at its link's alpha-beta time: `link` bytes/s with `latency_s`
+    for all, or each collective's own (`collective_links`)."""
+    links = link if isinstance(link, dict) else dict.fromkeys(COLLECTIVES, (link, latency_s))
+    return collectives_seconds(tp_collectives(m_tokens, d_model, layers, tp, act_bytes,
+                                              sequence_parallel, ends), tp, links)
+
+
+def tp_step_collectives(cfg: ModelConfig, seq_len: int, lay: Layout, act_bytes: float,
+                        sequence_parallel: bool = True) -> list[tuple[str, float, float]]:
+    """A step's tensor-parallel collectives on one device: `tp_collectives` of each of its
+    micro-batches (the embedding and the loss spread over the stages like the LM head's
+    GEMMs) and one all-reduce of the gradient norm (fp64) for clipping."""
+    if lay.tp <= 1:
+        return []
+    mb = lay.micro_batches(seq_len)
+    per_mb = tp_collectives(lay.micro_batch * seq_len / lay.cp, cfg.d_model,
+                            cfg.n_layer / lay.pp, lay.tp, act_bytes, sequence_parallel,
+                            ends=1 / lay.pp)
+    return [(op, nbytes, mb * count) for op, nbytes, count in per_mb] + [("all_reduce", 8.0, 1)]
 
 
 def dp_comm_seconds(local_params: float, dp_group: int, tp: int, node: int, net: float,
@@ -300,8 +380,15 @@ def dp_comm_seconds(local_params: float, dp_group: int, tp: int, node: int, net:
     ring = 2 * (nodes - 1) / nodes * local_params * grad_bytes / r if nodes > 1 else 0.0
     inside = 2 * (r - 1) / r * local_params * grad_bytes if r > 1 else 0.0
     sharded = 1.5 if zero == 3 else 1.0
-    calls = 3 * units if zero == 3 else -(-local_params * grad_bytes // DDP_BUCKET_BYTES)
+    calls = dp_collectives(local_params, grad_bytes, zero, units)
     return sharded * (ring / net + inside / link) + calls * latency_s
+
+
+def dp_collectives(local_params: float, grad_bytes: float, zero: int, units: int = 1) -> int:
+    """Data-parallel collectives of one step: DDP's gradient buckets (DDP_BUCKET_BYTES), or
+    under ZeRO-3 three per sharded unit (an all-gather forward, one backward, a
+    reduce-scatter)."""
+    return int(3 * units if zero == 3 else -(-local_params * grad_bytes // DDP_BUCKET_BYTES))
 
 
 def cp_ring_seconds(m_tokens: float, kv_width: float, layers: float, cp: int, link: float,
@@ -433,8 +520,10 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     # activations; a ring moves 2(tp-1)/tp of the message, over the scale-up links one way.
     scale_up = acc.get("interconnect_gbs")  # both directions; TPU v3 gives only its pod's
     link = (scale_up / 2 if scale_up else acc.network_gbs()) * BYTES_PER_GB * f["comm_efficiency"]
-    tp_comm = mb * tp_comm_seconds(m_tokens, cfg.d_model, L / pp, tp, link, act_bytes,
-                                   latency) * f["tp_exposed"]
+    # (tp_step_collectives: with sequence parallelism, the embedding and the loss, and the
+    # gradient norm; each collective over its own link where the entry has one)
+    tp_comm = collectives_seconds(tp_step_collectives(cfg, T, lay, act_bytes), tp,
+                                  collective_links(acc, link, latency)) * f["tp_exposed"]
 
     # Expert-parallel all-to-alls: dispatch and combine, forward and backward, k copies of each
     # token; the share bound for other nodes crosses the scale-out network, the share bound for
@@ -467,9 +556,13 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     if dp_group > 1:
         local = params / (tp * pp * (lay.ep if cfg.is_moe else 1))
         last = gemm / mb  # forward + backward GEMMs of one micro-batch
+        units = int(L / pp) + 1
         raw = dp_comm_seconds(local, dp_group, tp, node, net, link, act_bytes, lay.zero,
-                              latency, units=int(L / pp) + 1)
-        dp_comm = max(0.0, raw - last * f["dp_overlap"])
+                              latency, units=units)
+        # the last bucket (or unit) is ready only when the backward pass ends: at most
+        # (calls - 1) / calls of the traffic can hide (one bucket: none of it)
+        calls = dp_collectives(local, act_bytes, lay.zero, units)
+        dp_comm = raw - min(last * f["dp_overlap"], raw * (calls - 1) / calls)
 
     # Pipeline: activations to the next stage and their gradients back, per micro-batch; v
     # interleaved chunks per device cross v times as many stage boundaries (Narayanan et al.

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +41,7 @@ from estimate.calibrate.sweep import (
     cpu_info,
     load_sweep,
     plan,
+    run_calibration,
 )
 from estimate.throughput_fit import fit_step_time
 
@@ -96,20 +96,11 @@ def run_cli(sweep_path: str | Path, data: str, out: str | None, steps: int | Non
     from estimate.report import write_outputs
 
     sweep = load_sweep(sweep_path, steps=steps, nproc=nproc, repeats=repeats)
-    with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
-        runs_dir = Path(out) / "runs" if out else Path(tmp)
-        try:
-            cal = calibrate(sweep, data, runs_dir)
-        except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print()
-        print(cal.text())
-        if out:
-            plots = write_plots(cal, Path(out))
-            md, js = write_outputs(out, cal.markdown(plots, command), cal.record())
-            print(f"\nwrote {md}, {js}, " + ", ".join(str(Path(out) / p) for p in plots.values())
-                  + f"; run directories in {runs_dir}")
-        if publish_table:
-            print(f"published {publish(cal, command)}")
-    return 0
+
+    def write(cal: Calibration, out_dir: Path) -> str:
+        plots = write_plots(cal, out_dir)
+        md, js = write_outputs(out_dir, cal.markdown(plots, command), cal.record())
+        return ", ".join(str(p) for p in (md, js, *(out_dir / p for p in plots.values())))
+
+    return run_calibration(lambda runs_dir: calibrate(sweep, data, runs_dir), out, "calibrate-",
+                           write, (lambda cal: publish(cal, command)) if publish_table else None)

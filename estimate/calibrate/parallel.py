@@ -3,24 +3,30 @@ step time, checked on this machine.
 
 **Measured** (`python -m train.parallel.collectives_bench`, started as a command; the estimator
 never imports torch): the matmul rate (train.clock's 1024^3 peak, and every matmul shape the
-model runs, forward and backward), the memory bandwidth, causal attention, and on 2 gloo
-processes the collectives at several sizes, then each parallel term as it runs: data-parallel
-gradient all-reduce, FSDP all-gathers and reduce-scatters, the tensor-parallel all-reduces of
-a Megatron-sharded training step, the context-parallel exchange of keys and values, and the
-pipeline bubble of each schedule (train.parallel.bench_pp). Three training runs of this
-project's trainer (1 process, DDP and FSDP on 2) give their step times.
+model runs, forward and backward), the memory bandwidth, causal attention, the host seconds
+of one dispatched operation and the operations a step dispatches, and on 2 gloo processes
+the collectives at several sizes, then each parallel term as it runs: data-parallel gradient
+all-reduce, FSDP all-gathers and reduce-scatters, the context-parallel exchange of keys and
+values, and the pipeline bubble of each schedule (train.parallel.bench_pp: the share of a
+step each rank is blocked). Four training runs of this project's trainer (1 process; DDP,
+FSDP and tp=2 on 2) give their step times, and the tp=2 run the seconds of its
+tensor-parallel collectives and how many it issued per step (metrics.jsonl).
 
-**Link.** Each collective's time (the fastest of its repeats) is fitted as t = alpha + bytes / beta (Hockney's
-alpha-beta model), bytes being what one rank sends as the performance model counts it (a
-ring: 2(g-1)/g of an all-reduced message, (g-1)/g of a gathered or scattered one; a message
-for send/recv), least squares on relative error (`fit_link`).
+**Link.** Each collective's time (the median of its repeats) at each message size is fitted
+as t = alpha + bytes / beta (Hockney's alpha-beta model), bytes being what one rank sends as
+the performance model counts it (`perf.sent_bytes`: a ring sends 2(g-1)/g of an all-reduced
+message, (g-1)/g of a gathered or scattered one; a message for send/recv), least squares on
+relative error (`fit_link`). The fits are this machine's `collective_links`: perf charges
+each collective it counts (`perf.tp_step_collectives`, `dp_comm_seconds`, ...) at its own.
 
 **Predicted**, through the same functions `project` uses (`estimate.perf`): each term from
 the fitted link of the collective it runs (its latency included), and the step time of each
 layout by `perf.step_time` on a "local accelerator" (`local_accelerator`) whose matmul rate
 is the one measured at that layout's own matmul shapes, whose memory bandwidth, attention
-efficiency and links are the ones measured here, with nothing hidden that the run does not
-hide (`local_factors`: tensor-parallel collectives fully exposed, the stack efficiency 1).
+efficiency and collective links are the ones measured here, with nothing hidden that the run does not
+hide (`local_factors`: tensor-parallel collectives fully exposed, the share of compute a
+collective hides behind as measured, the stack efficiency 1). A collective a step enters
+straight from compute pays the measured arrival skew beside its isolated latency (`in_step`).
 Nothing is fitted to the step times being predicted.
 
 Verdicts: a term holds when its prediction is within REL_TOL of the measurement; a pipeline
@@ -40,7 +46,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +55,7 @@ from contracts.config import load_structured
 from contracts.dataset import META, read_dataset_meta
 from contracts.measured import DOCS, header
 from contracts.measured import publish as publish_table
+from contracts.run import RunDir, read_metrics, read_summary
 from estimate.assumptions import load_defaults
 from estimate.calibrate.sweep import (
     ROOT,
@@ -60,19 +66,24 @@ from estimate.calibrate.sweep import (
     cpu_info,
     cpu_seconds,
     others_cores,
+    run_calibration,
 )
 from estimate.hardware import Accelerator
 from estimate.perf import (
     ADAM_BYTES_PER_PARAM,
+    COLLECTIVES,
     Factor,
     Layout,
+    Link,
     bubble_fraction,
+    collectives_seconds,
     cp_ring_seconds,
     dp_comm_seconds,
     forward_gemms,
     load_factors,
+    sent_bytes,
     step_time,
-    tp_comm_seconds,
+    tp_step_collectives,
 )
 from estimate.report import md_table
 from model.config import ModelConfig, get_preset
@@ -85,7 +96,7 @@ WORLD = 2
 FORMAT = 1
 KIND = "parallel_calibration"
 TITLE = "Parallel terms and step time, predicted and measured"
-OPS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+OPS = COLLECTIVES
 # train.parallel.bench_pp's schedules as the performance model names them: (schedule, v)
 PP_SCHEDULES = {"gpipe": ("1f1b", 1), "1f1b": ("1f1b", 1), "interleaved": ("1f1b", 2),
                 "zero_bubble": ("zero-bubble", 1), "dualpipev": ("dualpipe", 1)}
@@ -137,16 +148,6 @@ def load_parallel_sweep(path: str | Path, steps: int | None = None,
 
 # --- the link -------------------------------------------------------------------------------
 
-def sent_bytes(op: str, nbytes: float, world: int = WORLD) -> float:
-    """Bytes one rank sends for a collective on a message of `nbytes` (ring algorithms,
-    Patarasuk & Yuan 2009, as estimate.perf counts them)."""
-    share = {"all_reduce": 2 * (world - 1) / world, "all_gather": (world - 1) / world,
-             "reduce_scatter": (world - 1) / world, "send_recv": 1.0}
-    if op not in share:
-        raise ValueError(f"unknown collective {op!r}; valid: {', '.join(share)}")
-    return share[op] * nbytes
-
-
 @dataclass(frozen=True)
 class LinkFit:
     """t = latency_s + bytes / bytes_per_s, fitted to the collectives `ops`."""
@@ -158,6 +159,11 @@ class LinkFit:
 
     def seconds(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bytes_per_s
+
+    @property
+    def link(self) -> Link:
+        """As estimate.perf takes a collective's link: (bytes/s sent per rank, latency s)."""
+        return self.bytes_per_s, self.latency_s
 
     def to_dict(self) -> dict:
         return {"ops": list(self.ops), "latency_s": self.latency_s,
@@ -187,9 +193,16 @@ def fit_link(points: list[tuple[float, float]], ops: tuple[str, ...] = ()) -> Li
     return dataclasses.replace(fit, residuals=tuple(t / fit.seconds(x) - 1 for x, t in points))
 
 
+def in_step(links: dict[str, LinkFit], skew_s: float) -> dict[str, LinkFit]:
+    """The links as a training step meets them: each collective entered straight from compute
+    pays the measured arrival skew (the harness's `arrival`: waiting for the later rank,
+    waking the transport) on top of its isolated latency."""
+    return {k: dataclasses.replace(f, latency_s=f.latency_s + skew_s) for k, f in links.items()}
+
+
 def link_points(collectives: dict, ops: tuple[str, ...]) -> list[tuple[float, float]]:
     """(bytes sent, median seconds) of the harness's `collectives` for `ops`."""
-    return [(sent_bytes(op, float(size)), float(t)) for op in ops
+    return [(sent_bytes(op, float(size), WORLD), float(t)) for op in ops
             for size, t in collectives[op].items()]
 
 
@@ -220,10 +233,13 @@ def attention_efficiency(cfg: ModelConfig, micro_batch: int, attention: dict,
 
 
 def local_accelerator(rate: float, memory_bytes_per_s: float, link: LinkFit,
-                      node: int = WORLD) -> Accelerator:
+                      node: int = WORLD, links: dict[str, LinkFit] | None = None) -> Accelerator:
     """This machine as a catalog entry: its measured fp32 matmul rate, memory bandwidth, link
-    (both directions = 2 x one way) and latency, `node` processes in one scale-up domain."""
-    return Accelerator("this machine (measured)", {
+    (both directions = 2 x one way) and latency, `node` processes in one scale-up domain, and
+    each collective's own fitted link (`links`, perf's `collective_links`)."""
+    own = {op: [f.bytes_per_s / 1e9, f.latency_s * 1e6] for op, f in (links or {}).items()
+           if op in COLLECTIVES}
+    return Accelerator("this machine (measured)", {"collective_links": own,
         "vendor": "local", "fp32_tflops": rate / 1e12, "memory_gb": None,
         "memory_bw_gbs": memory_bytes_per_s / 1e9,
         "interconnect_gbs": 2 * link.bytes_per_s / 1e9, "network_gbs": link.bytes_per_s / 1e9,
@@ -240,11 +256,13 @@ def elementwise_bytes_per_dim(bench: dict, d_model: int, act_bytes: float = 4.0)
     return per_token / d_model * 2 / act_bytes
 
 
-def local_factors(attention_eff: float, elementwise: float | None = None) -> dict[str, Factor]:
+def local_factors(attention_eff: float, elementwise: float | None = None,
+                  dp_overlap: float | None = None) -> dict[str, Factor]:
     """The performance model's factors for this machine: the measured rates stand for the
     achievable ones (ceiling, memory and link efficiencies 1), attention at its measured
     efficiency, the memory-bound bytes per dimension measured (`elementwise`; None: the
-    defaults' judgement), tensor-parallel collectives fully exposed (the harness's all-reduces
+    defaults' judgement), the share of compute a collective hides behind as measured
+    (`dp_overlap`; None: the defaults'), tensor-parallel collectives fully exposed (gloo's
     block the step), the stack efficiency 1 (nothing fitted); the rest at defaults.yaml's
     central values."""
     f = load_factors(load_defaults(), Factor("stack_efficiency", 1, 1, 1, "high", "local: 1"))
@@ -252,6 +270,8 @@ def local_factors(attention_eff: float, elementwise: float | None = None) -> dic
              "tp_exposed": 1.0, "attention_efficiency": attention_eff}
     if elementwise is not None:
         fixed["elementwise_bytes_per_dim"] = elementwise
+    if dp_overlap is not None:
+        fixed["dp_overlap"] = dp_overlap
     for key, value in fixed.items():
         f[key] = Factor(key, value, value, value, f[key].better, "measured by calibrate --parallel")
     return f
@@ -269,6 +289,7 @@ class TermCheck:
     tolerance: str
     holds: bool
     note: str = ""
+    counts: dict | None = None  # collectives per step: {"issued": the run's, "charged": perf's}
 
     @property
     def verdict(self) -> str:
@@ -278,10 +299,11 @@ class TermCheck:
         return dataclasses.asdict(self) | {"verdict": self.verdict}
 
 
-def relative_check(term: str, predicted: float, measured: float, note: str = "") -> TermCheck:
+def relative_check(term: str, predicted: float, measured: float, note: str = "",
+                   counts: dict | None = None) -> TermCheck:
     """Holds when |predicted / measured - 1| <= REL_TOL."""
     return TermCheck(term, predicted, measured, f"+-{REL_TOL:.0%}",
-                     abs(predicted / measured - 1) <= REL_TOL, note)
+                     abs(predicted / measured - 1) <= REL_TOL, note, counts)
 
 
 def bubble_checks(rows: list[dict], pp: int = WORLD) -> list[TermCheck]:
@@ -298,7 +320,10 @@ def bubble_checks(rows: list[dict], pp: int = WORLD) -> list[TermCheck]:
         predicted, measured = b / (1 + b), statistics.mean(r["bubble"])
         term = f"pipeline bubble, {name}, pp={pp} M={m} (share of step)"
         note = (f"perf schedule {schedule!r}" + (", v=2" if name == "interleaved" else "")
-                + "; ranks " + ", ".join(f"{x:.3f}" for x in r["bubble"]))
+                + "; blocked share of ranks " + ", ".join(f"{x:.3f}" for x in r["bubble"]))
+        if r.get("compute"):  # the formula assumes equal stages: the others wait for the slowest
+            note += ("; compute share of ranks " + ", ".join(f"{x:.3f}" for x in r["compute"])
+                     + f" (imbalance {max(r['compute']) - min(r['compute']):.3f})")
         if predicted > 0:
             out.append(relative_check(term, predicted, measured, note))
         elif m in one_f:
@@ -307,9 +332,22 @@ def bubble_checks(rows: list[dict], pp: int = WORLD) -> list[TermCheck]:
     return out
 
 
+@dataclass(frozen=True)
+class TrainerRun:
+    """What calibrate reads of one of the trainer's runs: the median step seconds after
+    warm-up, the cores other work used during it, and for a tp run the median seconds of its
+    tensor-parallel collectives per step and how many it issued per step (metrics.jsonl)."""
+
+    step_s: float
+    others_cores: float | None
+    tp_comm_s: float | None = None
+    tp_collectives: int | None = None
+
+
 def term_checks(bench: dict, cfg: ModelConfig, micro_batch: int, links: dict[str, LinkFit],
-                ) -> list[TermCheck]:
-    """Every communication term of `bench` beside perf's prediction from the fitted links."""
+                tp_run: TrainerRun) -> list[TermCheck]:
+    """Every communication term of `bench` (and the tensor-parallel one of the trainer's tp
+    run) beside perf's prediction from the fitted links."""
     params = float(count_params(cfg))
     tokens = micro_batch * cfg.seq_len
     ar, ag, rs = links["all_reduce"], links["all_gather"], links["reduce_scatter"]
@@ -327,7 +365,14 @@ def term_checks(bench: dict, cfg: ModelConfig, micro_batch: int, links: dict[str
         return cp_ring_seconds(tokens / WORLD, 2 * cfg.n_kv_head * cfg.head_dim, cfg.n_layer,
                                WORLD, link, 4.0, lat)
 
-    tp = bench["tp"]
+    tp_lay = Layout(tp=WORLD, micro_batch=micro_batch, global_batch_tokens=tokens)
+    tp_rows = tp_step_collectives(cfg, cfg.seq_len, tp_lay, 4.0)
+    charged = sum(count for _, _, count in tp_rows)
+    skew = bench.get("arrival", {}).get("skew_s", 0.0)
+
+    def tp_seconds(with_skew: bool) -> float:
+        step = in_step(links, skew if with_skew else 0.0)
+        return collectives_seconds(tp_rows, WORLD, {op: f.link for op, f in step.items()})
     checks = [
         relative_check(
             "data-parallel gradient all-reduce (DDP buckets), 2 ranks",
@@ -343,14 +388,17 @@ def term_checks(bench: dict, cfg: ModelConfig, micro_batch: int, links: dict[str
             f"all-reduce and {3 * (cfg.n_layer + 1)} latencies; 2/3 over the all-gather's link, "
             "1/3 over the reduce-scatter's"),
         relative_check(
-            "tensor-parallel all-reduces of a training step, tp=2",
-            tp_comm_seconds(tokens, cfg.d_model, cfg.n_layer, WORLD, ar.bytes_per_s, 4.0,
-                            ar.latency_s), tp["transfer_s"],
-            f"{tp['collectives']} all-reduces measured, {4 * cfg.n_layer} charged; measured "
-            "with a barrier before each (the transfer alone); as the step runs, without "
-            f"barriers, they take {tp['comm_s'] * 1e3:.1f} ms, the rest of it waiting for the "
-            f"slower rank ({tp['wait_s'] * 1e3:.1f} ms at the barriers): load imbalance, "
-            "which the performance model leaves to its stack efficiency"),
+            "tensor-parallel collectives of a training step, tp=2 (the trainer)",
+            tp_seconds(True), tp_run.tp_comm_s,
+            f"python -m train parallel.tp=2 (sequence parallel): tp_comm_s, the median step's "
+            f"seconds inside its collectives; {tp_run.tp_collectives} issued per step, "
+            f"{charged:g} charged by perf.tp_step_collectives ("
+            + ", ".join(f"{count:g} x {op} of {nbytes / 1e3:,.1f} KB"
+                        for op, nbytes, count in tp_rows) + "), each over its own fitted link "
+            f"with the arrival skew measured here ({skew * 1e6:,.0f} us) added to its latency "
+            f"(without it: {tp_seconds(False) * 1e3:.2f} ms); the measure includes the wait for "
+            "the slower rank inside each collective",
+            {"issued": tp_run.tp_collectives, "charged": charged}),
         relative_check(
             "context-parallel exchange of keys and values, cp=2",
             gathers_and_scatters(cp), bench["cp"]["seconds"],
@@ -413,7 +461,8 @@ def host_ops(bench: dict, lay: Layout, seq_len: int, optimizer: bool = True) -> 
 
 
 def predict_step(cfg: ModelConfig, lay: Layout, bench: dict, link: LinkFit,
-                 optimizer: bool = True, measured_elementwise: bool = True) -> tuple[float, dict]:
+                 optimizer: bool = True, measured_elementwise: bool = True,
+                 links: dict[str, LinkFit] | None = None) -> tuple[float, dict]:
     """perf.step_time of `cfg` laid out as `lay` (fp32, no recomputation) on this machine, plus
     the host time of dispatching the step's operations (`host_ops` x the measured seconds per
     operation): the per-operation overhead `project` leaves to the stack efficiency, which on
@@ -422,11 +471,12 @@ def predict_step(cfg: ModelConfig, lay: Layout, bench: dict, link: LinkFit,
     (`elementwise_bytes_per_dim`), else at the stream bandwidth with defaults.yaml's bytes."""
     m_tokens = lay.micro_batch * cfg.seq_len / lay.cp
     rate = layout_gemm_rate(cfg, m_tokens, lay, bench["gemms"])
-    acc = local_accelerator(rate, bench["memory_bytes_per_s"], link)
+    acc = local_accelerator(rate, bench["memory_bytes_per_s"], link, links=links)
     eff = attention_efficiency(cfg, lay.micro_batch, bench["attention"], rate)
     elem = elementwise_bytes_per_dim(bench, cfg.d_model) if measured_elementwise else None
     st = step_time(cfg, cfg.seq_len, acc, lay.devices, lay, "fp32", "none",
-                   local_factors(eff, elem), peak_flops=rate)
+                   local_factors(eff, elem, bench.get("overlap", {}).get("share")),
+                   peak_flops=rate)
     parts = {k: getattr(st, k) for k in ("gemm", "attention", "memory", "tp_comm", "dp_comm",
                                          "pp_comm", "bubble")}
     # bench_pp's measured step time holds no optimizer step: neither does its prediction
@@ -498,9 +548,16 @@ class ParallelCalibration:
     wall_s: float
 
     def link_table(self) -> str:
+        col = self.bench["collectives"]
+
+        def inputs(ops: tuple[str, ...]) -> str:
+            return "; ".join(f"{_size(int(b))} {t * 1e3:.3g}" for op in ops
+                             for b, t in col[op].items())
         rows = [[name, ", ".join(f.ops), f"{f.latency_s * 1e6:,.0f}", f"{f.bytes_per_s / 1e9:.2f}",
+                 inputs(f.ops) if len(f.ops) == 1 else "(the two above)",
                  " ".join(f"{r:+.0%}" for r in f.residuals)] for name, f in self.links.items()]
-        return md_table(["link fit", "collectives", "latency us", "GB/s sent per rank",
+        return md_table(["link fit", "collectives", "alpha: latency us",
+                         "beta: GB/s sent per rank", "measured: message ms (median)",
                          "residuals (measured/fit - 1)"], rows)
 
     def terms_table(self) -> str:
@@ -527,14 +584,36 @@ class ParallelCalibration:
         return (f"matmul 1024^3 peak {b['matmul_peak_flops'] / 1e9:.1f} GFLOP/s per process (1 "
                 f"thread); at the model's shapes {self.steps[0].parts['gemm_rate_flops'] / 1e9:.1f}"
                 f" GFLOP/s (1 process); memory {b['memory_bytes_per_s'] / 1e9:.1f} GB/s (c = a + b); "
-                f"attention at {self.steps[0].parts['attention_efficiency']:.0%} of the matmul rate")
+                f"attention at {self.steps[0].parts['attention_efficiency']:.0%} of the matmul rate"
+                f"; host dispatch {b['dispatch_s_per_op'] * 1e6:.1f} us per operation (a chain of "
+                f"tiny ops), x {sum(b['ops_per_step'].values())} operations per step (train.opcount)"
+                + (f"; a collective beside compute hides behind {o['share']:.0%} of it (all-reduce "
+                   f"{o['comm_s'] * 1e3:.1f} ms, matmuls {o['compute_s'] * 1e3:.1f} ms, both "
+                   f"{o['both_s'] * 1e3:.1f} ms: perf's dp_overlap)" if (o := b.get("overlap"))
+                   else "")
+                + (f"; a {a['bytes'] / 1e3:g} KB all-reduce entered from compute takes "
+                   f"{a['in_step_s'] * 1e6:,.0f} us, entered together {a['isolated_s'] * 1e6:,.0f} us: "
+                   f"each collective of a step pays {a['skew_s'] * 1e6:,.0f} us more (arrival skew)"
+                   if (a := b.get("arrival")) else ""))
+
+    def load_line(self) -> str:
+        """How shared the machine was: the cores other work used during the harness (its
+        collectives and terms) and during the trainer runs."""
+        others = self.bench.get("others_cores")
+        if others is None:
+            return "other work on the machine: not measured (no /proc/stat)"
+        runs = [round((s.share - 1) * 100) for s in self.steps if s.how.startswith("python -m train")]
+        return (f"shared machine: other work used {others:.2f} of its "
+                f"{self.machine['logical_cores']} cores during the harness (every timing there is "
+                "a median of its repeats); the trainer runs' stretch for it is in the step table "
+                f"(x share: up to +{max(runs, default=0)}%)")
 
     def text(self) -> str:
         m = self.machine
         return "\n".join([
             f"parallel calibration on {m['cpu']} ({m['logical_cores']} logical cores, torch "
             f"{m['torch']}), gloo, {WORLD} processes x 1 thread, {self.wall_s / 60:.1f} min",
-            self.rates_line(), "", self.link_table(), "", self.terms_table(), "",
+            self.load_line(), self.rates_line(), "", self.link_table(), "", self.terms_table(), "",
             self.steps_table()])
 
     def markdown(self, command: str | None = None) -> str:
@@ -544,7 +623,8 @@ class ParallelCalibration:
             f"Machine: {self.machine['cpu']}, {self.machine['logical_cores']} logical cores; "
             f"gloo between {WORLD} local processes of 1 thread; {self.wall_s / 60:.1f} min. "
             f"Model preset `{s.model['preset']}` L{s.n_layer} d{s.d_model}, {s.micro_batch_size} x "
-            f"{s.seq_len} tokens per micro-batch, fp32. Method: estimate/calibrate/parallel.py.",
+            f"{s.seq_len} tokens per micro-batch, fp32. Method: estimate/calibrate/parallel.py. "
+            f"{self.load_line()[0].upper()}{self.load_line()[1:]}.",
             "", "## Rates measured", "", self.rates_line() + ".", "", self.link_table(), "",
             "## Parallel terms: the performance model against the measurement", "",
             "Each prediction comes from `estimate.perf`'s own term functions with the link "
@@ -561,27 +641,43 @@ class ParallelCalibration:
                 "steps": [x.to_dict() for x in self.steps], "harness": self.bench}
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:g} MB" if nbytes >= 2**20 else f"{nbytes / 2**10:g} KB"
+
+
 def _fmt(value: float, term: str) -> str:
     return f"{value:.3f}" if "bubble" in term else f"{value * 1e3:,.2f} ms"
 
 
 def trainer_runs(s: ParallelSweep, data_dir: Path, runs_dir: Path, vocab: int,
-                 log: Callable[[str], None]) -> dict[str, tuple[float, float | None]]:
-    """1 process, DDP and FSDP on WORLD processes of this project's trainer: (median step_s,
-    cores other work used during the run)."""
+                 log: Callable[[str], None]) -> dict[str, TrainerRun]:
+    """1 process, and on WORLD processes DDP, FSDP and tensor parallel (tp=WORLD) of this
+    project's trainer."""
     sweep = Sweep(train_config=s.train_config, model=s.model, seq_len=s.seq_len,
                   micro_batch_size=s.micro_batch_size, steps=s.steps,
                   warmup_steps_excluded=s.warmup_steps_excluded)
-    shape = Shape(s.n_layer, s.d_model)
-    specs = {"1 process": RunSpec("step", shape, s.seq_len, s.micro_batch_size),
-             "DDP, 2 processes": RunSpec("step", shape, s.seq_len, s.micro_batch_size, nproc=WORLD),
-             "FSDP, 2 processes": RunSpec("step", shape, s.seq_len, s.micro_batch_size,
-                                          nproc=WORLD, fsdp=True)}
+    shape, T, mb = Shape(s.n_layer, s.d_model), s.seq_len, s.micro_batch_size
+    specs = {"1 process": RunSpec("step", shape, T, mb),
+             "DDP, 2 processes": RunSpec("step", shape, T, mb, nproc=WORLD),
+             "FSDP, 2 processes": RunSpec("step", shape, T, mb, nproc=WORLD, fsdp=True),
+             "tp=2": RunSpec("step", shape, T, mb, nproc=WORLD, tp=WORLD)}
     runner = Runner(sweep, data_dir, runs_dir, vocab, total=len(specs), log=log)
     out = {}
     for name, spec in specs.items():
         x = runner.run(spec, 0)
-        out[name] = (x.step_s, x.others_cores_rounds[-1] if x.others_cores_rounds else None)
+        others = x.others_cores_rounds[-1] if x.others_cores_rounds else None
+        tp_s = issued = None
+        if spec.tp > 1:
+            run_dir = Path(x.run_dirs[-1])
+            tp_s = float(read_summary(run_dir).raw["tp_comm_s"]["median"])
+            records, _ = read_metrics(RunDir(run_dir).metrics)
+            counts = {r["tp_collectives"] for r in records
+                      if "tp_collectives" in r and r.get("step", 0) > s.warmup_steps_excluded}
+            if len(counts) != 1:
+                raise RuntimeError(f"{run_dir}: tp_collectives per step {sorted(counts)}: "
+                                   "expected one count for every steady step")
+            issued = counts.pop()
+        out[name] = TrainerRun(x.step_s, others, tp_s, issued)
     return out
 
 
@@ -600,41 +696,40 @@ def calibrate_parallel(s: ParallelSweep, data_dir: str | Path, runs_dir: str | P
     started = time.monotonic()
     log("measuring rates, collectives and parallel terms (train.parallel.collectives_bench)")
     bench = run_harness(harness_spec(s, cfg, pp_cfg), runs_dir)
-    log("running the trainer: 1 process, DDP and FSDP on 2 processes")
+    log("running the trainer: 1 process; DDP, FSDP and tp=2 on 2 processes")
     measured = trainer_runs(s, data_dir, runs_dir, vocab, log)
     col = bench["collectives"]
     links = {op: fit_link(link_points(col, (op,)), (op,)) for op in OPS}
     links["fsdp"] = fit_link(link_points(col, ("all_gather", "reduce_scatter")),
                              ("all_gather", "reduce_scatter"))
-    terms = term_checks(bench, cfg, s.micro_batch_size, links)
+    terms = term_checks(bench, cfg, s.micro_batch_size, links, measured["tp=2"])
     mb, T = s.micro_batch_size, s.seq_len
     cores = cpu_info()["logical_cores"]
     harness_share = machine_share(WORLD, cores, bench.get("others_cores"))
     steps = []
 
-    def both(c: ModelConfig, lay: Layout, link: LinkFit, optimizer: bool = True):
-        pred, parts = predict_step(c, lay, bench, link, optimizer)
-        default, _ = predict_step(c, lay, bench, link, optimizer, measured_elementwise=False)
+    # a step enters its collectives from compute: each pays the arrival skew
+    step_links = in_step(links, bench.get("arrival", {}).get("skew_s", 0.0))
+
+    def both(c: ModelConfig, lay: Layout, link: str, optimizer: bool = True):
+        link_fit = step_links[link]
+        pred, parts = predict_step(c, lay, bench, link_fit, optimizer, links=step_links)
+        default, _ = predict_step(c, lay, bench, link_fit, optimizer, measured_elementwise=False,
+                                  links=step_links)
         return pred, parts, default
 
     for name, lay, link in (
-            ("1 process", Layout(micro_batch=mb, global_batch_tokens=mb * T), links["all_reduce"]),
+            ("1 process", Layout(micro_batch=mb, global_batch_tokens=mb * T), "all_reduce"),
             ("DDP, 2 processes", Layout(dp=WORLD, micro_batch=mb, global_batch_tokens=WORLD * mb * T,
-                                        zero=0), links["all_reduce"]),
+                                        zero=0), "all_reduce"),
             ("FSDP, 2 processes", Layout(dp=WORLD, micro_batch=mb,
-                                         global_batch_tokens=WORLD * mb * T, zero=3), links["fsdp"])):
+                                         global_batch_tokens=WORLD * mb * T, zero=3), "fsdp"),
+            ("tp=2", Layout(tp=WORLD, micro_batch=mb, global_batch_tokens=mb * T), "all_reduce")):
         pred, parts, default = both(cfg, lay, link)
-        step_s, others = measured[name]
+        run = measured[name]
         steps.append(StepCheck(name, "python -m train (summary.json median step_s)", pred,
-                               step_s, parts, predicted_default_s=default,
-                               share=machine_share(lay.devices, cores, others)))
-    pred, parts, default = both(cfg, Layout(tp=WORLD, micro_batch=mb, global_batch_tokens=mb * T),
-                                links["all_reduce"])
-    steps.append(StepCheck("tp=2", "collectives_bench's Megatron-sharded step", pred,
-                           bench["tp"]["step_s"], parts,
-                           "the harness replicates the embedding, norms and LM head (no sequence "
-                           "or vocabulary parallelism); perf splits them by tp",
-                           predicted_default_s=default, share=harness_share))
+                               run.step_s, parts, predicted_default_s=default,
+                               share=machine_share(lay.devices, cores, run.others_cores)))
     pp_cfg = ModelConfig(**{k: v for k, v in bench["pp"]["model"].items() if k != "notes"})
     for row in bench["pp"]["rows"]:
         if row["schedule"] != "1f1b":
@@ -642,7 +737,7 @@ def calibrate_parallel(s: ParallelSweep, data_dir: str | Path, runs_dir: str | P
         M, pmb = row["microbatches"], s.pp_micro_batch
         pred, parts, default = both(pp_cfg, Layout(pp=WORLD, micro_batch=pmb,
                                                    global_batch_tokens=M * pmb * T),
-                                    links["send_recv"], optimizer=False)
+                                    "send_recv", optimizer=False)
         steps.append(StepCheck(f"pp=2 1f1b M={M}", "bench_pp's measure (forward + backward)",
                                pred, max(row["step_s"]), parts,
                                "bench_pp times forward and backward without an optimizer step; "
@@ -659,21 +754,13 @@ def run_parallel_cli(sweep_path: str | Path, data: str, out: str | None, steps: 
     from estimate.report import write_outputs
 
     sweep = load_parallel_sweep(sweep_path, steps=steps, repeats=repeats)
-    with tempfile.TemporaryDirectory(prefix="calibrate-parallel-") as tmp:
-        runs_dir = Path(out) / "runs" if out else Path(tmp)
-        try:
-            cal = calibrate_parallel(sweep, data, runs_dir)
-        except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print()
-        print(cal.text())
-        if out:
-            md, js = write_outputs(out, cal.markdown(command), cal.record())
-            print(f"\nwrote {md}, {js}")
-        if publish:
-            print(f"published {publish_parallel(cal, command)}")
-    return 0
+
+    def write(cal: ParallelCalibration, out_dir: Path) -> str:
+        return ", ".join(map(str, write_outputs(out_dir, cal.markdown(command), cal.record())))
+
+    return run_calibration(lambda runs_dir: calibrate_parallel(sweep, data, runs_dir), out,
+                           "calibrate-parallel-", write,
+                           (lambda cal: publish_parallel(cal, command)) if publish else None)
 
 
 def publish_parallel(cal: ParallelCalibration, command: str | None = None,

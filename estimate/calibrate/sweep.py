@@ -9,6 +9,8 @@ import os
 import platform
 import resource
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,13 +106,15 @@ class RunSpec:
     nproc: int = 1
     threads: int = 1
     fsdp: bool = False  # train's fsdp (FSDP2 over the nproc processes)
+    tp: int = 1  # train's parallel.tp (tensor parallel over tp of the nproc processes)
 
     @property
     def name(self) -> str:
         prec = precision(self.precision).catalog
         ckpt = "" if self.recompute == "none" else f"_ckpt-{self.recompute}"
         return (f"L{self.shape.n_layer}_d{self.shape.d_model}_T{self.seq_len}_{prec}{ckpt}"
-                f"_{self.nproc}x{self.threads}" + ("_fsdp" if self.fsdp else ""))
+                f"_{self.nproc}x{self.threads}" + ("_fsdp" if self.fsdp else "")
+                + (f"_tp{self.tp}" if self.tp > 1 else ""))
 
     @property
     def label(self) -> str:
@@ -123,6 +127,8 @@ class RunSpec:
             parts.append(f"{self.nproc} proc x {self.threads} thr")
         if self.fsdp:
             parts.append("FSDP")
+        if self.tp > 1:
+            parts.append(f"tp={self.tp}")
         return " ".join(parts)
 
     @property
@@ -140,8 +146,9 @@ class RunSpec:
                           d_model=self.shape.d_model, seq_len=self.seq_len, vocab_size=vocab_size)
 
     def tokens_per_step(self) -> int:
-        """Tokens of all processes per optimizer step (one micro-batch per process)."""
-        return self.nproc * self.micro_batch_size * self.seq_len
+        """Tokens of all processes per optimizer step (one micro-batch per data-parallel
+        rank: the tp ranks of a group share theirs)."""
+        return self.nproc // self.tp * self.micro_batch_size * self.seq_len
 
     def hardware_flops_per_step(self, sweep: Sweep, vocab_size: int) -> float:
         """FLOPs one process executes per step, by arithmetic (before running)."""
@@ -157,11 +164,12 @@ class RunSpec:
             f"model.n_layer={self.shape.n_layer}", f"model.d_model={self.shape.d_model}",
             f"model.seq_len={self.seq_len}", "seq_len=0",
             f"micro_batch_size={self.micro_batch_size}",
-            f"batch_size={self.micro_batch_size * self.nproc}",
+            f"batch_size={self.micro_batch_size * self.nproc // self.tp}",
             f"steps={sweep.steps}", f"eval_every={sweep.steps}",
             f"warmup_steps_excluded={sweep.warmup_steps_excluded}",
             f"threads_per_process={self.threads}", f"mixed_precision='{self.precision}'",
             f"activation_checkpointing={self.recompute}", "compile=false", f"fsdp={str(self.fsdp).lower()}",
+            *([f"parallel.tp={self.tp}"] if self.tp > 1 else []),
         ]
 
 
@@ -344,3 +352,26 @@ class Runner:
                  f"{summary.step_s['median'] * 1e3:8.1f} ms/step "
                  f"{summary.tokens_per_s_median:9,.0f} tok/s  ({wall:.0f} s{busy})")
         return x
+
+
+def run_calibration(measure: Callable[[Path], Any], out: str | None, prefix: str,
+                    write: Callable[[Any, Path], str],
+                    publish: Callable[[Any], Path] | None = None) -> int:
+    """What both calibrate commands do around their measurement: run `measure(runs_dir)` with
+    the run directories in OUT/runs (or a temporary directory, removed after), print its
+    `text()`, with `out` write its report files (`write(cal, out)` says which), with `publish`
+    publish its table. A failed run (RuntimeError) is one line on stderr and exit status 1."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        runs_dir = Path(out) / "runs" if out else Path(tmp)
+        try:
+            cal = measure(runs_dir)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print()
+        print(cal.text())
+        if out:
+            print(f"\nwrote {write(cal, Path(out))}; run directories in {runs_dir}")
+        if publish:
+            print(f"published {publish(cal)}")
+    return 0

@@ -11,6 +11,7 @@ from estimate.calibrate.parallel import (
     ParallelCalibration,
     StepCheck,
     TermCheck,
+    TrainerRun,
     attention_efficiency,
     bubble_checks,
     elementwise_bytes_per_dim,
@@ -29,11 +30,18 @@ from estimate.calibrate.parallel import (
     publish_parallel,
     read_checked_terms,
     relative_check,
-    sent_bytes,
     term_checks,
 )
 from estimate.hardware import load_catalog
-from estimate.perf import Layout, bubble_fraction, forward_gemms, step_time, tp_comm_seconds
+from estimate.perf import (
+    Layout,
+    bubble_fraction,
+    forward_gemms,
+    sent_bytes,
+    step_time,
+    tp_collectives,
+    tp_comm_seconds,
+)
 from model.flops import count_params
 from tests.utils import run_cmd
 
@@ -63,9 +71,9 @@ def test_sent_bytes_are_the_ring_shares_perf_counts():
     assert sent_bytes("all_reduce", 1000, 4) == 1500
     assert sent_bytes("all_gather", 1000, 2) == 500
     assert sent_bytes("reduce_scatter", 1000, 4) == 750
-    assert sent_bytes("send_recv", 1000) == 1000
+    assert sent_bytes("send_recv", 1000, 2) == 1000
     with pytest.raises(ValueError, match="unknown collective"):
-        sent_bytes("all_to_all", 1000)
+        sent_bytes("all_to_all", 1000, 2)
 
 
 def test_relative_check_and_bubble_verdicts():
@@ -89,6 +97,30 @@ def test_relative_check_and_bubble_verdicts():
     assert not checks["zero_bubble"].holds
 
 
+def test_tp_collectives_count_and_bytes():
+    """perf.tp_collectives: sequence parallelism turns each all-reduce into an all-gather and a
+    reduce-scatter (twice the calls, the same bytes sent); the count grows by 8 per layer
+    (+2 norm gradients) with it, by 4 per layer without; the ends (embedding, head input,
+    cross-entropy) are there only for the device that runs them."""
+    def sent(rows, g=2):
+        return sum(c * sent_bytes(op, b, g) for op, b, c in rows)
+
+    def calls(rows):
+        return sum(c for _, _, c in rows)
+
+    m, d = 1024, 256
+    sp, plain = tp_collectives(m, d, 4, 2, 4.0), tp_collectives(m, d, 4, 2, 4.0, False)
+    norms = 2 * 4 * 4.0 * d  # all-reduced (sent once at g = 2) fp32 norm gradients under sp
+    assert sent(sp) == pytest.approx(sent(plain) + norms)
+    assert calls(sp) == 8 * 4 + 2 * 4 and calls(plain) == 4 * 4
+    assert calls(tp_collectives(m, d, 5, 2, 4.0)) - calls(sp) == 10
+    ends = tp_collectives(m, d, 4, 2, 4.0, ends=1)
+    assert calls(ends) - calls(sp) == 2 + 2 + 1 + 3
+    assert tp_collectives(m, d, 4, 1, 4.0) == []
+    by_group = [sent(tp_collectives(m, d, 4, g, 4.0), g) for g in (2, 4, 8)]
+    assert by_group == sorted(by_group)  # more ranks: a larger share of each message sent
+
+
 def test_perf_terms_are_what_step_time_charges():
     """The functions calibrate checks are the ones the projection sums: step_time's
     tensor-parallel term is tp_comm_seconds per micro-batch, and a measured link latency
@@ -99,11 +131,16 @@ def test_perf_terms_are_what_step_time_charges():
     acc = local_accelerator(50e9, 20e9, link)
     f = local_factors(0.2)
     st = step_time(cfg, cfg.seq_len, acc, 2, lay, "fp32", "none", f, peak_flops=50e9)
-    per_mb = tp_comm_seconds(8 * cfg.seq_len, cfg.d_model, cfg.n_layer, 2, 1e9, 4.0)
-    assert st.tp_comm == pytest.approx(2 * per_mb)  # two micro-batches, fully exposed
+    per_mb = tp_comm_seconds(8 * cfg.seq_len, cfg.d_model, cfg.n_layer, 2, 1e9, 4.0, ends=1)
+    norm = 8 / 1e9  # the gradient norm's all-reduce, once per step
+    assert st.tp_comm == pytest.approx(2 * per_mb + norm)  # two micro-batches, fully exposed
     slow = local_accelerator(50e9, 20e9, LinkFit(("all_reduce",), 1e-3, 1e9, ()))
     st2 = step_time(cfg, cfg.seq_len, slow, 2, lay, "fp32", "none", f, peak_flops=50e9)
-    assert st2.tp_comm - st.tp_comm == pytest.approx(2 * 4 * cfg.n_layer * 1e-3)
+    # under sequence parallelism, per micro-batch: 8 per layer, 4 for the embedding and the
+    # LM head's input, a norm gradient per layer norm (2 per layer and the final one), 3 of the
+    # cross-entropy; and the gradient norm
+    calls = 2 * (8 * cfg.n_layer + 4 + 2 * cfg.n_layer + 1 + 3) + 1
+    assert st2.tp_comm - st.tp_comm == pytest.approx(calls * 1e-3)
     # catalog accelerators have no latency: the projection is unchanged by it
     assert not any("link_latency_us" in e for e in load_catalog().values())
 
@@ -121,8 +158,6 @@ def _synthetic_bench(cfg, pp_cfg, sweep, rate=40e9):
             "fsdp": {"all_gather_s": 5e-3, "reduce_scatter_s": 3e-3, "all_gathers": 9,
                      "reduce_scatters": 5},
             "cp": {"seconds": 4e-3, "chunk_bytes": 1, "collectives": 12},
-            "tp": {"step_s": 0.2, "comm_s": 0.01, "transfer_s": 0.008, "wait_s": 0.002,
-                   "collectives": 16},
             "elementwise": {"s_per_token_layer": 1e-6},
             "pp": {"model": vars(pp_cfg), "rows": [
                 {"schedule": "1f1b", "microbatches": 4, "bubble": [0.2, 0.2],
@@ -226,11 +261,19 @@ def test_parallel_calibration_end_to_end(tiny_data, tmp_path):
                  "bubble, 1f1b", "bubble, zero_bubble"):
         assert any(word in t for t in terms), (word, terms)
     assert all(t["predicted_s"] >= 0 and t["measured_s"] > 0 for t in r["terms"])
+    # the performance model counts the collectives the trainer's tp=2 step issues
+    counts = [t["counts"] for t in r["terms"] if t["term"].startswith("tensor-parallel")][0]
+    assert counts["issued"] == counts["charged"] > 0, counts
     layouts = [s["layout"] for s in r["steps"]]
     assert layouts == ["1 process", "DDP, 2 processes", "FSDP, 2 processes", "tp=2",
                        "pp=2 1f1b M=4"]
     assert all(s["predicted_s"] > 0 and s["measured_s"] > 0 for s in r["steps"])
     assert set(r["links"]) >= set(OPS)
+    for op in OPS:  # measured here: a 256x larger message takes longer; the fit has a latency
+        # (>= 0) and a bandwidth (> 0), so its time grows with the message
+        times = {int(b): t for b, t in r["harness"]["collectives"][op].items()}
+        assert times[max(times)] > times[min(times)], (op, times)
+        assert r["links"][op]["latency_s"] >= 0 and r["links"][op]["bytes_per_s"] > 0
     assert "## Step time" in (out / "report.md").read_text()
     proj = run_cmd([sys.executable, "-m", "estimate", "project", "--params", "1B", "--tokens",
                     "1B", "--accelerator", "H100-SXM5-80GB", "--count", "8",
@@ -247,7 +290,7 @@ def test_term_checks_predict_from_each_collectives_own_link():
     bench = _synthetic_bench(cfg, pp_cfg, sweep)
     lines = {"all_reduce": (1e-4, 2e9), "all_gather": (2e-4, 1e9), "reduce_scatter": (3e-4, 5e8),
              "send_recv": (5e-5, 3e9)}
-    bench["collectives"] = {op: {str(b): a + sent_bytes(op, b) / beta for b in sweep.sizes_bytes}
+    bench["collectives"] = {op: {str(b): a + sent_bytes(op, b, 2) / beta for b in sweep.sizes_bytes}
                             for op, (a, beta) in lines.items()}
     links = {op: fit_link(link_points(bench["collectives"], (op,)), (op,)) for op in OPS}
     assert links["reduce_scatter"].bytes_per_s == pytest.approx(5e8)
@@ -259,11 +302,23 @@ def test_term_checks_predict_from_each_collectives_own_link():
         1.5 * grads / 5e8 + 3 * units * 3e-4)
     bench["fsdp"]["all_gather_s"], bench["fsdp"]["reduce_scatter_s"] = fsdp * 1.4, 0.0
     checks = {c.term.split(" ")[0]: c for c in term_checks(bench, cfg, sweep.micro_batch_size,
-                                                           links)}
+                                                           links, TrainerRun(0.1, 0.0, 0.02, 1))}
     assert checks["data-parallel"].predicted_s == pytest.approx(bench["dp_allreduce_s"])
     assert checks["data-parallel"].holds
     assert checks["FSDP"].predicted_s == pytest.approx(fsdp)
     assert not checks["FSDP"].holds
+    # tensor parallel (sequence parallel), each collective over its own line: per layer 4
+    # all-gathers and 4 reduce-scatters of the activations (half of each sent) and 2 norm
+    # gradients; the embedding and the head's input 2 more of each, the final norm, 3
+    # cross-entropy all-reduces of a value per token, the gradient norm
+    L, d, m = cfg.n_layer, cfg.d_model, sweep.micro_batch_size * cfg.seq_len
+    msg = m * d * 4.0
+    (a_ar, b_ar), (a_ag, b_ag), (a_rs, b_rs) = (lines[k] for k in ("all_reduce", "all_gather",
+                                                                   "reduce_scatter"))
+    tp = ((4 * L + 2) * (a_ag + msg / 2 / b_ag + a_rs + msg / 2 / b_rs)
+          + (2 * L + 1) * (a_ar + 4 * d / b_ar) + 3 * (a_ar + 4 * m / b_ar) + a_ar + 8 / b_ar)
+    assert checks["tensor-parallel"].predicted_s == pytest.approx(tp)
+    assert f"1 issued per step, {10 * L + 9} charged" in checks["tensor-parallel"].note
 
 
 def test_machine_share_stretches_only_runs_that_lacked_cores():

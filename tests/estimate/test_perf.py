@@ -56,8 +56,14 @@ def test_bubble_and_tensor_parallel_terms():
     compute = st.gemm + st.recompute + st.attention + st.memory + st.tp_comm
     assert st.bubble == pytest.approx(compute * 3 / 32)  # (pp - 1) / (m v)
     link = 600 / 2 * 1e9 * f["comm_efficiency"].central
-    per_layer = 4 * 2 * 7 / 8 * 4096 * 8192 * 2 / link  # 4 collectives, ring 2(tp-1)/tp
-    assert st.tp_comm == pytest.approx(m * 80 / 4 * per_layer)
+    msg = 4096 * 8192 * 2
+    per_layer = 4 * 2 * 7 / 8 * msg / link  # 4 collectives, ring 2(tp-1)/tp
+    norms = 2 * 2 * 7 / 8 * 8192 * 4 / link  # each layer's 2 norm weights' fp32 gradients (sp)
+    # the embedding and the LM head's input (f and g: half a layer's bytes), the final norm's
+    # gradient, the cross-entropy's 3 fp32 all-reduces per token, spread over the 4 stages
+    ends = (per_layer / 2 + norms / 2 + 3 * 2 * 7 / 8 * 4096 * 4 / link) / 4
+    grad_norm = 2 * 7 / 8 * 8 / link
+    assert st.tp_comm == pytest.approx(m * (80 / 4 * (per_layer + norms) + ends) + grad_norm)
     interleaved = step_time(cfg, 4096, get_accelerator("A100-SXM4-80GB"), 128,
                             Layout(tp=8, pp=4, dp=4, global_batch_tokens=lay.global_batch_tokens,
                                    virtual_stages=4), "bf16", "none", f)

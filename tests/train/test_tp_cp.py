@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from tests.train.pipeline_worker import one_process
+from estimate.perf import Layout as PerfLayout
+from estimate.perf import tp_step_collectives
+from tests.train.pipeline_worker import BATCH, SEQ, build, one_process
 from tests.train.tp_worker import parallel_train
 from tests.utils import run_cmd
 from train.config import load_config
@@ -41,6 +43,11 @@ def test_two_ranks_train_as_one_process(tmp_path, name):
     assert_same_training(par, one_process(True, 3))
     key = "tp_comm_s" if name.startswith("tp") else "cp_comm_s"
     assert len(par[key]) == 3 and all(s > 0 for s in par[key])  # the collectives were clocked
+    if name.startswith("tp"):  # the performance model counts the collectives a step issues
+        cfg = build(True).cfg
+        lay = PerfLayout(tp=2, micro_batch=BATCH, global_batch_tokens=BATCH * SEQ)
+        charged = sum(c for _, _, c in tp_step_collectives(cfg, SEQ, lay, 4.0))
+        assert par["tp_collectives"] == [charged] * 3
 
 
 @pytest.mark.slow

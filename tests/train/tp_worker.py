@@ -38,6 +38,6 @@ def parallel_train(rank: int, tp: int, cp: int, sp: bool, tie: bool, steps: int,
         out["loss"].append(loss.item() / layout.replicas)
         out["grad_norm"].append(norm.item())
         for key, seconds in parallel.comm_seconds().items():
-            out[key].append(seconds)
+            out.setdefault(key, []).append(seconds)
     if rank == 0:
         Path(path).write_text(json.dumps(out))

@@ -29,14 +29,17 @@ Two processes (gloo):
 - **FSDP**: per sharded unit (each block, then the root), an all-gather of its parameters for
   the forward and one for the backward (FSDP2 reshards blocks after forward; the root keeps
   its gathered parameters) and a reduce-scatter of its gradients;
+- **overlap**: an all-reduce alone, matmuls alone, and the two at once: the share of the
+  compute a collective hides behind (perf's dp_overlap);
+- **arrival**: a small all-reduce entered straight from compute on both ranks (no barrier),
+  against the same entered together: the latency a collective pays inside a step beyond the
+  isolated alpha (waiting for the later rank, waking the transport);
 - **context parallel**: per layer, the all-gather of this rank's keys and values (forward),
   and the all-gather and reduce-scatter of keys, values and their gradients (backward);
-- **tensor parallel**: the model's blocks sharded Megatron-style with
-  `train.tensor_parallel`'s shards (heads and MLP columns split over 2 ranks; embedding,
-  norms and head replicated, no sequence parallelism), an all-reduce after each row-parallel
-  projection (forward) and of each column-parallel input's gradient (backward), each timed
-  where it runs; a training step (forward, backward, AdamW) timed barrier to barrier;
 - **pipeline**: `train.parallel.bench_pp.measure_rows` at the spec's schedules and M.
+
+Tensor parallelism is not timed here: calibrate runs the trainer itself at parallel.tp=2,
+which clocks its collectives per step (tp_comm_s, tp_collectives in metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -58,9 +61,7 @@ from model.transformer import Transformer
 from train.clock import measure_matmul_flops
 from train.opcount import OpCounter, count_step
 from train.parallel import bench_pp
-from train.parallel.comm import Comm
 from train.parallel.procs import spawn
-from train.tensor_parallel import shard_columns, shard_gate_up, shard_qkv
 
 WORLD = 2
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
@@ -238,6 +239,56 @@ def collective_seconds(op: str, nbytes: int, repeats: int) -> float:
     return median_seconds(fn, repeats)
 
 
+def overlap_share(repeats: int, nbytes: int = 16 * 2**20, matmuls: int = 3,
+                  n: int = 512) -> dict:
+    """How much of a collective hides behind compute here (perf's `dp_overlap`, measured): an
+    all-reduce of `nbytes` alone (X), `matmuls` n^3 matmuls alone (C, shorter than X), and the
+    all-reduce started asynchronously before the matmuls and waited for after them (B). The
+    collective hid behind C + X - B seconds of the compute: dp_overlap = that / C, in [0, 1]
+    (1: it proceeds at full speed beside compute, as on a GPU's copy engines; 0: it takes the
+    same cores)."""
+    buf = torch.ones(nbytes // 4)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def compute():
+        for _ in range(matmuls):
+            torch.mm(a, b)
+
+    def both():
+        work = dist.all_reduce(buf, async_op=True)
+        compute()
+        work.wait()
+
+    x = median_seconds(lambda: dist.all_reduce(buf), repeats)
+    c = median_seconds(compute, repeats)
+    t = median_seconds(both, repeats)
+    return {"comm_s": x, "compute_s": c, "both_s": t,
+            "share": min(1.0, max(0.0, (c + x - t) / c))}
+
+
+def arrival_seconds(repeats: int, nbytes: int = 4096, n: int = 256, matmuls: int = 4) -> dict:
+    """A collective as a training step issues it: each rank arrives from its own compute (the
+    same `matmuls` n^3 matmuls on both, no barrier between them and the collective), so its
+    time includes waiting for the later rank and waking the transport; against the same
+    all-reduce of `nbytes` entered together (a barrier before it). The difference is the
+    latency a collective pays in a step beyond the isolated alpha (`skew_s`)."""
+    buf = torch.ones(max(1, nbytes // 4))
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    inside = []
+    for i in range(repeats + 1):
+        dist.barrier()
+        for _ in range(matmuls):
+            torch.mm(a, b)
+        start = time.perf_counter()
+        dist.all_reduce(buf)
+        if i:
+            inside.append(time.perf_counter() - start)
+    alone = median_seconds(lambda: dist.all_reduce(buf), repeats)
+    step = statistics.median(inside)
+    return {"in_step_s": step, "isolated_s": alone, "skew_s": max(0.0, step - alone),
+            "bytes": nbytes}
+
+
 def dp_allreduce_seconds(model: nn.Module, repeats: int) -> float:
     """All-reduce of every gradient, flattened into DDP-sized buckets, one after another."""
     numel = sum(p.numel() for p in model.parameters())
@@ -289,87 +340,6 @@ def cp_exchange_seconds(cfg: ModelConfig, tokens: int, repeats: int) -> dict:
             "chunk_bytes": chunk * 4, "collectives": 3 * cfg.n_layer}
 
 
-class _HarnessComm(Comm):
-    """The world's tensor-parallel collectives (train.parallel.comm: f = copy_in, g =
-    reduce_out), counted. With `split`, a barrier before each all-reduce takes the wait for the
-    slower rank out of `seconds` into `waited`: what is left is the transfer the performance
-    model charges."""
-
-    def __init__(self):
-        super().__init__(dist.group.WORLD)
-        self.waited, self.calls, self.split = 0.0, 0, False
-
-    def _timed(self, fn, *args) -> None:
-        if self.split:
-            start = time.perf_counter()
-            dist.barrier()
-            self.waited += time.perf_counter() - start
-        super()._timed(fn, *args)
-        self.calls += 1
-
-
-def tensor_parallel(model: Transformer, comm: _HarnessComm | None = None) -> Transformer:
-    """Shard every block of `model` over the world in place (rank r keeps heads and MLP
-    columns r/WORLD), with f before attention and MLP and g after their outputs."""
-    rank, cfg = dist.get_rank(), model.cfg
-    comm = comm or _HarnessComm()
-    for block in model.blocks:
-        attn, mlp = block.attn, block.mlp
-        attn.wqkv.weight = nn.Parameter(shard_qkv(attn.wqkv.weight.data, cfg, rank, WORLD))
-        attn.wo.weight = nn.Parameter(shard_columns(attn.wo.weight.data, rank, WORLD))
-        attn.n_head, attn.n_kv_head = cfg.n_head // WORLD, cfg.n_kv_head // WORLD
-        hidden = mlp.w_down.weight.size(1)
-        mlp.w_gate_up.weight = nn.Parameter(
-            shard_gate_up(mlp.w_gate_up.weight.data, hidden, rank, WORLD))
-        mlp.w_down.weight = nn.Parameter(shard_columns(mlp.w_down.weight.data, rank, WORLD))
-        for sub in (attn, mlp):
-            sub.register_forward_pre_hook(
-                lambda _m, args: (comm.copy_in(args[0]), *args[1:]))
-        for out in (attn.wo, mlp.w_down):
-            out.register_forward_hook(lambda _m, _args, y: comm.reduce_out(y))
-    return model
-
-
-def tp_step(cfg: ModelConfig, micro_batch: int, steps: int, warmup: int) -> dict:
-    """`tp_steps` as they run, then as many with a barrier before each all-reduce: the step
-    time of the first; the all-reduce seconds of each (with the barrier: the transfer alone,
-    and the wait for the slower rank)."""
-    plain = tp_steps(cfg, micro_batch, steps, warmup)
-    split = tp_steps(cfg, micro_batch, steps, warmup, split=True)
-    return plain | {"transfer_s": split["comm_s"], "wait_s": split["wait_s"],
-                    "split_step_s": split["step_s"]}
-
-
-def tp_steps(cfg: ModelConfig, micro_batch: int, steps: int, warmup: int,
-             split: bool = False) -> dict:
-    """Tensor-parallel training steps of `cfg` on [micro_batch, seq_len] tokens: median step
-    seconds (barrier to barrier), seconds inside the all-reduces and waiting before them."""
-    torch.manual_seed(0)
-    comm = _HarnessComm()
-    comm.split = split
-    model = tensor_parallel(Transformer(cfg), comm)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len), generator=g)
-    step_s, comm_s, wait_s, calls = [], [], [], 0
-    for i in range(warmup + steps):
-        comm.seconds, comm.waited, comm.calls = 0.0, 0.0, 0
-        dist.barrier()
-        start = time.perf_counter()
-        _, loss = model(idx, idx)
-        (loss / idx.numel()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dist.barrier()
-        if i >= warmup:
-            step_s.append(time.perf_counter() - start)
-            comm_s.append(comm.seconds)
-            wait_s.append(comm.waited)
-            calls = comm.calls
-    return {"step_s": statistics.median(step_s), "comm_s": statistics.median(comm_s),
-            "wait_s": statistics.median(wait_s), "collectives": calls}
-
-
 def ranks(rank: int, spec: dict, out: str) -> None:
     r = spec["repeats"]
     cfg = ModelConfig(**spec["model"])
@@ -382,7 +352,8 @@ def ranks(rank: int, spec: dict, out: str) -> None:
         "dp_allreduce_s": dp_allreduce_seconds(model, r),
         "fsdp": fsdp_seconds(model, r),
         "cp": cp_exchange_seconds(cfg, tokens, r),
-        "tp": tp_step(cfg, spec["micro_batch"], spec["steps"], spec["warmup"]),
+        "overlap": overlap_share(r),
+        "arrival": arrival_seconds(max(21, 3 * r)),
     }
     pp = spec["pp"]
     args = argparse.Namespace(
@@ -391,7 +362,8 @@ def ranks(rank: int, spec: dict, out: str) -> None:
         d_model=cfg.d_model, seq=cfg.seq_len, vocab=cfg.vocab_size)
     result["pp"] = {"model": vars(bench_pp.model_config(args)),
                     "rows": [{"schedule": s, "microbatches": m,
-                              "bubble": [e[0] for e in every], "step_s": [e[1] for e in every]}
+                              "bubble": [e[0] for e in every], "step_s": [e[1] for e in every],
+                              "compute": [e[3] for e in every]}
                              for s, m, every in bench_pp.measure_rows(args)]}
     every = [None] * WORLD
     dist.all_gather_object(every, result)

@@ -10,10 +10,11 @@ and the all-gather of context parallelism's keys and values.
 | `gather` (along a dim) | all-gather | reduce-scatter |
 | `scatter_reduce` (along a dim) | reduce-scatter | all-gather |
 
-`Comm.seconds` adds up the wall time spent inside the collectives. On a CPU (gloo) every
-collective blocks until its peers have sent their part, so that is the step's exposed
-communication; on a GPU the clock synchronises the device around each collective first, so
-it reads the same (TP's collectives sit on the critical path: nothing overlaps them here).
+`Comm.seconds` adds up the wall time spent inside the collectives (`Comm.calls` counts them).
+On a CPU (gloo) every collective blocks until its peers have sent their part, so that is the
+step's exposed communication; on a GPU the clock synchronises the device around each
+collective first, so it reads the same (TP's collectives sit on the critical path: nothing
+overlaps them here).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Comm:
         self.size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
         self.seconds = 0.0
+        self.calls = 0
 
     def _timed(self, fn, *args) -> None:
         cuda = args[0].is_cuda if isinstance(args[0], torch.Tensor) else False
@@ -42,11 +44,17 @@ class Comm:
         if cuda:
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - start
+        self.calls += 1
 
     def take_seconds(self) -> float:
         """The seconds spent in collectives since the last call."""
         seconds, self.seconds = self.seconds, 0.0
         return seconds
+
+    def take_calls(self) -> int:
+        """The collectives issued since the last call."""
+        calls, self.calls = self.calls, 0
+        return calls
 
     # Plain (no autograd) collectives, along dim 0 of contiguous tensors.
     def all_reduce_(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

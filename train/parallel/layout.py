@@ -148,10 +148,12 @@ class Parallel:
         return self.tp.clip_grad_norm_ if self.active and self.layout.tp > 1 else default
 
     def comm_seconds(self) -> dict[str, float]:
-        """Seconds spent in tp and cp collectives since the last call, for the step's record."""
+        """Seconds spent in tp and cp collectives since the last call (and how many tp issued),
+        for the step's record."""
         out = {}
         if self.active and self.layout.tp > 1:
             out["tp_comm_s"] = self.tp.comm.take_seconds()
+            out["tp_collectives"] = self.tp.comm.take_calls()  # calibrate --parallel counts them
         if self.active and self.layout.cp > 1:
             out["cp_comm_s"] = self.cp.comm.take_seconds()
         return out
