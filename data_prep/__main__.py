@@ -8,7 +8,6 @@ import logging
 import sys
 
 from contracts.cli import run_main
-from data_prep import storage
 from data_prep.config import load_config
 from data_prep.pipeline import run
 
@@ -31,9 +30,8 @@ def prepare(args: argparse.Namespace) -> int:
     """A bad config, a missing input or an unusable tokenizer (PretrainedTokenizerError, a
     ValueError) is one `error:` line and exit code 2 (contracts.cli.run_main)."""
     cfg = load_config(args.config, args.overrides)
-    out = run(cfg)
-    copy = f" (working copy {out})" if storage.is_remote(cfg.out_dir) else ""
-    print(f"prepared dataset: {cfg.out_dir}{copy}")
+    run(cfg)
+    print(f"prepared dataset: {cfg.out_dir}")
     return 0
 
 

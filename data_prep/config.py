@@ -162,7 +162,8 @@ RAY_ADDRESS_RE = re.compile(r"^(ray://)?[A-Za-z0-9_.\-]+:\d+$")
 @dataclass
 class PrepConfig:
     out_dir: str = "data/demo"  # a folder, or an object store URL (s3://, gs://, hf://)
-    # out_dir on an object store: the local working copy (default: under the user cache)
+    # unused since tasks write to out_dir itself (an object store too); kept so that older
+    # configs that set it still load
     work_dir: str = ""
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     read: ReadConfig = field(default_factory=ReadConfig)

@@ -18,7 +18,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -286,7 +285,7 @@ class ExactDedup(Stage):
     def enabled(self, cfg: PrepConfig) -> bool:
         return cfg.dedup.exact.enabled
 
-    def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
+    def run(self, cfg: PrepConfig, ex: Executor, inp: str | None, out: str,
             res: StageResult) -> None:
         assert inp is not None
         parts = ex.partitions(num_docs(inp))

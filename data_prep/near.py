@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from data_prep import storage
 from data_prep.config import PrepConfig, to_dict
 from data_prep.dedup import cluster_of, merge_verified, neg_size, verified_edge
 from data_prep.executor import Executor, drop_frame, empty_frame, group_starts
@@ -36,10 +35,10 @@ from data_prep.minhash import (
     jaccard,
     shingle_hashes,
 )
-from data_prep.shardio import shard_name, tmp_path
+from data_prep.shardio import shard_file
 from data_prep.shardops import SHARD_MODULES, rewrite_shards, shard_items, take_top
 from data_prep.stage import Stage, StageResult
-from data_prep.store import num_docs, read_docs
+from data_prep.store import num_docs, parquet, read_docs
 
 log = logging.getLogger("data_prep")
 
@@ -51,9 +50,9 @@ def _sig_shard(item: dict[str, Any], out: str, hasher: MinHasher, offsets: list[
     import pyarrow.parquet as pq
 
     i = int(item["shard"])
-    final = Path(out) / "sigs" / f"{shard_name(i)}.parquet"
-    if final.exists():
-        return pq.read_table(final)
+    final = shard_file(out, "sigs", i)
+    if storage.exists(final):
+        return parquet(final).read()
     docs = list(read_docs(item["path"]))
     sig, has = hasher.signatures([d.text for d in docs])
     table = pa.table({
@@ -63,10 +62,9 @@ def _sig_shard(item: dict[str, Any], out: str, hasher: MinHasher, offsets: list[
         "has": pa.array(has, pa.bool_()),
         "sig": pa.array([r.tobytes() for r in sig], pa.binary()),
     })
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(final)
+    tmp = storage.scratch(final)
     pq.write_table(table, tmp)
-    os.replace(tmp, final)
+    storage.commit(tmp, final)
     return table
 
 
@@ -232,7 +230,7 @@ class NearDedup(Stage):
     def enabled(self, cfg: PrepConfig) -> bool:
         return cfg.dedup.minhash.enabled
 
-    def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
+    def run(self, cfg: PrepConfig, ex: Executor, inp: str | None, out: str,
             res: StageResult) -> None:
         assert inp is not None
         res.extra = run_near(cfg, ex, inp, out, res)
@@ -247,7 +245,7 @@ def bands_rows(cfg: PrepConfig) -> tuple[int, int]:
     return choose_bands_rows(m.threshold, m.num_perm, m.fp_weight, m.fn_weight)
 
 
-def run_near(cfg: PrepConfig, ex: Executor, inp: Path, out: Path,
+def run_near(cfg: PrepConfig, ex: Executor, inp: str, out: str,
              res: StageResult) -> dict[str, Any]:
     """The plan of the module docstring; fills res.total, returns the report's extras."""
     m = cfg.dedup.minhash
@@ -258,7 +256,7 @@ def run_near(cfg: PrepConfig, ex: Executor, inp: Path, out: Path,
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
     hasher = MinHasher(num_perm=m.num_perm, ngram=m.ngram, seed=m.seed)
     t0 = time.perf_counter()
-    sigs = ex.materialize(ex.map_shards(items, _sig_shard, desc="near_dedup signatures", out=str(out), hasher=hasher,
+    sigs = ex.materialize(ex.map_shards(items, _sig_shard, desc="near_dedup signatures", out=out, hasher=hasher,
                                         offsets=offsets))
     sig_s = time.perf_counter() - t0
     log.info("near_dedup: signatures of %d shards in %.1fs", len(items), sig_s)

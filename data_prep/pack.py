@@ -13,8 +13,10 @@ The directory it writes is the dataset format of `contracts.dataset`.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
-import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,16 +26,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from contracts.checkpoint import sha256_file
+from contracts.dataset import META as DATASET_MARKER
 from contracts.dataset import SPLITS, DatasetMeta, write_dataset_meta
+from data_prep import storage
 from data_prep.config import PrepConfig, to_dict
 from data_prep.executor import Executor
-from data_prep.shardio import shard_name, tmp_path
+from data_prep.shardio import shard_name
 from data_prep.shardops import SHARD_MODULES, accounts, shard_items
 from data_prep.shards import dtype_for_vocab, dtype_name, order_key, split_of, write_shards
-from data_prep.stage import Stage, StageResult, new_stats
+from data_prep.stage import Stage, StageResult, new_stats, out_root
 from data_prep.stats import StepStats
-from data_prep.store import read_docs
+from data_prep.store import parquet, read_docs
 from data_prep.tokenizer import encode_documents
 
 
@@ -41,7 +44,7 @@ def load_for_packing(path: str | Path, eos_token: str) -> tuple[Tokenizer, int, 
     """(tokenizer, vocab size, eos id) as pack encodes: special tokens in a document's text
     are plain text, no truncation or padding (a pretrained tokenizer.json may ship with
     either)."""
-    tok = Tokenizer.from_file(str(path))
+    tok = Tokenizer.from_str(storage.read_text(path))
     tok.encode_special_tokens = True
     tok.no_truncation()
     tok.no_padding()
@@ -51,8 +54,12 @@ def load_for_packing(path: str | Path, eos_token: str) -> tuple[Tokenizer, int, 
     return tok, tok.get_vocab_size(with_added_tokens=True), eos_id
 
 
-def _enc_path(out: str, i: int, split: str) -> Path:
-    return Path(out) / "enc" / f"{shard_name(i)}.{split}.bin"
+def _enc_path(out: str, i: int, split: str) -> str:
+    return storage.join(out, "enc", f"{shard_name(i)}.{split}.bin")
+
+
+def _index_path(out: str, i: int) -> str:
+    return storage.join(out, "enc", f"{shard_name(i)}.index.parquet")
 
 
 def _encode_shard(item: dict[str, Any], cfg: PrepConfig, tok_path: str,
@@ -70,7 +77,8 @@ def _encode_shard(item: dict[str, Any], cfg: PrepConfig, tok_path: str,
         keys.append(order_key(d.id, sh.split_seed) if sh.shuffle else 0)
         splits.append(split_of(d.id, sh.val_fraction, sh.split_seed))
         texts.append(d.text)
-    files = {s: open(tmp_path(_enc_path(out, i, s)), "wb") for s in SPLITS}
+    tmps = {s: storage.scratch(_enc_path(out, i, s)) for s in SPLITS}
+    files = {s: open(tmps[s], "wb") for s in SPLITS}
     try:
         arrays = encode_documents(tok, texts, eos_id, batch_size=cfg.tokenizer.batch_size)
         for k, (arr, split) in enumerate(zip(arrays, splits, strict=True)):
@@ -82,22 +90,25 @@ def _encode_shard(item: dict[str, Any], cfg: PrepConfig, tok_path: str,
     finally:
         for f in files.values():
             f.close()
-    for s, f in files.items():
-        Path(f.name).replace(_enc_path(out, i, s))
+    for s, tmp in tmps.items():
+        storage.commit(tmp, _enc_path(out, i, s))
     index = pa.table({"key": pa.array(keys, pa.uint64()), "split": pa.array(splits, pa.string()),
                       "tokens": pa.array(lengths, pa.int64())})
-    pq.write_table(index, Path(out) / "enc" / f"{shard_name(i)}.index.parquet")
+    tmp = storage.scratch(_index_path(out, i))
+    pq.write_table(index, tmp)
+    storage.commit(tmp, _index_path(out, i))
     return {"shard": [i], "acct": [json.dumps({"total": total.to_dict()})]}
 
 
-def _documents(out: str, n_shards: int, split: str, shuffle: bool, vocab_size: int
-               ) -> Iterator[np.ndarray]:
+def _documents(out: str, n_shards: int, split: str, shuffle: bool, vocab_size: int,
+               local: Path) -> Iterator[np.ndarray]:
     """The split's documents' tokens in packing order: by order key (stable, so equal keys
-    keep reading order) with `shuffle`, else in reading order."""
+    keep reading order) with `shuffle`, else in reading order. An encoded file on a store is
+    first copied into the task's own folder `local`."""
     dtype = dtype_for_vocab(vocab_size)
     shard_of, start, length, key = [], [], [], []
     for i in range(n_shards):
-        t = pq.read_table(Path(out) / "enc" / f"{shard_name(i)}.index.parquet")
+        t = parquet(_index_path(out, i)).read()
         mine = np.asarray(t.column("split").to_pylist()) == split
         n = t.column("tokens").to_numpy()[mine]
         shard_of.append(np.full(len(n), i, np.int32))
@@ -112,7 +123,9 @@ def _documents(out: str, n_shards: int, split: str, shuffle: bool, vocab_size: i
     for k in order:
         i = int(shard_a[k])
         if i not in maps:
-            p = _enc_path(out, i, split)
+            p = Path(_enc_path(out, i, split))
+            if storage.is_remote(out):
+                storage.download(_enc_path(out, i, split), p := local / p.name)
             size = p.stat().st_size  # mapped, not read: the task's memory stays the index's
             maps[i] = np.memmap(p, dtype=dtype, mode="r") if size else np.empty(0, dtype)
         yield maps[i][start_a[k]:start_a[k] + length_a[k]]
@@ -122,8 +135,9 @@ def _write_split(item: dict[str, Any], cfg: PrepConfig, out: str, root: str, n_s
                  vocab_size: int) -> dict[str, list]:
     """One split's token shards, written into the dataset directory."""
     split = item["split"]
-    docs = _documents(out, n_shards, split, cfg.shards.shuffle, vocab_size)
-    entry = write_shards(root, split, docs, vocab_size, cfg.shards.shard_tokens)
+    with tempfile.TemporaryDirectory(prefix="tokenclock-pack-") as local:
+        docs = _documents(out, n_shards, split, cfg.shards.shuffle, vocab_size, Path(local))
+        entry = write_shards(root, split, docs, vocab_size, cfg.shards.shard_tokens)
     return {"split": [split], "entry": [json.dumps(entry)]}
 
 
@@ -134,50 +148,52 @@ class Pack(Stage):
     name = "pack"
     modules = ("pack.py", "shards.py", "tokenizer.py", *SHARD_MODULES)
 
-    def __init__(self, tok_dir: Path) -> None:
+    def __init__(self, tok_dir: str) -> None:
         self.tok_dir = tok_dir
 
     def part(self, cfg: PrepConfig) -> Any:
         return [to_dict(cfg)["shards"], to_dict(cfg)["tokenizer"], str(cfg.out_dir)]
 
-    def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
+    def run(self, cfg: PrepConfig, ex: Executor, inp: str | None, out: str,
             res: StageResult) -> None:
+        """The dataset is un-committed first (meta.json removed: readers trust nothing
+        until the new one is written, last)."""
         assert inp is not None
-        from data_prep.mirror import work_root  # out_dir, or its working copy for a store
-
-        root = work_root(cfg)
-        shutil.copyfile(self.tok_dir / "tokenizer.json", root / "tokenizer.json")
-        tok_path = root / "tokenizer.json"
+        root = out_root(cfg)
+        storage.remove(storage.join(root, DATASET_MARKER))
+        tok_path = storage.join(root, "tokenizer.json")
+        with storage.open(storage.join(self.tok_dir, "tokenizer.json")) as src:
+            tok_bytes = src.read()  # one small file, byte for byte
+        with storage.atomic_write(tok_path) as dst:
+            dst.write(tok_bytes)
         _, vocab_size, eos_id = load_for_packing(tok_path, cfg.tokenizer.eos_token)
-        (out / "enc").mkdir(parents=True, exist_ok=True)
         items = shard_items(inp)
         rows = ex.map_shards(items, _encode_shard, desc="pack encode", cfg=cfg,
-                             tok_path=str(tok_path), out=str(out))
+                             tok_path=tok_path, out=out)
         total = new_stats(cfg, res.name)
         for acct in accounts(ex, rows):
             total.merge(StepStats.from_dict(acct["total"]))
         written = ex.rows(ex.map_shards([{"split": s} for s in SPLITS], _write_split,
-                                        desc="pack write", cfg=cfg, out=str(out),
-                                        root=str(root), n_shards=len(items),
+                                        desc="pack write", cfg=cfg, out=out,
+                                        root=root, n_shards=len(items),
                                         vocab_size=vocab_size))
         splits = {r["split"]: json.loads(r["entry"]) for r in written}
         splits = {s: splits[s] for s in SPLITS}
         for split in SPLITS:
             total.bump(f"{split}_documents", splits[split]["documents"])
             total.bump(f"{split}_tokens", splits[split]["tokens"])
-        shutil.rmtree(out / "enc")  # the shards hold the tokens now
-        write_dataset_meta(
-            DatasetMeta(
-                root=root,
-                dtype=dtype_name(dtype_for_vocab(vocab_size)),
-                vocab_size=vocab_size,
-                eos_id=eos_id,
-                eos_token=cfg.tokenizer.eos_token,
-                tokenizer="tokenizer.json",
-                tokenizer_sha256=sha256_file(tok_path),
-                splits=splits,
-                config=to_dict(cfg),
-            )
+        storage.remove(storage.join(out, "enc"))  # the shards hold the tokens now
+        meta = DatasetMeta(
+            root=Path(root), dtype=dtype_name(dtype_for_vocab(vocab_size)),
+            vocab_size=vocab_size, eos_id=eos_id, eos_token=cfg.tokenizer.eos_token,
+            tokenizer="tokenizer.json", tokenizer_sha256=hashlib.sha256(tok_bytes).hexdigest(),
+            splits=splits, config=to_dict(cfg),
         )
+        if storage.is_remote(root):  # contracts' writer, to the store: the marker, last
+            meta.created_utc = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            storage.write_text(storage.join(root, DATASET_MARKER),
+                               json.dumps(meta.to_dict(), indent=2) + "\n")
+        else:
+            write_dataset_meta(meta)
         res.total = total
         res.extra = {"splits": splits, "vocab_size": vocab_size, "eos_id": eos_id}

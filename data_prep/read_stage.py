@@ -9,15 +9,13 @@ files and merges per-shard counts; it never sees a document or holds a set of id
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from data_prep import storage
 from data_prep.config import PrepConfig, SourceConfig, to_dict
 from data_prep.document import BadRecord, Document
 from data_prep.executor import Executor, empty_frame
@@ -30,7 +28,7 @@ from data_prep.readers import (
     read_embedded,
     read_source,
 )
-from data_prep.shardio import ShardOutput, atomic_text, shard_name
+from data_prep.shardio import ShardOutput, atomic_text, shard_file
 from data_prep.shardops import SHARD_MODULES, accounts, rewrite_shards
 from data_prep.stage import Stage, StageResult, new_stats
 from data_prep.stats import StepStats
@@ -87,8 +85,8 @@ def check_record(rec: Record, cfg: PrepConfig) -> tuple[str, str]:
     return "", ""
 
 
-def _unit_dir(out: str | Path, u: int) -> Path:
-    return Path(out) / f"u{u:05d}"
+def _unit_dir(out: str, u: int) -> str:
+    return storage.join(out, f"u{u:05d}")
 
 
 def _read_unit(item: dict[str, Any], cfg: PrepConfig, out: str) -> dict[str, list]:
@@ -96,8 +94,8 @@ def _read_unit(item: dict[str, Any], cfg: PrepConfig, out: str) -> dict[str, lis
     `ray.shard_docs` documents into raw/uNNNNN/ (its accounting, `done.json`, written last)."""
     u = int(item["shard"])
     udir = _unit_dir(out, u)
-    done = udir / "done.json"
-    if not done.exists():
+    done = storage.join(udir, "done.json")
+    if not storage.exists(done):
         unit = json.loads(item["unit"])
         total = new_stats(cfg, "read")
         j = n = 0
@@ -118,16 +116,18 @@ def _read_unit(item: dict[str, Any], cfg: PrepConfig, out: str) -> dict[str, lis
         cur.commit({"total": cur_stats.to_dict()})
         atomic_text(done, json.dumps({"shards": j + 1, "total": total.to_dict(),
                                       "source": unit["source"]}))
-    return {"shard": [u], "acct": [done.read_text(encoding="utf-8")]}
+    return {"shard": [u], "acct": [storage.read_text(done)]}
 
 
-def _place(sub: Path, j: int, out: Path, g: int) -> None:
-    """Read's shard j of the unit folder `sub` moved into place as the stage's shard g."""
-    for d, ext in (("docs", "parquet"), ("dropped", "jsonl"), ("shards", "json")):
-        src = sub / d / f"{shard_name(j)}.{ext}"
-        if src.exists():
-            (out / d).mkdir(parents=True, exist_ok=True)
-            os.replace(src, out / d / f"{shard_name(g)}.{ext}")
+def _place(item: dict[str, Any], out: str) -> dict[str, list]:
+    """A task: read's shard j of the unit folder `sub` moved into place as the stage's shard g
+    (a rename locally, a server-side copy and delete on a store), its accounting last."""
+    g, sub, j = int(item["shard"]), item["sub"], int(item["j"])
+    for kind in ("docs", "dropped", "shards"):
+        src = shard_file(sub, kind, j)
+        if storage.exists(src):  # a retried task finds the ones already moved gone
+            storage.commit(src, shard_file(out, kind, g))
+    return {"shard": [g]}
 
 
 def _id_rows(item: dict[str, Any]) -> dict[str, list]:
@@ -168,16 +168,16 @@ class Read(Stage):
         c = to_dict(cfg)
         return [c["sources"], c["read"], [fingerprint(s) for s in cfg.sources]]
 
-    def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
+    def run(self, cfg: PrepConfig, ex: Executor, inp: str | None, out: str,
             res: StageResult) -> None:
-        raw = out / "raw"
+        raw = storage.join(out, "raw")
         chunk = min(cfg.ray.shard_docs, FILES_PER_TASK)
         units = [{**u, "source": k} for k, src in enumerate(cfg.sources)
                  for u in read_units(src, chunk)]
         units = units or [{"files": [], "prose": False, "source": 0}]
         items = [{"shard": i, "unit": json.dumps(u)} for i, u in enumerate(units)]
         raw_accts = accounts(ex, ex.map_shards(items, _read_unit, desc="read", cfg=cfg,
-                                               out=str(raw)))
+                                               out=raw))
         total = new_stats(cfg, self.name)
         per = [new_stats(cfg, f"source{k}:{s.name or s.kind}") for k, s in enumerate(cfg.sources)]
         for acct in raw_accts:
@@ -188,15 +188,16 @@ class Read(Stage):
         # the read shards in reading order: (unit folder, shard in it), and each one's source
         subs = [(_unit_dir(raw, u), j) for u, a in enumerate(raw_accts) for j in range(a["shards"])]
         source_of = [a["source"] for a in raw_accts for _ in range(a["shards"])]
-        files = [str(sub / "docs" / f"{shard_name(j)}.parquet") for sub, j in subs]
+        files = [shard_file(sub, "docs", j) for sub, j in subs]
         parts = ex.partitions(sum(num_docs(f) for f in files))
         ids = ex.map_shards([{"shard": g, "path": f} for g, f in enumerate(files)], _id_rows)
         drops = ex.materialize(ex.group_by(ids, "id", _repeated_ids, parts))
-        if not ex.count(drops) and not (out / "shards").exists():  # nothing to rewrite
-            for g, (sub, j) in enumerate(subs):
-                _place(sub, j, out, g)
+        if not ex.count(drops) and not storage.files(storage.join(out, "shards")):
+            # nothing to rewrite: the shards moved into place by tasks, not by the driver
+            ex.count(ex.map_shards([{"shard": g, "sub": sub, "j": j}
+                                    for g, (sub, j) in enumerate(subs)], _place, out=out))
         else:
-            earlier = [str(sub / "dropped" / f"{shard_name(j)}.jsonl") for sub, j in subs]
+            earlier = [shard_file(sub, "dropped", j) for sub, j in subs]
             _, accts = rewrite_shards(ex, drops, cfg, files, out, self.name, "duplicate_id",
                                       parts, earlier=earlier)
             rewritten = [new_stats(cfg, s.name) for s in per]
@@ -208,4 +209,4 @@ class Read(Stage):
             _amend(total, whole)
             for st, mine in zip(per, rewritten, strict=True):
                 _amend(st, mine)
-        shutil.rmtree(raw)  # out/docs and out/dropped hold them now
+        storage.remove(raw)  # out/docs and out/dropped hold them now

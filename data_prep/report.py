@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data_prep import storage
 from data_prep.config import PrepConfig, to_dict
 
 
@@ -15,7 +16,7 @@ def _mb(n: int) -> str:
 
 
 def write_reports(
-    root: Path, cfg: PrepConfig, results: list, invariant: dict, seconds: float
+    root: str | Path, cfg: PrepConfig, results: list, invariant: dict, seconds: float
 ) -> None:
     data = {
         "format": 1,
@@ -25,9 +26,10 @@ def write_reports(
         "stages": [r.to_dict() for r in results],
         "config": to_dict(cfg),
     }
-    (root / "report.json").write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    # titled by out_dir: for an object store its URL, not the local working copy
-    (root / "report.md").write_text(render_markdown(data, cfg.out_dir), encoding="utf-8")
+    storage.write_text(storage.join(root, "report.json"),
+                       json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    # titled by out_dir as given (for an object store, its URL)
+    storage.write_text(storage.join(root, "report.md"), render_markdown(data, cfg.out_dir))
 
 
 def _fence(text: str) -> str:

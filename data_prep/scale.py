@@ -287,49 +287,62 @@ def render_overhead(res: dict[str, Any]) -> str:
 
 def render_fixed_costs(f: dict[str, float]) -> str:
     return (f"Ray's fixed costs here (data_prep.scale.ray_fixed_costs, medians): session start "
-            f"{f['init_s']:.2f} s, stop {f['shutdown_s']:.2f} s, the session's first Ray Data "
-            f"job (worker processes start, import Ray Data) {f['first_job_s']:.2f} s; warm: a "
-            f"4-task map {f['map_s']:.2f} s, a 100-row sort shuffle {f['shuffle_s']:.2f} s")
+            f"{f['init_s']:.2f} s, stop {f['shutdown_s']:.2f} s, the session's first tasks "
+            f"(a 4-block map: worker processes start) {f['first_task_s']:.2f} s; warm: a task "
+            f"round-trip {f['task_s'] * 1e3:.1f} ms, put + get of a 1 MB block "
+            f"{f['put_get_s'] * 1e3:.1f} ms, "
+            f"a 4-block map {f['map_s']:.2f} s, a 100-row shuffle in 4 blocks "
+            f"(ray_verbs.grouped) {f['shuffle_s']:.2f} s")
 
 
-def _identity(batch: dict[str, Any]) -> dict[str, Any]:
-    return batch
+def _noop(x: int) -> int:
+    return x
+
+
+def _same(df: Any) -> Any:
+    return df
 
 
 def ray_fixed_costs(num_cpus: int = 2, repeats: int = 3, blocks: int = 4) -> dict[str, float]:
-    """What Ray costs before any data moves, on this machine (medians of `repeats`): starting
-    and stopping an embedded session, the first Ray Data job of a session (its worker
-    processes start and import), and, warm, a map of `blocks` one-row blocks (one task each)
-    and a sort shuffle of 100 rows into `blocks` blocks (the task-based pull shuffle the
-    pipeline's `grouped` uses: about 3 tasks per block, sample, map and reduce)."""
+    """What Ray costs before any data moves, on this machine (medians of `repeats`), timed on
+    the plain Ray tasks the executor submits (data_prep.ray_verbs): starting and stopping an
+    embedded session, the session's first tasks (a map of `blocks` blocks: its worker
+    processes start), and, warm, one task's round-trip, a put and get of a 1 MB Arrow block, a map of `blocks` blocks (one task
+    each, `ray_verbs.map_blocks`) and a shuffle of 100 rows in `blocks` blocks
+    (`ray_verbs.grouped`: a sample task per block, a split task per block, a reducer per
+    range)."""
+    import numpy as np
+    import pyarrow as pa
     import ray
-    import ray.data
-    from ray.data import DataContext
-    from ray.data.context import ShuffleStrategy
 
-    rows = [{"k": (i * 37) % 100} for i in range(100)]
-    out: dict[str, list[float]] = {k: [] for k in ("init_s", "first_job_s", "map_s",
-                                                   "shuffle_s", "shutdown_s")}
+    from data_prep import ray_verbs
+
+    keys = np.asarray([(i * 37) % 100 for i in range(100)], np.int64)
+    block = pa.table({"x": np.arange(1 << 17, dtype=np.int64)})  # 1 MiB
+    out: dict[str, list[float]] = {k: [] for k in ("init_s", "first_task_s", "task_s",
+                                                   "put_get_s", "map_s", "shuffle_s",
+                                                   "shutdown_s")}
 
     def timed(key: str, fn: Any) -> None:
         t = time.perf_counter()
         fn()
         out[key].append(time.perf_counter() - t)
 
+    noop = ray_verbs._task(_noop, 1)
     for _ in range(repeats):
-        timed("init_s", lambda: ray.init(num_cpus=num_cpus, include_dashboard=False,
-                                         log_to_driver=False, logging_level="WARNING"))
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
-        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-
-        def job() -> None:
-            ray.data.from_items(rows[:blocks], override_num_blocks=blocks).map_batches(
-                _identity, batch_size=1).materialize()
-
-        timed("first_job_s", job)
-        timed("map_s", job)
-        timed("shuffle_s", lambda: ray.data.from_items(rows, override_num_blocks=blocks)
-              .repartition(blocks).sort("k").materialize())
-        timed("shutdown_s", ray.shutdown)
-    return {k: round(statistics.median(v), 3) for k, v in out.items()}
+        timed("init_s", lambda: ray.init(address="local", num_cpus=num_cpus,
+                                         include_dashboard=False, log_to_driver=False,
+                                         logging_level="WARNING"))
+        try:
+            parts = [ray_verbs.to_blocks(pa.table({"k": k}))
+                     for k in np.array_split(keys, blocks)]
+            data = ray_verbs.Blocks([b.refs[0] for b in parts], [b.lens[0] for b in parts])
+            timed("first_task_s", lambda d=data: ray_verbs.map_blocks(d, _same).sizes())
+            ray.get(noop.remote(0))  # its function exported: the next call is a round-trip
+            timed("task_s", lambda: ray.get(noop.remote(1)))
+            timed("put_get_s", lambda: ray.get(ray.put(block)))
+            timed("map_s", lambda d=data: ray_verbs.map_blocks(d, _same).sizes())
+            timed("shuffle_s", lambda d=data: ray_verbs.grouped(d, "k", _same, blocks).sizes())
+        finally:
+            timed("shutdown_s", ray.shutdown)
+    return {k: round(statistics.median(v), 4) for k, v in out.items()}

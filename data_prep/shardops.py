@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from data_prep import storage
 from data_prep.config import PrepConfig, to_dict
 from data_prep.document import Document
 from data_prep.executor import Executor
@@ -24,9 +24,9 @@ from data_prep.store import doc_files, read_docs
 SHARD_MODULES = ("shardops.py", "shardio.py", "executor.py", *STEP_MODULES)
 
 
-def shard_items(inp: Path) -> list[dict[str, Any]]:
-    """One task item per input shard: its index and path, in document order."""
-    return [{"shard": i, "path": str(p)} for i, p in enumerate(doc_files(inp))]
+def shard_items(inp: str) -> list[dict[str, Any]]:
+    """One task item per input shard: its index and path (or URL), in document order."""
+    return [{"shard": i, "path": p} for i, p in enumerate(doc_files(inp))]
 
 
 def accounts(ex: Executor, rows: Any) -> list[dict[str, Any]]:
@@ -60,7 +60,7 @@ def _steps_shard(item: dict[str, Any], stage: StepsStage, cfg: PrepConfig, out: 
                  name: str) -> dict[str, list]:
     """One shard through the stage's steps into its output shard (skipped when complete)."""
     i, rep = int(item["shard"]), cfg.report
-    acct = shard_done(Path(out), i)
+    acct = shard_done(out, i)
     if acct is None:
         key = f"{name} {cfg!r}"  # a worker outlives a run: a new config, new steps
         steps = _STEPS_CACHE.get(key)
@@ -71,7 +71,7 @@ def _steps_shard(item: dict[str, Any], stage: StepsStage, cfg: PrepConfig, out: 
         per = {s.name: StepStats(s.name, rep.examples_per_reason, rep.snippet_chars)
                for s in steps}
         dropped: list[tuple[Document, str, str]] = []
-        o = ShardOutput(cfg, Path(out), i)
+        o = ShardOutput(cfg, out, i)
         for d in run_steps(steps, read_docs(item["path"]), total, per, dropped):
             o.docs.write(d)
         for d, reason, detail in dropped:  # counted by run_steps; written for the report
@@ -103,11 +103,11 @@ class StepsStage(Stage):
     def enabled(self, cfg: PrepConfig) -> bool:
         return bool(self.build(cfg))
 
-    def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
+    def run(self, cfg: PrepConfig, ex: Executor, inp: str | None, out: str,
             res: StageResult) -> None:
         assert inp is not None
-        rows = ex.map_shards(shard_items(inp), _steps_shard, desc=res.name, stage=self, cfg=cfg, out=str(out),
-                             name=res.name)
+        rows = ex.map_shards(shard_items(inp), _steps_shard, desc=res.name, stage=self, cfg=cfg,
+                             out=out, name=res.name)
         total = new_stats(cfg, res.name)
         per = {s.name: new_stats(cfg, s.name) for s in self.build(cfg)}
         for acct in accounts(ex, rows):
@@ -128,14 +128,14 @@ def _apply_drops(df: pd.DataFrame, cfg: PrepConfig, out: str, inputs: list[str],
     shards, accts = [], []
     for i, g in df.groupby("shard", sort=True):
         i = int(i)
-        acct = shard_done(Path(out), i)
+        acct = shard_done(out, i)
         if acct is None:
             drops = {int(r): d for r, d in zip(g["row"], g["detail"], strict=True) if r >= 0}
             total = StepStats(name, rep.examples_per_reason, rep.snippet_chars)
-            o = ShardOutput(cfg, Path(out), i, total)
-            before = Path(earlier[i]) if earlier else None
-            if before is not None and o.dropped.f is not None and before.exists():
-                o.dropped.f.write(before.read_text(encoding="utf-8"))
+            o = ShardOutput(cfg, out, i, total)
+            before = earlier[i] if earlier else None
+            if before is not None and o.dropped.f is not None and storage.exists(before):
+                o.dropped.f.write(storage.read_text(before))
             for row, d in enumerate(read_docs(inputs[i])):
                 if row in drops:
                     o.drop(d, reason, drops[row])
@@ -147,16 +147,16 @@ def _apply_drops(df: pd.DataFrame, cfg: PrepConfig, out: str, inputs: list[str],
     return pd.DataFrame({"shard": shards, "acct": accts})
 
 
-def rewrite_shards(ex: Executor, drops: Any, cfg: PrepConfig, inp: Path | list[str], out: Path,
+def rewrite_shards(ex: Executor, drops: Any, cfg: PrepConfig, inp: str | list[str], out: str,
                    name: str, reason: str, parts: int, earlier: list[str] | None = None
                    ) -> tuple[StepStats, list[dict[str, Any]]]:
     """Shuffle the drops (shard, row, detail) by shard, with one marker row per shard, and
     rewrite every input shard (the shards of the folder `inp`, or the files listed); returns
     the stage's merged accounting and each shard's. `earlier`: see `_apply_drops`."""
-    inputs = [str(p) for p in doc_files(inp)] if isinstance(inp, Path) else inp
+    inputs = inp if isinstance(inp, list) else doc_files(inp)
     markers = ex.from_items([{"shard": i, "row": -1, "detail": ""} for i in range(len(inputs))])
     rows = ex.group_by(ex.union(drops, markers) if drops is not None else markers, "shard",
-                       _apply_drops, parts, cfg=cfg, out=str(out), inputs=inputs, name=name,
+                       _apply_drops, parts, cfg=cfg, out=out, inputs=inputs, name=name,
                        reason=reason, earlier=earlier)
     total = new_stats(cfg, name)
     accts = accounts(ex, rows)

@@ -12,6 +12,7 @@ import numpy as np
 import xxhash
 
 from contracts.dataset import read_dataset_meta
+from data_prep import storage
 
 
 def split_of(doc_id: str, val_fraction: float, seed: int = 0) -> str:
@@ -51,13 +52,14 @@ def write_shards(
 
     Returns the split's meta entry: {"shards": [...], "tokens": N, "documents": D}. Existing
     shards of this split in `out_dir` are removed first so a re-run never leaves stale files.
+    `out_dir` may be an object-store URL (data_prep.storage): each shard is then one upload,
+    all or nothing, as it fills.
     """
     if shard_tokens <= 0:
         raise ValueError(f"shard_tokens={shard_tokens}; must be > 0")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(f"{split}_*.bin"):
-        old.unlink()
+    storage.mkdirs(out_dir)
+    for old in storage.files(out_dir, f"{split}_*.bin"):
+        storage.remove(old)
     dtype = dtype_for_vocab(vocab_size)
     shards: list[str] = []
     buf = np.empty(shard_tokens, dtype=dtype)
@@ -65,7 +67,11 @@ def write_shards(
 
     def flush(n: int) -> None:
         name = shard_name(split, len(shards))
-        buf[:n].tofile(out / name)
+        if storage.is_remote(out_dir):
+            with storage.atomic_write(storage.join(out_dir, name)) as f:
+                f.write(buf[:n].tobytes())
+        else:
+            buf[:n].tofile(storage.local_path(out_dir) / name)
         shards.append(name)
 
     for doc in documents:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_prep import storage
 from data_prep.config import PrepConfig
 from data_prep.document import BadRecord, Document
 from data_prep.executor import Executor, LocalExecutor
@@ -94,17 +94,18 @@ class Stage:
     def enabled(self, cfg: PrepConfig) -> bool:
         return True
 
-    def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
+    def run(self, cfg: PrepConfig, ex: Executor, inp: str | None, out: str,
             res: StageResult) -> None:
         """Read documents from `inp`, write into the folder `out` with the tasks `ex` runs,
-        fill in `res`."""
+        fill in `res`. Both are local paths or URLs (data_prep.storage): tasks read and write
+        them themselves."""
         raise NotImplementedError  # pragma: no cover - interface
 
 
 class DroppedWriter:
     """Writes every dropped document of a stage to dropped.jsonl when report.write_dropped."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path | None, enabled: bool) -> None:
         self.f = open(path, "w", encoding="utf-8") if enabled else None
 
     def write(self, rec: Document | BadRecord, reason: str, detail: str) -> None:
@@ -169,10 +170,18 @@ def _report_part(cfg: PrepConfig) -> Any:
     return [r.examples_per_reason, r.snippet_chars, r.write_dropped, r.clusters_shown]
 
 
-def stage_dir(cfg: PrepConfig, index: int, name: str) -> Path:
-    from data_prep.mirror import work_root  # out_dir, or its working copy for an object store
+def out_root(cfg: PrepConfig) -> str:
+    """out_dir as tasks write it: a local path (`~` expanded, `file://` dropped) or a URL."""
+    return cfg.out_dir if storage.is_remote(cfg.out_dir) else str(storage.local_path(cfg.out_dir))
 
-    return work_root(cfg) / "stages" / f"{index:02d}_{name}"
+
+def stage_dir(cfg: PrepConfig, index: int, name: str) -> str:
+    """The folder of stage `index`: under out_dir itself, local or on an object store."""
+    return storage.join(out_root(cfg), "stages", f"{index:02d}_{name}")
+
+
+def _text(url: str) -> str | None:
+    return storage.read_text(url) if storage.exists(url) else None
 
 
 def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None,
@@ -198,41 +207,36 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
     part = [stage.part(cfg), _report_part(cfg), ["layout", cfg.ray.shard_docs]]
     modules = (*stage.modules, *executor.modules)
     key = stage_key(stage.name, part, modules, input_key)
-    if (
-        (out / "key").exists()
-        and (out / "key").read_text() == key
-        and (out / "stats.json").exists()
-    ):
-        res = StageResult.from_dict(json.loads((out / "stats.json").read_text(encoding="utf-8")))
+    stats = storage.join(out, "stats.json")
+    if _text(storage.join(out, "key")) == key and storage.exists(stats):
+        res = StageResult.from_dict(json.loads(storage.read_text(stats)))
         res.cached = True
-        if res.docs_path:  # in this folder, even when it was moved or pulled from a store
-            res.docs_path = str(out / Path(res.docs_path).name)
+        if res.docs_path:  # in this folder, even when it was moved or copied elsewhere
+            res.docs_path = storage.join(out, res.docs_path.rstrip("/").rsplit("/", 1)[-1])
         log.info("stage %s: up to date (key %s), skipped", stage.name, key)
         return res
-    pending = out / "key.pending"
-    if pending.exists() and pending.read_text() == key:
+    pending = storage.join(out, "key.pending")
+    if _text(pending) == key:
         log.info("stage %s: resuming (key %s): complete shards are kept", stage.name, key)
     else:
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        pending.write_text(key)
+        storage.remove(storage.join(out, "key"))  # un-commit first, then the rest
+        storage.remove(out)
+        storage.mkdirs(out)
+        storage.write_text(pending, key)
     res = StageResult(stage.name, key)
     t = time.perf_counter()
     log.info("stage %s: running (key %s) on %s", stage.name, key, executor.name)
-    inp_path = Path(inp.docs_path) if inp and inp.docs_path else None
-    stage.run(cfg, executor, inp_path, out, res)
+    stage.run(cfg, executor, inp.docs_path if inp else None, out, res)
     res.seconds = time.perf_counter() - t
-    if (out / "docs").is_dir():
-        res.docs_path = str(out / "docs")
+    if storage.files(storage.join(out, "docs")):
+        res.docs_path = storage.join(out, "docs")
     for s in [res.total, *res.steps]:
         if s is not None:
             s.check()
-    (out / "stats.json").write_text(
-        json.dumps(res.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8"
-    )
-    (out / "key").write_text(key)
-    pending.unlink(missing_ok=True)
+    # the marker last: a folder (on a store: a prefix) is trusted only with its `key`
+    storage.write_text(stats, json.dumps(res.to_dict(), indent=1, ensure_ascii=False))
+    storage.write_text(storage.join(out, "key"), key)
+    storage.remove(pending)
     return res
 
 

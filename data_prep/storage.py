@@ -8,7 +8,7 @@ Commit semantics (docs/scaling.md, "Object stores"):
   upload, becomes visible only when it completes. `atomic_write` completes it only when the block
   ends without an error, and discards (aborts) the upload otherwise. A *set* of objects (a stage
   folder, the dataset) is committed by a marker written last, which readers trust and nothing
-  else: see data_prep.mirror.
+  else: data_prep.stage.run_stage writes it after every task of the stage has finished.
 
 The package behind a protocol (s3fs, gcsfs, huggingface_hub, ...) is imported by fsspec when the
 first URL of that protocol is used; a missing one is a one-line error naming it.
@@ -17,6 +17,7 @@ first URL of that protocol is used; a missing one is a one-line error naming it.
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -178,14 +179,56 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def commit(tmp: str | Path, final: str | Path) -> None:
-    """Move a finished temporary file into place: a rename locally; on an object store (no
-    rename) a server-side copy and delete, where the copy is the all-or-nothing step."""
+def scratch(final: str | Path) -> Path:
+    """A local file to write `final` into before `commit`: beside it for a local target (so
+    the commit is a rename), in this process's own temporary folder (`TMPDIR`, on the node
+    the task runs on) for an object: nothing is written to a disk another node would need."""
     if not is_remote(final):
-        os.replace(local_path(tmp), local_path(final))
+        p = local_path(final)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return tmp_path(p)
+    name = str(final).rsplit("/", 1)[-1]
+    return Path(tempfile.gettempdir()) / f".tokenclock-{uuid.uuid4().hex[:12]}-{name}"
+
+
+def commit(tmp: str | Path, final: str | Path) -> None:
+    """Move a finished temporary file into place: a rename locally; a local file to an object
+    store is uploaded (one all-or-nothing PUT) and removed; an object to an object (a store has
+    no rename) is a server-side copy and delete, where the copy is the all-or-nothing step."""
+    if not is_remote(final):
+        dst = local_path(final)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local_path(tmp), dst)
+        return
+    if not is_remote(tmp):
+        try:
+            upload(local_path(tmp), str(final))
+        finally:
+            local_path(tmp).unlink(missing_ok=True)
         return
     fs, path = filesystem(final)
     fs.mv(filesystem(tmp)[1], path)
+
+
+def mkdirs(url: str | Path) -> None:
+    """The folder `url` made locally; nothing on an object store (a prefix needs no folder)."""
+    if not is_remote(url):
+        local_path(url).mkdir(parents=True, exist_ok=True)
+
+
+def files(url: str | Path, pattern: str = "*") -> list[str]:
+    """The files directly in the folder `url` whose name matches `pattern`, sorted by name, as
+    paths (local) or URLs; [] when there is no such folder."""
+    if not is_remote(url):
+        p = local_path(url)
+        return [str(f) for f in sorted(p.glob(pattern)) if f.is_file()] if p.is_dir() else []
+    fs, path = _fresh(join(url, pattern))
+    hits = fs.glob(path, detail=True)  # one listing, no request per object
+    return sorted(fs.unstrip_protocol(k) for k, v in hits.items() if v.get("type") == "file")
+
+
+def read_text(url: str | Path) -> str:
+    return read_bytes(url).decode("utf-8")
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_prep import storage
 from data_prep.document import Document
 
 SCHEMA = pa.schema(
@@ -66,11 +67,17 @@ class DocWriter:
         self.close()
 
 
-def doc_files(path: str | Path) -> list[Path]:
-    """The Parquet files of a stage output: the file itself, or a shard folder's part-*.parquet
-    in name (= document) order."""
-    p = Path(path)
-    return sorted(p.glob("part-*.parquet")) if p.is_dir() else [p]
+def doc_files(path: str | Path) -> list[str]:
+    """The Parquet files of a stage output (a local path or a URL, data_prep.storage): the
+    file itself, or a shard folder's part-*.parquet in name (= document) order."""
+    if str(path).endswith(".parquet") or not storage.is_remote(path) and Path(path).is_file():
+        return [str(path)]
+    return storage.files(path, "part-*.parquet")
+
+
+def parquet(path: str | Path) -> pq.ParquetFile:
+    """A Parquet file of a stage output, local or on an object store."""
+    return pq.ParquetFile(path if not storage.is_remote(path) else storage.open(path, "rb"))
 
 
 def read_docs(path: str | Path, batch_rows: int = 1024) -> Iterator[Document]:
@@ -78,8 +85,8 @@ def read_docs(path: str | Path, batch_rows: int = 1024) -> Iterator[Document]:
         yield from _read_file(f, batch_rows)
 
 
-def _read_file(path: Path, batch_rows: int) -> Iterator[Document]:
-    pf = pq.ParquetFile(path)
+def _read_file(path: str, batch_rows: int) -> Iterator[Document]:
+    pf = parquet(path)
     for batch in pf.iter_batches(batch_size=batch_rows):
         cols = batch.to_pydict()
         for i in range(batch.num_rows):
@@ -93,12 +100,12 @@ def _read_file(path: Path, batch_rows: int) -> Iterator[Document]:
 
 
 def num_docs(path: str | Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in doc_files(path))
+    return sum(parquet(f).metadata.num_rows for f in doc_files(path))
 
 
 def read_column(path: str | Path, column: str) -> list:
     """One column of a stage output (a file or a shard folder), as a list."""
     out: list = []
     for f in doc_files(path):
-        out += pq.ParquetFile(f).read(columns=[column]).column(column).to_pylist()
+        out += parquet(f).read(columns=[column]).column(column).to_pylist()
     return out

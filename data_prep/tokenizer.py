@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from data_prep import storage
 from data_prep.config import PrepConfig, TokenizerConfig, to_dict
 from data_prep.executor import Executor
 from data_prep.shards import split_of
@@ -198,17 +198,21 @@ class TokenizerStage(Stage):
         sha = self.pretrained.sha256 if self.pretrained else None
         return [to_dict(cfg)["tokenizer"], sh.val_fraction, sh.split_seed, sha]
 
-    def run(self, cfg: PrepConfig, ex: Executor, inp: Path | None, out: Path,
+    def run(self, cfg: PrepConfig, ex: Executor, inp: str | None, out: str,
             res: StageResult) -> None:
-        """Trained (or checked) in one task, which reads the clean shards itself: the driver
-        sees only the counts and the vocabulary size."""
+        """Trained (or checked) in one task, which reads the clean shards itself and writes
+        tokenizer.json into `out` (local or on the store): the driver sees only the counts and
+        the vocabulary size. A pretrained tokenizer.json, a file the driver was given, is
+        copied byte for byte by the driver."""
         assert inp is not None
+        if self.pretrained is not None and self.pretrained.file is not None:
+            storage.upload(self.pretrained.file, storage.join(out, "tokenizer.json"))
         (row,) = ex.rows(ex.map_shards([{"shard": 0}], _tokenizer_task, stage=self, cfg=cfg,
-                                       inp=str(inp), out=str(out)))
+                                       inp=inp, out=out))
         acct = json.loads(row["acct"])
         res.total, res.extra = StepStats.from_dict(acct["total"]), acct["extra"]
 
-    def train(self, cfg: PrepConfig, inp: Path, out: Path) -> dict[str, Any]:
+    def train(self, cfg: PrepConfig, inp: str, out: str) -> dict[str, Any]:
         """The stage's work: its accounting and extras, the tokenizer written into `out`."""
         sh = cfg.shards
         total = new_stats(cfg, "tokenizer")
@@ -223,21 +227,19 @@ class TokenizerStage(Stage):
 
         if self.pretrained is None:
             tok = train_tokenizer(train_texts(), cfg.tokenizer, progress=cfg.progress)
-            tok.save(str(out / "tokenizer.json"))
+            _save(tok, out)
             extra: dict[str, Any] = {"vocab_size": tok.get_vocab_size()}
         else:
             extra = self._use_pretrained(cfg, train_texts(), out)
         total.bump("vocab_size", extra["vocab_size"])
         return {"total": total.to_dict(), "extra": extra}
 
-    def _use_pretrained(self, cfg: PrepConfig, texts: Iterator[str], out: Path) -> dict[str, Any]:
+    def _use_pretrained(self, cfg: PrepConfig, texts: Iterator[str], out: str) -> dict[str, Any]:
         pre = self.pretrained
         assert pre is not None
         tok = pre.tokenizer
-        if pre.file is not None:
-            shutil.copyfile(pre.file, out / "tokenizer.json")  # byte for byte
-        else:
-            tok.save(str(out / "tokenizer.json"))
+        if pre.file is None:  # from the hub (a file was copied by `run`)
+            _save(tok, out)
         tok.encode_special_tokens = True
         sample = list(islice(texts, ROUND_TRIP_SAMPLE))
         for _ in texts:  # the rest is counted, not checked
@@ -262,4 +264,12 @@ class TokenizerStage(Stage):
 
 def _tokenizer_task(item: dict[str, Any], stage: TokenizerStage, cfg: PrepConfig, inp: str,
                     out: str) -> dict[str, list]:
-    return {"shard": [0], "acct": [json.dumps(stage.train(cfg, Path(inp), Path(out)))]}
+    return {"shard": [0], "acct": [json.dumps(stage.train(cfg, inp, out))]}
+
+
+def _save(tok: Tokenizer, out: str) -> None:
+    """tokenizer.json into the stage folder `out`, all or nothing (local or on a store)."""
+    final = storage.join(out, "tokenizer.json")
+    tmp = storage.scratch(final)
+    tok.save(str(tmp))
+    storage.commit(tmp, final)

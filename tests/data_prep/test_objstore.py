@@ -4,7 +4,8 @@ credentials come from the standard AWS_* environment variables; the client is no
 
 The pipeline runs from s3:// to s3:// and its output, downloaded, is compared byte for byte with
 the same run on local paths; a write that fails or is killed leaves no object, and a stage
-prefix without its committed `key` is never trusted by the next run.
+prefix without its committed `key` is never trusted by the next run. Every task writes to the
+store itself: the driver keeps no local copy of the output.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import gzip
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -96,10 +96,9 @@ def make_raw(root: Path) -> Path:
     return raw
 
 
-def write_config(path: Path, raw: str, out: str, work: str = "", **extra: str) -> Path:
+def write_config(path: Path, raw: str, out: str, **extra: str) -> Path:
     lines = [
         f"out_dir: {out}",
-        *([f"work_dir: {work}"] if work else []),
         "sources:",
         "  - {kind: jsonl, name: code, domain: code, id_field: id, path: " + raw + "/jsonl}",
         "  - {kind: parquet, name: topics, path: " + raw + "/parquet}",
@@ -270,15 +269,25 @@ def test_bad_urls_are_one_line(s3, tmp_path, capsys):
 # --------------------------------------------------------------------------- the pipeline
 @pytest.mark.slow
 def test_s3_to_s3_is_byte_identical_to_local(s3, tmp_path):
-    """Inputs read from s3://, every output (stages, shards, meta.json, reports) committed to
-    s3://: downloaded, the same bytes as the run on local paths. A second machine (a fresh
-    working copy) then finds every stage committed and skips it."""
+    """Inputs read from s3://, every output (stages, shards, meta.json, reports) written to
+    s3:// by the tasks: downloaded, the same bytes as the run on local paths, and nothing
+    written on the local disk (run from an empty folder, with TMPDIR an empty folder: the
+    tasks' scratch files are gone once committed). A second run then finds every stage
+    committed and skips it."""
     raw = make_raw(tmp_path)
     local = run(load_config(write_config(tmp_path / "local.yaml", str(raw), str(tmp_path / "L"))))
     upload_dir(raw, f"s3://{BUCKET}/in")
     out = f"s3://{BUCKET}/out"
-    cfg = write_config(tmp_path / "s3.yaml", f"s3://{BUCKET}/in", out, str(tmp_path / "work1"))
-    run(load_config(cfg))
+    cfg = write_config(tmp_path / "s3.yaml", f"s3://{BUCKET}/in", out)
+    scratch, cwd = tmp_path / "scratch", tmp_path / "cwd"
+    scratch.mkdir()
+    cwd.mkdir()
+    r = subprocess.run([sys.executable, "-m", "data_prep", str(cfg)], cwd=cwd, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch)},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == f"prepared dataset: {out}"
+    assert not [p for p in (*scratch.rglob("*"), *cwd.rglob("*"))], "local files written"
     got = tmp_path / "got"
     download_dir(out, got)
     n = assert_same_output(local, got)
@@ -287,28 +296,26 @@ def test_s3_to_s3_is_byte_identical_to_local(s3, tmp_path):
     assert len(list(got.glob("stages/*/key"))) == len(list(local.glob("stages/*/key")))
     print(f"s3 -> s3 output: {len(comparable(got))} files, {n} bytes, identical to local")
 
-    shutil.rmtree(tmp_path / "work1")  # another machine: only the store is shared
-    cfg2 = write_config(tmp_path / "s3b.yaml", f"s3://{BUCKET}/in", out, str(tmp_path / "work2"))
-    run(load_config(cfg2))
+    assert run(load_config(cfg)) == out  # again (from any machine): every stage is committed
     rep = json.loads(storage.read_bytes(f"{out}/report.json"))
     cached = [s["name"] for s in rep["stages"] if s.get("cached")]
     assert len(cached) == len(list(local.glob("stages/*/key"))), rep["stages"]
-    assert_same_output(local, tmp_path / "work2")
+    again = tmp_path / "again"
+    download_dir(out, again)
+    assert_same_output(local, again)
 
 
 @pytest.mark.slow
 def test_uncommitted_stage_prefix_is_not_trusted(s3, tmp_path):
-    """A stage prefix without its `key` (an upload killed before the marker) holds a corrupt
-    object and a stray one: the next run, from a fresh working copy, does not pull it, runs the
-    stage again, replaces the prefix and ends with the same bytes."""
+    """A stage prefix without its `key` (a run killed before the marker) holds a corrupt
+    object and a stray one: the next run does not trust it, runs the stage again, replaces the
+    prefix and ends with the same bytes."""
     raw = make_raw(tmp_path)
     upload_dir(raw, f"s3://{BUCKET}/in2")
     out = f"s3://{BUCKET}/out2"
-    run(load_config(write_config(tmp_path / "a.yaml", f"s3://{BUCKET}/in2", out,
-                                 str(tmp_path / "w1"))))
+    run(load_config(write_config(tmp_path / "a.yaml", f"s3://{BUCKET}/in2", out)))
     first = tmp_path / "first"
     download_dir(out, first)
-    shutil.rmtree(tmp_path / "w1")  # another machine: only the store is shared
     stage = f"{out}/stages/02_filter"
     storage.remove(f"{stage}/key")
     storage.write_text(f"{stage}/docs.parquet", "truncated")
@@ -316,8 +323,7 @@ def test_uncommitted_stage_prefix_is_not_trusted(s3, tmp_path):
     # the dataset too: meta.json gone, a stale shard beside the committed ones
     storage.remove(f"{out}/meta.json")
     storage.write_text(f"{out}/train_999.bin", "stale")
-    run(load_config(write_config(tmp_path / "b.yaml", f"s3://{BUCKET}/in2", out,
-                                 str(tmp_path / "w2"))))
+    run(load_config(write_config(tmp_path / "b.yaml", f"s3://{BUCKET}/in2", out)))
     rep = json.loads(storage.read_bytes(f"{out}/report.json"))
     by_name = {s["name"]: s for s in rep["stages"]}
     assert by_name["filter"]["cached"] is False and by_name["read"]["cached"] is True
@@ -328,43 +334,43 @@ def test_uncommitted_stage_prefix_is_not_trusted(s3, tmp_path):
     assert_same_output(first, again)
 
 
-KILL_DURING_UPLOAD = """
+KILL_DURING_WRITE = """
 import os, signal, sys
 from data_prep import storage
 from data_prep.config import load_config
 from data_prep.pipeline import run
 
-real = storage.upload
+real = storage.write_text
 
 
-def upload(local, url):  # the process dies half-way through writing this object
-    if url.endswith(sys.argv[2]):
+def write_text(url, text):  # the process dies half-way through writing this object
+    if str(url).endswith(sys.argv[2]):
         with storage.atomic_write(url) as f:
-            data = local.read_bytes()
+            data = text.encode()
             f.write(data[: len(data) // 2])
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-    real(local, url)
+    real(url, text)
 
 
-storage.upload = upload
+storage.write_text = write_text
 run(load_config(sys.argv[1]))
 """
 
 
 @pytest.mark.slow
 def test_run_killed_mid_commit_resumes_from_what_was_committed(s3, tmp_path):
-    """A prep run SIGKILLed while uploading exact_dedup's stats.json (its docs are up, its key
+    """A prep run SIGKILLed while writing exact_dedup's stats.json (its shards are up, its key
     is not): that stage's prefix is not committed and the object being written does not exist;
-    a rerun on a fresh working copy pulls read..filter, runs exact_dedup and the rest again, and
-    its output is the same bytes as a run that was never interrupted."""
+    a rerun keeps read..filter, resumes exact_dedup (its complete shards kept) and runs the
+    rest, and its output is the same bytes as a run that was never interrupted."""
     raw = make_raw(tmp_path)
     ref = run(load_config(write_config(tmp_path / "ref.yaml", str(raw), str(tmp_path / "ref"))))
     upload_dir(raw, f"s3://{BUCKET}/in4")
     out = f"s3://{BUCKET}/out4"
-    cfg = write_config(tmp_path / "a.yaml", f"s3://{BUCKET}/in4", out, str(tmp_path / "w1"))
+    cfg = write_config(tmp_path / "a.yaml", f"s3://{BUCKET}/in4", out)
     r = subprocess.run(
-        [sys.executable, "-c", KILL_DURING_UPLOAD, str(cfg), "stages/03_exact_dedup/stats.json"],
+        [sys.executable, "-c", KILL_DURING_WRITE, str(cfg), "stages/03_exact_dedup/stats.json"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
         timeout=300,
     )
@@ -373,9 +379,7 @@ def test_run_killed_mid_commit_resumes_from_what_was_committed(s3, tmp_path):
     assert storage.find(stage)  # its documents went up before the kill
     assert not storage.exists(f"{stage}/stats.json") and not storage.exists(f"{stage}/key")
     assert storage.exists(f"{out}/stages/02_filter/key") and not storage.exists(f"{out}/meta.json")
-    shutil.rmtree(tmp_path / "w1")  # another machine: only the store is shared
-    run(load_config(write_config(tmp_path / "b.yaml", f"s3://{BUCKET}/in4", out,
-                                 str(tmp_path / "w2"))))
+    run(load_config(write_config(tmp_path / "b.yaml", f"s3://{BUCKET}/in4", out)))
     rep = json.loads(storage.read_bytes(f"{out}/report.json"))
     cached = {s["name"]: s["cached"] for s in rep["stages"]}
     assert cached["filter"] and not cached["exact_dedup"], cached
@@ -394,7 +398,7 @@ def test_ray_executor_s3_to_s3_matches_local(s3, tmp_path):
     upload_dir(raw, f"s3://{BUCKET}/in3")
     out = f"s3://{BUCKET}/out3"
     run(load_config(write_config(tmp_path / "r.yaml", f"s3://{BUCKET}/in3", out,
-                                 str(tmp_path / "w"), executor="ray")))
+                                 executor="ray")))
     got = tmp_path / "got"
     download_dir(out, got)
     data = {k: v for k, v in comparable(got).items() if not k.startswith("stages/")}

@@ -119,6 +119,9 @@ class Node:
         self.role = role
         self.temp = Path(tempfile.mkdtemp(prefix=f"r{role[0]}", dir="/tmp"))  # short: sockets
         self.log = self.temp / "ray_start.log"
+        self.scratch = self.temp / "scratch"  # the node's own TMPDIR (its tasks' scratch files)
+        self.scratch.mkdir()
+        env = {**env, "TMPDIR": str(self.scratch)}
         with open(self.log, "wb") as f:
             self.proc = subprocess.Popen(
                 [RAY, "start", "--block", "--temp-dir", str(self.temp), "--num-cpus", "1",

@@ -57,7 +57,7 @@ def test_overhead_on_tiny(tmp_path, capsys):
                                            "near_dedup", "pii", "tokenizer", "pack"]
     assert res["docs"] > 0 and set(res["ratio"]) == {"ray", "ray_warm"}
     assert all(len(v) == 1 and v[0] > 0 for v in res["seconds"].values())
-    assert set(res["ray_fixed_costs_s"]) == {"init_s", "first_job_s", "map_s", "shuffle_s",
-                                             "shutdown_s"}
+    assert set(res["ray_fixed_costs_s"]) == {"init_s", "first_task_s", "task_s", "put_get_s",
+                                             "map_s", "shuffle_s", "shutdown_s"}
     assert all(v > 0 for v in res["ray_fixed_costs_s"].values())
     assert "ray / local:" in text and "Ray's fixed costs here" in text and text.startswith("# data_prep: Ray's overhead")
