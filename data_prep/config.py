@@ -151,7 +151,10 @@ class RayConfig:
     address: str = "local"
     num_cpus: int = 0  # address=local only: CPUs of the embedded Ray; 0 = `workers` (or all)
     shard_docs: int = 2000  # documents per output shard of every document stage
-    partitions: int = 0  # blocks of each shuffle (groupby); 0 = 2 x the cluster's CPUs
+    partitions: int = 0  # blocks of each shuffle (groupby); 0 = automatic (see shuffle_docs)
+    # automatic partitions: one reducer per shuffle_docs documents (at least 2 per CPU); the map
+    # side is cut into as many groups, so a shuffle makes at most (docs / shuffle_docs)^2 pieces
+    shuffle_docs: int = 50000
     ship_code: bool = True  # existing cluster: send data_prep + contracts as py_modules
 
 
@@ -246,10 +249,12 @@ def _validate_executor(cfg: PrepConfig) -> None:
             f"ray.address={a!r}; valid: local, auto or a cluster address host:port "
             "(or ray://host:port)"
         )
-    if cfg.ray.shard_docs < 1 or cfg.ray.num_cpus < 0 or cfg.ray.partitions < 0:
+    if (cfg.ray.shard_docs < 1 or cfg.ray.shuffle_docs < 1 or cfg.ray.num_cpus < 0
+            or cfg.ray.partitions < 0):
         raise ValueError(
-            f"ray.shard_docs={cfg.ray.shard_docs}, ray.num_cpus={cfg.ray.num_cpus}, "
-            f"ray.partitions={cfg.ray.partitions}: shard_docs must be >= 1, the others >= 0"
+            f"ray.shard_docs={cfg.ray.shard_docs}, ray.shuffle_docs={cfg.ray.shuffle_docs}, "
+            f"ray.num_cpus={cfg.ray.num_cpus}, ray.partitions={cfg.ray.partitions}: "
+            "shard_docs and shuffle_docs must be >= 1, the others >= 0"
         )
     if cfg.executor == "ray" and importlib.util.find_spec("ray") is None:
         raise ValueError(

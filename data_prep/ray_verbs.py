@@ -56,14 +56,18 @@ def session(cfg: PrepConfig) -> Iterator[None]:
 
 
 def partitions(cfg: PrepConfig, n_docs: int) -> int:
-    """Blocks of each shuffle: ray.partitions, else enough for about one shard's documents per
-    block (so a task's memory does not grow with the corpus) and at least 2 per CPU."""
+    """Reducers of each shuffle: ray.partitions, else one per `ray.shuffle_docs` documents and
+    at least 2 per CPU. A shuffle's rows are keys, hashes and pairs, not documents, so a reducer
+    holding `shuffle_docs` documents' rows stays small; and since `grouped` cuts the map side
+    into as many runs, the driver owns at most parts^2 pieces per shuffle. (One reducer per
+    shard's documents made that (docs / shard_docs)^2: a million object refs at 2M documents,
+    4.3 GB in the driver.)"""
     import ray
 
     if cfg.ray.partitions:
         return cfg.ray.partitions
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(2, 2 * cpus, -(-n_docs // cfg.ray.shard_docs))
+    return max(2, 2 * cpus, -(-n_docs // cfg.ray.shuffle_docs))
 
 
 # --------------------------------------------------------------------------- tasks
@@ -124,8 +128,10 @@ def _sample(t: Any, key: str, k: int) -> Any:
     return keys[np.linspace(0, len(keys) - 1, min(k, len(keys))).astype(np.int64)]
 
 
-def _split(t: Any, key: str, bounds: Any) -> tuple[Any, ...]:
-    """A block cut by key range into len(bounds) + 1 pieces (one per reducer)."""
+def _split(key: str, bounds: Any, *blocks: Any) -> tuple[Any, ...]:
+    """Consecutive blocks, as one in input order, cut by key range into len(bounds) + 1 pieces
+    (one per reducer)."""
+    t = _concat(list(blocks))
     keys = t[key].to_numpy(zero_copy_only=False)
     part = np.searchsorted(bounds, keys, side="right")
     order = np.argsort(part, kind="stable")
@@ -157,9 +163,10 @@ def map_blocks(data: Blocks, fn: Callable, fmt: str = "pandas", **kw: Any) -> Bl
 
 def grouped(data: Blocks, key: str, fn: Callable, parts: int, fmt: str = "pandas",
             **kw: Any) -> Blocks:
-    """A shuffle with a vectorised reduce: every block cut by key range (boundaries from a
-    sample of every block's keys) into `parts` pieces, then one reducer per range sorts its
-    pieces by `key` and calls `fn(block, **kw)`, seeing every group whole."""
+    """A shuffle with a vectorised reduce: the blocks, in at most `parts` runs of consecutive
+    blocks, cut by key range (boundaries from a sample of every block's keys) into `parts`
+    pieces, then one reducer per range sorts its pieces by `key` and calls `fn(block, **kw)`,
+    seeing every group whole."""
     import ray
 
     live = [r for r, n in zip(data.refs, data.sizes(), strict=True) if n]
@@ -170,7 +177,8 @@ def grouped(data: Blocks, key: str, fn: Callable, parts: int, fmt: str = "pandas
     bounds = np.unique(sample[np.linspace(0, len(sample) - 1, parts + 1).astype(np.int64)[1:-1]])
     n_out = len(bounds) + 1
     split = _task(_split, n_out)
-    pieces = [split.remote(r, key, bounds) for r in live]
+    step = -(-len(live) // parts)  # at most `parts` map tasks: the pieces stay <= parts^2
+    pieces = [split.remote(key, bounds, *live[k:k + step]) for k in range(0, len(live), step)]
     if n_out == 1:
         pieces = [[p] for p in pieces]
     task, kref = _task(_reduce), _put_kw(kw)
