@@ -14,18 +14,32 @@ and the stages. A stage is one of:
   published figure and marked so.
 - `rl` (GRPO-style reinforcement learning, Shao et al. 2024): each step generates
   `samples_per_prompt` responses to `prompts_per_step` prompts with the current policy, then
-  updates the policy on them. Generation is decoding: each new token of a batch reads the
-  weights the batch needs and every sequence's KV cache from HBM, so a decode step takes
-  max(bytes / HBM bandwidth, FLOPs / matmul rate) (`decode_seconds`); the batch is what the
-  KV cache leaves room for. The update is a training step on the generated tokens (plus a
-  forward pass of the reference model for the KL term: 4/3 of a training step). The KV cache
-  is reserved for `max_response_tokens` (the run's length cap, default the mean), so a cap can
-  shrink the batch. A rollout may generate the responses of several steps at once
+  updates the policy on them. A rollout may generate the responses of several steps at once
   (`outputs_per_rollout`, default one step's: R1 generates 8,192 outputs per rollout and
-  trains on them in 16 mini-batches of 512), which decodes them in larger batches. Not
-  modelled: the tail of a rollout, when the longest responses decode at a small batch after
-  the others have finished; with large rollouts and a cap far above the mean length it can
-  set the rollout's duration.
+  trains on them in 16 mini-batches of 512), which decodes them in larger batches; its time is
+  shared among its steps. One step is the sum of these terms, each printed in the stage notes:
+  - decoding (`decode_seconds`): a decode step of a batch takes the slowest of reading what it
+    needs from HBM (the weights of every expert the batch routes to, and every sequence's KV
+    cache), its FLOPs (2 per active weight per token), and a per-token latency floor of the
+    serving system (`decode_step_latency_ms` / `mtp_tokens_per_step`, default none: the
+    expert-parallel all-to-all and kernel latencies of a step, which no batch size amortises);
+    the batch is what the KV cache, reserved for `max_response_tokens` (the length cap, default
+    the mean), leaves room for;
+  - the rollout tail (`expected_longest`): a rollout lasts until its longest response ends.
+    Response lengths are taken as spread exponentially around the mean (the maximum-entropy
+    spread for a given mean), so the longest of n is the mean x H_n (the n-th harmonic number,
+    9.6 for 8,192), at most the cap; the rollout's decoding is the longer of the bulk (the mean
+    length of steps at the full batch, per wave) and the tail (the longest response's steps at a
+    batch of one, where the latency floor binds);
+  - moving the policy weights to the generation engine once per rollout: each of an
+    instance's accelerators receives its 1/g share of the weights over its network link;
+  - the update, a training step on the generated tokens at the stage's layout;
+  - the log-probability passes (`logprob_passes`, default 1: the reference model of the KL
+    term): forward passes over every generated and prompt token, 2 FLOPs per active weight per
+    token plus the attention core (`logprob_flops`), charged at the update's achieved rate.
+  Not modelled: the reward evaluation (rule checks and code execution, run asynchronously
+  beside the other modules in the R1 paper's RL framework) and the reference refresh (a copy of
+  the policy every 400 steps).
 
 Inputs a paper does not publish are given as `assumed: {central, low, high, why}` and swept
 over their range; published inputs carry a `source`. Stages that share one published figure
@@ -97,22 +111,37 @@ def kv_bytes_per_token(cfg: ModelConfig) -> float:
 
 
 def decode_seconds(cfg: ModelConfig, acc: Accelerator, g: int, batch: float, context: float,
-                   precision: str, f: dict[str, float]) -> float:
+                   precision: str, f: dict[str, float], floor_s: float = 0.0) -> float:
     """One decode step of `batch` sequences at mean `context` tokens on an instance of g
-    accelerators: the slower of reading what the step needs (weights of every expert the
-    batch routes to, and the KV caches) and its FLOPs (2 per active weight per token)."""
+    accelerators: the slowest of reading what the step needs (weights of every expert the
+    batch routes to, and the KV caches), its FLOPs (2 per active weight per token), and the
+    serving system's per-token latency floor `floor_s`."""
     weight_bytes = precision_of(precision).bytes
     total, active = count_params(cfg), count_params(cfg, active=True)
     read = min(total, active * batch) * weight_bytes + batch * context * kv_bytes_per_token(cfg)
     bw = float(acc.get("memory_bw_gbs")) * BYTES_PER_GB * f["memory_efficiency"]
     rate, _, _ = rates(acc, precision, f)
     flops = batch * model_flops_per_token(cfg, int(context)) / 3  # a forward pass per token
-    return max(read / (g * bw), flops / (g * rate))
+    return max(read / (g * bw), flops / (g * rate), floor_s)
+
+
+def expected_longest(mean: float, n: int, cap: float) -> float:
+    """Expected longest of n response lengths spread exponentially with mean `mean` (the
+    maximum-entropy spread for a given mean): mean x H_n, the n-th harmonic number (the
+    expected maximum of n unit exponentials), at most the length cap."""
+    return min(cap, mean * sum(1.0 / k for k in range(1, int(n) + 1)))
+
+
+def logprob_flops(cfg: ModelConfig, tokens: float, seq_len: int, passes: float = 1.0) -> float:
+    """FLOPs of `passes` forward-only passes over `tokens` tokens of `seq_len`: one third of
+    the training FLOPs per token, i.e. 2 per active weight plus the attention core's forward."""
+    return passes * tokens * model_flops_per_token(cfg, seq_len) / 3
 
 
 def _rl_seconds(stage: dict, cfg: ModelConfig, acc: Accelerator, n: int, precision: str,
                 factors, case: str, where: str) -> tuple[float, list[str]]:
-    """Seconds of one RL step: generation, then the policy update."""
+    """Seconds of one RL step: its share of the rollout (decoding, bulk or tail, and the
+    weight transfer), the policy update and the log-probability passes."""
     f = {k: v.at(case) for k, v in factors.items()}
     prompts = _value(stage["prompts_per_step"], case, where)
     samples = _value(stage["samples_per_prompt"], case, where)
@@ -120,9 +149,9 @@ def _rl_seconds(stage: dict, cfg: ModelConfig, acc: Accelerator, n: int, precisi
     response = _value(stage["response_tokens"], case, where)
     # The decoding engine must hold the KV cache of a sequence that may reach the maximum
     # length (the paper's cap), not only the mean: the batch is sized for the cap.
-    longest = float(parse_count(stage.get("max_response_tokens", response), where))
-    if longest < response:
-        raise ValueError(f"{where}: max_response_tokens {longest:.0f} is below the mean "
+    cap = float(parse_count(stage.get("max_response_tokens", response), where))
+    if cap < response:
+        raise ValueError(f"{where}: max_response_tokens {cap:.0f} is below the mean "
                          f"response_tokens {response:.0f} of case {case}")
     g = int(stage.get("generation_instance", 32))
     instances = max(1, n // g)
@@ -131,27 +160,45 @@ def _rl_seconds(stage: dict, cfg: ModelConfig, acc: Accelerator, n: int, precisi
     if rollout < sequences:
         raise ValueError(f"{where}: outputs_per_rollout {rollout:.0f} is below one step's "
                          f"{sequences:.0f} responses")
+    latency = (_value(stage["decode_step_latency_ms"], case, where) / 1e3
+               if "decode_step_latency_ms" in stage else 0.0)
+    mtp = _value(stage.get("mtp_tokens_per_step", 1), _HIGH_IS_BEST[case], where)
+    passes = _value(stage.get("logprob_passes", 1), case, where)
+    if mtp < 1:
+        raise ValueError(f"{where}: mtp_tokens_per_step {mtp:g} is below 1")
+    floor = latency / mtp
     context = prompt_len + response / 2  # mean context while decoding
-    hbm = float(acc.get("memory_gb")) * BYTES_PER_GB * g * 0.9
-    room = hbm - count_params(cfg) * precision_of(precision).bytes
+    weight_bytes = count_params(cfg) * precision_of(precision).bytes
+    room = float(acc.get("memory_gb")) * BYTES_PER_GB * g * 0.9 - weight_bytes
     if room <= 0:
         raise ValueError(f"{where}: the model does not fit one {g}-accelerator generation "
                          "instance; raise generation_instance")
     per_instance = math.ceil(rollout / instances)
-    batch = max(1.0, min(per_instance, room / ((prompt_len + longest) * kv_bytes_per_token(cfg))))
+    batch = max(1.0, min(per_instance, room / ((prompt_len + cap) * kv_bytes_per_token(cfg))))
     waves = math.ceil(per_instance / batch)
-    # one rollout feeds rollout / sequences steps: its decoding time is shared among them
-    gen = waves * response * decode_seconds(cfg, acc, g, batch, context, precision, f) \
-        * sequences / rollout
+    bulk = waves * response * decode_seconds(cfg, acc, g, batch, context, precision, f, floor)
+    longest = expected_longest(response, int(rollout), cap)
+    tail = longest * decode_seconds(cfg, acc, g, 1, prompt_len + longest / 2, precision, f, floor)
+    link = float(acc.get("network_gbs") or acc.get("interconnect_gbs")) * BYTES_PER_GB
+    sync = weight_bytes / g / link  # each generation accelerator receives its share
+    share = sequences / rollout  # one rollout feeds rollout / sequences steps
+    gen = (max(bulk, tail) + sync) * share
     tokens = sequences * (prompt_len + response)
     seq_len = int(prompt_len + response)
     lay = complete_layout(cfg, n, acc, seq_len, tokens, stage.get("layout") or {})
     train = step_time(cfg, seq_len, acc, n, lay, precision, stage.get("recompute", "full"),
-                      factors, case).total * 4 / 3
-    note = (f"per step: {sequences:.0f} responses of {response:.0f} tokens, from rollouts of "
-            f"{rollout:.0f} decoded in {waves} wave(s) of {batch:.0f} per {g}-accelerator "
-            f"instance ({gen:.0f} s a step), update {train:.0f} s")
-    return gen + train, [note]
+                      factors, case).total
+    # forward-only passes at the update's achieved FLOP rate (the training layout)
+    logprob = logprob_flops(cfg, tokens, seq_len, passes) / (
+        tokens * model_flops_per_token(cfg, seq_len) / train)
+    note = (f"per step: {sequences:.0f} responses of {response:.0f} tokens (mean), from rollouts "
+            f"of {rollout:.0f} decoded in {waves} wave(s) of {batch:.0f} per {g}-accelerator "
+            f"instance; a rollout decodes for max(bulk {bulk:.0f} s, tail {tail:.0f} s: the "
+            f"longest response, {longest:.0f} tokens, at {1e3 * tail / longest:.1f} ms a token; "
+            f"latency floor {1e3 * floor:.1f} ms a token) + weights to the engine {sync:.1f} s; "
+            f"a step's share {gen:.0f} s, update {train:.0f} s, log-prob passes "
+            f"({passes:g}) {logprob:.0f} s")
+    return gen + train + logprob, [note]
 
 
 def run_stages(path: str | Path) -> tuple[dict, list[StageResult]]:

@@ -8,13 +8,15 @@ from estimate.perf import Factor, load_factors
 from estimate.stages import (
     StageResult,
     decode_seconds,
+    expected_longest,
     groups,
     kv_bytes_per_token,
+    logprob_flops,
     run_stages,
     stages_file,
 )
 from model.config import get_preset
-from model.flops import count_params
+from model.flops import count_params, model_flops_per_token
 
 
 def test_kv_cache_bytes():
@@ -148,3 +150,82 @@ def test_a_rollout_of_several_steps_decodes_in_larger_batches(tmp_path):
     bad.write_text(stage(256))
     with pytest.raises(ValueError, match="outputs_per_rollout"):
         run_stages(bad)
+
+
+def _central_factors():
+    return {k: v.central for k, v in load_factors(
+        load_defaults(), Factor("stack_efficiency", 1, 1, 1, "high", "t")).items()}
+
+
+def test_latency_floor_binds_at_batch_one_and_not_at_large_batches():
+    """A decode step is never faster than the serving system's per-token latency: at batch 1 on
+    32 H800 the 37B active weights read in well under 30 ms, so a 30 ms floor sets the step;
+    at a batch of 8,192 long sequences the KV-cache reads take longer, and the floor changes
+    nothing."""
+    cfg = get_preset("deepseek-v3")
+    acc = get_accelerator("H800-SXM5-80GB")
+    f = _central_factors()
+    assert decode_seconds(cfg, acc, 32, 1, 1000, "fp8", f) < 0.03
+    assert decode_seconds(cfg, acc, 32, 1, 1000, "fp8", f, floor_s=0.03) == 0.03
+    big = decode_seconds(cfg, acc, 32, 8192, 16000, "fp8", f)
+    assert big > 0.03
+    assert decode_seconds(cfg, acc, 32, 8192, 16000, "fp8", f, floor_s=0.03) == big
+
+
+def test_expected_longest_response():
+    """Lengths spread exponentially: the longest of n is the mean x H_n, capped at the maximum."""
+    assert expected_longest(1000, 1, 10**6) == pytest.approx(1000)
+    assert expected_longest(1000, 4, 10**6) == pytest.approx(1000 * (1 + 1 / 2 + 1 / 3 + 1 / 4))
+    assert expected_longest(5000, 8192, 32768) == 32768  # 5,000 x 9.6 would pass the cap
+    assert expected_longest(5000, 8192, 65536) == pytest.approx(5000 * 9.59, rel=1e-3)
+
+
+def test_logprob_flops_are_a_forward_pass():
+    """A log-prob pass is forward only: 2 FLOPs per active weight per token plus the attention
+    core's forward, one third of the training FLOPs; linear in tokens and passes."""
+    cfg = get_preset("llama2-70b")
+    one = logprob_flops(cfg, 1000, 4096)
+    assert one == pytest.approx(1000 * model_flops_per_token(cfg, 4096) / 3)
+    # at a short sequence the attention core is small: about 2 x the (non-embedding) weights
+    assert logprob_flops(cfg, 1000, 16) == pytest.approx(2 * 1000 * count_params(cfg), rel=0.05)
+    assert logprob_flops(cfg, 2000, 4096, passes=2) == pytest.approx(4 * one)
+
+
+def _rl_spec(**extra):
+    more = "".join(f", {k}: {v}" for k, v in extra.items())
+    return ("name: x\naccelerator: H800-SXM5-80GB\nstages:\n"
+            "  - {name: rl, kind: rl, model: deepseek-v3, count: 512, precision: fp8,\n"
+            "     layout: {tp: 1, pp: 16, ep: 32},\n"
+            "     prompts_per_step: 32, samples_per_prompt: 16, steps: 10, prompt_tokens: 300,\n"
+            f"     response_tokens: 4000, generation_instance: 32, outputs_per_rollout: 8192{more}}}\n")
+
+
+def _central_hours(tmp_path, name, **extra):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(_rl_spec(**extra))
+    return run_stages(path)[1][0].hours["central"]
+
+
+def test_rollout_tail_grows_with_the_maximum_length(tmp_path):
+    """With a latency floor the rollout lasts as long as its longest response: raising the cap
+    from 16,384 to 65,536 (the mean and the rest unchanged) lengthens the tail, hence the hours;
+    MTP's tokens per step divide the floor, and a value below 1 is refused."""
+    floor = {"decode_step_latency_ms": 40}
+    h = [_central_hours(tmp_path, f"c{cap}", max_response_tokens=cap, **floor)
+         for cap in (16384, 32768, 65536)]
+    assert h[0] < h[1] < h[2]
+    mtp = _central_hours(tmp_path, "mtp", max_response_tokens=32768, mtp_tokens_per_step=2, **floor)
+    assert mtp < h[1]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_rl_spec(mtp_tokens_per_step=0.5))
+    with pytest.raises(ValueError, match="mtp_tokens_per_step"):
+        run_stages(bad)
+
+
+def test_logprob_passes_add_forward_passes(tmp_path):
+    """Each log-prob pass adds a forward pass over the step's tokens at the update's rate."""
+    one = _central_hours(tmp_path, "p1", max_response_tokens=8000)
+    two = _central_hours(tmp_path, "p2", max_response_tokens=8000, logprob_passes=2)
+    three = _central_hours(tmp_path, "p3", max_response_tokens=8000, logprob_passes=3)
+    assert one < two < three
+    assert three - two == pytest.approx(two - one)
