@@ -2,7 +2,8 @@
 
 The directory layout, the manifest, trainer.json and their verification are
 `contracts.checkpoint`'s; this module holds the torch side: saving and loading the weights
-(safetensors, or DCP shards under `fsdp=true`, `train/fsdp.py`), the optimizer state and each
+(safetensors, or DCP shards under `fsdp=true`, `train/fsdp.py`; an FSDP run also resumes from
+safetensors, as a tp x dp_shard run writes them), the optimizer state and each
 rank's RNG states and data position, and the fingerprint a run must match to resume.
 
 All ranks write into `step_NNNNNNNN.tmp/`, which the main rank renames once every file is on
@@ -37,7 +38,8 @@ from contracts.checkpoint import (
 )
 from contracts.dataset import DatasetMeta
 from contracts.run import RunDir
-from train.fsdp import is_sharded, load_sharded, save_sharded
+from model.transformer import Transformer
+from train.fsdp import is_sharded, load_full, load_sharded, save_sharded
 from train.load import refuse_unfused
 
 log = logging.getLogger("train")
@@ -163,12 +165,16 @@ def load(path: Path, model, optimizer, rank: int, expected_fingerprint: dict) ->
     if diffs:
         raise ValueError(f"cannot resume from {path}: the run changed: " + "; ".join(diffs))
     sharded = trainer["sharded"]
-    if sharded != is_sharded(model):
-        raise ValueError(f"cannot resume from {path}: it was written with fsdp={str(sharded).lower()}, "
-                         f"this run has fsdp={str(not sharded).lower()}; resume with "
-                         f"fsdp={str(sharded).lower()}")
+    if sharded and not is_sharded(model):
+        raise ValueError(f"cannot resume from {path}: it was written with fsdp=true, this run has "
+                         "fsdp=false; resume with fsdp=true")
     if sharded:  # a collective: every rank reads its own slices
         load_sharded(path, model, optimizer)
+    elif is_sharded(model):  # whole tensors (one process, DDP, tp x dp_shard) into FSDP slices
+        refuse_unfused(path / WEIGHTS)
+        full = Transformer(model.cfg)
+        load_model(full, str(path / WEIGHTS))
+        load_full(model, optimizer, full.state_dict(), torch.load(path / OPTIMIZER, weights_only=True))
     else:
         refuse_unfused(path / WEIGHTS)  # a run saved before wqkv / w_gate_up (train/load.py)
         load_model(model, str(path / WEIGHTS))
