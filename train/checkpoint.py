@@ -79,10 +79,16 @@ def fsync_dir(path: Path) -> None:
 class Checkpointer:
     """Saves, finds and loads the checkpoints of one run directory."""
 
-    def __init__(self, out_dir: Path, keep: int, rank: int, barrier):
+    def __init__(self, out_dir: Path, keep: int, rank: int, barrier, state_rank: int | None = None,
+                 saves_state: bool = True):
+        """`state_rank`: the index this rank's RNG and data position are saved under (default
+        `rank`; under tp/cp its data-parallel rank, written by one rank of those that share
+        it: `saves_state`), so that another layout with as many data-parallel ranks reads them."""
         self.run_dir = Path(out_dir)
         self.root = RunDir(out_dir).checkpoints
         self.keep, self.rank, self.barrier = keep, rank, barrier
+        self.state_rank = rank if state_rank is None else state_rank
+        self.saves_state = saves_state
         self.last_save_s = 0.0  # how long the last save took: the time limit keeps room for one
 
     def save(self, step: int, model, optimizer, trainer: dict, rank_state: dict) -> Path:
@@ -94,7 +100,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.barrier()
-        torch.save(rank_state, tmp / f"rank_{self.rank:05d}.pt")
+        if self.saves_state:
+            torch.save(rank_state, tmp / f"rank_{self.state_rank:05d}.pt")
         sharded = is_sharded(model)
         if sharded:  # a collective: every rank writes its slices, rank 0 also DCP's .metadata
             save_sharded(tmp, model, optimizer)

@@ -191,7 +191,8 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
 
     # Resume, when asked, from a verified checkpoint of the same run (same fingerprint):
     # weights, optimizer, counters, grad scaler, and this rank's RNG states and data position.
-    checkpointer = Checkpointer(cfg.out_dir, cfg.keep_checkpoints, rank, accelerator.wait_for_everyone)
+    checkpointer = Checkpointer(cfg.out_dir, cfg.keep_checkpoints, rank, accelerator.wait_for_everyone,
+                                layout.dp_rank, layout.tp_rank == 0 and layout.cp_rank == 0)
     run_fingerprint = fingerprint(cfg, meta, layout.dp)  # tp and cp may change on resume
     state = TrainState()
     resume_from = resume_path(cfg.resume, checkpointer)

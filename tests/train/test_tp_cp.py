@@ -1,6 +1,6 @@
 """Tensor and context parallelism split the model and the sequence, not what a step computes:
-tp=2 (with and without sequence parallelism) and cp=2 on 2 gloo processes, and tp=2 x cp=2 and
-dp=2 x tp=2 on 4, train the tiny model of the pipeline tests on the same batches to the same
+tp=2 (with and without sequence parallelism) and cp=2 on 2 gloo processes, and tp=2 x cp=2,
+dp=2 x tp=2, and tp=2 and cp=2 each with FSDP2 over dp_shard=2 on 4, train the tiny model of the pipeline tests on the same batches to the same
 losses and gradient norms as one process, in float32, over 50 steps within rel 1e-5 on the loss
 and 5e-5 on the gradient norm, the pipeline tests' tolerances (measured at most 3.3e-6 on the
 loss and 1.3e-5 on the gradient norm: the ranks sum partial products in another order)."""
@@ -108,6 +108,7 @@ def test_trainer_tp2_x_dp_shard2_resumes_exactly_and_its_checkpoint_loads_under_
     assert summary["techniques"]["fsdp"] is True and len(set(summary["rank_weight_sha256"])) == 1
     step10 = out / "checkpoints" / "step_00000010"
     assert not json.loads((step10 / "trainer.json").read_text())["sharded"]
+    assert sorted(p.name for p in step10.glob("rank_*")) == ["rank_00000.pt", "rank_00001.pt"]
     again = launch(tiny_data, tmp_path / "again", 4, "parallel.tp=2", "parallel.dp_shard=2",
                    f"resume={step10}")
     assert losses(again, 11) == losses(run, 11)  # exact
