@@ -1,9 +1,10 @@
 """Tensor and context parallelism split the model and the sequence, not what a step computes:
 tp=2 (with and without sequence parallelism) and cp=2 on 2 gloo processes, and tp=2 x cp=2,
-dp=2 x tp=2, and tp=2 and cp=2 each with FSDP2 over dp_shard=2 on 4, train the tiny model of the pipeline tests on the same batches to the same
-losses and gradient norms as one process, in float32, over 50 steps within rel 1e-5 on the loss
-and 5e-5 on the gradient norm, the pipeline tests' tolerances (measured at most 3.3e-6 on the
-loss and 1.3e-5 on the gradient norm: the ranks sum partial products in another order)."""
+dp=2 x tp=2, and tp=2 and cp=2 each with FSDP2 over dp_shard=2 on 4, train the tiny model of the
+pipeline tests on the same batches to the same losses and gradient norms as one process, in
+float32, over 50 steps within rel 1e-5 on the loss and 5e-5 on the gradient norm, the pipeline
+tests' tolerances (measured at most 3.3e-6 on the loss and 1.3e-5 on the gradient norm: the
+ranks sum partial products in another order)."""
 
 import json
 import sys
