@@ -62,7 +62,7 @@ class Layout:
         if fsdp and parallel.dp_replicate > 1:
             raise ValueError(f"parallel.dp_replicate={parallel.dp_replicate} with fsdp=true: hybrid "
                              "sharding (HSDP) is not run here; use dp_replicate=0 (all of dp sharded)")
-        if fsdp and dp * cp == 1:
+        if fsdp and dp * cp == 1 and tp > 1:  # (one process alone: train.techniques refuses)
             raise ValueError(f"fsdp=true: {left} and cp={cp}: nothing to shard over; launch more "
                              "processes or use fsdp=false")
         if fsdp and parallel.dp_shard not in (0, dp):
