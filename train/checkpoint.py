@@ -2,7 +2,8 @@
 
 The directory layout, the manifest, trainer.json and their verification are
 `contracts.checkpoint`'s; this module holds the torch side: saving and loading the weights
-(safetensors, or DCP shards under `fsdp=true`, `train/fsdp.py`), the optimizer state and each
+(safetensors, or DCP shards under `fsdp=true`, `train/fsdp.py`; an FSDP run also resumes from
+safetensors, as a tp x dp_shard run writes them), the optimizer state and each
 rank's RNG states and data position, and the fingerprint a run must match to resume.
 
 All ranks write into `step_NNNNNNNN.tmp/`, which the main rank renames once every file is on
@@ -37,7 +38,8 @@ from contracts.checkpoint import (
 )
 from contracts.dataset import DatasetMeta
 from contracts.run import RunDir
-from train.fsdp import is_sharded, load_sharded, save_sharded
+from model.transformer import Transformer
+from train.fsdp import is_sharded, load_full, load_sharded, save_sharded
 from train.load import refuse_unfused
 
 log = logging.getLogger("train")
@@ -77,10 +79,16 @@ def fsync_dir(path: Path) -> None:
 class Checkpointer:
     """Saves, finds and loads the checkpoints of one run directory."""
 
-    def __init__(self, out_dir: Path, keep: int, rank: int, barrier):
+    def __init__(self, out_dir: Path, keep: int, rank: int, barrier, state_rank: int | None = None,
+                 saves_state: bool = True):
+        """`state_rank`: the index this rank's RNG and data position are saved under (default
+        `rank`; under tp/cp its data-parallel rank, written by one rank of those that share
+        it: `saves_state`), so that another layout with as many data-parallel ranks reads them."""
         self.run_dir = Path(out_dir)
         self.root = RunDir(out_dir).checkpoints
         self.keep, self.rank, self.barrier = keep, rank, barrier
+        self.state_rank = rank if state_rank is None else state_rank
+        self.saves_state = saves_state
         self.last_save_s = 0.0  # how long the last save took: the time limit keeps room for one
 
     def save(self, step: int, model, optimizer, trainer: dict, rank_state: dict) -> Path:
@@ -92,7 +100,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.barrier()
-        torch.save(rank_state, tmp / f"rank_{self.rank:05d}.pt")
+        if self.saves_state:
+            torch.save(rank_state, tmp / f"rank_{self.state_rank:05d}.pt")
         sharded = is_sharded(model)
         if sharded:  # a collective: every rank writes its slices, rank 0 also DCP's .metadata
             save_sharded(tmp, model, optimizer)
@@ -163,12 +172,16 @@ def load(path: Path, model, optimizer, rank: int, expected_fingerprint: dict) ->
     if diffs:
         raise ValueError(f"cannot resume from {path}: the run changed: " + "; ".join(diffs))
     sharded = trainer["sharded"]
-    if sharded != is_sharded(model):
-        raise ValueError(f"cannot resume from {path}: it was written with fsdp={str(sharded).lower()}, "
-                         f"this run has fsdp={str(not sharded).lower()}; resume with "
-                         f"fsdp={str(sharded).lower()}")
+    if sharded and not is_sharded(model):
+        raise ValueError(f"cannot resume from {path}: it was written with fsdp=true, this run has "
+                         "fsdp=false; resume with fsdp=true")
     if sharded:  # a collective: every rank reads its own slices
         load_sharded(path, model, optimizer)
+    elif is_sharded(model):  # whole tensors (one process, DDP, tp x dp_shard) into FSDP slices
+        refuse_unfused(path / WEIGHTS)
+        full = Transformer(model.cfg)
+        load_model(full, str(path / WEIGHTS))
+        load_full(model, optimizer, full.state_dict(), torch.load(path / OPTIMIZER, weights_only=True))
     else:
         refuse_unfused(path / WEIGHTS)  # a run saved before wqkv / w_gate_up (train/load.py)
         load_model(model, str(path / WEIGHTS))

@@ -66,7 +66,7 @@ class ParallelConfig:
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved | zero_bubble | dualpipev
     microbatches: int = 0  # pipeline micro-batches per step per dp rank; 0 = from micro_batch_size
     dp_replicate: int = 0  # replicated data-parallel degree (DDP); 0 = the remainder
-    dp_shard: int = 0  # sharded data-parallel degree (FSDP2); 0 = the remainder when fsdp=true, else 1
+    dp_shard: int = 0  # sharded data-parallel degree (FSDP2; > 1 sets fsdp=true); 0 = the remainder when fsdp=true, else 1
     sequence_parallel: bool = True  # with tp > 1: norms and residuals on 1/tp of the sequence
 
 
@@ -201,6 +201,8 @@ def validate(cfg: TrainConfig) -> None:
     check_ranges(cfg, RANGES, skip=("model", "optim", "parallel"))
     check_ranges(cfg.optim, OPTIM_RANGES, "optim.")
     check_ranges(cfg.parallel, PARALLEL_RANGES, "parallel.")
+    if cfg.parallel.dp_shard > 1:  # sharded data parallel is FSDP2: config.yaml says fsdp=true
+        cfg.fsdp = True
     if cfg.parallel.pp > 1:
         validate_pipeline(cfg)
     if cfg.seq_len > cfg.model.seq_len:
@@ -216,13 +218,10 @@ def check_tp_cp(cfg: TrainConfig) -> None:
     if p.tp == 1 and p.cp == 1:
         return
     where = f"parallel.tp={p.tp}, parallel.cp={p.cp}"
-    if cfg.fsdp or p.dp_shard > 1:
-        raise ValueError(f"{where} with fsdp=true (or parallel.dp_shard > 1): sharded data "
-                         "parallel does not compose with tensor/context parallel here; use "
-                         "fsdp=false (data parallel is then DDP)")
     if p.pp > 1:
         raise ValueError(f"{where} with parallel.pp={p.pp}: pipeline stages do not compose with "
-                         "tensor/context parallel yet; use one of them")
+                         "tensor/context parallel yet; what runs: tp/cp x data parallel (DDP, or "
+                         "FSDP2 with fsdp=true), or pp x DDP")
     if m.is_mla or m.n_experts:
         raise ValueError(f"{where}: standard attention and dense MLPs only; multi-head latent "
                          "attention (model.kv_lora_rank) and MoE (model.n_experts) are not split")

@@ -47,7 +47,6 @@ from train.distributed import (
     set_threads,
     weight_checksums,
 )
-from train.fsdp import full_copy
 from train.memory import check_memory
 from train.metrics import (
     MetricsLog,
@@ -170,7 +169,7 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
     seq_len = cfg.seq_len or cfg.model.seq_len
     # tp x cp x dp: the ranks of one dp index read alike (train/parallel/layout.py); under
     # pipeline parallel a replica's pp ranks load the same data (train/parallel/pp_train.py)
-    layout = Layout.plan(cfg.parallel, rank, world)
+    layout = Layout.plan(cfg.parallel, rank, world, cfg.fsdp)
     pipeline = PipelineRun(cfg, accelerator) if cfg.parallel.pp > 1 else None
     data_rank, data_world = (pipeline.dp_rank, pipeline.dp) if pipeline else (layout.dp_rank, layout.dp)
     train_loader = BatchLoader(TokenWindows(meta, "train", seq_len, cfg.model.vocab_size),
@@ -179,7 +178,7 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
                              cfg.micro_batch_size, data_rank, data_world, cfg.seed, shuffle=False)
     accum = cfg.batch_size // (cfg.micro_batch_size * data_world)
     check_memory(cfg, accelerator)  # refuse a model too big for the device before allocating it
-    parallel = Parallel(layout)  # its process groups, when tp or cp > 1
+    parallel = Parallel(layout, accelerator.device.type)  # its groups and mesh, when tp or cp > 1
     if pipeline:
         model, optimizer = pipeline.model, pipeline.optimizer
         step_fn, eval_fn = pipeline.train_step, pipeline.evaluate
@@ -192,7 +191,8 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
 
     # Resume, when asked, from a verified checkpoint of the same run (same fingerprint):
     # weights, optimizer, counters, grad scaler, and this rank's RNG states and data position.
-    checkpointer = Checkpointer(cfg.out_dir, cfg.keep_checkpoints, rank, accelerator.wait_for_everyone)
+    checkpointer = Checkpointer(cfg.out_dir, cfg.keep_checkpoints, rank, accelerator.wait_for_everyone,
+                                layout.dp_rank, layout.tp_rank == 0 and layout.cp_rank == 0)
     run_fingerprint = fingerprint(cfg, meta, layout.dp)  # tp and cp may change on resume
     state = TrainState()
     resume_from = resume_path(cfg.resume, checkpointer)
@@ -296,8 +296,8 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
 
     if pipeline:
         pipeline.gather()  # every rank's model whole: checksums, export, samples
-    raw_model = parallel.full_model(full_copy(raw_model))  # unsharded (fsdp, tp): checksums, export
-    if cfg.fsdp and main:  # the last checkpoint gets pickle-free weights too
+    raw_model = parallel.full_model(raw_model)  # unsharded (fsdp, tp, cp): checksums, export
+    if cfg.fsdp and main and not parallel.active:  # the last (DCP) checkpoint gets safetensors too
         with disk_space(checkpointer.root, lambda: state_bytes(raw_model)):
             checkpointer.consolidate(cfg.steps, raw_model)
     summary = summarize(cfg, info, metrics, state)

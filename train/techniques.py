@@ -39,11 +39,12 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, parallel=None):
     distributed set-up: DDP (or nothing) through accelerate, FSDP2 through accelerate's plugin
     on GPU, or through `train.fsdp.shard` on CPU, where accelerate would use DDP instead.
     Under tensor/context parallel (`parallel`, train/parallel/layout.py) the model is split
-    first and DDP spans only the ranks that sum gradients."""
+    first and DDP or FSDP2 spans only the ranks that sum gradients."""
     launched_fsdp = accelerator.distributed_type == DistributedType.FSDP
     if launched_fsdp and not cfg.fsdp:
         raise ValueError("launched with an FSDP accelerate config but fsdp=false: add fsdp=true")
-    if cfg.fsdp and accelerator.device.type != "cpu" and not launched_fsdp:
+    split = parallel is not None and parallel.active  # tp/cp: FSDP (if any) over its own mesh
+    if cfg.fsdp and accelerator.device.type != "cpu" and not launched_fsdp and not split:
         raise ValueError("fsdp=true on GPU needs accelerate's FSDP plugin: launch with "
                          "--config_file launch/accelerate/gpu_fsdp2.yaml (MODE=fsdp2 launch/gpu.sh)")
     if cfg.fsdp and accelerator.num_processes < 2:
@@ -58,10 +59,11 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, parallel=None):
             log.info("activation checkpointing from the FSDP config: activation_checkpointing=full")
     resolve_compile(cfg, accelerator.device)  # done already by the loop; not by every caller
     model = Transformer(cfg.model)
-    if parallel is not None and parallel.active:
+    if split:
         model = apply_techniques(parallel.apply(model), cfg)
+        wrapped = parallel.wrap(model, cfg.mixed_precision)  # FSDP first: it replaces parameters
         optimizer = build_optimizer(model, cfg.optim, accelerator.device, cfg.compile_optimizer)
-        return parallel.wrap(model), accelerator.prepare_optimizer(optimizer)
+        return wrapped, accelerator.prepare_optimizer(optimizer)
     model = apply_techniques(model, cfg)
     if cfg.fsdp and not launched_fsdp:
         fsdp.shard(model, cfg.mixed_precision)

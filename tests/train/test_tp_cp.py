@@ -1,9 +1,10 @@
 """Tensor and context parallelism split the model and the sequence, not what a step computes:
-tp=2 (with and without sequence parallelism) and cp=2 on 2 gloo processes, and tp=2 x cp=2 and
-dp=2 x tp=2 on 4, train the tiny model of the pipeline tests on the same batches to the same
-losses and gradient norms as one process, in float32, over 50 steps within rel 1e-5 on the loss
-and 5e-5 on the gradient norm, the pipeline tests' tolerances (measured at most 3.3e-6 on the
-loss and 1.3e-5 on the gradient norm: the ranks sum partial products in another order)."""
+tp=2 (with and without sequence parallelism) and cp=2 on 2 gloo processes, and tp=2 x cp=2,
+dp=2 x tp=2, and tp=2 and cp=2 each with FSDP2 over dp_shard=2 on 4, train the tiny model of the
+pipeline tests on the same batches to the same losses and gradient norms as one process, in
+float32, over 50 steps within rel 1e-5 on the loss and 5e-5 on the gradient norm, the pipeline
+tests' tolerances (measured at most 3.3e-6 on the loss and 1.3e-5 on the gradient norm: the
+ranks sum partial products in another order)."""
 
 import json
 import sys
@@ -16,17 +17,20 @@ from tests.train.pipeline_worker import BATCH, SEQ, build, one_process
 from tests.train.tp_worker import parallel_train
 from tests.utils import run_cmd
 from train.config import load_config
+from train.parallel.layout import Layout
 from train.parallel.procs import spawn
 
 LAYOUTS = {"tp2-sp": (2, 1, True), "tp2": (2, 1, False), "cp2": (1, 2, True),
-           "tp2xcp2": (2, 2, True), "dp2xtp2": (2, 1, True)}
-PROCESSES = {"tp2xcp2": 4, "dp2xtp2": 4}
+           "tp2xcp2": (2, 2, True), "dp2xtp2": (2, 1, True),
+           "dp_shard2xtp2": (2, 1, True), "dp_shard2xcp2": (1, 2, True)}
+PROCESSES = {"tp2xcp2": 4, "dp2xtp2": 4, "dp_shard2xtp2": 4, "dp_shard2xcp2": 4}
 
 
 def run_parallel(tmp_path, name: str, tie: bool, steps: int) -> dict:
     tp, cp, sp = LAYOUTS[name]
     path = tmp_path / f"{name}-{tie}.json"
-    spawn(parallel_train, PROCESSES.get(name, 2), tp, cp, sp, tie, steps, str(path))
+    spawn(parallel_train, PROCESSES.get(name, 2), tp, cp, sp, tie, steps, str(path),
+          name.startswith("dp_shard"))
     return json.loads(path.read_text())
 
 
@@ -94,8 +98,35 @@ def test_trainer_tp2_and_cp2_and_their_checkpoints_resume_under_another_layout(t
         assert losses(resumed, 11) == pytest.approx(losses(one, 11), rel=1e-5)
 
 
+@pytest.mark.slow
+def test_trainer_tp2_x_dp_shard2_resumes_exactly_and_its_checkpoint_loads_under_tp1_and_fsdp(
+        tiny_data, tmp_path):
+    """The real trainer at tp=2 x dp_shard=2 (4 processes: FSDP2 over each tp index's two
+    data-parallel ranks) gives the losses of plain data parallel on 2 processes (the same
+    batches) over 20 steps; its step-10 checkpoint (whole tensors, safetensors) resumes at the
+    same layout to the same losses exactly, and at tp=1 with DDP and with plain FSDP (2
+    processes) to the reference's."""
+    dp2 = launch(tiny_data, tmp_path / "dp2", 2)
+    run = launch(tiny_data, tmp_path / "tp2-shard2", 4, "parallel.tp=2", "parallel.dp_shard=2",
+                 "checkpoint_every=10")
+    assert losses(run) == pytest.approx(losses(dp2), rel=1e-5)
+    assert all(r["tp_comm_s"] > 0 for r in run if "loss" in r)
+    out = tmp_path / "tp2-shard2"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["techniques"]["fsdp"] is True and len(set(summary["rank_weight_sha256"])) == 1
+    step10 = out / "checkpoints" / "step_00000010"
+    assert not json.loads((step10 / "trainer.json").read_text())["sharded"]
+    assert sorted(p.name for p in step10.glob("rank_*")) == ["rank_00000.pt", "rank_00001.pt"]
+    again = launch(tiny_data, tmp_path / "again", 4, "parallel.tp=2", "parallel.dp_shard=2",
+                   f"resume={step10}")
+    assert losses(again, 11) == losses(run, 11)  # exact
+    for name, overrides in (("tp1", []), ("fsdp", ["fsdp=true"])):
+        resumed = launch(tiny_data, tmp_path / name, 2, *overrides, f"resume={step10}")
+        assert losses(resumed, 11) == pytest.approx(losses(dp2, 11), rel=1e-5), name
+
+
 @pytest.mark.parametrize("overrides, message", [
-    (["parallel.tp=2", "fsdp=true"], "with fsdp=true"),
+    (["parallel.tp=2", "parallel.pp=2"], r"what runs: tp/cp x data parallel \(DDP, or FSDP2"),
     (["parallel.tp=3"], r"needs model.n_kv_head \(2\) divisible"),
     (["parallel.cp=3"], "seq_len=64 must be a multiple of 6"),
     (["parallel.tp=2", "compile=true"], "compile=true"),
@@ -105,3 +136,19 @@ def test_unsupported_layouts_are_refused_in_one_line(overrides, message):
     with pytest.raises(ValueError, match=message) as e:
         load_config("configs/train/tiny.yaml", overrides)
     assert "\n" not in str(e.value)
+
+
+def test_dp_shard_is_fsdp_and_its_layouts_are_checked_at_launch():
+    """parallel.dp_shard > 1 resolves to fsdp=true; Layout.plan refuses, in one line, a sharded
+    layout with nothing to shard over, hybrid sharding and a dp_shard the world does not give."""
+    cfg = load_config("configs/train/tiny.yaml", ["parallel.tp=2", "parallel.dp_shard=2"])
+    assert cfg.fsdp and Layout.plan(cfg.parallel, 3, 4, cfg.fsdp) == Layout(2, 1, 2, 3, True, True)
+    for overrides, world, message in [
+        (["parallel.tp=2", "fsdp=true"], 2, "nothing to shard over"),
+        (["parallel.tp=2", "fsdp=true", "parallel.dp_replicate=2"], 8, "hybrid sharding"),
+        (["parallel.cp=2", "parallel.dp_shard=2"], 8, "leave 4 data-parallel ranks"),
+    ]:
+        cfg = load_config("configs/train/tiny.yaml", overrides)
+        with pytest.raises(ValueError, match=message) as e:
+            Layout.plan(cfg.parallel, 0, world, cfg.fsdp)
+        assert "\n" not in str(e.value)

@@ -12,12 +12,13 @@ from tests.train.pipeline_worker import LR, batch, build
 from train.parallel.layout import Layout, Parallel
 
 
-def parallel_train(rank: int, tp: int, cp: int, sp: bool, tie: bool, steps: int, path: str) -> None:
+def parallel_train(rank: int, tp: int, cp: int, sp: bool, tie: bool, steps: int, path: str,
+                   shard: bool = False) -> None:
     """AdamW steps of the tiny model on tp x cp x dp ranks (dp = the rest; replica d takes rows
-    d::dp of each batch); rank 0 writes {"loss": [...], "grad_norm": [...], "tp_comm_s": [...],
+    d::dp of each batch), data parallel by DDP or, with `shard`, FSDP2; rank 0 writes {"loss": [...], "grad_norm": [...], "tp_comm_s": [...],
     "cp_comm_s": [...]} to path."""
     world = dist.get_world_size()
-    layout = Layout(tp, cp, world // (tp * cp), rank, sp)
+    layout = Layout(tp, cp, world // (tp * cp), rank, sp, shard)
     parallel = Parallel(layout)
     model = parallel.apply(build(tie))
     ddp = parallel.wrap(model)
@@ -31,6 +32,7 @@ def parallel_train(rank: int, tp: int, cp: int, sp: bool, tie: bool, steps: int,
         # the whole batch's token count; DDP averages over dp x cp (layout.py's docstring)
         (loss_sum * dp / (targets != -100).sum()).backward()
         norm = clip(model.parameters(), float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP at tp=1
         opt.step()
         opt.zero_grad()
         loss = loss_sum.detach().double() / (targets != -100).sum()

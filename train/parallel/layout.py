@@ -4,8 +4,14 @@ tp group is neighbouring ranks (one host's fast links first, as Megatron-LM plac
 
 - a tp group holds one copy of the model, sharded (train/parallel/tensor.py);
 - a cp group holds the same weights and splits each sequence (train/parallel/context.py);
-- the ranks of one tp index across dp x cp sum their gradients (DDP over that group), and
-  every rank of one dp index reads the same batches.
+- the ranks of one tp index across dp x cp sum their gradients: DDP over that group, or, with
+  `fsdp=true` / `parallel.dp_shard` > 1, FSDP2 over it (`train.fsdp.shard` on the "dp_shard_cp"
+  dimension of a 2-D DeviceMesh [dp x cp, tp]), which shards each tp rank's (plain-tensor)
+  shards again over that group and reduce-scatters gradients inside it; every rank of one dp
+  index reads the same batches.
+
+The mesh is torch's `init_device_mesh`: accelerate's `ParallelismConfig` builds the same kind
+of mesh but applies tp only to transformers models with a `tp_plan` (DTensor parameters).
 
 Each rank's forward returns cp x the loss sum of its tokens, which is what keeps the loop's
 normalisation (it divides by world x local tokens and DDP averages over dp x cp) the sum over
@@ -20,8 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 
 from model.transformer import Transformer, compute_dtype
+from train import fsdp
 from train.checkpoint import load
 from train.parallel.comm import Comm
 from train.parallel.context import ContextParallel
@@ -37,19 +46,28 @@ class Layout:
     dp: int
     rank: int
     sequence_parallel: bool = True
+    shard: bool = False  # FSDP2 over the dp x cp ranks of each tp index, instead of DDP
 
     @classmethod
-    def plan(cls, parallel, rank: int, world: int) -> Layout:
-        """The layout a config's `parallel:` section asks for on `world` processes (the rest
-        is checked with the config: train.config.check_tp_cp)."""
+    def plan(cls, parallel, rank: int, world: int, fsdp: bool = False) -> Layout:
+        """The layout a config's `parallel:` section (and its `fsdp` switch) asks for on `world`
+        processes (the rest is checked with the config: train.config.check_tp_cp)."""
         tp, cp = parallel.tp, parallel.cp
         if world % (tp * cp):
             raise ValueError(f"parallel.tp={tp} x parallel.cp={cp} must divide the {world} processes")
         dp = world // (tp * cp)
-        if parallel.dp_replicate not in (0, dp):
-            raise ValueError(f"parallel.dp_replicate={parallel.dp_replicate}: {world} processes at "
-                             f"tp={tp} x cp={cp} leave {dp} data-parallel replicas (or 0 = that)")
-        return cls(tp, cp, dp, rank, parallel.sequence_parallel)
+        left = f"{world} processes at tp={tp} x cp={cp} leave {dp} data-parallel ranks"
+        if not fsdp and parallel.dp_replicate not in (0, dp):
+            raise ValueError(f"parallel.dp_replicate={parallel.dp_replicate}: {left} (or 0 = that)")
+        if fsdp and parallel.dp_replicate > 1:
+            raise ValueError(f"parallel.dp_replicate={parallel.dp_replicate} with fsdp=true: hybrid "
+                             "sharding (HSDP) is not run here; use dp_replicate=0 (all of dp sharded)")
+        if fsdp and dp * cp == 1 and tp > 1:  # (one process alone: train.techniques refuses)
+            raise ValueError(f"fsdp=true: {left} and cp={cp}: nothing to shard over; launch more "
+                             "processes or use fsdp=false")
+        if fsdp and parallel.dp_shard not in (0, dp):
+            raise ValueError(f"parallel.dp_shard={parallel.dp_shard}: {left} (or 0 = that)")
+        return cls(tp, cp, dp, rank, parallel.sequence_parallel, fsdp)
 
     @property
     def tp_rank(self) -> int:
@@ -86,17 +104,22 @@ class Parallel:
     """The layout's process groups and what the loop asks of them; with tp = cp = 1 every
     hook passes through (no groups are made)."""
 
-    def __init__(self, layout: Layout):
+    def __init__(self, layout: Layout, device_type: str = "cpu"):
         self.layout = layout
         self.active = layout.tp > 1 or layout.cp > 1
         self.tp = self.cp = None
-        self.grad_group = None
+        self.grad_group = self.mesh = None
         if not self.active:
             return
         g, r = layout.grid(), layout.rank
         self.tp = TensorParallel(Comm(_groups(g.reshape(-1, layout.tp).tolist(), r)),
                                  layout.sequence_parallel)
         self.cp = ContextParallel(Comm(_groups(g.transpose(1, 2).reshape(-1, layout.cp).tolist(), r)))
+        if layout.shard:  # rows: the ranks of one tp index across dp x cp (the grid's order)
+            self.mesh = init_device_mesh(device_type, (layout.dp * layout.cp, layout.tp),
+                                         mesh_dim_names=("dp_shard_cp", "tp"))["dp_shard_cp"]
+            self.tp.shard_group = self.mesh.get_group()
+            return
         dp_cp = g.permute(2, 0, 1).reshape(layout.tp, -1).tolist()
         self.grad_group = _groups(dp_cp, r) if len(dp_cp[0]) > 1 else None
 
@@ -137,8 +160,13 @@ class Parallel:
         loss = self.tp.loss_sum(model.norm(x), model.lm_head.weight, targets, dtype)
         return None, loss * self.layout.cp
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DDP over the ranks that sum gradients (same tp index, across dp x cp), if several."""
+    def wrap(self, model: torch.nn.Module, mixed_precision: str = "no") -> torch.nn.Module:
+        """DDP over the ranks that sum gradients (same tp index, across dp x cp), if several;
+        or FSDP2 over them (in place) when the layout shards."""
+        if self.mesh is not None:
+            fsdp.shard(model, mixed_precision, mesh=self.mesh)
+            self.tp.track(model)  # FSDP replaced the parameters
+            return model
         if self.grad_group is None:
             return model
         return torch.nn.parallel.DistributedDataParallel(model, process_group=self.grad_group)
@@ -159,25 +187,36 @@ class Parallel:
         return out
 
     def to_save(self, model: torch.nn.Module, optimizer):
-        """What a checkpoint saves: full tensors under tp (a collective), else as given."""
-        if not self.active or self.layout.tp == 1:
+        """What a checkpoint saves: full tensors under tp or tp/cp x FSDP (a collective: the
+        one-process format, safetensors, which any layout loads), else as given."""
+        if not self.active or (self.layout.tp == 1 and self.mesh is None):
             return model, optimizer
+        if self.mesh is not None:
+            return self.tp.full_state(model, optimizer, *fsdp.full_state(model, optimizer))
         return self.tp.full_state(model, optimizer)
 
     def full_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """A plain, unsharded copy on every rank (checksums, export, samples); `model` itself
-        without tensor/context parallel."""
+        when nothing splits or shards it."""
         if not self.active:
-            return model
-        return self.tp.full_model(model)
+            return fsdp.full_copy(model)
+        weights = None
+        if self.mesh is not None:
+            weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        return self.tp.full_model(model, weights)
 
     def load(self, path: Path, model: torch.nn.Module, optimizer, fingerprint: dict):
         """`train.checkpoint.load` for this layout: rank states by data-parallel rank, full
         tensors sharded for this rank (whatever tp wrote them)."""
         rank = self.layout.dp_rank
-        if not self.active or self.layout.tp == 1:
+        if not self.active or (self.layout.tp == 1 and self.mesh is None):
             return load(path, model, optimizer, rank, fingerprint)
         full, state = Transformer(model.cfg).to(model.tok_emb.weight.device), StateOnly()
         saved = load(path, full, state, rank, fingerprint)
-        self.tp.shard_state(model, optimizer, full, state.state)
+        weights, optim = self.tp.local_state(model, optimizer, full, state.state)
+        if self.mesh is not None:
+            fsdp.load_full(model, optimizer, weights, optim)
+        else:
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(optim)
         return saved

@@ -80,6 +80,7 @@ class TensorParallel:
         self.comm, self.sp = comm, sequence_parallel
         self.specs: dict[str, tuple[list[int], int]] = {}
         self.sharded_ids: set[int] = set()
+        self.shard_group: dist.ProcessGroup | None = None  # FSDP's data-parallel group, if any
 
     def apply(self, model: Transformer) -> None:
         """Replace the model's weights by this rank's shares and install the collectives."""
@@ -90,11 +91,9 @@ class TensorParallel:
             if name in self.specs:
                 owner, attr = _owner(model, name)
                 setattr(owner, attr, torch.nn.Parameter(shard(p.data, self.specs[name], rank, tp)))
-                self.sharded_ids.add(id(getattr(owner, attr)))
-            elif self.sp and tp > 1:  # a norm weight: a partial gradient from this rank's tokens
-                p.register_hook(lambda g: self.comm.all_reduce_(g.clone()))
         if model.cfg.tie_embeddings:
             model.lm_head.weight = model.tok_emb.weight
+        self.track(model)
         for block in model.blocks:
             block.attn.n_head //= tp
             block.attn.n_kv_head //= tp
@@ -137,16 +136,33 @@ class TensorParallel:
         kept = t != -100
         return (sum_exp.log() - target_z)[kept].sum()
 
+    def track(self, model: torch.nn.Module) -> None:
+        """Note which of `model`'s parameters are tp shards (again after FSDP replaced them)."""
+        self.sharded_ids = {id(p) for n, p in model.named_parameters() if n in self.specs}
+
     def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
-        """The global gradient norm (shards' squares summed over tp, replicated weights once),
-        and the gradients clipped to max_norm with it."""
-        grads = [p for p in parameters if p.grad is not None]
-        sharded = sum((p.grad.double().pow(2).sum() for p in grads if id(p) in self.sharded_ids),
-                      torch.zeros((), dtype=torch.float64, device=grads[0].device))
-        replicated = sum((p.grad.double().pow(2).sum() for p in grads
-                          if id(p) not in self.sharded_ids), torch.zeros_like(sharded))
-        norm = (self.comm.all_reduce_(sharded) + replicated).sqrt().float()
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+        """Finish the gradients and clip them: under sequence parallelism the norm weights'
+        gradients are partial sums over this rank's tokens and are summed over tp here (after
+        DDP's or FSDP's data-parallel reduction: both are linear). The global norm sums the
+        shards' squares over tp and counts the replicated weights once; under FSDP each rank
+        holds a slice of each gradient (a DTensor), and the slices' squares are summed over
+        the data-parallel group (`shard_group`) first."""
+        params = [p for p in parameters if p.grad is not None]
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        pairs = list(zip(params, grads, strict=True))
+        shards = [g for p, g in pairs if id(p) in self.sharded_ids]
+        replicated = [g for p, g in pairs if id(p) not in self.sharded_ids]
+        if self.sp:
+            for g in replicated:
+                self.comm.all_reduce_(g)
+        zero = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+        squares = torch.stack([sum((g.double().pow(2).sum() for g in group), zero)
+                               for group in (shards, replicated)])
+        if self.shard_group is not None:
+            dist.all_reduce(squares, group=self.shard_group)
+        norm = (self.comm.all_reduce_(squares[0].clone()) + squares[1]).sqrt().float()
+        # torch.nn.utils.clip_grads_with_norm_'s scaling, on the local tensors (plain or slices)
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return norm
 
     # Checkpoints: full tensors in, full tensors out.
@@ -162,30 +178,32 @@ class TensorParallel:
         """This rank's share of the full tensor of parameter `name` (or its optimizer state)."""
         return shard(t, self.specs[name], self.comm.rank, self.comm.size) if name in self.specs else t
 
-    def full_model(self, model: Transformer) -> Transformer:
-        """An unsharded copy of the model on every tp rank (a collective)."""
-        full = Transformer(model.cfg).to(model.tok_emb.weight.device)
-        full.load_state_dict({n: self.full(n, t) for n, t in model.state_dict().items()})
+    def full_model(self, model: Transformer, weights: dict | None = None) -> Transformer:
+        """An unsharded copy of the model on every tp rank (a collective), from this rank's
+        `weights` (by default the model's own state dict)."""
+        weights = model.state_dict() if weights is None else weights
+        full = Transformer(model.cfg).to(next(iter(weights.values())).device)
+        full.load_state_dict({n: self.full(n, t) for n, t in weights.items()})
         return full
 
-    def full_state(self, model: Transformer, optimizer) -> tuple[Transformer, StateOnly]:
-        """An unsharded copy of the model and of the optimizer state (a collective)."""
-        full = self.full_model(model)
+    def full_state(self, model: Transformer, optimizer, weights: dict | None = None,
+                   optim: dict | None = None) -> tuple[Transformer, StateOnly]:
+        """An unsharded copy of the model and of the optimizer state (a collective), from this
+        rank's `weights` and index-keyed `optim` state (by default the model's and optimizer's)."""
+        full = self.full_model(model, weights)
         names = optimizer_names(model, optimizer)
-        state = optimizer.state_dict()
+        state = optimizer.state_dict() if optim is None else optim
         state["state"] = {i: {k: self.full(names[i], v) if torch.is_tensor(v) and v.dim() else v
                               for k, v in s.items()} for i, s in sorted(state["state"].items())}
         return full, StateOnly(state)
 
-    def shard_state(self, model: Transformer, optimizer, full: Transformer, state: dict) -> None:
-        """Load this rank's shares of a full model's weights and a full optimizer state."""
-        with torch.no_grad():
-            for name, p in full.named_parameters():
-                dict(model.named_parameters())[name].copy_(self.mine(name, p))
+    def local_state(self, model: Transformer, optimizer, full: Transformer,
+                    state: dict) -> tuple[dict, dict]:
+        """This rank's shares of a full model's weights and of a full optimizer state."""
         names = optimizer_names(model, optimizer)
         state["state"] = {i: {k: self.mine(names[i], v) if torch.is_tensor(v) and v.dim() else v
                               for k, v in s.items()} for i, s in state["state"].items()}
-        optimizer.load_state_dict(state)
+        return {n: self.mine(n, t) for n, t in full.state_dict().items()}, state
 
 
 class StateOnly:
