@@ -264,7 +264,8 @@ def run_technique(technique: Technique, config: str, overrides: list[str], out: 
          "eval_batches=2", "tracker=none", "sample_tokens=8", "peak_samples=2",
          "checkpoint_every=0"],
         run_dir, nproc=technique.nproc)
-    memory = run_probe(technique, args)
+    ranks = run_probe(technique, args)
+    ranks = ranks.get("ranks", [ranks])  # one process: its own figures
     row = {
         "technique": technique.name,
         "overrides": list(technique.overrides),
@@ -273,7 +274,7 @@ def run_technique(technique: Technique, config: str, overrides: list[str], out: 
         "tokens_per_s_p10": summary.tokens_per_s["p10"],
         "tokens_per_s_p90": summary.tokens_per_s["p90"],
         "step_s": summary.step_s["median"],
-        "step_peak_bytes": memory["step_peak_bytes"],
+        "step_peak_bytes": max(r["step_peak_bytes"] for r in ranks),  # the busiest rank's
         "peak_rss_bytes": summary.peak_mem_bytes,
         "flops_ratio": summary.recompute_ratio,
         "mfu": summary.mfu_median,
@@ -282,13 +283,8 @@ def run_technique(technique: Technique, config: str, overrides: list[str], out: 
         "wall_s": time.monotonic() - started,
         "expectation": technique.expectation,
     }
-    if "ranks" in memory:  # per rank, and the busiest rank's figure as the row's
-        for key in ("step_peak_bytes", "weight_bytes", "optimizer_bytes"):
-            row[f"{key}_per_rank"] = [r[key] for r in memory["ranks"]]
-        row["step_peak_bytes"] = max(row["step_peak_bytes_per_rank"])
-    else:
-        row |= {f"{key}_per_rank": [memory[key]] for key in ("weight_bytes", "optimizer_bytes")}
-        row["step_peak_bytes_per_rank"] = [memory["step_peak_bytes"]]
+    for key in ("step_peak_bytes", "weight_bytes", "optimizer_bytes"):
+        row[f"{key}_per_rank"] = [r[key] for r in ranks]
     for key in ("tp_comm_s", "cp_comm_s"):  # the layout's exposed collectives, per step
         if key in summary.raw:
             row["comm_s"] = summary.raw[key]["median"]

@@ -61,7 +61,7 @@ def test_parallel_ablation_end_to_end(tiny_data, tmp_path):
         rows["pp=2 1f1b, M=2"]
     assert (base["nproc"], tp["nproc"], pp["nproc"]) == (1, 2, 2)
     weights, moments = base["weight_bytes_per_rank"][0], base["optimizer_bytes_per_rank"][0]
-    assert moments == 2 * weights  # AdamW: two fp32 moments per weight
+    assert moments == pytest.approx(2 * weights, rel=1e-3)  # AdamW: two fp32 moments (+ step)
     # tp=2: each rank about half the weights and moments (norms stay whole on every rank)
     assert all(0.45 * weights < w < 0.6 * weights for w in tp["weight_bytes_per_rank"])
     assert all(0.45 * moments < m < 0.6 * moments for m in tp["optimizer_bytes_per_rank"])
