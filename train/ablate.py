@@ -14,6 +14,12 @@ per technique:
 - executed FLOPs per token relative to the model FLOPs (recomputation runs part of the
   forward pass again), and the published expectation, with its source, beside the measurement.
 
+`--parallel` runs the parallel layouts instead, each on 2 processes (gloo) at the baseline's
+global batch: DDP, tp=2, cp=2 and pp=2 under each schedule at `--microbatches M`. Their memory
+probe runs on as many processes, laid out like the run, and gives per rank the step memory and
+the weights and AdamW state kept between steps; pipelined rows add each rank's measured bubble
+(summary.json's `pipeline`) beside the schedule's formula (ablation-parallel-DATE.md).
+
 Writes `OUT/ablation.md` (headed by the date, machine, torch version and command:
 `contracts.measured.header`), `OUT/ablation.json` and `OUT/ablation.png`; with `--publish` also
 `docs/measured/ablation-DATE.md`.
