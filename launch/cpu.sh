@@ -4,7 +4,8 @@
 # `accelerate launch --cpu --num_processes N` starts only ONE process, and `--multi_gpu` alone
 # on a CPU host starts N unconnected runs; ACCELERATE_USE_CPU=1 with a multi-device config gives
 # one N-process gloo group. world_size=N makes training fail loudly if it got anything else.
-# DRY_RUN=1 prints the command instead of running it.
+# DRY_RUN=1 prints the command instead of running it. MODULE=train.ablate runs another module of
+# this checkout on the same ranks (train.ablate's multi-process memory probe).
 set -euo pipefail
 NPROC=${NPROC:-2}
 PY=${PY:-python}
@@ -23,4 +24,4 @@ fi
 # shellcheck source=launch/lib.sh
 source "$HERE/lib.sh"
 LOCAL_PROCS="$NPROC"
-run ACCELERATE_USE_CPU=1 "$ACCELERATE" launch "${DIST[@]}" -m train "$@" world_size="$NPROC"
+run ACCELERATE_USE_CPU=1 "$ACCELERATE" launch "${DIST[@]}" -m "${MODULE:-train}" "$@" world_size="$NPROC"

@@ -144,6 +144,21 @@ def train_step(model, optimizer, batches: list, accelerator: Accelerator, timer:
                       loss_bad if fp16 else found_inf)
 
 
+def build_training(cfg: TrainConfig, accelerator: Accelerator, layout: Layout,
+                   pipeline: PipelineRun | None):
+    """This layout's hooks, model, optimizer, step and evaluation: the pipeline's, or the model
+    with its techniques, split by tensor/context parallel and wrapped for data parallel. The
+    loop and `train.ablate`'s memory probe take their step from here."""
+    parallel = Parallel(layout, accelerator.device.type)  # its groups and mesh, when tp or cp > 1
+    if pipeline:
+        return parallel, pipeline.model, pipeline.optimizer, pipeline.train_step, pipeline.evaluate
+    model, optimizer = build_model(cfg, accelerator, parallel)  # techniques, DDP or FSDP, optimizer
+    step_fn = functools.partial(train_step, replicas=layout.replicas,
+                                clip_grad_norm_=parallel.clip_grad_norm_(None))
+    eval_fn = functools.partial(evaluate, model, accelerator=accelerator)
+    return parallel, model, optimizer, step_fn, eval_fn
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train as configured; returns the summary (also written to out_dir/summary.json).
     A rank that stops answering for collective_timeout_s ends the run on the others with one
@@ -178,15 +193,7 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
                              cfg.micro_batch_size, data_rank, data_world, cfg.seed, shuffle=False)
     accum = cfg.batch_size // (cfg.micro_batch_size * data_world)
     check_memory(cfg, accelerator)  # refuse a model too big for the device before allocating it
-    parallel = Parallel(layout, accelerator.device.type)  # its groups and mesh, when tp or cp > 1
-    if pipeline:
-        model, optimizer = pipeline.model, pipeline.optimizer
-        step_fn, eval_fn = pipeline.train_step, pipeline.evaluate
-    else:
-        model, optimizer = build_model(cfg, accelerator, parallel)  # techniques, DDP or FSDP, optimizer
-        step_fn = functools.partial(train_step, replicas=layout.replicas,
-                                    clip_grad_norm_=parallel.clip_grad_norm_(None))
-        eval_fn = functools.partial(evaluate, model, accelerator=accelerator)
+    parallel, model, optimizer, step_fn, eval_fn = build_training(cfg, accelerator, layout, pipeline)
     raw_model = accelerator.unwrap_model(model)
 
     # Resume, when asked, from a verified checkpoint of the same run (same fingerprint):
