@@ -221,7 +221,7 @@ def probe(config: str, overrides: list[str], warmup: int = 2) -> dict:
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = read_dataset_meta(cfg.data_dir).vocab_size
     world = accelerator.num_processes
-    layout = Layout.plan(cfg.parallel, accelerator.process_index, world)
+    layout = Layout.plan(cfg.parallel, accelerator.process_index, world, cfg.fsdp)
     pipeline = PipelineRun(cfg, accelerator) if cfg.parallel.pp > 1 else None
     _, model, optimizer, step_fn, _ = build_training(cfg, accelerator, layout, pipeline)
     accum = cfg.batch_size // (cfg.micro_batch_size * (pipeline.dp if pipeline else layout.dp))
