@@ -178,7 +178,7 @@ def scale_bench(config: str | Path, overrides: list[str], executor: str, sizes: 
 
 
 def render_row(r: dict[str, Any]) -> str:
-    return (f"{r['docs']:>9,}{r['docs_kept'] or 0:>9,}{r['seconds']:>9.1f}{r['docs_per_s']:>9,.0f}"
+    return (f"{r['docs']:>10,}{r['docs_kept'] or 0:>10,}{r['seconds']:>9.1f}{r['docs_per_s']:>9,.0f}"
             f"{r['peak_worker_private_bytes'] / 1e6:>19.0f}{r['peak_worker_rss_bytes'] / 1e6:>15.0f}"
             f"{r['peak_driver_rss_bytes'] / 1e6:>15.0f}{r['worker_processes_seen']:>9}")
 
@@ -187,7 +187,7 @@ def render_scale(result: dict[str, Any]) -> str:
     lines = [
         f"data_prep scale bench: executor {result['executor']}, {result['cpus']} CPUs, "
         f"document stages (read .. pii) on data_prep.scale.synthetic_corpus",
-        f"{'docs':>9}{'kept':>9}{'s':>9}{'docs/s':>9}{'worker private MB':>19}"
+        f"{'docs':>10}{'kept':>10}{'s':>9}{'docs/s':>9}{'worker private MB':>19}"
         f"{'worker RSS MB':>15}{'driver RSS MB':>15}{'workers':>9}",
     ]
     lines += [render_row(r) for r in result["rows"]]
