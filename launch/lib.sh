@@ -10,7 +10,8 @@
 #  - waits for the ranks, even when the launcher was killed under them;
 #  - exits with the launcher's code, except 75 when every local rank exited 75 (checkpointed and
 #    stopped: a signal, the time limit, or the launcher's death), where accelerate exits 1, and
-#    2 when every local rank exited 2 (a user error, said in one `error:` line).
+#    2 when a local rank exited 2 (a user error, said in one `error:` line) and no other rank
+#    recorded another code (the launcher may kill a slower rank before it records its own 2).
 # LOCAL_PROCS: the number of ranks this machine runs.
 run() {
   if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@" | sed 's/ $//'; echo; return 0; fi
@@ -42,16 +43,25 @@ run() {
   # the ranks left behind may hold their stderr open).
   local i
   for i in 1 2 3 4 5 6 7 8 9 10; do _alive "$filter" || break; sleep 1 & wait $! || true; done
-  local stopped=0 refused=0 f
+  local stopped=0 refused=0 other=0 f
   for f in "$_EXIT_DIR"/rank_*; do
-    if [ -f "$f" ] && [ "$(cat "$f")" = 75 ]; then stopped=$((stopped + 1)); fi
-    if [ -f "$f" ] && [ "$(cat "$f")" = 2 ]; then refused=$((refused + 1)); fi
+    [ -f "$f" ] || continue
+    case "$(cat "$f")" in
+      75) stopped=$((stopped + 1)) ;;
+      2) refused=$((refused + 1)) ;;
+      *) other=$((other + 1)) ;;
+    esac
   done
   if [ "$rc" -ne 0 ] && [ "$stopped" -eq "${LOCAL_PROCS:-1}" ]; then
     echo "${0##*/}: every rank checkpointed and stopped (exit 75); resume with resume=auto" >&2
     exit 75
   fi
-  if [ "$rc" -ne 0 ] && [ "$refused" -eq "${LOCAL_PROCS:-1}" ]; then exit 2; fi
+  # Every rank checks the same config, but the launcher stops the others as soon as one exits:
+  # a slower rank may be killed before it records its 2. A user error is the run's error when
+  # some rank refused and none recorded anything else (a killed rank records nothing).
+  if [ "$rc" -ne 0 ] && [ "$refused" -ge 1 ] && [ "$stopped" -eq 0 ] && [ "$other" -eq 0 ]; then
+    exit 2
+  fi
   exit "$rc"
 }
 
