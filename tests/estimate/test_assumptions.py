@@ -56,6 +56,7 @@ def test_a_size_goes_through_the_performance_model():
         assert x.low <= x.central <= x.high and x.source
 
 
+@pytest.mark.slow  # 10 s of planning: the default tier stays under 3 min
 def test_moe_and_fp8_by_size_are_modelled():
     acc = get_accelerator("H800-SXM5-80GB")
     moe = build_assumptions(resolve_target(params=671e9, active_params=37e9), acc, 2048,

@@ -320,6 +320,7 @@ def compiled_generation(n_layer, scope):
     return counter.frame_count, torch.equal(out, eager)
 
 
+@pytest.mark.slow  # two torch.compile runs, 5 s
 @pytest.mark.parametrize("scope", ["model", "blocks"])
 def test_compiled_generation_does_not_recompile_per_layer(scope):
     """Before, the cache indexed its per-layer lists by the block's layer number, a constant

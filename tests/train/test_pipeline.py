@@ -82,6 +82,7 @@ def test_unknown_schedule_is_named():
         split(None, "pipedream", 4)
 
 
+@pytest.mark.slow  # a 2-process bench run, 4 s
 def test_bench_pp_prints_measured_bubble_beside_the_formula(capfd):
     from train.parallel.bench_pp import main
 
