@@ -299,3 +299,13 @@ def test_ray_start_cluster(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(30)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("key", ["ray.shard_docs=0", "ray.shuffle_docs=0", "ray.partitions=-1"])
+def test_ray_sizes_out_of_range_are_refused_in_one_line(key):
+    """ray.shuffle_docs (reducers of an automatic shuffle) is range-checked like shard_docs."""
+    from data_prep.config import load_config
+
+    with pytest.raises(ValueError, match=key.split("=")[0].replace(".", r"\.")) as e:
+        load_config(Path(__file__).resolve().parents[2] / "configs" / "prep" / "demo.yaml", [key])
+    assert "\n" not in str(e.value)
