@@ -18,13 +18,13 @@ from __future__ import annotations
 import math
 import statistics
 
+from estimate import shapes
 from estimate.assumptions import load_defaults
 from estimate.engine import estimate_run
 from estimate.hardware import get_accelerator
 from estimate.perf import load_factors
 from estimate.published import RUNS_PATH, fit, load_runs, model_run, reported_hours, run_config
 from estimate.report import md_table
-from estimate import shapes
 from estimate.shapes import shape_from_size
 from estimate.units import human
 from model.flops import count_params, model_flops_per_token
