@@ -7,7 +7,10 @@
 - size vs shape: every published run of `validate` given by its parameter count alone (the
   shape of estimate.shapes' rule, same tokens, count, precision and published layout) against
   its published shape, leave-one-out as in validate: the median |ln error| of the two should
-  agree within 0.05.
+  agree within 0.05;
+- shapes: the size rule's shape (estimate.shapes) against published shapes, compared on shapes
+  alone (width, depth, MLP width): the dense runs of published_runs.yaml and the configs of
+  other published models below (no hours), the evidence the rule's constants are fitted on.
 """
 
 from __future__ import annotations
@@ -15,15 +18,83 @@ from __future__ import annotations
 import math
 import statistics
 
+from estimate import shapes
 from estimate.assumptions import load_defaults
 from estimate.engine import estimate_run
 from estimate.hardware import get_accelerator
 from estimate.perf import load_factors
-from estimate.published import RUNS_PATH, fit, load_runs, model_run, reported_hours
+from estimate.published import RUNS_PATH, fit, load_runs, model_run, reported_hours, run_config
 from estimate.report import md_table
 from estimate.shapes import shape_from_size
 from estimate.units import human
-from model.flops import model_flops_per_token
+from model.flops import count_params, model_flops_per_token
+
+# Dense configs of published models that are not runs of published_runs.yaml, for the shape check:
+# (vocab, d_model, layers, heads, kv heads, head dim, gated MLP width (3 matrices), tied). Read
+# 2026-12-07 from each model's config.json as published on the Hugging Face Hub (copies in the
+# docs search: Qwen/Qwen2.5-*, Qwen/Qwen3-*, mistralai/Mistral-7B-v0.1, google/gemma-2b and
+# gemma-2-9b (GeGLU), allenai/OLMo-1B-hf, OLMo-7B-hf, OLMo-2-1124-7B and -13B); Qwen2.5-3B from
+# torchtune's qwen2_3B builder, which copies it.
+PUBLISHED_CONFIGS = {
+    "Qwen2.5-0.5B": (151936, 896, 24, 14, 2, 64, 4864, True),
+    "Qwen2.5-1.5B": (151936, 1536, 28, 12, 2, 128, 8960, True),
+    "Qwen2.5-3B": (151936, 2048, 36, 16, 2, 128, 11008, True),
+    "Qwen2.5-7B": (152064, 3584, 28, 28, 4, 128, 18944, False),
+    "Qwen2.5-14B": (152064, 5120, 48, 40, 8, 128, 13824, False),
+    "Qwen3-0.6B": (151936, 1024, 28, 16, 8, 128, 3072, True),
+    "Qwen3-4B": (151936, 2560, 36, 32, 8, 128, 9728, True),
+    "Qwen3-8B": (151936, 4096, 36, 32, 8, 128, 12288, False),
+    "Mistral-7B-v0.1": (32000, 4096, 32, 32, 8, 128, 14336, False),
+    "Gemma-2B": (256000, 2048, 18, 8, 1, 256, 16384, True),
+    "Gemma-2-9B": (256000, 3584, 42, 16, 8, 256, 14336, True),
+    "OLMo-1B": (50304, 2048, 16, 16, 16, 128, 8192, True),
+    "OLMo-7B": (50304, 4096, 32, 32, 32, 128, 11008, False),
+    "OLMo-2-7B": (100352, 4096, 32, 32, 32, 128, 11008, False),
+    "OLMo-2-13B": (100352, 5120, 40, 40, 40, 128, 13824, False),
+}
+
+
+def config_params(vocab: int, d: int, layers: int, heads: int, kv: int, head_dim: int, ffn: int,
+                  tied: bool) -> float:
+    """Parameters of a PUBLISHED_CONFIGS shape (gated MLP, RMSNorm, no biases)."""
+    block = 2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * ffn + 2 * d
+    return vocab * d * (1 if tied else 2) + layers * block + d
+
+
+def published_shapes(path=RUNS_PATH) -> list[dict]:
+    """Every published dense shape: the dense runs of `path` and PUBLISHED_CONFIGS."""
+    out = []
+    for run in load_runs(path):
+        if run["active_params"] < run["params"] * 0.999:
+            continue
+        c = run_config(run)
+        out.append({"name": run["name"], "source": "run", "params": count_params(c), "d_model": c.d_model,
+                    "n_layer": c.n_layer, "ffn_ratio": c.ffn_hidden / c.d_model})
+    for name, (v, d, layers, h, kv, hd, f, tied) in PUBLISHED_CONFIGS.items():
+        out.append({"name": name, "source": "config", "params": config_params(v, d, layers, h, kv, hd, f, tied),
+                    "d_model": d, "n_layer": layers, "ffn_ratio": f / d})
+    return out
+
+
+def shape_check(path=RUNS_PATH) -> tuple[list[dict], dict]:
+    """The size rule's shape for each published dense shape's parameter count, and per set
+    (run, config, all) the median ln(rule / published) of width, depth and MLP width ratio, and
+    the mean of their absolute values."""
+    rows = []
+    for s in published_shapes(path):
+        r = shape_from_size(s["params"])
+        rows.append({**s, "rule_d": r.d_model, "rule_L": r.n_layer, "rule_ffn_ratio": r.ffn_hidden / r.d_model,
+                     "ln_d": math.log(r.d_model / s["d_model"]), "ln_L": math.log(r.n_layer / s["n_layer"]),
+                     "ln_ffn": math.log(r.ffn_hidden / r.d_model / s["ffn_ratio"])})
+    summary = {}
+    for group in ("run", "config", "all"):
+        sel = [r for r in rows if group == "all" or r["source"] == group]
+        summary[group] = {"n": len(sel), "published_ffn_ratio": statistics.median(r["ffn_ratio"] for r in sel)}
+        for k in ("ln_d", "ln_L", "ln_ffn"):
+            summary[group][k] = statistics.median(r[k] for r in sel)
+            summary[group][k + "_abs"] = statistics.fmean(abs(r[k]) for r in sel)
+    return rows, summary
+
 
 COUNTS = (64, 512, 8192, 32768)
 PROBE_TOKENS = 2e12
@@ -104,6 +175,20 @@ def main() -> int:
     limit = c["flops_ratio"] * 1.5
     print(f"\nhours ratio {c['hours_ratio']:.2f}, FLOPs ratio {c['flops_ratio']:.2f}, limit "
           f"{limit:.2f}: {'within' if c['hours_ratio'] <= limit else 'OVER'}\n")
+
+    print(f"## The size rule against published shapes (estimate.shapes, MLP {shapes.FFN_RATIO} x d_model)\n")
+    rows, summ = shape_check()
+    print(md_table(["shape", "from", "params", "d_model pub / rule", "layers pub / rule", "MLP/d pub / rule"],
+                   [[r["name"], r["source"], human(r["params"]), f"{r['d_model']} / {r['rule_d']}",
+                     f"{r['n_layer']} / {r['rule_L']}", f"{r['ffn_ratio']:.2f} / {r['rule_ffn_ratio']:.2f}"]
+                    for r in rows]))
+    print()
+    print(md_table(["set", "shapes", "published MLP/d (median)", "ln d rule/pub: median (mean |.|)",
+                    "ln layers", "ln MLP/d"],
+                   [[g, v["n"], f"{v['published_ffn_ratio']:.2f}"]
+                    + [f"{v[k]:+.3f} ({v[k + '_abs']:.3f})" for k in ("ln_d", "ln_L", "ln_ffn")]
+                    for g, v in summ.items()]))
+    print()
 
     print("## Size vs shape: published runs given by size and by shape (leave-one-out)\n")
     s = size_vs_shape()

@@ -1,0 +1,38 @@
+"""The size rule (estimate.shapes) against published shapes: the check `probe` prints."""
+
+import pytest
+
+from estimate import probe, shapes
+
+
+@pytest.mark.parametrize("name, published", [
+    ("Qwen2.5-7B", 7.61e9), ("Qwen3-8B", 8.19e9), ("Mistral-7B-v0.1", 7.24e9),
+    ("Gemma-2-9B", 9.24e9), ("OLMo-2-7B", 7.30e9), ("Qwen2.5-0.5B", 0.49e9),
+])
+def test_published_configs_give_their_published_sizes(name, published):
+    """A transcription error in PUBLISHED_CONFIGS shows as a wrong parameter count (model cards)."""
+    assert probe.config_params(*probe.PUBLISHED_CONFIGS[name]) == pytest.approx(published, rel=0.01)
+
+
+def test_shape_check_covers_runs_and_configs():
+    rows, summary = probe.shape_check()
+    assert summary["config"]["n"] == len(probe.PUBLISHED_CONFIGS)
+    assert summary["all"]["n"] == summary["run"]["n"] + summary["config"]["n"]
+    assert all(r["rule_d"] > 0 and r["rule_L"] > 0 for r in rows)
+
+
+def _total(summary, group):
+    s = summary[group]
+    return s["ln_d_abs"] + s["ln_L_abs"] + s["ln_ffn_abs"]
+
+
+def test_mlp_ratio_is_the_shape_fit(monkeypatch):
+    """The rule's MLP ratio leaves its depth unbiased on the published shapes and fits both sets
+    (runs, other configs) better than Llama 3's 3.5 did."""
+    _, fitted = probe.shape_check()
+    assert abs(fitted["all"]["ln_L"]) <= 0.05
+    monkeypatch.setattr(shapes, "FFN_RATIO", 3.5)
+    _, llama3 = probe.shape_check()
+    assert llama3["all"]["ln_L"] < -0.05  # 3.5: the rule too shallow
+    for group in ("run", "config"):
+        assert _total(fitted, group) < _total(llama3, group)
