@@ -446,15 +446,22 @@ def cp_allgather_seconds(m_tokens: float, kv_width: float, layers: float, cp: in
 
 
 def stage_costs(cfg: ModelConfig, stages: int, stage_layers: tuple[int, ...] | None,
-                dense: float, moe: float, first: float, last: float) -> list[float]:
+                dense: float, moe: float, first: float, last: float, pp: int | None = None,
+                placement: str = "loop") -> list[float]:
     """Each pipeline stage's compute for one micro-batch: its blocks at `dense` or `moe`
     seconds each, plus `first` on the first stage (the embedding) and `last` on the last (final
     norm, LM head, loss, MTP). `stage_layers`: each stage's block count, contiguous in model
-    order; None: n_layer / stages blocks each, at the model's mean block cost."""
+    order; None: whole blocks at the model's mean block cost, split over the `pp` ranks
+    (holding the stages by `placement`) as evenly as the ends allow (`balanced_stage_layers`;
+    n_layer / stages each, a fraction, where blocks are fewer than stages)."""
     n_dense, n_moe = layer_counts(cfg)
     if stage_layers is None:
         mean = (n_dense * dense + n_moe * moe) / cfg.n_layer
-        out = [mean * cfg.n_layer / stages] * stages
+        if cfg.n_layer < stages:
+            out = [mean * cfg.n_layer / stages] * stages
+        else:
+            out = [mean * k for k in balanced_stage_layers(cfg.n_layer, stages, mean, first,
+                                                           last, pp, placement)]
     else:
         out, layer = [], 0
         for count in stage_layers:
@@ -466,28 +473,73 @@ def stage_costs(cfg: ModelConfig, stages: int, stage_layers: tuple[int, ...] | N
     return out
 
 
+def balanced_stage_layers(n_layer: int, stages: int, block: float, first: float = 0.0,
+                          last: float = 0.0, pp: int | None = None,
+                          placement: str = "loop") -> list[int]:
+    """Blocks per stage (at least one each) that make the slowest pipeline rank as fast as
+    whole blocks of `block` seconds allow when the first stage also carries `first` and the
+    last `last`: each block in turn to the stage that leaves its ranks' load lowest (ties: the
+    stage with fewer blocks). `pp` ranks hold the stages by `placement` (`stage_holders`;
+    default: a rank per stage). What runs do by hand: Llama 3 405B's pipeline holds one block
+    fewer on its first and last stages (Dubey et al. 2024, sec. 3.3.2); Megatron-LM takes the
+    first and last stage's block counts as options."""
+    pp = pp or stages
+    if n_layer < stages or block <= 0:
+        raise ValueError(f"{n_layer} blocks of {block} s do not fill {stages} stages")
+    counts = [1] * stages
+    holders = [stage_holders(s, stages, pp, placement) for s in range(stages)]
+    costs = [block] * stages
+    costs[0] += first
+    costs[-1] += last
+    load = rank_costs(costs, pp, placement)
+    for _ in range(n_layer - stages):
+        s = min(range(stages), key=lambda x: (max(load[r] + w * block for r, w in holders[x]),
+                                             counts[x]))
+        counts[s] += 1
+        for r, w in holders[s]:
+            load[r] += w * block
+    return counts
+
+
 def pipeline_stages(lay: Layout) -> int:
     """Model chunks (pipeline stages) of a layout: v per rank under 1F1B and zero bubble
-    (interleaved when v > 1), two per rank under DualPipe (its V form: DualPipeV)."""
-    return 2 * lay.pp if lay.schedule == "dualpipe" else lay.pp * lay.virtual_stages
+    (interleaved when v > 1); pp under DualPipe, each in two mirrored copies."""
+    return lay.pp if lay.schedule == "dualpipe" else lay.pp * lay.virtual_stages
 
 
-def stage_rank(stage: int, pp: int, placement: str = "loop") -> int:
-    """The pipeline rank that holds `stage`: stage s on rank s % pp ("loop": 1F1B, interleaved
-    1F1B); rank r holds stages r and 2pp-1-r ("v": DualPipeV, ZB-V), so rank 0 holds both
-    the embedding's and the LM head's stage."""
+PLACEMENTS = ("loop", "v", "dual")
+
+
+def stage_holders(stage: int, stages: int, pp: int, placement: str = "loop",
+                  ) -> list[tuple[int, float]]:
+    """The pipeline ranks that run `stage` of `stages`, with the share of the micro-batches
+    each runs it for: stage s on rank s % pp ("loop": 1F1B, interleaved 1F1B); rank r holds
+    stages r and 2pp-1-r ("v": DualPipeV, ZB-V, so rank 0 runs both the embedding's and the
+    LM head's stage); DualPipe's two directions ("dual", DeepSeek-AI 2024, sec. 3.2.1: two
+    copies of pp stages, mirrored): stage s on rank s for half the micro-batches and on rank
+    pp-1-s for the other half."""
     if placement == "v":
-        return stage if stage < pp else 2 * pp - 1 - stage
+        return [(stage if stage < pp else 2 * pp - 1 - stage, 1.0)]
+    if placement == "dual":
+        mirror = pp - 1 - stage
+        return [(stage, 1.0)] if mirror == stage else [(stage, 0.5), (mirror, 0.5)]
     if placement != "loop":
-        raise ValueError(f"stage placement {placement!r}; valid: loop, v")
-    return stage % pp
+        raise ValueError(f"stage placement {placement!r}; valid: {', '.join(PLACEMENTS)}")
+    return [(stage % pp, 1.0)]
+
+
+def schedule_placement(schedule: str) -> str:
+    """How perf's `schedule` places its stages on ranks (`stage_holders`)."""
+    return "dual" if schedule == "dualpipe" else "loop"
 
 
 def rank_costs(stage_costs: list[float], pp: int, placement: str = "loop") -> list[float]:
-    """Each pipeline rank's compute for one micro-batch: the costs of the stages it holds."""
+    """Each pipeline rank's compute per micro-batch: the costs of the stages it holds (the
+    mean over the micro-batches, where a stage runs on two ranks)."""
     out = [0.0] * pp
     for s, cost in enumerate(stage_costs):
-        out[stage_rank(s, pp, placement)] += cost
+        for r, share in stage_holders(s, len(stage_costs), pp, placement):
+            out[r] += share * cost
     return out
 
 
@@ -715,9 +767,9 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
         dense_c = 3 * dense_g + layer_mem + spread
         moe_c = 3 * moe_g + layer_mem + permute + spread
         ends = 3 * (head + mtp) + logits_mem + cfg.mtp_depth * (layer_mem + spread)
+        placement = schedule_placement(lay.schedule)
         stage_s = stage_costs(cfg, pipeline_stages(lay), lay.stage_layers, dense_c, moe_c,
-                              embed_mem, ends)
-        placement = "v" if lay.schedule == "dualpipe" else "loop"
+                              embed_mem, ends, pp, placement)
         bubble = compute * bubble_fraction(lay.schedule, pp, mb, lay.virtual_stages,
                                            rank_costs(stage_s, pp, placement))
         if mb < pp:

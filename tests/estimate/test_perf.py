@@ -7,6 +7,7 @@ from estimate.hardware import get_accelerator
 from estimate.perf import (
     Factor,
     Layout,
+    balanced_stage_layers,
     bubble_fraction,
     rank_costs,
     goodput,
@@ -187,22 +188,28 @@ def test_bubble_with_a_slower_last_stage_by_hand():
 def test_stage_placement_and_layers():
     assert rank_costs([1.0, 2.0, 3.0, 4.0], 2) == [4.0, 6.0]  # loop: 0, 2 | 1, 3
     assert rank_costs([1.0, 2.0, 3.0, 4.0], 2, "v") == [5.0, 5.0]  # V: 0, 3 | 1, 2
+    # DualPipe: two mirrored copies, each stage on two ranks for half the micro-batches
+    assert rank_costs([1.0, 2.0, 3.0, 4.0], 4, "dual") == [2.5, 2.5, 2.5, 2.5]
+    # whole blocks: the LM head's stage (2.5 blocks of extra work) holds fewer
+    assert balanced_stage_layers(8, 2, 1.0, 0.0, 2.5) == [5, 3]
+    # V: rank 0 holds the first and the last stage; 10.5 blocks' work over 2 ranks
+    v = balanced_stage_layers(8, 4, 1.0, 0.0, 2.5, pp=2, placement="v")
+    assert sum(v) == 8 and v[3] == 1
+    assert rank_costs([v[0], v[1], v[2], v[3] + 2.5], 2, "v") == [5.5, 5.0]
     cfg = ModelConfig(vocab_size=32000, seq_len=1024, n_layer=8, d_model=1024, n_head=8,
                       ffn_hidden=2816)
     f = factors()
-    even = step_time(cfg, 1024, H100, 2, Layout(pp=2, global_batch_tokens=8 * 1024), "bf16",
-                     "none", f)
-    given = step_time(cfg, 1024, H100, 2, Layout(pp=2, global_batch_tokens=8 * 1024,
-                                                 stage_layers=(4, 4)), "bf16", "none", f)
-    assert given.stage_s == pytest.approx(even.stage_s) and given.total == pytest.approx(even.total)
-    # one block moved from the last stage to the first: closer to balanced, a smaller bubble
-    moved = step_time(cfg, 1024, H100, 2, Layout(pp=2, global_batch_tokens=8 * 1024,
-                                                 stage_layers=(5, 3)), "bf16", "none", f)
-    assert moved.bubble < even.bubble and moved.gemm == pytest.approx(even.gemm)
+    lay = dict(pp=2, global_batch_tokens=8 * 1024)
+    planned = step_time(cfg, 1024, H100, 2, Layout(**lay), "bf16", "none", f)
+    given = step_time(cfg, 1024, H100, 2, Layout(**lay, stage_layers=(5, 3)), "bf16", "none", f)
+    assert given.stage_s == pytest.approx(planned.stage_s)  # the split a run would choose
+    # the even split leaves the head's stage slowest: a larger bubble, the same GEMMs
+    even = step_time(cfg, 1024, H100, 2, Layout(**lay, stage_layers=(4, 4)), "bf16", "none", f)
+    assert even.bubble > planned.bubble and even.gemm == pytest.approx(planned.gemm)
+    assert even.stage_s[1] > even.stage_s[0]
     for bad in ((4, 3), (4, 2, 2)):
         with pytest.raises(ValueError, match="stage_layers"):
-            step_time(cfg, 1024, H100, 2, Layout(pp=2, global_batch_tokens=8 * 1024,
-                                                 stage_layers=bad), "bf16", "none", f)
+            step_time(cfg, 1024, H100, 2, Layout(**lay, stage_layers=bad), "bf16", "none", f)
 
 
 def test_context_parallel_all_gather_against_the_ring():
