@@ -431,6 +431,13 @@ def cp_ring_seconds(m_tokens: float, kv_width: float, layers: float, cp: int, li
     return layers * 3 * (cp - 1) * (kv / link + latency_s)
 
 
+def cp_kv_width(cfg: ModelConfig, tp: int = 1) -> float:
+    """Channels per token of the keys and values context parallelism exchanges on one
+    tensor-parallel rank (MLA: keys and values expanded, every head)."""
+    kv_heads = cfg.n_head if cfg.is_mla else cfg.n_kv_head
+    return kv_heads / tp * (cfg.qk_head_dim + cfg.value_head_dim)
+
+
 def cp_allgather_seconds(m_tokens: float, kv_width: float, layers: float, cp: int,
                          links: dict[str, Link], act_bytes: float) -> float:
     """Context-parallel exchange of one micro-batch on one device as Llama 3 runs it (Dubey et
@@ -744,8 +751,7 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     # attention and reduce-scatters their gradients after it, none of it hidden.
     cp_comm = 0.0
     if cp > 1:
-        kv_heads = cfg.n_head if cfg.is_mla else cfg.n_kv_head  # MLA: keys, values expanded
-        kv_width = kv_heads / tp * (cfg.qk_head_dim + cfg.value_head_dim)
+        kv_width = cp_kv_width(cfg, tp)
         if lay.cp_exchange == "all-gather":
             cp_comm = mb * cp_allgather_seconds(m_tokens, kv_width, L / pp, cp,
                                                 collective_links(acc, link, latency), act_bytes)

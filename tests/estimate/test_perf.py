@@ -9,9 +9,9 @@ from estimate.perf import (
     Layout,
     balanced_stage_layers,
     bubble_fraction,
-    rank_costs,
     goodput,
     load_factors,
+    rank_costs,
     remote_copies,
     step_time,
 )

@@ -122,7 +122,7 @@ def test_perf_bubble_with_unequal_stages_against_torch_orders(schedule, v, pp, m
     orders = one_f_one_b_order(pp, m) if v == 1 else interleaved_order(pp, v, m)
     for slow, extra in [(n - 1, 0.3), (n - 1, 1.4), (0, 0.3), (n // 2, 1.0)]:
         scale = [1 + (extra if s == slow else 0.0) for s in range(n)]
-        idle = simulate(orders, n, lambda kind, s: (1 if kind == "F" else 2) * chunk * scale[s])
+        idle = simulate(orders, n, lambda kind, s, x=scale: (1 if kind == "F" else 2) * chunk * x[s])
         measured = sum(idle.values()) / pp
         b = bubble_fraction("1f1b", pp, m, v, rank_costs([3 * chunk * x for x in scale], pp))
         if slow == n - 1:
