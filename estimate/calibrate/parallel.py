@@ -6,11 +6,12 @@ never imports torch): the matmul rate (train.clock's 1024^3 peak, and every matm
 model runs, forward and backward), the memory bandwidth, causal attention, the host seconds
 of one dispatched operation and the operations a step dispatches, and on 2 gloo processes
 the collectives at several sizes, then each parallel term as it runs: data-parallel gradient
-all-reduce, FSDP all-gathers and reduce-scatters, the context-parallel exchange of keys and
-values, and the pipeline bubble of each schedule (train.parallel.bench_pp: the share of a
-step each rank is blocked). Four training runs of this project's trainer (1 process; DDP,
-FSDP and tp=2 on 2) give their step times, and the tp=2 run the seconds of its
-tensor-parallel collectives and how many it issued per step (metrics.jsonl).
+all-reduce, FSDP all-gathers and reduce-scatters, and the pipeline bubble of each schedule
+(train.parallel.bench_pp: the share of a step each rank is blocked; with the blocks of each
+stage and the stages of each rank the pipeline was split into). Five training runs of this
+project's trainer (1 process; DDP, FSDP, tp=2 and cp=2 on 2) give their step times, the tp=2
+run the seconds of its tensor-parallel collectives and how many it issued per step, the cp=2
+run the seconds of its context-parallel all-gathers and reduce-scatters (metrics.jsonl).
 
 **Link.** Each collective's time (the median of its repeats) at each message size is fitted
 as t = alpha + bytes / beta (Hockney's alpha-beta model), bytes being what one rank sends as
@@ -27,7 +28,10 @@ efficiency and collective links are the ones measured here, with nothing hidden 
 hide (`local_factors`: tensor-parallel collectives fully exposed, the share of compute a
 collective hides behind as measured, the stack efficiency 1). A collective a step enters
 straight from compute pays the measured arrival skew beside its isolated latency (`in_step`).
-Nothing is fitted to the step times being predicted.
+A pipeline's stages cost what perf charges them (`perf.step_time`'s `stage_s`: the blocks
+the trainer put on each, the embedding on the first, the LM head and loss on the last), and
+the bubble is `perf.bubble_fraction` for the ranks' costs. Nothing is fitted to the step
+times being predicted.
 
 Verdicts: a term holds when its prediction is within REL_TOL of the measurement; a pipeline
 bubble with a formula > 0 likewise, and a schedule whose formula is 0 at this pp (DualPipe at
