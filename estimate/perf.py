@@ -29,10 +29,14 @@ A training step on one of n accelerators (all do the same work) is modelled as
     Rajbhandari et al. 2020) once per step over the scale-out network, hidden behind the last
     micro-batch's backward pass where it fits;
   - pipeline: point-to-point activations between stages;
-  - context parallel: keys and values around the ring (ring attention), behind the attention.
+  - context parallel: keys and values around the ring (ring attention), behind the attention,
+    or gathered whole before it (Llama 3's all-gather, the trainer's), not hidden
+    (`Layout.cp_exchange`).
 - **Pipeline bubble**: (pp - 1) / (m v) of the compute for 1F1B with v interleaved chunks and
   m micro-batches (Narayanan et al. 2021, sec. 2.2); DualPipe's (pp/2 - 1)(F&B + B - 3W)
-  (DeepSeek-AI 2024, table 2) is taken as 2/3 of (pp/2 - 1)(F + B).
+  (DeepSeek-AI 2024, table 2) is taken as 2/3 of (pp/2 - 1)(F + B). Stages are unequal (the
+  first holds the embedding, the last the LM head and loss): the steady state runs at the
+  slowest stage (`bubble_fraction` with each rank's cost).
 - **Stack efficiency**: what the terms above leave out (launch overheads, stragglers, load
   imbalance), one number fitted on published runs (`estimate.validate`, leave-one-out).
 
@@ -60,12 +64,19 @@ BYTES_PER_GB = 1e9
 # DualPipe (DeepSeek-AI 2024, sec. 3.2.1) and zero bubble (ZB-H1, Qi et al. 2024, ICLR,
 # 'Zero Bubble Pipeline Parallelism', sec. 3: the weight-gradient pass W fills the bubble).
 SCHEDULES = ("1f1b", "dualpipe", "zero-bubble")
+# Context parallelism's exchange of keys and values: around a ring, hidden behind attention
+# (ring attention, Liu et al. 2023), or gathered whole before it (Llama 3, Dubey et al. 2024,
+# sec. 3.3.2: one all-gather per layer; train/parallel/context.py runs this one).
+CP_EXCHANGES = ("ring", "all-gather")
 ZERO_STAGES = (0, 1, 2, 3)
 # DDP all-reduces gradients in buckets of 25 MB (Li et al. 2020, 'PyTorch Distributed', sec.
 # 3.2.3, its default bucket_cap_mb): the number of collectives a step pays a link latency for.
 DDP_BUCKET_BYTES = 25 * 2**20
 # Adam's update: fp32 master weights, m and v read and written, the 16-bit copy written
 ADAM_BYTES_PER_PARAM = 32
+# The embedding per token: its row read and the activation written forward, the activation's
+# gradient read and the row's gradient updated backward (4 values of d each, activation bytes)
+EMBEDDING_BYTES_PER_DIM = 4
 _MEMO: dict = {}
 
 
@@ -132,6 +143,10 @@ class Layout:
     schedule: str = "1f1b"
     max_nodes_per_token: int | None = None  # node-limited expert routing (DeepSeek-V3: 4)
     zero: int = 1  # ZeRO stage of the data-parallel sharding (3: FSDP, parameters too)
+    cp_exchange: str = "ring"  # how context parallelism moves keys and values (CP_EXCHANGES)
+    # blocks of each pipeline stage (pipeline_stages() of them), in model order; None: as many
+    # on each (a fraction where they do not divide)
+    stage_layers: tuple[int, ...] | None = None
     source: str = "given"
 
     @property
@@ -149,6 +164,15 @@ class Layout:
             raise ValueError(f"layout schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.zero not in ZERO_STAGES:
             raise ValueError(f"layout zero={self.zero}; valid: 0-3")
+        if self.cp_exchange not in CP_EXCHANGES:
+            raise ValueError(f"layout cp_exchange={self.cp_exchange!r}; valid: "
+                             f"{', '.join(CP_EXCHANGES)}")
+        if self.stage_layers is not None and (
+                len(self.stage_layers) != pipeline_stages(self)
+                or sum(self.stage_layers) != cfg.n_layer or min(self.stage_layers) < 0):
+            raise ValueError(f"layout stage_layers={list(self.stage_layers)}: need "
+                             f"{pipeline_stages(self)} counts (pp x chunks per rank) of blocks "
+                             f"that add up to n_layer={cfg.n_layer}")
         if self.ep > 1 and not cfg.is_moe:
             raise ValueError(f"layout ep={self.ep} needs a mixture-of-experts model")
         if self.ep > self.dp * self.cp * self.tp:
@@ -183,18 +207,22 @@ class StepTime:
     tokens: float  # tokens per step (all accelerators)
     model_flops: float  # model FLOPs per step (all accelerators)
     notes: list[str] = field(default_factory=list)
+    cp_comm: float = 0.0  # context parallel's exchange of keys and values, where exposed
+    stage_s: list[float] = field(default_factory=list)  # each pipeline stage, per micro-batch
 
     @property
     def total(self) -> float:
         return (self.gemm + self.recompute + self.attention + self.memory + self.tp_comm
-                + self.ep_comm + self.dp_comm + self.pp_comm + self.bubble + self.stack)
+                + self.ep_comm + self.dp_comm + self.pp_comm + self.cp_comm + self.bubble
+                + self.stack)
 
     def parts(self) -> dict[str, float]:
         """Where the time goes, in seconds per step: compute, recompute, communication,
         bubble and the rest (memory-bound work and the stack's overheads)."""
         return {"compute": self.gemm + self.attention, "recompute": self.recompute,
                 "memory-bound": self.memory,
-                "communication": self.tp_comm + self.ep_comm + self.dp_comm + self.pp_comm,
+                "communication": (self.tp_comm + self.ep_comm + self.dp_comm + self.pp_comm
+                                  + self.cp_comm),
                 "pipeline bubble": self.bubble, "overheads": self.stack}
 
 
@@ -403,19 +431,160 @@ def cp_ring_seconds(m_tokens: float, kv_width: float, layers: float, cp: int, li
     return layers * 3 * (cp - 1) * (kv / link + latency_s)
 
 
-def bubble_fraction(schedule: str, pp: int, microbatches: float, virtual_stages: int = 1) -> float:
-    """Pipeline idle time as a fraction of the compute: (pp - 1) / (m v) for 1F1B with v
-    interleaved chunks (Narayanan et al. 2021, sec. 2.2); ZB-H1's (p-1)(F + B - W) against
-    1F1B's (p-1)(F + B + W) with F = B = W (Qi et al. 2024, sec. 3.1); DualPipe's
-    (pp/2 - 1)(F&B + B - 3W) (DeepSeek-AI 2024, table 2) taken as 2/3 of (pp/2 - 1)(F + B).
-    The share of the step it idles is b / (1 + b)."""
+def cp_kv_width(cfg: ModelConfig, tp: int = 1) -> float:
+    """Channels per token of the keys and values context parallelism exchanges on one
+    tensor-parallel rank (MLA: keys and values expanded, every head)."""
+    kv_heads = cfg.n_head if cfg.is_mla else cfg.n_kv_head
+    return kv_heads / tp * (cfg.qk_head_dim + cfg.value_head_dim)
+
+
+def cp_allgather_seconds(m_tokens: float, kv_width: float, layers: float, cp: int,
+                         links: dict[str, Link], act_bytes: float) -> float:
+    """Context-parallel exchange of one micro-batch on one device as Llama 3 runs it (Dubey et
+    al. 2024, sec. 3.3.2; train/parallel/context.py): per layer one all-gather of every rank's
+    keys and values (`kv_width` channels per token, a message of the cp chunks) before the
+    attention, and its backward, a reduce-scatter of their gradients; each at its link's
+    alpha-beta time (`collective_links`), none hidden (the attention waits for the keys)."""
+    if cp <= 1:
+        return 0.0
+    msg = cp * m_tokens * kv_width * act_bytes
+    return collectives_seconds([("all_gather", msg, layers), ("reduce_scatter", msg, layers)],
+                               cp, links)
+
+
+def stage_costs(cfg: ModelConfig, stages: int, stage_layers: tuple[int, ...] | None,
+                dense: float, moe: float, first: float, last: float, pp: int | None = None,
+                placement: str = "loop") -> list[float]:
+    """Each pipeline stage's compute for one micro-batch: its blocks at `dense` or `moe`
+    seconds each, plus `first` on the first stage (the embedding) and `last` on the last (final
+    norm, LM head, loss, MTP). `stage_layers`: each stage's block count, contiguous in model
+    order; None: whole blocks at the model's mean block cost, split over the `pp` ranks
+    (holding the stages by `placement`) as evenly as the ends allow (`balanced_stage_layers`;
+    n_layer / stages each, a fraction, where blocks are fewer than stages)."""
+    n_dense, n_moe = layer_counts(cfg)
+    if stage_layers is None:
+        mean = (n_dense * dense + n_moe * moe) / cfg.n_layer
+        if cfg.n_layer < stages:
+            out = [mean * cfg.n_layer / stages] * stages
+        else:
+            out = [mean * k for k in balanced_stage_layers(cfg.n_layer, stages, mean, first,
+                                                           last, pp, placement)]
+    else:
+        out, layer = [], 0
+        for count in stage_layers:
+            out.append(sum(moe if cfg.is_moe_layer(i) else dense
+                           for i in range(layer, layer + count)))
+            layer += count
+    out[0] += first
+    out[-1] += last
+    return out
+
+
+def balanced_stage_layers(n_layer: int, stages: int, block: float, first: float = 0.0,
+                          last: float = 0.0, pp: int | None = None,
+                          placement: str = "loop") -> list[int]:
+    """Blocks per stage (at least one each) that make the slowest pipeline rank as fast as
+    whole blocks of `block` seconds allow when the first stage also carries `first` and the
+    last `last`: each block in turn to the stage that leaves its ranks' load lowest (ties: the
+    stage with fewer blocks). `pp` ranks hold the stages by `placement` (`stage_holders`;
+    default: a rank per stage). What runs do by hand: Llama 3 405B's pipeline holds one block
+    fewer on its first and last stages (Dubey et al. 2024, sec. 3.3.2); Megatron-LM takes the
+    first and last stage's block counts as options."""
+    pp = pp or stages
+    if n_layer < stages or block <= 0:
+        raise ValueError(f"{n_layer} blocks of {block} s do not fill {stages} stages")
+    counts = [1] * stages
+    holders = [stage_holders(s, stages, pp, placement) for s in range(stages)]
+    costs = [block] * stages
+    costs[0] += first
+    costs[-1] += last
+    load = rank_costs(costs, pp, placement)
+    for _ in range(n_layer - stages):
+        s = min(range(stages), key=lambda x: (max(load[r] + w * block for r, w in holders[x]),
+                                             counts[x]))
+        counts[s] += 1
+        for r, w in holders[s]:
+            load[r] += w * block
+    return counts
+
+
+def pipeline_stages(lay: Layout) -> int:
+    """Model chunks (pipeline stages) of a layout: v per rank under 1F1B and zero bubble
+    (interleaved when v > 1); pp under DualPipe, each in two mirrored copies."""
+    return lay.pp if lay.schedule == "dualpipe" else lay.pp * lay.virtual_stages
+
+
+PLACEMENTS = ("loop", "v", "dual")
+
+
+def stage_holders(stage: int, stages: int, pp: int, placement: str = "loop",
+                  ) -> list[tuple[int, float]]:
+    """The pipeline ranks that run `stage` of `stages`, with the share of the micro-batches
+    each runs it for: stage s on rank s % pp ("loop": 1F1B, interleaved 1F1B); rank r holds
+    stages r and 2pp-1-r ("v": DualPipeV, ZB-V, so rank 0 runs both the embedding's and the
+    LM head's stage); DualPipe's two directions ("dual", DeepSeek-AI 2024, sec. 3.2.1: two
+    copies of pp stages, mirrored): stage s on rank s for half the micro-batches and on rank
+    pp-1-s for the other half."""
+    if placement == "v":
+        return [(stage if stage < pp else 2 * pp - 1 - stage, 1.0)]
+    if placement == "dual":
+        mirror = pp - 1 - stage
+        return [(stage, 1.0)] if mirror == stage else [(stage, 0.5), (mirror, 0.5)]
+    if placement != "loop":
+        raise ValueError(f"stage placement {placement!r}; valid: {', '.join(PLACEMENTS)}")
+    return [(stage % pp, 1.0)]
+
+
+def schedule_placement(schedule: str) -> str:
+    """How perf's `schedule` places its stages on ranks (`stage_holders`)."""
+    return "dual" if schedule == "dualpipe" else "loop"
+
+
+def rank_costs(stage_costs: list[float], pp: int, placement: str = "loop") -> list[float]:
+    """Each pipeline rank's compute per micro-batch: the costs of the stages it holds (the
+    mean over the micro-batches, where a stage runs on two ranks)."""
+    out = [0.0] * pp
+    for s, cost in enumerate(stage_costs):
+        for r, share in stage_holders(s, len(stage_costs), pp, placement):
+            out[r] += share * cost
+    return out
+
+
+def bubble_fraction(schedule: str, pp: int, microbatches: float, virtual_stages: int = 1,
+                    rank_costs: list[float] | None = None) -> float:
+    """Pipeline idle time as a fraction of the compute.
+
+    Equal stages: (pp - 1) / (m v) for 1F1B with v interleaved chunks (Narayanan et al. 2021,
+    sec. 2.2); ZB-H1's (p-1)(F + B - W) against 1F1B's (p-1)(F + B + W) with F = B = W (Qi
+    et al. 2024, sec. 3.1); DualPipe's (pp/2 - 1)(F&B + B - 3W) (DeepSeek-AI 2024, table 2)
+    taken as 2/3 of (pp/2 - 1)(F + B).
+
+    Unequal stages (`rank_costs`: each rank's compute for one micro-batch, forward and
+    backward, e.g. the last rank's LM head and loss): every rank does its m micro-batches at
+    the pace of the slowest, C_max, and the fill and drain pass through the others. For 1F1B
+    (interleaved or not) a step takes m C_max + (p C_mean - C_max) / v, so
+
+        b = (C_max - C_mean) / C_mean + (p C_mean - C_max) / (m v C_mean)
+
+    (the flow-shop makespan of identical jobs, sum + (m - 1) max, which
+    train.parallel.schedule_sim reproduces on torch's own orders); the other schedules'
+    fill and drain term is scaled alike: b = (C_max / C_mean - 1) + b_equal (p C_mean -
+    C_max) / ((p - 1) C_mean). Equal costs give the formulas above exactly. The share of the
+    step the mean rank idles is b / (1 + b)."""
     if pp <= 1:
         return 0.0
     if schedule == "dualpipe":
-        return max(0.0, pp / 2 - 1) * (2 / 3) / microbatches
-    if schedule == "zero-bubble":
-        return (pp - 1) / (3 * microbatches)
-    return (pp - 1) / (microbatches * virtual_stages)
+        equal = max(0.0, pp / 2 - 1) * (2 / 3) / microbatches
+    elif schedule == "zero-bubble":
+        equal = (pp - 1) / (3 * microbatches)
+    else:
+        equal = (pp - 1) / (microbatches * virtual_stages)
+    if rank_costs is None or max(rank_costs) == min(rank_costs):
+        return equal
+    if len(rank_costs) != pp or min(rank_costs) < 0:
+        raise ValueError(f"rank_costs={rank_costs}: need {pp} costs >= 0, one per pipeline rank")
+    mean, slowest = sum(rank_costs) / pp, max(rank_costs)
+    return slowest / mean - 1 + equal * (pp * mean - slowest) / ((pp - 1) * mean)
 
 
 def rates(acc: Accelerator, precision: str, f: dict[str, float],
@@ -496,23 +665,27 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
         recompute_s += mb * core_fwd * 0.5 * share / attn_rate
 
     # Memory-bound work: elementwise traffic per token and layer (split over tp by sequence
-    # parallelism), fp8 casts of the GEMM inputs, the fp32 loss over the vocabulary, and the
-    # optimizer update.
-    tokens_dev = mb * m_tokens
+    # parallelism), fp8 casts of the GEMM inputs, the fp32 loss over the vocabulary, the
+    # embedding's gather and its gradient's scatter, and the optimizer update.
     # (the factor counts 2-byte elements; fp32 training moves twice the bytes)
     elem = f["elementwise_bytes_per_dim"] * cfg.d_model * act_bytes / 2
     if fp8:  # casts: read 16-bit, write 8-bit, each GEMM input, forward and both backward
         width = cfg.ffn_hidden if not cfg.is_moe else (
             (cfg.n_experts_active + cfg.n_shared_experts) * cfg.moe_ffn_hidden)
         elem += 3 * 3 * (2 * cfg.d_model + cfg.n_head * cfg.value_head_dim + width)
-    memory = tokens_dev * (L + cfg.mtp_depth) / pp / tp * elem / bw
-    if cfg.is_moe:  # token permutation: each of a token's k routed copies is gathered into
-        # its expert's block before the experts and scattered back, weighted, after them: a
-        # read and a write of d values each way, forward, and twice in the backward pass
-        moe_layers = n_moe / pp
-        memory += (tokens_dev * moe_layers / tp * 3 * 2 * 2 * cfg.n_experts_active * cfg.d_model
-                   * act_bytes / bw)
-    memory += tokens_dev / pp * 12 * cfg.vocab_size / tp / bw  # fp32 logits: write, read, grad
+    # per micro-batch, one layer (or module) of the whole model on this device
+    layer_mem = m_tokens / tp * elem / bw
+    # MoE token permutation: each of a token's k routed copies is gathered into its expert's
+    # block before the experts and scattered back, weighted, after them: a read and a write
+    # of d values each way, forward, and twice in the backward pass
+    permute = (m_tokens / tp * 3 * 2 * 2 * cfg.n_experts_active * cfg.d_model * act_bytes / bw
+               if cfg.is_moe else 0.0)
+    logits_mem = m_tokens * 12 * cfg.vocab_size / tp / bw  # fp32 logits: write, read, grad
+    # the embedding: read and write each token's row forward, read the gradient and update
+    # the row backward (EMBEDDING_BYTES_PER_DIM values per token and model dimension)
+    embed_mem = m_tokens / tp * EMBEDDING_BYTES_PER_DIM * cfg.d_model * act_bytes / bw
+    memory = mb / pp * (layer_mem * (L + cfg.mtp_depth) + permute * n_moe + logits_mem
+                        + embed_mem)
     params = float(_memo("params", cfg, count_params))
     memory += ADAM_BYTES_PER_PARAM * params / lay.devices / bw
 
@@ -570,29 +743,50 @@ def step_time(cfg: ModelConfig, seq_len: int, acc: Accelerator, n: int, lay: Lay
     pp_comm = (mb * 2 * m_tokens * cfg.d_model * act_bytes / tp / net * lay.virtual_stages
                if pp > 1 else 0.0)
 
-    # Context parallel (ring attention, Liu et al. 2023, arXiv:2310.01889): each device passes
-    # its chunk's keys and values around the ring of cp devices (cp - 1 hops), forward, and
-    # keys, values and their gradients backward, over the scale-up links; each hop overlaps
-    # with the attention of the chunk in hand, so only what exceeds that attention shows.
+    # Context parallel, over the scale-up links. Ring (ring attention, Liu et al. 2023,
+    # arXiv:2310.01889): each device passes its chunk's keys and values around the ring of cp
+    # devices (cp - 1 hops), forward, and keys, values and their gradients backward; each hop
+    # overlaps with the attention of the chunk in hand, so only what exceeds that attention
+    # shows. All-gather (Llama 3): each layer gathers every rank's keys and values before its
+    # attention and reduce-scatters their gradients after it, none of it hidden.
+    cp_comm = 0.0
     if cp > 1:
-        kv_heads = cfg.n_head if cfg.is_mla else cfg.n_kv_head  # MLA: keys, values expanded
-        kv_width = kv_heads / tp * (cfg.qk_head_dim + cfg.value_head_dim)
-        ring_s = mb * cp_ring_seconds(m_tokens, kv_width, L / pp, cp, link, act_bytes, latency)
-        pp_comm += max(0.0, ring_s - attention)
+        kv_width = cp_kv_width(cfg, tp)
+        if lay.cp_exchange == "all-gather":
+            cp_comm = mb * cp_allgather_seconds(m_tokens, kv_width, L / pp, cp,
+                                                collective_links(acc, link, latency), act_bytes)
+        else:
+            ring_s = mb * cp_ring_seconds(m_tokens, kv_width, L / pp, cp, link, act_bytes,
+                                          latency)
+            cp_comm = max(0.0, ring_s - attention)
 
     compute = gemm + recompute_s + attention + memory + tp_comm
+    # Pipeline stages: each one's compute for a micro-batch, forward and backward: its blocks
+    # (their GEMMs, memory-bound work and permutation; attention, recomputation and the
+    # tensor-parallel collectives spread evenly over the blocks), the embedding on the first,
+    # the final norm, LM head, loss and MTP modules on the last (DeepSeek-V3 sec. 2.2 keeps
+    # MTP beside the head). The slowest stage sets the pace (bubble_fraction).
+    stage_s: list[float] = []
     bubble = 0.0
     if pp > 1:
-        bubble = compute * bubble_fraction(lay.schedule, pp, mb, lay.virtual_stages)
+        spread = (attention + recompute_s + tp_comm) * pp / mb / (L + cfg.mtp_depth)
+        dense_c = 3 * dense_g + layer_mem + spread
+        moe_c = 3 * moe_g + layer_mem + permute + spread
+        ends = 3 * (head + mtp) + logits_mem + cfg.mtp_depth * (layer_mem + spread)
+        placement = schedule_placement(lay.schedule)
+        stage_s = stage_costs(cfg, pipeline_stages(lay), lay.stage_layers, dense_c, moe_c,
+                              embed_mem, ends, pp, placement)
+        bubble = compute * bubble_fraction(lay.schedule, pp, mb, lay.virtual_stages,
+                                           rank_costs(stage_s, pp, placement))
         if mb < pp:
             notes.append(f"{mb:.3g} micro-batches per step for {pp} pipeline stages: the "
                          "bubble dominates")
-    busy = compute + ep_comm + dp_comm + pp_comm + bubble
+    busy = compute + ep_comm + dp_comm + pp_comm + cp_comm + bubble
     stack = busy * (1 / f["stack_efficiency"] - 1)
     tokens = lay.global_batch_tokens
     return StepTime(gemm, recompute_s, attention, memory, tp_comm, ep_comm, dp_comm, pp_comm,
                     bubble, stack, tokens, _memo("flops", cfg, model_flops_per_token, T) * tokens,
-                    notes)
+                    notes, cp_comm, stage_s)
 
 
 def remote_copies(cfg: ModelConfig, lay: Layout, node: int) -> float:

@@ -6,11 +6,12 @@ never imports torch): the matmul rate (train.clock's 1024^3 peak, and every matm
 model runs, forward and backward), the memory bandwidth, causal attention, the host seconds
 of one dispatched operation and the operations a step dispatches, and on 2 gloo processes
 the collectives at several sizes, then each parallel term as it runs: data-parallel gradient
-all-reduce, FSDP all-gathers and reduce-scatters, the context-parallel exchange of keys and
-values, and the pipeline bubble of each schedule (train.parallel.bench_pp: the share of a
-step each rank is blocked). Four training runs of this project's trainer (1 process; DDP,
-FSDP and tp=2 on 2) give their step times, and the tp=2 run the seconds of its
-tensor-parallel collectives and how many it issued per step (metrics.jsonl).
+all-reduce, FSDP all-gathers and reduce-scatters, and the pipeline bubble of each schedule
+(train.parallel.bench_pp: the share of a step each rank is blocked; with the blocks of each
+stage and the stages of each rank the pipeline was split into). Five training runs of this
+project's trainer (1 process; DDP, FSDP, tp=2 and cp=2 on 2) give their step times, the tp=2
+run the seconds of its tensor-parallel collectives and how many it issued per step, the cp=2
+run the seconds of its context-parallel all-gathers and reduce-scatters (metrics.jsonl).
 
 **Link.** Each collective's time (the median of its repeats) at each message size is fitted
 as t = alpha + bytes / beta (Hockney's alpha-beta model), bytes being what one rank sends as
@@ -27,7 +28,10 @@ efficiency and collective links are the ones measured here, with nothing hidden 
 hide (`local_factors`: tensor-parallel collectives fully exposed, the share of compute a
 collective hides behind as measured, the stack efficiency 1). A collective a step enters
 straight from compute pays the measured arrival skew beside its isolated latency (`in_step`).
-Nothing is fitted to the step times being predicted.
+A pipeline's stages cost what perf charges them (`perf.step_time`'s `stage_s`: the blocks
+the trainer put on each, the embedding on the first, the LM head and loss on the last), and
+the bubble is `perf.bubble_fraction` for the ranks' costs. Nothing is fitted to the step
+times being predicted.
 
 Verdicts: a term holds when its prediction is within REL_TOL of the measurement; a pipeline
 bubble with a formula > 0 likewise, and a schedule whose formula is 0 at this pp (DualPipe at
@@ -75,9 +79,11 @@ from estimate.perf import (
     Factor,
     Layout,
     Link,
+    StepTime,
     bubble_fraction,
     collectives_seconds,
-    cp_ring_seconds,
+    cp_allgather_seconds,
+    cp_kv_width,
     dp_comm_seconds,
     forward_gemms,
     load_factors,
@@ -98,6 +104,8 @@ KIND = "parallel_calibration"
 TITLE = "Parallel terms and step time, predicted and measured"
 OPS = COLLECTIVES
 # train.parallel.bench_pp's schedules as the performance model names them: (schedule, v)
+# (v: the chunks per rank the formula counts; ZB-V and DualPipeV are charged ZB-H1's and
+# DualPipe's formulas, their stages placed as the trainer placed them)
 PP_SCHEDULES = {"gpipe": ("1f1b", 1), "1f1b": ("1f1b", 1), "interleaved": ("1f1b", 2),
                 "zero_bubble": ("zero-bubble", 1), "dualpipev": ("dualpipe", 1)}
 
@@ -306,24 +314,46 @@ def relative_check(term: str, predicted: float, measured: float, note: str = "",
                      abs(predicted / measured - 1) <= REL_TOL, note, counts)
 
 
-def bubble_checks(rows: list[dict], pp: int = WORLD) -> list[TermCheck]:
+def pipeline_rank_costs(row: dict, stage_s: list[float]) -> list[float]:
+    """Each pipeline rank's compute per micro-batch: the predicted costs of the stages the
+    harness recorded it holding (`rank_stages`)."""
+    return [sum(stage_s[s] for s in held) for held in row["rank_stages"]]
+
+
+def stage_layers(row: dict) -> tuple[int, ...]:
+    """Blocks of each stage the trainer's pipeline built for a bench_pp row."""
+    return tuple(b - a for a, b in row["stage_blocks"])
+
+
+def bubble_checks(rows: list[dict], pp: int = WORLD,
+                  stage_costs: Callable[[dict], list[float]] | None = None) -> list[TermCheck]:
     """Each schedule's measured bubble (the mean over ranks of the blocked share of a step)
-    against the performance model's b / (1 + b), b = perf.bubble_fraction; a formula of 0
-    (DualPipe at pp = 2) holds when the measured bubble is below 1F1B's at the same M."""
+    against the performance model's b / (1 + b), b = perf.bubble_fraction for the stages the
+    trainer built: `stage_costs(row)` is perf's compute per micro-batch of each stage (None:
+    equal stages), summed per rank as the row's `rank_stages` place them. A prediction of 0
+    (DualPipe at pp = 2 with equal stages) holds when the measured bubble is below 1F1B's at
+    the same M."""
     one_f = {r["microbatches"]: statistics.mean(r["bubble"]) for r in rows
              if r["schedule"] == "1f1b"}
     out = []
     for r in rows:
         name, m = r["schedule"], r["microbatches"]
         schedule, v = PP_SCHEDULES[name]
-        b = bubble_fraction(schedule, pp, m, 2 if name == "interleaved" else v)
+        ranks = pipeline_rank_costs(r, stage_costs(r)) if stage_costs else None
+        b = bubble_fraction(schedule, pp, m, v, ranks)
         predicted, measured = b / (1 + b), statistics.mean(r["bubble"])
         term = f"pipeline bubble, {name}, pp={pp} M={m} (share of step)"
-        note = (f"perf schedule {schedule!r}" + (", v=2" if name == "interleaved" else "")
+        note = (f"perf schedule {schedule!r}" + (f", v={v}" if v > 1 else "")
                 + "; blocked share of ranks " + ", ".join(f"{x:.3f}" for x in r["bubble"]))
-        if r.get("compute"):  # the formula assumes equal stages: the others wait for the slowest
-            note += ("; compute share of ranks " + ", ".join(f"{x:.3f}" for x in r["compute"])
-                     + f" (imbalance {max(r['compute']) - min(r['compute']):.3f})")
+        if ranks:
+            note += (f"; stages' blocks {list(stage_layers(r))}, ranks' stages "
+                     f"{r['rank_stages']}: predicted compute per micro-batch of ranks "
+                     + ", ".join(f"{x * 1e3:.1f} ms" for x in ranks)
+                     + f" (slowest / mean {max(ranks) / statistics.mean(ranks):.2f})")
+        if r.get("compute"):  # measured: the ranks' compute shares of the step
+            c = r["compute"]
+            note += ("; measured compute share of ranks " + ", ".join(f"{x:.3f}" for x in c)
+                     + f" (slowest / mean {max(c) / statistics.mean(c):.2f})")
         if predicted > 0:
             out.append(relative_check(term, predicted, measured, note))
         elif m in one_f:
@@ -335,19 +365,23 @@ def bubble_checks(rows: list[dict], pp: int = WORLD) -> list[TermCheck]:
 @dataclass(frozen=True)
 class TrainerRun:
     """What calibrate reads of one of the trainer's runs: the median step seconds after
-    warm-up, the cores other work used during it, and for a tp run the median seconds of its
-    tensor-parallel collectives per step and how many it issued per step (metrics.jsonl)."""
+    warm-up, the cores other work used during it, for a tp run the median seconds of its
+    tensor-parallel collectives per step and how many it issued per step (metrics.jsonl), for
+    a cp run the median seconds of its context-parallel collectives per step."""
 
     step_s: float
     others_cores: float | None
     tp_comm_s: float | None = None
     tp_collectives: int | None = None
+    cp_comm_s: float | None = None
 
 
 def term_checks(bench: dict, cfg: ModelConfig, micro_batch: int, links: dict[str, LinkFit],
-                tp_run: TrainerRun) -> list[TermCheck]:
-    """Every communication term of `bench` (and the tensor-parallel one of the trainer's tp
-    run) beside perf's prediction from the fitted links."""
+                tp_run: TrainerRun, cp_run: TrainerRun | None = None,
+                stage_costs: Callable[[dict], list[float]] | None = None) -> list[TermCheck]:
+    """Every communication term of `bench`, the tensor- and context-parallel ones of the
+    trainer's tp and cp runs, and the pipeline bubbles (`bubble_checks`, `stage_costs`)
+    beside perf's prediction from the fitted links."""
     params = float(count_params(cfg))
     tokens = micro_batch * cfg.seq_len
     ar, ag, rs = links["all_reduce"], links["all_gather"], links["reduce_scatter"]
@@ -360,10 +394,6 @@ def term_checks(bench: dict, cfg: ModelConfig, micro_batch: int, links: dict[str
 
     def fsdp(net, lat, units):
         return dp_comm_seconds(params, WORLD, 1, WORLD, net, net, 4.0, 3, lat, units=units)
-
-    def cp(link, lat):
-        return cp_ring_seconds(tokens / WORLD, 2 * cfg.n_kv_head * cfg.head_dim, cfg.n_layer,
-                               WORLD, link, 4.0, lat)
 
     tp_lay = Layout(tp=WORLD, micro_batch=micro_batch, global_batch_tokens=tokens)
     tp_rows = tp_step_collectives(cfg, cfg.seq_len, tp_lay, 4.0)
@@ -399,13 +429,24 @@ def term_checks(bench: dict, cfg: ModelConfig, micro_batch: int, links: dict[str
             f"(without it: {tp_seconds(False) * 1e3:.2f} ms); the measure includes the wait for "
             "the slower rank inside each collective",
             {"issued": tp_run.tp_collectives, "charged": charged}),
-        relative_check(
-            "context-parallel exchange of keys and values, cp=2",
-            gathers_and_scatters(cp), bench["cp"]["seconds"],
-            "all-gathers and reduce-scatters of each layer's keys and values (forward 1, "
-            "backward 2), not overlapped with attention here; perf hides what fits behind it"),
     ]
-    return checks + bubble_checks(bench["pp"]["rows"])
+    if cp_run is not None and cp_run.cp_comm_s:
+        def cp_seconds(with_skew: bool) -> float:
+            step = in_step(links, skew if with_skew else 0.0)
+            return cp_allgather_seconds(tokens / WORLD, cp_kv_width(cfg), cfg.n_layer, WORLD,
+                                        {op: f.link for op, f in step.items()}, 4.0)
+        msg = tokens * cp_kv_width(cfg) * 4.0
+        checks.append(relative_check(
+            "context-parallel exchange of keys and values, cp=2 (the trainer)",
+            cp_seconds(True), cp_run.cp_comm_s,
+            f"python -m train parallel.cp=2: cp_comm_s, the median step's seconds inside its "
+            f"collectives; perf.cp_allgather_seconds (the trainer's all-gather CP, "
+            f"Layout.cp_exchange='all-gather'): {cfg.n_layer} x all_gather and {cfg.n_layer} x "
+            f"reduce_scatter of {msg / 1e3:,.1f} KB (keys and values of the whole sequence), "
+            f"each over its own fitted link with the arrival skew added to its latency "
+            f"(without it: {cp_seconds(False) * 1e3:.2f} ms); ring CP would send 3/2 of these "
+            "bytes, behind attention"))
+    return checks + bubble_checks(bench["pp"]["rows"], stage_costs=stage_costs)
 
 
 @dataclass
@@ -460,15 +501,14 @@ def host_ops(bench: dict, lay: Layout, seq_len: int, optimizer: bool = True) -> 
         ops["optimizer"] / lay.pp if optimizer else 0.0)
 
 
-def predict_step(cfg: ModelConfig, lay: Layout, bench: dict, link: LinkFit,
-                 optimizer: bool = True, measured_elementwise: bool = True,
-                 links: dict[str, LinkFit] | None = None) -> tuple[float, dict]:
-    """perf.step_time of `cfg` laid out as `lay` (fp32, no recomputation) on this machine, plus
-    the host time of dispatching the step's operations (`host_ops` x the measured seconds per
-    operation): the per-operation overhead `project` leaves to the stack efficiency, which on
-    GPUs hides behind the kernels of the previous ones and on a CPU core adds to them.
-    `measured_elementwise`: the memory-bound work at its profiled rate
-    (`elementwise_bytes_per_dim`), else at the stream bandwidth with defaults.yaml's bytes."""
+def local_step(cfg: ModelConfig, lay: Layout, bench: dict, link: LinkFit,
+               measured_elementwise: bool = True,
+               links: dict[str, LinkFit] | None = None) -> tuple[StepTime, float, float]:
+    """perf.step_time of `cfg` laid out as `lay` (fp32, no recomputation) on this machine: the
+    local accelerator at the matmul rate measured at the layout's own shapes; with its
+    (matmul rate, attention efficiency). `measured_elementwise`: the memory-bound work at its
+    profiled rate (`elementwise_bytes_per_dim`), else at the stream bandwidth with
+    defaults.yaml's bytes."""
     m_tokens = lay.micro_batch * cfg.seq_len / lay.cp
     rate = layout_gemm_rate(cfg, m_tokens, lay, bench["gemms"])
     acc = local_accelerator(rate, bench["memory_bytes_per_s"], link, links=links)
@@ -477,8 +517,19 @@ def predict_step(cfg: ModelConfig, lay: Layout, bench: dict, link: LinkFit,
     st = step_time(cfg, cfg.seq_len, acc, lay.devices, lay, "fp32", "none",
                    local_factors(eff, elem, bench.get("overlap", {}).get("share")),
                    peak_flops=rate)
+    return st, rate, eff
+
+
+def predict_step(cfg: ModelConfig, lay: Layout, bench: dict, link: LinkFit,
+                 optimizer: bool = True, measured_elementwise: bool = True,
+                 links: dict[str, LinkFit] | None = None) -> tuple[float, dict]:
+    """`local_step`'s step time plus the host time of dispatching the step's operations
+    (`host_ops` x the measured seconds per operation): the per-operation overhead `project`
+    leaves to the stack efficiency, which on GPUs hides behind the kernels of the previous
+    ones and on a CPU core adds to them."""
+    st, rate, eff = local_step(cfg, lay, bench, link, measured_elementwise, links)
     parts = {k: getattr(st, k) for k in ("gemm", "attention", "memory", "tp_comm", "dp_comm",
-                                         "pp_comm", "bubble")}
+                                         "pp_comm", "cp_comm", "bubble")}
     # bench_pp's measured step time holds no optimizer step: neither does its prediction
     if not optimizer:
         st.memory -= ADAM_BYTES_PER_PARAM * count_params(cfg) / lay.devices / bench["memory_bytes_per_s"]
@@ -651,8 +702,8 @@ def _fmt(value: float, term: str) -> str:
 
 def trainer_runs(s: ParallelSweep, data_dir: Path, runs_dir: Path, vocab: int,
                  log: Callable[[str], None]) -> dict[str, TrainerRun]:
-    """1 process, and on WORLD processes DDP, FSDP and tensor parallel (tp=WORLD) of this
-    project's trainer."""
+    """1 process, and on WORLD processes DDP, FSDP, tensor parallel (tp=WORLD) and context
+    parallel (cp=WORLD) of this project's trainer."""
     sweep = Sweep(train_config=s.train_config, model=s.model, seq_len=s.seq_len,
                   micro_batch_size=s.micro_batch_size, steps=s.steps,
                   warmup_steps_excluded=s.warmup_steps_excluded)
@@ -660,13 +711,16 @@ def trainer_runs(s: ParallelSweep, data_dir: Path, runs_dir: Path, vocab: int,
     specs = {"1 process": RunSpec("step", shape, T, mb),
              "DDP, 2 processes": RunSpec("step", shape, T, mb, nproc=WORLD),
              "FSDP, 2 processes": RunSpec("step", shape, T, mb, nproc=WORLD, fsdp=True),
-             "tp=2": RunSpec("step", shape, T, mb, nproc=WORLD, tp=WORLD)}
+             "tp=2": RunSpec("step", shape, T, mb, nproc=WORLD, tp=WORLD),
+             "cp=2": RunSpec("step", shape, T, mb, nproc=WORLD, cp=WORLD)}
     runner = Runner(sweep, data_dir, runs_dir, vocab, total=len(specs), log=log)
     out = {}
     for name, spec in specs.items():
         x = runner.run(spec, 0)
         others = x.others_cores_rounds[-1] if x.others_cores_rounds else None
-        tp_s = issued = None
+        tp_s = issued = cp_s = None
+        if spec.cp > 1:
+            cp_s = float(read_summary(Path(x.run_dirs[-1])).raw["cp_comm_s"]["median"])
         if spec.tp > 1:
             run_dir = Path(x.run_dirs[-1])
             tp_s = float(read_summary(run_dir).raw["tp_comm_s"]["median"])
@@ -677,7 +731,7 @@ def trainer_runs(s: ParallelSweep, data_dir: Path, runs_dir: Path, vocab: int,
                 raise RuntimeError(f"{run_dir}: tp_collectives per step {sorted(counts)}: "
                                    "expected one count for every steady step")
             issued = counts.pop()
-        out[name] = TrainerRun(x.step_s, others, tp_s, issued)
+        out[name] = TrainerRun(x.step_s, others, tp_s, issued, cp_s)
     return out
 
 
@@ -696,20 +750,33 @@ def calibrate_parallel(s: ParallelSweep, data_dir: str | Path, runs_dir: str | P
     started = time.monotonic()
     log("measuring rates, collectives and parallel terms (train.parallel.collectives_bench)")
     bench = run_harness(harness_spec(s, cfg, pp_cfg), runs_dir)
-    log("running the trainer: 1 process; DDP, FSDP and tp=2 on 2 processes")
+    log("running the trainer: 1 process; DDP, FSDP, tp=2 and cp=2 on 2 processes")
     measured = trainer_runs(s, data_dir, runs_dir, vocab, log)
     col = bench["collectives"]
     links = {op: fit_link(link_points(col, (op,)), (op,)) for op in OPS}
     links["fsdp"] = fit_link(link_points(col, ("all_gather", "reduce_scatter")),
                              ("all_gather", "reduce_scatter"))
-    terms = term_checks(bench, cfg, s.micro_batch_size, links, measured["tp=2"])
     mb, T = s.micro_batch_size, s.seq_len
+    # a step enters its collectives from compute: each pays the arrival skew
+    step_links = in_step(links, bench.get("arrival", {}).get("skew_s", 0.0))
+    pp_cfg = ModelConfig(**{k: v for k, v in bench["pp"]["model"].items() if k != "notes"})
+
+    def pp_layout(row: dict) -> Layout:
+        """bench_pp's row as perf lays it out: its stages' blocks as the trainer split them."""
+        counts = stage_layers(row)
+        return Layout(pp=WORLD, micro_batch=s.pp_micro_batch, virtual_stages=len(counts) // WORLD,
+                      global_batch_tokens=row["microbatches"] * s.pp_micro_batch * T,
+                      stage_layers=counts)
+
+    def stage_costs(row: dict) -> list[float]:
+        st, _, _ = local_step(pp_cfg, pp_layout(row), bench, step_links["send_recv"],
+                              links=step_links)
+        return st.stage_s
+
+    terms = term_checks(bench, cfg, mb, links, measured["tp=2"], measured["cp=2"], stage_costs)
     cores = cpu_info()["logical_cores"]
     harness_share = machine_share(WORLD, cores, bench.get("others_cores"))
     steps = []
-
-    # a step enters its collectives from compute: each pays the arrival skew
-    step_links = in_step(links, bench.get("arrival", {}).get("skew_s", 0.0))
 
     def both(c: ModelConfig, lay: Layout, link: str, optimizer: bool = True):
         link_fit = step_links[link]
@@ -730,18 +797,17 @@ def calibrate_parallel(s: ParallelSweep, data_dir: str | Path, runs_dir: str | P
         steps.append(StepCheck(name, "python -m train (summary.json median step_s)", pred,
                                run.step_s, parts, predicted_default_s=default,
                                share=machine_share(lay.devices, cores, run.others_cores)))
-    pp_cfg = ModelConfig(**{k: v for k, v in bench["pp"]["model"].items() if k != "notes"})
     for row in bench["pp"]["rows"]:
         if row["schedule"] != "1f1b":
             continue
-        M, pmb = row["microbatches"], s.pp_micro_batch
-        pred, parts, default = both(pp_cfg, Layout(pp=WORLD, micro_batch=pmb,
-                                                   global_batch_tokens=M * pmb * T),
-                                    "send_recv", optimizer=False)
+        M = row["microbatches"]
+        pred, parts, default = both(pp_cfg, pp_layout(row), "send_recv", optimizer=False)
         steps.append(StepCheck(f"pp=2 1f1b M={M}", "bench_pp's measure (forward + backward)",
                                pred, max(row["step_s"]), parts,
                                "bench_pp times forward and backward without an optimizer step; "
-                               "the prediction leaves out perf's optimizer traffic likewise",
+                               "the prediction leaves out perf's optimizer traffic likewise; "
+                               f"stages of {list(stage_layers(row))} blocks as the trainer split "
+                               "them, the last with the LM head and loss",
                                predicted_default_s=default, share=harness_share))
     return ParallelCalibration(s, cpu_info(), bench, links, terms, steps,
                                time.monotonic() - started)

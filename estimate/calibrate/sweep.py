@@ -107,6 +107,7 @@ class RunSpec:
     threads: int = 1
     fsdp: bool = False  # train's fsdp (FSDP2 over the nproc processes)
     tp: int = 1  # train's parallel.tp (tensor parallel over tp of the nproc processes)
+    cp: int = 1  # train's parallel.cp (context parallel: the sequence split over cp processes)
 
     @property
     def name(self) -> str:
@@ -114,7 +115,7 @@ class RunSpec:
         ckpt = "" if self.recompute == "none" else f"_ckpt-{self.recompute}"
         return (f"L{self.shape.n_layer}_d{self.shape.d_model}_T{self.seq_len}_{prec}{ckpt}"
                 f"_{self.nproc}x{self.threads}" + ("_fsdp" if self.fsdp else "")
-                + (f"_tp{self.tp}" if self.tp > 1 else ""))
+                + (f"_tp{self.tp}" if self.tp > 1 else "") + (f"_cp{self.cp}" if self.cp > 1 else ""))
 
     @property
     def label(self) -> str:
@@ -129,6 +130,8 @@ class RunSpec:
             parts.append("FSDP")
         if self.tp > 1:
             parts.append(f"tp={self.tp}")
+        if self.cp > 1:
+            parts.append(f"cp={self.cp}")
         return " ".join(parts)
 
     @property
@@ -147,8 +150,8 @@ class RunSpec:
 
     def tokens_per_step(self) -> int:
         """Tokens of all processes per optimizer step (one micro-batch per data-parallel
-        rank: the tp ranks of a group share theirs)."""
-        return self.nproc // self.tp * self.micro_batch_size * self.seq_len
+        rank: the tp and cp ranks of a group share theirs)."""
+        return self.nproc // (self.tp * self.cp) * self.micro_batch_size * self.seq_len
 
     def hardware_flops_per_step(self, sweep: Sweep, vocab_size: int) -> float:
         """FLOPs one process executes per step, by arithmetic (before running)."""
@@ -164,12 +167,13 @@ class RunSpec:
             f"model.n_layer={self.shape.n_layer}", f"model.d_model={self.shape.d_model}",
             f"model.seq_len={self.seq_len}", "seq_len=0",
             f"micro_batch_size={self.micro_batch_size}",
-            f"batch_size={self.micro_batch_size * self.nproc // self.tp}",
+            f"batch_size={self.micro_batch_size * self.nproc // (self.tp * self.cp)}",
             f"steps={sweep.steps}", f"eval_every={sweep.steps}",
             f"warmup_steps_excluded={sweep.warmup_steps_excluded}",
             f"threads_per_process={self.threads}", f"mixed_precision='{self.precision}'",
             f"activation_checkpointing={self.recompute}", "compile=false", f"fsdp={str(self.fsdp).lower()}",
             *([f"parallel.tp={self.tp}"] if self.tp > 1 else []),
+            *([f"parallel.cp={self.cp}"] if self.cp > 1 else []),
         ]
 
 

@@ -97,6 +97,30 @@ def test_relative_check_and_bubble_verdicts():
     assert not checks["zero_bubble"].holds
 
 
+def test_bubble_checks_charge_the_stages_the_trainer_built():
+    """With each stage's predicted cost, the bubble is the schedule's for those stages, summed
+    per rank as the trainer placed them: 1F1B with the LM head's stage 1.5x the first (ranks 2
+    and 3 s per micro-batch, m=4: a 14 s step for 10 s of mean compute); ZB-V's rank 0 holds
+    the first and the last stage."""
+    rows = [{"schedule": "1f1b", "microbatches": 4, "bubble": [0.4, 0.17],
+             "compute": [0.55, 0.8], "stage_blocks": [[0, 2], [2, 4]], "rank_stages": [[0], [1]]},
+            {"schedule": "zero_bubble", "microbatches": 4, "bubble": [0.05, 0.2],
+             "stage_blocks": [[0, 1], [1, 2], [2, 3], [3, 4]], "rank_stages": [[0, 3], [1, 2]]},
+            {"schedule": "dualpipev", "microbatches": 4, "bubble": [0.05, 0.2],
+             "stage_blocks": [[0, 1], [1, 2], [2, 3], [3, 4]], "rank_stages": [[0, 3], [1, 2]]}]
+    costs = {"1f1b": [2.0, 3.0], "zero_bubble": [1.0, 1.0, 1.0, 2.0],
+             "dualpipev": [1.0, 1.0, 1.0, 2.0]}
+    checks = {c.term.split(",")[1].strip(): c
+              for c in bubble_checks(rows, stage_costs=lambda r: costs[r["schedule"]])}
+    assert checks["1f1b"].predicted_s == pytest.approx(0.4 / 1.4)
+    assert "[2, 2]" in checks["1f1b"].note and "slowest / mean 1.20" in checks["1f1b"].note
+    b = bubble_fraction("zero-bubble", 2, 4, 1, [3.0, 2.0])
+    assert checks["zero_bubble"].predicted_s == pytest.approx(b / (1 + b))
+    # DualPipe's formula is 0 at pp=2, the stage imbalance is not: a relative check now
+    assert checks["dualpipev"].predicted_s == pytest.approx(0.2 / 1.2)
+    assert checks["dualpipev"].tolerance == "+-25%"
+
+
 def test_tp_collectives_count_and_bytes():
     """perf.tp_collectives: sequence parallelism turns each all-reduce into an all-gather and a
     reduce-scatter (twice the calls, the same bytes sent); the count grows by 8 per layer
@@ -301,8 +325,10 @@ def test_term_checks_predict_from_each_collectives_own_link():
     fsdp = (2 / 3) * (1.5 * grads / 1e9 + 3 * units * 2e-4) + (1 / 3) * (
         1.5 * grads / 5e8 + 3 * units * 3e-4)
     bench["fsdp"]["all_gather_s"], bench["fsdp"]["reduce_scatter_s"] = fsdp * 1.4, 0.0
+    cp_run = TrainerRun(0.1, 0.0, cp_comm_s=0.01)
     checks = {c.term.split(" ")[0]: c for c in term_checks(bench, cfg, sweep.micro_batch_size,
-                                                           links, TrainerRun(0.1, 0.0, 0.02, 1))}
+                                                           links, TrainerRun(0.1, 0.0, 0.02, 1),
+                                                           cp_run)}
     assert checks["data-parallel"].predicted_s == pytest.approx(bench["dp_allreduce_s"])
     assert checks["data-parallel"].holds
     assert checks["FSDP"].predicted_s == pytest.approx(fsdp)
@@ -319,6 +345,12 @@ def test_term_checks_predict_from_each_collectives_own_link():
           + (2 * L + 1) * (a_ar + 4 * d / b_ar) + 3 * (a_ar + 4 * m / b_ar) + a_ar + 8 / b_ar)
     assert checks["tensor-parallel"].predicted_s == pytest.approx(tp)
     assert f"1 issued per step, {10 * L + 9} charged" in checks["tensor-parallel"].note
+    # context parallel as the trainer runs it: per layer an all-gather of the whole
+    # sequence's keys and values, a reduce-scatter of their gradients (half of each sent)
+    kv = m * 2 * cfg.n_kv_head * cfg.head_dim * 4.0
+    cp = L * (a_ag + kv / 2 / b_ag + a_rs + kv / 2 / b_rs)
+    assert checks["context-parallel"].predicted_s == pytest.approx(cp)
+    assert checks["context-parallel"].measured_s == 0.01
 
 
 def test_machine_share_stretches_only_runs_that_lacked_cores():

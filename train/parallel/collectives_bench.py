@@ -36,7 +36,8 @@ Two processes (gloo):
   isolated alpha (waiting for the later rank, waking the transport);
 - **context parallel**: per layer, the all-gather of this rank's keys and values (forward),
   and the all-gather and reduce-scatter of keys, values and their gradients (backward);
-- **pipeline**: `train.parallel.bench_pp.measure_rows` at the spec's schedules and M.
+- **pipeline**: `train.parallel.bench_pp.measure_rows` at the spec's schedules and M, with
+  the blocks of each stage and the stages of each rank the pipeline was split into.
 
 Tensor parallelism is not timed here: calibrate runs the trainer itself at parallel.tp=2,
 which clocks its collectives per step (tp_comm_s, tp_collectives in metrics.jsonl).
@@ -61,6 +62,7 @@ from model.transformer import Transformer
 from train.clock import measure_matmul_flops
 from train.opcount import OpCounter, count_step
 from train.parallel import bench_pp
+from train.parallel.pipeline import block_ranges, rank_stages, stages_per_rank
 from train.parallel.procs import spawn
 
 WORLD = 2
@@ -340,6 +342,15 @@ def cp_exchange_seconds(cfg: ModelConfig, tokens: int, repeats: int) -> dict:
             "chunk_bytes": chunk * 4, "collectives": 3 * cfg.n_layer}
 
 
+def pipeline_stages(schedule: str, n_layer: int) -> dict:
+    """The stages `train.parallel.pipeline.split` builds for `schedule` on WORLD ranks: each
+    stage's blocks [start, stop) and each rank's stages (calibrate predicts the bubble of
+    these stages: the first holds the embedding, the last the LM head and loss)."""
+    stages = WORLD * stages_per_rank(schedule)
+    return {"stage_blocks": [[r.start, r.stop] for r in block_ranges(n_layer, stages)],
+            "rank_stages": [rank_stages(schedule, WORLD, r) for r in range(WORLD)]}
+
+
 def ranks(rank: int, spec: dict, out: str) -> None:
     r = spec["repeats"]
     cfg = ModelConfig(**spec["model"])
@@ -363,7 +374,7 @@ def ranks(rank: int, spec: dict, out: str) -> None:
     result["pp"] = {"model": vars(bench_pp.model_config(args)),
                     "rows": [{"schedule": s, "microbatches": m,
                               "bubble": [e[0] for e in every], "step_s": [e[1] for e in every],
-                              "compute": [e[3] for e in every]}
+                              "compute": [e[3] for e in every], **pipeline_stages(s, cfg.n_layer)}
                              for s, m, every in bench_pp.measure_rows(args)]}
     every = [None] * WORLD
     dist.all_gather_object(every, result)

@@ -6,6 +6,8 @@ With equal stages this reproduces the formulas of `pipeline.bubble_formula` from
 orders (the check that the schedule torch runs is the one the formula describes); with the
 last stage slower (the LM head and loss) it shows how much of a measured bubble is stage
 imbalance: every other rank also waits for the slowest one, which the formula assumes away.
+`estimate.perf.bubble_fraction` charges that imbalance in closed form; tests/train/
+test_pipeline.py checks it against `simulate` on these orders.
 
     python -m train.parallel.schedule_sim [--pp 2] [--microbatches 4 8] [--head 0 0.3]
 """
