@@ -2,8 +2,9 @@
 
 The directory layout, the manifest, trainer.json and their verification are
 `contracts.checkpoint`'s; this module holds the torch side: saving and loading the weights
-(safetensors, or DCP shards under `fsdp=true`, `train/fsdp.py`; an FSDP run also resumes from
-safetensors, as a tp x dp_shard run writes them), the optimizer state and each
+(safetensors, or DCP shards under `fsdp=true`, `train/fsdp.py`, and under `parallel.pp` > 1,
+where each rank writes its own stages; an FSDP run also resumes from safetensors, as a
+tp x dp_shard run writes them), the optimizer state and each
 rank's RNG states and data position, and the fingerprint a run must match to resume.
 
 All ranks write into `step_NNNNNNNN.tmp/`, which the main rank renames once every file is on
@@ -102,9 +103,10 @@ class Checkpointer:
         self.barrier()
         if self.saves_state:
             torch.save(rank_state, tmp / f"rank_{self.state_rank:05d}.pt")
-        sharded = is_sharded(model)
+        stages = pipelined(trainer)
+        sharded = is_sharded(model) or stages
         if sharded:  # a collective: every rank writes its slices, rank 0 also DCP's .metadata
-            save_sharded(tmp, model, optimizer)
+            save_sharded(tmp, model, optimizer, flat=stages)
         elif self.rank == 0:
             save_model(model, str(tmp / WEIGHTS))
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
@@ -171,12 +173,16 @@ def load(path: Path, model, optimizer, rank: int, expected_fingerprint: dict) ->
     diffs = fingerprint_differences(trainer["fingerprint"], expected_fingerprint)
     if diffs:
         raise ValueError(f"cannot resume from {path}: the run changed: " + "; ".join(diffs))
-    sharded = trainer["sharded"]
-    if sharded and not is_sharded(model):
+    sharded, stages = trainer["sharded"], pipelined(trainer)
+    if sharded and not stages and not is_sharded(model):
         raise ValueError(f"cannot resume from {path}: it was written with fsdp=true, this run has "
                          "fsdp=false; resume with fsdp=true")
-    if sharded:  # a collective: every rank reads its own slices
-        load_sharded(path, model, optimizer)
+    if sharded:  # a collective: every rank reads its own slices (its own stages under pp)
+        load_sharded(path, model, optimizer, flat=stages)
+    elif stages:  # the same fingerprint: this rank holds its stages only
+        raise ValueError(f"cannot resume from {path}: a pipelined run's checkpoint written whole "
+                         f"({WEIGHTS}) before pipeline checkpoints were sharded by stage; "
+                         "generate and export still load it, training cannot continue it")
     elif is_sharded(model):  # whole tensors (one process, DDP, tp x dp_shard) into FSDP slices
         refuse_unfused(path / WEIGHTS)
         full = Transformer(model.cfg)
@@ -192,12 +198,21 @@ def load(path: Path, model, optimizer, rank: int, expected_fingerprint: dict) ->
     return trainer, torch.load(rank_file, weights_only=True)
 
 
+def pipelined(trainer: dict) -> bool:
+    """Whether a checkpoint's trainer state (or the one about to be written) is a pipelined
+    run's (parallel.pp > 1), whose every rank holds and writes its own stages: DCP files,
+    the optimizer state flattened by parameter name (`train.fsdp.save_sharded(flat=True)`)."""
+    return "pipeline" in trainer["fingerprint"]
+
+
 def fingerprint(cfg, meta: DatasetMeta, world_size: int) -> dict:
     """What must not change for a resume to continue the same run exactly."""
     model = {k: v for k, v in vars(cfg.model).items() if k != "notes"}
     train = meta.splits["train"]
-    # a pipelined run's layout: another split or micro-batching sums in another order
-    pipeline = ({"pipeline": {k: getattr(cfg.parallel, k) for k in ("pp", "schedule", "microbatches")}}
+    # a pipelined run's layout: another split or micro-batching sums in another order (the
+    # stage split only when not even: runs written before the option was there split evenly)
+    keys = ("pp", "schedule", "microbatches") + (("stage_split",) if cfg.parallel.stage_split != "even" else ())
+    pipeline = ({"pipeline": {k: getattr(cfg.parallel, k) for k in keys}}
                 if cfg.parallel.pp > 1 else {})
     return {**pipeline,
         "model": model,
