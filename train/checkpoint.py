@@ -22,6 +22,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ from contracts.run import RunDir
 from model.transformer import Transformer
 from train.fsdp import is_sharded, load_full, load_sharded, save_sharded
 from train.load import refuse_unfused
+from train.optim import param_groups
+from train.parallel.tensor import optimizer_names
 
 log = logging.getLogger("train")
 OPTIMIZER = "optimizer.pt"
@@ -179,10 +182,8 @@ def load(path: Path, model, optimizer, rank: int, expected_fingerprint: dict) ->
                          "fsdp=false; resume with fsdp=true")
     if sharded:  # a collective: every rank reads its own slices (its own stages under pp)
         load_sharded(path, model, optimizer, flat=stages)
-    elif stages:  # the same fingerprint: this rank holds its stages only
-        raise ValueError(f"cannot resume from {path}: a pipelined run's checkpoint written whole "
-                         f"({WEIGHTS}) before pipeline checkpoints were sharded by stage; "
-                         "generate and export still load it, training cannot continue it")
+    elif stages:  # written whole, before pipeline checkpoints were sharded by stage
+        load_whole_into_stages(path, model, optimizer)
     elif is_sharded(model):  # whole tensors (one process, DDP, tp x dp_shard) into FSDP slices
         refuse_unfused(path / WEIGHTS)
         full = Transformer(model.cfg)
@@ -196,6 +197,34 @@ def load(path: Path, model, optimizer, rank: int, expected_fingerprint: dict) ->
     if not rank_file.is_file():
         raise ValueError(f"{rank_file} is missing: the checkpoint was written by fewer ranks")
     return trainer, torch.load(rank_file, weights_only=True)
+
+
+def load_whole_into_stages(path: Path, model: Transformer, optimizer) -> None:
+    """A whole-model checkpoint (model.safetensors, and optimizer.pt keyed by index in the
+    one-process optimizer's order, `train.optim.param_groups`) into a model cut down to its
+    pipeline stages (`train.parallel.pipeline.keep_only`): its own parameters' weights and
+    AdamW state, matched by name."""
+    refuse_unfused(path / WEIGHTS)
+    with torch.random.fork_rng(devices=[]):
+        whole = Transformer(model.cfg)
+    load_model(whole, str(path / WEIGHTS))
+    saved = torch.load(path / OPTIMIZER, weights_only=True)
+    whole_names = optimizer_names(whole, SimpleNamespace(param_groups=param_groups(whole, 0.0)))
+    saved_count = sum(len(g["params"]) for g in saved["param_groups"])
+    if saved_count != len(whole_names):
+        raise ValueError(f"cannot resume from {path}: its {OPTIMIZER} holds {saved_count} "
+                         f"parameters, the whole model has {len(whole_names)}")
+    index = {name: i for i, name in enumerate(whole_names)}
+    inner = getattr(optimizer, "optimizer", optimizer)
+    groups, start = [], 0
+    for saved_group, group in zip(saved["param_groups"], inner.param_groups, strict=True):
+        groups.append({**saved_group, "params": list(range(start, start + len(group["params"])))})
+        start += len(group["params"])
+    state = {i: saved["state"][index[name]]
+             for i, name in enumerate(optimizer_names(model, optimizer)) if index[name] in saved["state"]}
+    weights = whole.state_dict()
+    model.load_state_dict({name: weights[name] for name in model.state_dict()})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def pipelined(trainer: dict) -> bool:

@@ -11,11 +11,19 @@ import torch
 
 from model.config import ModelConfig
 from model.transformer import Transformer
+from train.checkpoint import load_whole_into_stages
 from train.fsdp import load_sharded, save_sharded
+from train.optim import param_groups
 from train.parallel.pipeline import dp_pp_groups, split
 
 LR = 1e-2
 BATCH, SEQ, VOCAB = 8, 16, 64
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW over the trainer's two groups (`train.optim.param_groups`: decay on matrices),
+    whose order a whole-model checkpoint's optimizer state follows."""
+    return torch.optim.AdamW(param_groups(model, 0.01), lr=LR)
 
 
 def build(tie: bool, n_layer: int = 4) -> Transformer:
@@ -40,7 +48,7 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def one_process(tie: bool, steps: int) -> dict[str, list[float]]:
     """Loss and gradient norm per step of the whole model in one process."""
     model = build(tie)
-    return one_process_steps(model, torch.optim.AdamW(model.parameters(), lr=LR), 0, steps)
+    return one_process_steps(model, adamw(model), 0, steps)
 
 
 def one_process_steps(model: Transformer, opt, first: int, steps: int) -> dict[str, list[float]]:
@@ -89,7 +97,7 @@ def dp_pipelined(rank: int, dp: int, schedule: str, microbatches: int, tie: bool
 def train(rank: int, pipe, step_fn, steps: int, path: str, opt=None, first: int = 0) -> None:
     """AdamW steps (first .. steps-1) of `pipe`, step_fn(idx, targets) -> (loss, clock) doing
     forward and backward; rank 0 writes loss, gradient norm and bubble per step to path."""
-    opt = opt or torch.optim.AdamW(pipe.module.parameters(), lr=LR)
+    opt = opt or adamw(pipe.module)
     out = {"loss": [], "grad_norm": [], "bubble": []}
     for step in range(first, steps):
         loss, clock = step_fn(*batch(step))
@@ -111,7 +119,7 @@ def held(rank: int, schedule: str, tie: bool, n_layer: int, stage_split: str, pa
     model = build(tie, n_layer)
     alive = [weakref.ref(block) for block in model.blocks]
     pipe = split(model, schedule, 4, stage_split=stage_split)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = adamw(model)
     pipe.step(*batch(0))
     opt.step()
     gc.collect()
@@ -131,7 +139,7 @@ def save_pipelined(rank: int, schedule: str, tie: bool, steps: int, path: str) -
     flat)."""
     model = build(tie)
     pipe = split(model, schedule, 4)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = adamw(model)
     for step in range(steps):
         pipe.step(*batch(step))
         opt.step()
@@ -141,10 +149,14 @@ def save_pipelined(rank: int, schedule: str, tie: bool, steps: int, path: str) -
 
 def resume_pipelined(rank: int, schedule: str, tie: bool, checkpoint: str, first: int,
                      steps: int, path: str) -> None:
-    """Load a checkpoint (of any layout) into this rank's stages (train.fsdp.load_sharded),
+    """Load a checkpoint into this rank's stages: DCP of any layout (train.fsdp.load_sharded),
+    or a whole-model one (train.checkpoint.load_whole_into_stages),
     then train steps first .. steps-1 as `pipelined`; rank 0 writes losses to path."""
     model = build(tie)
     pipe = split(model, schedule, 4)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    load_sharded(checkpoint, model, opt, flat=True)
+    opt = adamw(model)
+    if Path(checkpoint, "model.safetensors").exists():  # the one-process format
+        load_whole_into_stages(Path(checkpoint), model, opt)
+    else:
+        load_sharded(checkpoint, model, opt, flat=True)
     train(rank, pipe, lambda idx, targets: pipe.step(idx, targets), steps, path, opt, first)

@@ -11,11 +11,12 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_model
 
 from contracts.checkpoint import write_manifest
 from model.config import ModelConfig, preset_fields
 from tests.train.pipeline_worker import (
-    LR,
+    adamw,
     build,
     dp_pipelined,
     held,
@@ -138,24 +139,34 @@ def test_a_pipeline_rank_holds_only_its_stages(tmp_path, schedule, tie, n_layer,
 def test_pipelined_checkpoint_loads_in_one_process_and_back(tmp_path):
     """Layouts change through the checkpoint (DCP, by parameter name): a pp=2 checkpoint of
     2 steps, each rank writing its stages, loads into one process, whose next steps are the
-    one-process run's; a one-process checkpoint loads into pp=2's stages likewise."""
+    one-process run's; a one-process checkpoint, DCP or whole-model, loads into pp=2's stages
+    likewise."""
     one = one_process(True, 4)
     pp_ckpt = tmp_path / "pp"
     spawn(save_pipelined, 2, "1f1b", True, 2, str(pp_ckpt))
     write_manifest(pp_ckpt, 2, {})
     model = build(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = adamw(model)
     load_sharded(pp_ckpt, model, opt, flat=True)
     assert one_process_steps(model, opt, 2, 4)["loss"] == pytest.approx(one["loss"][2:], rel=1e-5)
 
     whole_ckpt = tmp_path / "one"
     model = build(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = adamw(model)
     one_process_steps(model, opt, 0, 2)
     save_sharded(whole_ckpt, model, opt, flat=True)
     write_manifest(whole_ckpt, 2, {})
     out = tmp_path / "resumed.json"
     spawn(resume_pipelined, 2, "interleaved", True, str(whole_ckpt), 2, 4, str(out))
+    assert json.loads(out.read_text())["loss"] == pytest.approx(one["loss"][2:], rel=1e-5)
+
+    # the one-process format (model.safetensors, index-keyed optimizer.pt), also what pipelined
+    # runs wrote before their checkpoints were sharded by stage
+    whole_ckpt = tmp_path / "one-safetensors"
+    whole_ckpt.mkdir()
+    save_model(model, str(whole_ckpt / "model.safetensors"))
+    torch.save(opt.state_dict(), whole_ckpt / "optimizer.pt")
+    spawn(resume_pipelined, 2, "1f1b", True, str(whole_ckpt), 2, 4, str(out))
     assert json.loads(out.read_text())["loss"] == pytest.approx(one["loss"][2:], rel=1e-5)
 
 

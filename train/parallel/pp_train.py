@@ -36,8 +36,8 @@ from model.transformer import Transformer
 from train.clock import PhaseTimer
 from train.config import TrainConfig
 from train.data import BatchLoader
-from train.metrics import StepResult
 from train.load import with_tied
+from train.metrics import StepResult
 from train.optim import build_optimizer, skip_update
 from train.parallel.pipeline import bubble_formula, dp_pp_groups, split
 from train.techniques import apply_techniques
