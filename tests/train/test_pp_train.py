@@ -170,3 +170,21 @@ def test_layout_refusals_name_the_numbers():
                                          "data-parallel replicas = 3 x 1"):
         check_layout(cfg, 2)
     assert isinstance(cfg, TrainConfig)
+
+
+def test_a_balanced_split_is_part_of_the_resume_fingerprint():
+    """Another stage split sums the gradient norm in another order: a checkpoint resumes only
+    under its own split. An even split is left out, so checkpoints written before the option
+    existed (all even) still resume."""
+    from types import SimpleNamespace
+
+    from train.checkpoint import fingerprint, fingerprint_differences
+
+    meta = SimpleNamespace(tokenizer_sha256="0" * 64, vocab_size=512, dtype="uint16",
+                           splits={"train": {"tokens": 1000, "shards": 1}})
+    even, balanced = (load_config("configs/train/tiny.yaml", ["parallel.pp=2", "model.n_layer=4",
+                                                              f"parallel.stage_split={split}"])
+                      for split in ("even", "balanced"))
+    assert "stage_split" not in fingerprint(even, meta, 2)["pipeline"]
+    assert fingerprint_differences(fingerprint(even, meta, 2), fingerprint(balanced, meta, 2)) == [
+        "pipeline.stage_split: None -> 'balanced'"]
