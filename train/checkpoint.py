@@ -44,6 +44,7 @@ from model.transformer import Transformer
 from train.fsdp import is_sharded, load_full, load_sharded, save_sharded
 from train.load import refuse_unfused
 from train.optim import param_groups
+from train.parallel.pipeline import block_ranges, stage_ranges, stages_per_rank
 from train.parallel.tensor import optimizer_names
 
 log = logging.getLogger("train")
@@ -234,15 +235,24 @@ def pipelined(trainer: dict) -> bool:
     return "pipeline" in trainer["fingerprint"]
 
 
+def pipeline_layout(cfg) -> dict:
+    """A pipelined run's layout, which fixes the order of its sums: pp, schedule,
+    micro-batches, and the blocks per stage where they are not the even split (the only one
+    of runs written before `parallel.stage_split`, which then still resume)."""
+    p = cfg.parallel
+    layout = {k: getattr(p, k) for k in ("pp", "schedule", "microbatches")}
+    n_stages = p.pp * stages_per_rank(p.schedule)
+    blocks = [len(r) for r in stage_ranges(cfg.model, n_stages, p.stage_split)]
+    if blocks != [len(r) for r in block_ranges(cfg.model.n_layer, n_stages)]:
+        layout["blocks_per_stage"] = blocks
+    return layout
+
+
 def fingerprint(cfg, meta: DatasetMeta, world_size: int) -> dict:
     """What must not change for a resume to continue the same run exactly."""
     model = {k: v for k, v in vars(cfg.model).items() if k != "notes"}
     train = meta.splits["train"]
-    # a pipelined run's layout: another split or micro-batching sums in another order (the
-    # stage split only when not even: runs written before the option was there split evenly)
-    keys = ("pp", "schedule", "microbatches") + (("stage_split",) if cfg.parallel.stage_split != "even" else ())
-    pipeline = ({"pipeline": {k: getattr(cfg.parallel, k) for k in keys}}
-                if cfg.parallel.pp > 1 else {})
+    pipeline = {"pipeline": pipeline_layout(cfg)} if cfg.parallel.pp > 1 else {}
     return {**pipeline,
         "model": model,
         "data": {"tokenizer_sha256": meta.tokenizer_sha256, "vocab_size": meta.vocab_size,

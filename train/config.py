@@ -66,7 +66,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline parallel stages (torch.distributed.pipelining)
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved | zero_bubble | dualpipev
     microbatches: int = 0  # pipeline micro-batches per step per dp rank; 0 = from micro_batch_size
-    stage_split: str = "even"  # pipeline blocks per stage: even (equal counts) | balanced (equal FLOPs, embedding and LM head counted)
+    stage_split: str = "balanced"  # pipeline blocks per stage: balanced (equal FLOPs, embedding and LM head counted) | even (equal counts)
     dp_replicate: int = 0  # replicated data-parallel degree (DDP); 0 = the remainder
     dp_shard: int = 0  # sharded data-parallel degree (FSDP2; > 1 sets fsdp=true); 0 = the remainder when fsdp=true, else 1
     sequence_parallel: bool = True  # with tp > 1: norms and residuals on 1/tp of the sequence

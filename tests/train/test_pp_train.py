@@ -172,19 +172,26 @@ def test_layout_refusals_name_the_numbers():
     assert isinstance(cfg, TrainConfig)
 
 
-def test_a_balanced_split_is_part_of_the_resume_fingerprint():
+def test_a_split_other_than_even_is_part_of_the_resume_fingerprint():
     """Another stage split sums the gradient norm in another order: a checkpoint resumes only
-    under its own split. An even split is left out, so checkpoints written before the option
-    existed (all even) still resume."""
+    under its own blocks per stage. Where they are the even split's (the only split of
+    checkpoints written before parallel.stage_split existed), they are left out, so those
+    checkpoints still resume."""
     from types import SimpleNamespace
 
     from train.checkpoint import fingerprint, fingerprint_differences
 
     meta = SimpleNamespace(tokenizer_sha256="0" * 64, vocab_size=512, dtype="uint16",
                            splits={"train": {"tokens": 1000, "shards": 1}})
-    even, balanced = (load_config("configs/train/tiny.yaml", ["parallel.pp=2", "model.n_layer=4",
-                                                              f"parallel.stage_split={split}"])
-                      for split in ("even", "balanced"))
-    assert "stage_split" not in fingerprint(even, meta, 2)["pipeline"]
-    assert fingerprint_differences(fingerprint(even, meta, 2), fingerprint(balanced, meta, 2)) == [
-        "pipeline.stage_split: None -> 'balanced'"]
+
+    def layout(*overrides):
+        cfg = load_config("configs/train/tiny.yaml", ["parallel.pp=2", "model.n_layer=4",
+                                                      "model.vocab_size=512", *overrides])
+        return fingerprint(cfg, meta, 2)
+
+    assert layout("parallel.stage_split=even") == layout()  # tiny: balanced is [2, 2] too
+    assert "blocks_per_stage" not in layout()["pipeline"]
+    # a narrow block (ffn_hidden=32) weighs less than the head: balanced is [3, 1]
+    assert fingerprint_differences(layout("model.ffn_hidden=32", "parallel.stage_split=even"),
+                                   layout("model.ffn_hidden=32")) == [
+        "pipeline.blocks_per_stage: None -> [3, 1]"]
