@@ -242,7 +242,7 @@ def locate_run(path: str | Path, trust_pickle: bool = False) -> RunFiles:
     after checking the files: a checkpoint must match its manifest.json (and the manifest must
     list its weights) or it is refused; a run directory is checked against its manifest.json
     when it has one (runs written before it existed have none). The weights of a run directory
-    are always `model.safetensors`. A sharded (FSDP) checkpoint is read through its
+    are always `model.safetensors`. A sharded (FSDP, pipeline) checkpoint is read through its
     consolidated `model.safetensors` where the run wrote one (the last checkpoint of a finished
     run); its DCP files, whose `.metadata` is a pickle that can run code, only with
     `trust_pickle` (a manifest proves the files are whole, not who wrote them)."""
@@ -257,7 +257,7 @@ def locate_run(path: str | Path, trust_pickle: bool = False) -> RunFiles:
         check_loadable(path, weights.name)
         if sharded and not trust_pickle:
             raise ValueError(
-                f"refusing to load {path}: a sharded (FSDP) checkpoint's {SHARDED_INDEX} is a "
+                f"refusing to load {path}: a sharded (FSDP or pipeline) checkpoint's {SHARDED_INDEX} is a "
                 "pickle, which can run code when loaded, and a manifest cannot prove who wrote "
                 f"it. Use the run directory's {WEIGHTS} (pickle-free, written at the end of "
                 f"every run), or pass {TRUST_PICKLE} if you trust whoever wrote {path}")

@@ -210,3 +210,20 @@ def hardware_flops_per_token(
         full_extra += _attention_core_flops_forward(cfg, T, cfg.n_layer)
         flops += full_extra * len(layers) / cfg.n_layer
     return float(flops)
+
+
+def piece_flops_per_token(cfg: ModelConfig, seq_len: int | None = None,
+                          ) -> tuple[float, list[float], float]:
+    """Training FLOPs per token (forward + backward) of the pieces a pipeline cuts the model
+    into at block boundaries: (embedding, [each block], head). The embedding is a lookup, no
+    matmul: d per token forward (the copy) and d backward (the gradient's scatter-add). A
+    block: 6 x its active matmul weights plus 3 x its attention core (as
+    `model_flops_per_token` counts them). The head: the final norm and the LM head with its
+    softmax cross-entropy, 6 V d for the matmul; the norm's O(d) and the softmax's O(V)
+    elementwise work are under 1% of that at d >= 64 and left out."""
+    _require_vocab(cfg, "FLOP counting")
+    T = cfg.seq_len if seq_len is None else seq_len
+    core = 3 * _attention_core_flops_forward(cfg, T, layers=1)
+    blocks = [float(6 * (_attention_params(cfg) + _mlp_params(cfg, i, active=True)) + core)
+              for i in range(cfg.n_layer)]
+    return float(2 * cfg.d_model), blocks, float(6 * cfg.vocab_size * cfg.d_model)

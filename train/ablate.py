@@ -132,9 +132,9 @@ EXPECT_CP = (
     "replicated (gradients summed over cp like data parallel)"
 )
 EXPECT_PP_MEMORY = (
-    "Weights and AdamW state of 1/p of the layers per stage (Narayanan et al. 2021 §2.2); this "
-    "trainer builds the whole model on every rank and trains its stages only, so weights stay "
-    "whole and only the AdamW state halves"
+    "Weights and AdamW state of 1/p of the layers per stage (Narayanan et al. 2021 §2.2); each "
+    "rank here keeps its stages only (the embedding on the first, the LM head on the last, "
+    "both with tied embeddings), so the rank with the vocabulary matrices holds more"
 )
 EXPECT_PP = {
     "gpipe": "GPipe (Huang et al. 2019): all forwards, then all backwards; bubble "

@@ -2,8 +2,9 @@
 
 The directory layout, the manifest, trainer.json and their verification are
 `contracts.checkpoint`'s; this module holds the torch side: saving and loading the weights
-(safetensors, or DCP shards under `fsdp=true`, `train/fsdp.py`; an FSDP run also resumes from
-safetensors, as a tp x dp_shard run writes them), the optimizer state and each
+(safetensors, or DCP shards under `fsdp=true`, `train/fsdp.py`, and under `parallel.pp` > 1,
+where each rank writes its own stages; an FSDP run also resumes from safetensors, as a
+tp x dp_shard run writes them), the optimizer state and each
 rank's RNG states and data position, and the fingerprint a run must match to resume.
 
 All ranks write into `step_NNNNNNNN.tmp/`, which the main rank renames once every file is on
@@ -21,6 +22,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -41,6 +43,9 @@ from contracts.run import RunDir
 from model.transformer import Transformer
 from train.fsdp import is_sharded, load_full, load_sharded, save_sharded
 from train.load import refuse_unfused
+from train.optim import param_groups
+from train.parallel.pipeline import block_ranges, stage_ranges, stages_per_rank
+from train.parallel.tensor import optimizer_names
 
 log = logging.getLogger("train")
 OPTIMIZER = "optimizer.pt"
@@ -102,9 +107,10 @@ class Checkpointer:
         self.barrier()
         if self.saves_state:
             torch.save(rank_state, tmp / f"rank_{self.state_rank:05d}.pt")
-        sharded = is_sharded(model)
+        stages = pipelined(trainer)
+        sharded = is_sharded(model) or stages
         if sharded:  # a collective: every rank writes its slices, rank 0 also DCP's .metadata
-            save_sharded(tmp, model, optimizer)
+            save_sharded(tmp, model, optimizer, flat=stages)
         elif self.rank == 0:
             save_model(model, str(tmp / WEIGHTS))
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
@@ -171,12 +177,14 @@ def load(path: Path, model, optimizer, rank: int, expected_fingerprint: dict) ->
     diffs = fingerprint_differences(trainer["fingerprint"], expected_fingerprint)
     if diffs:
         raise ValueError(f"cannot resume from {path}: the run changed: " + "; ".join(diffs))
-    sharded = trainer["sharded"]
-    if sharded and not is_sharded(model):
+    sharded, stages = trainer["sharded"], pipelined(trainer)
+    if sharded and not stages and not is_sharded(model):
         raise ValueError(f"cannot resume from {path}: it was written with fsdp=true, this run has "
                          "fsdp=false; resume with fsdp=true")
-    if sharded:  # a collective: every rank reads its own slices
-        load_sharded(path, model, optimizer)
+    if sharded:  # a collective: every rank reads its own slices (its own stages under pp)
+        load_sharded(path, model, optimizer, flat=stages)
+    elif stages:  # written whole, before pipeline checkpoints were sharded by stage
+        load_whole_into_stages(path, model, optimizer)
     elif is_sharded(model):  # whole tensors (one process, DDP, tp x dp_shard) into FSDP slices
         refuse_unfused(path / WEIGHTS)
         full = Transformer(model.cfg)
@@ -192,13 +200,59 @@ def load(path: Path, model, optimizer, rank: int, expected_fingerprint: dict) ->
     return trainer, torch.load(rank_file, weights_only=True)
 
 
+def load_whole_into_stages(path: Path, model: Transformer, optimizer) -> None:
+    """A whole-model checkpoint (model.safetensors, and optimizer.pt keyed by index in the
+    one-process optimizer's order, `train.optim.param_groups`) into a model cut down to its
+    pipeline stages (`train.parallel.pipeline.keep_only`): its own parameters' weights and
+    AdamW state, matched by name."""
+    refuse_unfused(path / WEIGHTS)
+    with torch.random.fork_rng(devices=[]):
+        whole = Transformer(model.cfg)
+    load_model(whole, str(path / WEIGHTS))
+    saved = torch.load(path / OPTIMIZER, weights_only=True)
+    whole_names = optimizer_names(whole, SimpleNamespace(param_groups=param_groups(whole, 0.0)))
+    saved_count = sum(len(g["params"]) for g in saved["param_groups"])
+    if saved_count != len(whole_names):
+        raise ValueError(f"cannot resume from {path}: its {OPTIMIZER} holds {saved_count} "
+                         f"parameters, the whole model has {len(whole_names)}")
+    index = {name: i for i, name in enumerate(whole_names)}
+    inner = getattr(optimizer, "optimizer", optimizer)
+    groups, start = [], 0
+    for saved_group, group in zip(saved["param_groups"], inner.param_groups, strict=True):
+        groups.append({**saved_group, "params": list(range(start, start + len(group["params"])))})
+        start += len(group["params"])
+    state = {i: saved["state"][index[name]]
+             for i, name in enumerate(optimizer_names(model, optimizer)) if index[name] in saved["state"]}
+    weights = whole.state_dict()
+    model.load_state_dict({name: weights[name] for name in model.state_dict()})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def pipelined(trainer: dict) -> bool:
+    """Whether a checkpoint's trainer state (or the one about to be written) is a pipelined
+    run's (parallel.pp > 1), whose every rank holds and writes its own stages: DCP files,
+    the optimizer state flattened by parameter name (`train.fsdp.save_sharded(flat=True)`)."""
+    return "pipeline" in trainer["fingerprint"]
+
+
+def pipeline_layout(cfg) -> dict:
+    """A pipelined run's layout, which fixes the order of its sums: pp, schedule,
+    micro-batches, and the blocks per stage where they are not the even split (the only one
+    of runs written before `parallel.stage_split`, which then still resume)."""
+    p = cfg.parallel
+    layout = {k: getattr(p, k) for k in ("pp", "schedule", "microbatches")}
+    n_stages = p.pp * stages_per_rank(p.schedule)
+    blocks = [len(r) for r in stage_ranges(cfg.model, n_stages, p.stage_split)]
+    if blocks != [len(r) for r in block_ranges(cfg.model.n_layer, n_stages)]:
+        layout["blocks_per_stage"] = blocks
+    return layout
+
+
 def fingerprint(cfg, meta: DatasetMeta, world_size: int) -> dict:
     """What must not change for a resume to continue the same run exactly."""
     model = {k: v for k, v in vars(cfg.model).items() if k != "notes"}
     train = meta.splits["train"]
-    # a pipelined run's layout: another split or micro-batching sums in another order
-    pipeline = ({"pipeline": {k: getattr(cfg.parallel, k) for k in ("pp", "schedule", "microbatches")}}
-                if cfg.parallel.pp > 1 else {})
+    pipeline = {"pipeline": pipeline_layout(cfg)} if cfg.parallel.pp > 1 else {}
     return {**pipeline,
         "model": model,
         "data": {"tokenizer_sha256": meta.tokenizer_sha256, "vocab_size": meta.vocab_size,

@@ -54,6 +54,7 @@ OPTIM_RANGES = {
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble", "dualpipev")  # torch's pipelining
+PP_STAGE_SPLITS = ("even", "balanced")  # train.parallel.pipeline.stage_ranges
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline parallel stages (torch.distributed.pipelining)
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved | zero_bubble | dualpipev
     microbatches: int = 0  # pipeline micro-batches per step per dp rank; 0 = from micro_batch_size
+    stage_split: str = "balanced"  # pipeline blocks per stage: balanced (equal FLOPs, embedding and LM head counted) | even (equal counts)
     dp_replicate: int = 0  # replicated data-parallel degree (DDP); 0 = the remainder
     dp_shard: int = 0  # sharded data-parallel degree (FSDP2; > 1 sets fsdp=true); 0 = the remainder when fsdp=true, else 1
     sequence_parallel: bool = True  # with tp > 1: norms and residuals on 1/tp of the sequence
@@ -73,6 +75,7 @@ class ParallelConfig:
 PARALLEL_RANGES = {
     "tp": Range(1), "cp": Range(1), "pp": Range(1), "schedule": Choice(PP_SCHEDULES),
     "microbatches": Range(0, note="0 = from micro_batch_size"),
+    "stage_split": Choice(PP_STAGE_SPLITS),
     "dp_replicate": Range(0, note="0 = the remainder"), "dp_shard": Range(0, note="0 = the remainder"),
     "sequence_parallel": Flag(),
 }

@@ -107,21 +107,31 @@ def load_full(model: torch.nn.Module, optimizer, weights: dict, optim: dict) -> 
                    options=StateDictOptions(full_state_dict=True))
 
 
-def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every rank writes its slices of the weights and optimizer state to directory `path`."""
-    model_state, optim_state = get_state_dict(model, _inner(optimizer))
+def _options(flat: bool) -> StateDictOptions:
+    """`flat`: the optimizer state keyed `state.NAME.exp_avg`, `param_groups.NAME.lr`, one key
+    per parameter, which ranks holding different parameters (pipeline stages) can write side
+    by side (nested, every rank's `param_groups` list would share one key)."""
+    return StateDictOptions(flatten_optimizer_state_dict=flat)
+
+
+def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 flat: bool = False) -> None:
+    """Every rank writes its slices of the weights and optimizer state to directory `path`
+    (`flat` for pipeline stages: `_options`)."""
+    model_state, optim_state = get_state_dict(model, _inner(optimizer), options=_options(flat))
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
 
 
-def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 flat: bool = False) -> None:
     """Load a `save_sharded` checkpoint into a model sharded like (or unlike) the one saved,
     once its files match its manifest (ValueError naming the file otherwise: DCP unpickles)."""
     check_loadable(path, SHARDED_INDEX)
-    model_state, optim_state = get_state_dict(model, _inner(optimizer))
+    model_state, optim_state = get_state_dict(model, _inner(optimizer), options=_options(flat))
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, _inner(optimizer), model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
+                   optim_state_dict=state["optimizer"], options=_options(flat))
 
 
 def _inner(optimizer):

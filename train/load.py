@@ -44,12 +44,17 @@ def load_weights(model: Transformer, path: Path) -> None:
     """Load `model.safetensors` into `model` (strict): weights of a run saved before the
     projections were fused are stacked into the fused ones as they load (`fuse_separate`);
     a tied embedding, stored once, fills both names."""
-    state = fuse_separate(load_file(str(path)))
-    if model.cfg.tie_embeddings:
+    model.load_state_dict(with_tied(fuse_separate(load_file(str(path))), model.cfg), strict=True)
+
+
+def with_tied(state: dict, cfg: ModelConfig) -> dict:
+    """`state` with a tied embedding under both of its names (stored under one, or held under
+    one by each of a pipeline's first and last stages)."""
+    if cfg.tie_embeddings:
         shared = state.get("tok_emb.weight", state.get("lm_head.weight"))
         state.setdefault("tok_emb.weight", shared)
         state.setdefault("lm_head.weight", shared)
-    model.load_state_dict(state, strict=True)
+    return state
 
 
 def refuse_unfused(path: Path) -> None:

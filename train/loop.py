@@ -233,8 +233,6 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
         metrics.write({"step": 0, "val_loss": state.initial_val_loss})
 
     def save_checkpoint(step: int) -> None:
-        if pipeline:
-            pipeline.gather()  # every stage's weights and moments into the main rank's model
         trainer = {**dataclasses.asdict(state), "fingerprint": run_fingerprint,
                    "config": dataclasses.asdict(cfg),
                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
@@ -301,10 +299,9 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
             finish(accelerator)
             raise SystemExit(EXIT_STOPPED)
 
-    if pipeline:
-        pipeline.gather()  # every rank's model whole: checksums, export, samples
-    raw_model = parallel.full_model(raw_model)  # unsharded (fsdp, tp, cp): checksums, export
-    if cfg.fsdp and main and not parallel.active:  # the last (DCP) checkpoint gets safetensors too
+    # unsharded (fsdp, tp, cp) or assembled from the stages (pp): checksums, export
+    raw_model = pipeline.full_model() if pipeline else parallel.full_model(raw_model)
+    if (cfg.fsdp or pipeline) and main and not parallel.active:  # the last (DCP) checkpoint gets safetensors too
         with disk_space(checkpointer.root, lambda: state_bytes(raw_model)):
             checkpointer.consolidate(cfg.steps, raw_model)
     summary = summarize(cfg, info, metrics, state)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from contracts.run import read_metrics
-from model.flops import model_flops_per_token
+from model.flops import count_params, model_flops_per_token
 from train.clock import PeakSampler, PhaseTimer, StepTimes, device_name, peak_memory_bytes
 from train.data import BatchLoader
 from train.distributed import global_sum
@@ -84,7 +84,7 @@ class RunInfo:
 
         return cls(
             steps=cfg.steps, world_size=accelerator.num_processes,
-            device=device_name(accelerator.device), params=model.num_params(), seq_len=seq_len,
+            device=device_name(accelerator.device), params=count_params(cfg.model), seq_len=seq_len,
             model_flops_per_token=model_flops_per_token(cfg.model, seq_len),
             hardware_flops_per_token=executed_flops_per_token(cfg, seq_len),
             techniques=techniques_in_use(cfg, optimizer),

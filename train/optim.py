@@ -17,11 +17,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     multi-tensor ("foreach") implementation. `compiled` (compile_optimizer=true) builds the
     foreach one and compiles its step (`compile_step`).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    groups = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if compiled:
         optimizer = torch.optim.AdamW(groups, foreach=True, **kwargs)
@@ -33,6 +29,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
         except (RuntimeError, ValueError):
             pass  # no fused kernel for this device/dtype in this torch build
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's two groups: >= 2-D parameters with weight decay, the rest without (the order
+    of an optimizer state dict's indices: group by group, the model's order within each)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def compile_step(optimizer: torch.optim.Optimizer) -> None:

@@ -10,9 +10,31 @@ each hold the matrix and sum its gradients. dp=2 x pp=2 on 4 processes likewise.
 import json
 
 import pytest
+import torch
+from safetensors.torch import save_model
 
-from tests.train.pipeline_worker import dp_pipelined, one_process, pipelined
-from train.parallel.pipeline import block_ranges, bubble_formula, rank_stages, split
+from contracts.checkpoint import write_manifest
+from model.config import ModelConfig, preset_fields
+from tests.train.pipeline_worker import (
+    adamw,
+    build,
+    dp_pipelined,
+    held,
+    one_process,
+    one_process_steps,
+    pipelined,
+    resume_pipelined,
+    save_pipelined,
+)
+from train.fsdp import load_sharded, save_sharded
+from train.parallel.pipeline import (
+    balanced_ranges,
+    block_ranges,
+    bubble_formula,
+    rank_stages,
+    split,
+    stage_ranges,
+)
 from train.parallel.procs import spawn
 
 SCHEDULES = ["gpipe", "1f1b", "interleaved", "zero_bubble", "dualpipev"]
@@ -60,6 +82,92 @@ def test_blocks_split_evenly_with_the_extra_on_the_first_stages():
     assert block_ranges(7, 4) == [range(0, 2), range(2, 4), range(4, 6), range(6, 7)]
     with pytest.raises(ValueError, match="n_layer >= 4"):
         block_ranges(3, 4)
+
+
+def test_balanced_split_evens_the_stages_flops():
+    """The last stage's LM head and loss cost blocks: balanced moves blocks off it (Llama 3,
+    sec. 3.3.2, one layer fewer on the first and last stages); equal costs split as even."""
+    # the ablation's `small` preset: head 6Vd = 1.21 blocks of training FLOPs at V=4096
+    small = ModelConfig.from_dict({**preset_fields("small"), "vocab_size": 4096})
+    assert stage_ranges(small, 2, "even") == [range(0, 2), range(2, 4)]
+    assert stage_ranges(small, 2, "balanced") == [range(0, 3), range(3, 4)]  # max 3 vs 3.21
+    assert stage_ranges(small, 4, "balanced") == block_ranges(4, 4)  # one block each: no choice
+    # ends worth a block each: one block fewer on the first and the last stage, as Llama 3
+    assert balanced_ranges([1.0] * 14, 1.0, 1.0, 4) == [range(0, 3), range(3, 7), range(7, 11),
+                                                        range(11, 14)]
+    assert balanced_ranges([1.0] * 8, 0.0, 0.0, 4) == block_ranges(8, 4)
+    with pytest.raises(ValueError, match="parallel.stage_split='lumpy'"):
+        stage_ranges(small, 2, "lumpy")
+
+
+def whole_names(tie: bool, n_layer: int) -> dict[str, int]:
+    return {n: p.numel() for n, p in build(tie, n_layer).named_parameters()}
+
+
+@pytest.mark.parametrize("schedule, tie, n_layer, how", [
+    ("1f1b", True, 4, "even"), ("1f1b", False, 6, "balanced"), ("interleaved", True, 8, "even"),
+    ("dualpipev", True, 4, "even")])
+def test_a_pipeline_rank_holds_only_its_stages(tmp_path, schedule, tie, n_layer, how):
+    """Each rank's model, pipeline modules and AdamW moments are its stages' parameters
+    exactly (the other blocks freed); the ranks' shares add up to the whole model, a tied
+    matrix once per rank that holds an end of the model."""
+    spawn(held, 2, schedule, tie, n_layer, how, str(tmp_path / "held"))
+    ranks = [json.loads((tmp_path / f"held.{r}").read_text()) for r in range(2)]
+    whole = whole_names(tie, n_layer)
+    ranges = [range(a, b) for a, b in ranks[0]["ranges"]]
+    n = len(ranges)
+    copies = 0
+    for r, mine in enumerate(ranks):
+        stages = rank_stages(schedule, 2, r)
+        blocks = {i for s in stages for i in ranges[s]}
+        want = {name for name in whole
+                if name.startswith("blocks.") and int(name.split(".")[1]) in blocks}
+        if 0 in stages or (tie and n - 1 in stages):  # tied: one name on every rank
+            want.add("tok_emb.weight")
+        if n - 1 in stages:
+            want |= {"norm.weight"} | ({"lm_head.weight"} if not tie else set())
+        numel = sum(whole[name] for name in want)
+        assert mine["names"] == sorted(want), r
+        assert mine["numel"] == mine["module_numel"] == numel
+        assert mine["moments_numel"] == 2 * numel  # AdamW's exp_avg and exp_avg_sq
+        assert mine["blocks_alive"] == len(blocks) < n_layer  # the others' blocks are freed
+        copies += tie and (0 in stages or n - 1 in stages)
+    extra = (copies - 1) * whole["tok_emb.weight"] if tie else 0
+    assert sum(m["numel"] for m in ranks) == sum(whole.values()) + extra
+
+
+def test_pipelined_checkpoint_loads_in_one_process_and_back(tmp_path):
+    """Layouts change through the checkpoint (DCP, by parameter name): a pp=2 checkpoint of
+    2 steps, each rank writing its stages, loads into one process, whose next steps are the
+    one-process run's; a one-process checkpoint, DCP or whole-model, loads into pp=2's stages
+    likewise."""
+    one = one_process(True, 4)
+    pp_ckpt = tmp_path / "pp"
+    spawn(save_pipelined, 2, "1f1b", True, 2, str(pp_ckpt))
+    write_manifest(pp_ckpt, 2, {})
+    model = build(True)
+    opt = adamw(model)
+    load_sharded(pp_ckpt, model, opt, flat=True)
+    assert one_process_steps(model, opt, 2, 4)["loss"] == pytest.approx(one["loss"][2:], rel=1e-5)
+
+    whole_ckpt = tmp_path / "one"
+    model = build(True)
+    opt = adamw(model)
+    one_process_steps(model, opt, 0, 2)
+    save_sharded(whole_ckpt, model, opt, flat=True)
+    write_manifest(whole_ckpt, 2, {})
+    out = tmp_path / "resumed.json"
+    spawn(resume_pipelined, 2, "interleaved", True, str(whole_ckpt), 2, 4, str(out))
+    assert json.loads(out.read_text())["loss"] == pytest.approx(one["loss"][2:], rel=1e-5)
+
+    # the one-process format (model.safetensors, index-keyed optimizer.pt), also what pipelined
+    # runs wrote before their checkpoints were sharded by stage
+    whole_ckpt = tmp_path / "one-safetensors"
+    whole_ckpt.mkdir()
+    save_model(model, str(whole_ckpt / "model.safetensors"))
+    torch.save(opt.state_dict(), whole_ckpt / "optimizer.pt")
+    spawn(resume_pipelined, 2, "1f1b", True, str(whole_ckpt), 2, 4, str(out))
+    assert json.loads(out.read_text())["loss"] == pytest.approx(one["loss"][2:], rel=1e-5)
 
 
 def test_stage_placement_looped_and_v():

@@ -6,13 +6,15 @@ every validation loss within rel 1e-5 (measured: at most 1.8e-7 under every sche
 step 50 loss 5.415482; the pipeline sums the loss and the gradients in another order, nothing
 else differs); dp=2 x pp=2 on 4
 processes likewise over 6 steps; a pp=2 run killed at a random step resumes bit-exactly, and
-its checkpoint loads in one process. Fast tier: the one-line refusals."""
+its checkpoint, written by each rank for its own stages, loads in one process. Fast tier:
+the one-line refusals."""
 
 import json
 import random
 import sys
 
 import pytest
+import torch
 
 from tests.faults.test_train_faults import kill_run, start, wait_for_step
 from tests.utils import run_cmd
@@ -73,12 +75,26 @@ def test_pp2_trains_as_one_process_for_50_steps(tiny_data, tmp_path, one_process
     assert one_process[-1]["loss"] < one_process[1]["loss"] - 0.5  # it trained
     pipeline = summary(out)["pipeline"]
     assert pipeline["schedule"] == schedule and pipeline["microbatches"] == 4
+    assert pipeline["blocks_per_stage"] == ([2, 2] if schedule in ("gpipe", "1f1b") else [1] * 4)
     assert all(0 <= b < 1 for b in pipeline["bubble_median_per_rank"])
     clocks = ours[-1]
     assert len(clocks["pp_bubble_per_rank"]) == 2 and clocks["pp_forward_s"] > 0
     assert all(0 < c <= 1 for c in clocks["pp_compute_per_rank"])
     assert (clocks["pp_weight_s"] > 0) == (schedule in ("zero_bubble", "dualpipev"))
     assert len(set(summary(out)["rank_weight_sha256"])) == 1  # every rank gathered the model
+
+
+@pytest.mark.slow
+def test_pp2_balanced_split_trains_as_one_process(tiny_data, tmp_path):
+    """stage_split=balanced on a model whose LM head (6Vd = 197k FLOPs per token at V=512,
+    d=64) outweighs a narrow block's (ffn_hidden=32: 160k): 3 blocks on the first stage, 1
+    beside the head, and the same losses as one process."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    train(tiny_data, ref, 1, "steps=20", "model.ffn_hidden=32")
+    train(tiny_data, out, 2, "steps=20", "model.ffn_hidden=32", "parallel.pp=2",
+          "parallel.stage_split=balanced")
+    assert max_rel_difference(records(out), records(ref)) < 1e-5
+    assert summary(out)["pipeline"]["blocks_per_stage"] == [3, 1]
 
 
 @pytest.mark.slow
@@ -115,9 +131,16 @@ def test_pp2_sigkill_then_resume_is_bit_exact_and_loads_in_one_process(tiny_data
     trail = [{k: r.get(k) for k in ("step", "loss", "grad_norm", "val_loss")} for r in records(out)]
     assert trail == [{k: r.get(k) for k in ("step", "loss", "grad_norm", "val_loss")}
                      for r in records(ref)]
-    # the checkpoint holds the whole model under its one-process names
-    final = load_run(out / "checkpoints" / "step_00000015").model
-    assert final.cfg.n_layer == 4 and set(final.state_dict()) == set(load_run(out).model.state_dict())
+    # each rank wrote its own stages (DCP, no whole-model file), which load in one process
+    # under the whole model's names; the last checkpoint also holds consolidated safetensors
+    step15 = out / "checkpoints" / "step_00000015"
+    assert sorted(p.name for p in step15.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (step15 / "model.safetensors").exists()
+    final = load_run(step15, trust_pickle=True).model
+    whole = load_run(out).model.state_dict()
+    assert final.cfg.n_layer == 4 and set(final.state_dict()) == set(whole)
+    last = load_run(out / "checkpoints" / "step_00000016").model.state_dict()  # safetensors
+    assert all(torch.equal(last[k], v) for k, v in whole.items())
 
 
 @pytest.mark.parametrize("override, message", [
@@ -126,6 +149,7 @@ def test_pp2_sigkill_then_resume_is_bit_exact_and_loads_in_one_process(tiny_data
     ("mixed_precision=fp8", "parallel.pp=2 with mixed_precision=fp8"),
     ("mixed_precision=bf16", "parallel.pp=2 with mixed_precision=bf16: the pipeline runs in fp32"),
     ("model.n_layer=3", "model.n_layer=3 must be >= 4"),
+    ("parallel.stage_split=lumpy", "parallel.stage_split must be one of even, balanced, got 'lumpy'"),
 ])
 def test_pipeline_refusals_are_one_line(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -146,3 +170,28 @@ def test_layout_refusals_name_the_numbers():
                                          "data-parallel replicas = 3 x 1"):
         check_layout(cfg, 2)
     assert isinstance(cfg, TrainConfig)
+
+
+def test_a_split_other_than_even_is_part_of_the_resume_fingerprint():
+    """Another stage split sums the gradient norm in another order: a checkpoint resumes only
+    under its own blocks per stage. Where they are the even split's (the only split of
+    checkpoints written before parallel.stage_split existed), they are left out, so those
+    checkpoints still resume."""
+    from types import SimpleNamespace
+
+    from train.checkpoint import fingerprint, fingerprint_differences
+
+    meta = SimpleNamespace(tokenizer_sha256="0" * 64, vocab_size=512, dtype="uint16",
+                           splits={"train": {"tokens": 1000, "shards": 1}})
+
+    def layout(*overrides):
+        cfg = load_config("configs/train/tiny.yaml", ["parallel.pp=2", "model.n_layer=4",
+                                                      "model.vocab_size=512", *overrides])
+        return fingerprint(cfg, meta, 2)
+
+    assert layout("parallel.stage_split=even") == layout()  # tiny: balanced is [2, 2] too
+    assert "blocks_per_stage" not in layout()["pipeline"]
+    # a narrow block (ffn_hidden=32) weighs less than the head: balanced is [3, 1]
+    assert fingerprint_differences(layout("model.ffn_hidden=32", "parallel.stage_split=even"),
+                                   layout("model.ffn_hidden=32")) == [
+        "pipeline.blocks_per_stage: None -> [3, 1]"]

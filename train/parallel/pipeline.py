@@ -44,6 +44,8 @@ from torch.distributed.pipelining import (
     schedules,
 )
 
+from model.config import ModelConfig
+from model.flops import piece_flops_per_token
 from model.transformer import Transformer, compute_dtype, linear_cross_entropy
 
 # name -> (schedule class, stages per rank, placement style of torch's stage-to-rank mapping)
@@ -73,6 +75,9 @@ def rank_stages(schedule: str, pp: int, pp_rank: int) -> list[int]:
     return [pp_rank + i * pp for i in range(v)]
 
 
+STAGE_SPLITS = ("even", "balanced")
+
+
 def block_ranges(n_layer: int, n_stages: int) -> list[range]:
     """Blocks of each stage: contiguous, as even as possible, the extra blocks on the first
     stages (the last one also runs the LM head and the loss)."""
@@ -84,6 +89,56 @@ def block_ranges(n_layer: int, n_stages: int) -> list[range]:
     for s in range(n_stages):
         bounds.append(bounds[-1] + base + (s < extra))
     return [range(a, b) for a, b in pairwise(bounds)]
+
+
+def balanced_ranges(blocks: list[float], first: float, last: float, n_stages: int) -> list[range]:
+    """Blocks of each stage, contiguous, at least one each, so that the costliest stage costs
+    as little as block granularity allows: stage cost = its blocks' costs, plus `first` on
+    the first stage (the embedding) and `last` on the last (final norm, LM head and loss).
+    Llama 3 balances its pipeline the same way, one layer fewer on the first and the last
+    stage (Dubey et al. 2024, "The Llama 3 Herd of Models", sec. 3.3.2). Exact minimax by
+    dynamic programming over (stage, blocks so far); among the splits with that maximum, the
+    one with the smaller sum of squared stage costs found along the way."""
+    n = len(blocks)
+    if n < n_stages:
+        raise ValueError(f"pipeline of {n_stages} stages needs model.n_layer >= {n_stages}, got {n}")
+    prefix = [0.0]
+    for c in blocks:
+        prefix.append(prefix[-1] + c)
+
+    def cost(s: int, a: int, b: int) -> float:
+        return prefix[b] - prefix[a] + (first if s == 0 else 0.0) + (last if s == n_stages - 1 else 0.0)
+
+    # best[s][j]: (max, sum of squares, start of stage s) of stages 0..s over blocks [0, j)
+    best: list[dict[int, tuple[float, float, int]]] = [{} for _ in range(n_stages)]
+    for j in range(1, n - n_stages + 2):
+        c = cost(0, 0, j)
+        best[0][j] = (c, c * c, 0)
+    for s in range(1, n_stages):
+        for j in range(s + 1, n - n_stages + s + 2):
+            options = []
+            for i, (mx, sq, _) in best[s - 1].items():
+                if i < j:
+                    c = cost(s, i, j)
+                    options.append((max(mx, c), sq + c * c, i))
+            best[s][j] = min(options)
+    bounds, j = [n], n
+    for s in range(n_stages - 1, 0, -1):
+        j = best[s][j][2]
+        bounds.append(j)
+    bounds.append(0)
+    return [range(a, b) for a, b in pairwise(reversed(bounds))]
+
+
+def stage_ranges(cfg: ModelConfig, n_stages: int, how: str = "even") -> list[range]:
+    """Blocks of each of `n_stages` stages: `even` (`block_ranges`), or `balanced` by training
+    FLOPs per token from the model's shape (`balanced_ranges`, `model.flops.piece_flops_per_token`)."""
+    if how == "even":
+        return block_ranges(cfg.n_layer, n_stages)
+    if how != "balanced":
+        raise ValueError(f"parallel.stage_split={how!r} is not one of {list(STAGE_SPLITS)}")
+    embedding, blocks, head = piece_flops_per_token(cfg)
+    return balanced_ranges(blocks, embedding, head, n_stages)
 
 
 class _HeadLoss(torch.autograd.Function):
@@ -260,6 +315,7 @@ class Pipeline:
     loss_s: list[float] = field(default_factory=lambda: [0.0])
     head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (h, targets) -> loss sum
     width: int = 0  # the residual stream's width, d_model: what one stage sends the next
+    ranges: list[range] = field(default_factory=list)  # every stage's blocks, by stage index
 
     @property
     def has_last(self) -> bool:
@@ -357,11 +413,18 @@ class Pipeline:
 
 def split(model: Transformer, schedule: str, microbatches: int,
           group: dist.ProcessGroup | None = None, tied_group: dist.ProcessGroup | None = None,
-          ) -> Pipeline:
+          stage_split: str = "even") -> Pipeline:
     """This rank's stages of `model` under `schedule` with `microbatches` micro-batches per
-    step, over the pipeline process group `group` (default: the world). Every rank builds the
-    whole model from the same seed and keeps its slice: simple, and the init equals one
-    process's; a model too big for one rank's memory would be built on the meta device.
+    step, over the pipeline process group `group` (default: the world), blocks assigned to
+    stages by `stage_split` (`stage_ranges`).
+
+    `model` is built whole, from the same seed on every rank (so its init is one process's,
+    draw for draw), then cut down in place (`keep_only`): the blocks, embedding, final norm and
+    head of other ranks' stages are dropped and freed, so `model` holds this rank's stages
+    only, under the whole model's parameter names. (Building whole is a transient cost of one
+    fp32 copy of the weights, before any gradient or optimizer state exists; a model too big
+    for that would be built on the meta device and need an init that does not depend on the
+    order of the draws.)
 
     With tied embeddings split across two ranks, `tied_group` is the group of the first and
     the last stage's ranks (`tied_embedding_group`); built from `group` when it is None."""
@@ -374,7 +437,7 @@ def split(model: Transformer, schedule: str, microbatches: int,
         raise ValueError(f"parallel.pp must be >= 2 to pipeline, got {pp}")
     if microbatches < 1:
         raise ValueError(f"parallel.microbatches must be >= 1, got {microbatches}")
-    ranges = block_ranges(model.cfg.n_layer, n_stages)
+    ranges = stage_ranges(model.cfg, n_stages, stage_split)
     device = model.tok_emb.weight.device
     loss_s = [0.0]
 
@@ -406,8 +469,29 @@ def split(model: Transformer, schedule: str, microbatches: int,
     elif model.cfg.tie_embeddings and tied_group is None:
         tied_group = tied_embedding_group(group)
     pipe = Pipeline(schedule, sched, stages, nn.ModuleList(modules), group, tied,
-                    tied_group if tied is not None else None, loss_s, head, model.cfg.d_model)
+                    tied_group if tied is not None else None, loss_s, head, model.cfg.d_model,
+                    ranges)
+    keep_only(model, [ranges[st.stage_index] for st in stages], holds_first, holds_last)
     return pipe
+
+
+def keep_only(model: Transformer, ranges: list[range], first: bool, last: bool) -> None:
+    """Cut `model` down, in place, to the blocks of `ranges`, the token embedding if `first`,
+    the final norm and LM head if `last`: the other modules are replaced by None (and freed
+    once nothing else holds them), so `model.named_parameters()` and `state_dict()` list this
+    rank's parameters only, under their whole-model names. A tied matrix keeps its embedding
+    module on a last stage too (the same Parameter, unused there), so that it is named
+    `tok_emb.weight` on every rank, as in one process, and its optimizer state with it: a
+    checkpoint of any layout then finds it under one name."""
+    mine = {i for r in ranges for i in r}
+    for i in range(len(model.blocks)):
+        if i not in mine:
+            model.blocks[i] = None
+    if not first and not (last and model.cfg.tie_embeddings):
+        model.tok_emb = None
+    if not last:
+        model.norm = None
+        model.lm_head = None
 
 
 def tied_embedding_group(group: dist.ProcessGroup) -> dist.ProcessGroup:

@@ -6,14 +6,16 @@ by `train.parallel.pipeline`. One step: the schedule's forward and backward over
 micro-batches, the gradients summed over the replicas (`reduce_dp`), clipped by the whole
 model's norm, one AdamW update.
 
-Every rank builds the whole `Transformer` (same seed: the same init as one process) and the
-optimizer over all its parameters, but computes only its stages: the others never get a
-gradient, and AdamW leaves a parameter without one untouched. So the optimizer's state has
-the one-process layout, and `gather` (before a checkpoint and at the end) copies every
-stage's weights and moments from the rank that holds them into every rank's copy: the main
-rank then writes an ordinary checkpoint, full-model names and all, which resumes this run
-exactly (each rank loads the whole thing and keeps computing its stages) and loads in one
-process too (generate, export).
+Each rank builds the whole `Transformer` (same seed: the same init as one process, draw
+for draw), then keeps only its stages (`pipeline.keep_only`): the other blocks, the embedding
+and the head when another rank runs them, are freed; its optimizer covers its own parameters.
+So weights, gradients and AdamW state are per stage, under the whole model's parameter names.
+A checkpoint is sharded by stage: every rank writes its own parameters and optimizer state
+through torch.distributed.checkpoint (`train.checkpoint`), no rank gathers the whole state;
+the run resumes from it exactly, and it loads in one process by name (generate, export:
+`train.load`). Only at the end does `full_model` assemble the whole weights (not the
+optimizer state) on every rank of a pipeline: checksums, model.safetensors, samples, and the
+last checkpoint's consolidated safetensors, as an FSDP run's.
 
 The clocks (`record`): per step, this rank's compute by kind, and every pipeline rank's
 blocked share of the step (the bubble as measured, `StepClock.blocked`) and idle share
@@ -34,6 +36,7 @@ from model.transformer import Transformer
 from train.clock import PhaseTimer
 from train.config import TrainConfig
 from train.data import BatchLoader
+from train.load import with_tied
 from train.metrics import StepResult
 from train.optim import build_optimizer, skip_update
 from train.parallel.pipeline import bubble_formula, dp_pp_groups, split
@@ -63,8 +66,9 @@ def microbatches(cfg: TrainConfig, dp: int) -> int:
 
 
 class PipelineRun:
-    """This rank's pipelined model, its optimizer, its place in the dp x pp world, and the
-    step, evaluation and state gathering the loop calls instead of the DDP ones."""
+    """This rank's pipelined model (`model`: its stages only), its optimizer, its place in the
+    dp x pp world, and the step, evaluation and end-of-run assembly the loop calls instead of
+    the DDP ones."""
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator) -> None:
         world, self.pp = accelerator.num_processes, cfg.parallel.pp
@@ -72,10 +76,12 @@ class PipelineRun:
         self.dp = world // self.pp
         self.dp_rank = accelerator.process_index // self.pp
         self.schedule, self.m = cfg.parallel.schedule, microbatches(cfg, self.dp)
+        self.stage_split = cfg.parallel.stage_split
         tied = cfg.model.tie_embeddings
         self.pp_group, self.dp_group, tied_group = dp_pp_groups(self.dp, self.pp, tied)
         self.model = apply_techniques(Transformer(cfg.model), cfg).to(accelerator.device)
-        self.pipe = split(self.model, self.schedule, self.m, self.pp_group, tied_group)
+        self.pipe = split(self.model, self.schedule, self.m, self.pp_group, tied_group,
+                          cfg.parallel.stage_split)  # self.model: this rank's stages only
         self.optimizer = build_optimizer(self.model, cfg.optim, accelerator.device,
                                          cfg.compile_optimizer)
         self.accelerator = accelerator
@@ -140,28 +146,19 @@ class PipelineRun:
             dist.all_reduce(total, group=self.dp_group)
         return float(total[0] / total[1])
 
-    def gather(self) -> None:
-        """Every rank's full model and optimizer state made current: each parameter's
-        weights and AdamW moments copied from the pipeline rank that trains it (one
-        all-gather over the pipeline). Before a checkpoint (the main rank writes the whole
-        model) and at the end (checksums, export, samples)."""
-        owned = {id(p) for p in self.pipe.module.parameters()}
-        params = dict(self.model.named_parameters())
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        mine = {name: (p.detach().cpu(), {k: v.cpu() if isinstance(v, torch.Tensor) else v
-                                           for k, v in inner.state.get(p, {}).items()})
-                for name, p in params.items() if id(p) in owned}
+    def full_model(self) -> Transformer:
+        """The whole model, weights only, on every rank of this pipeline (a collective): each
+        rank's stage weights all-gathered over the pipeline group into a fresh `Transformer`
+        (built without touching the RNG). For the end of the run: checksums, the run's
+        model.safetensors and samples. The optimizer state stays with the stages."""
+        mine = {name: t.detach().cpu() for name, t in self.model.state_dict().items()}
         every: list = [None] * self.pp
         dist.all_gather_object(every, mine, group=self.pp_group)
-        for theirs in every:
-            for name, (weight, state) in theirs.items():
-                p = params[name]
-                if id(p) in owned:
-                    continue
-                p.data.copy_(weight)
-                inner.state[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v
-                                  for k, v in state.items()}
-                owned.add(id(p))  # taken from the first rank that holds it (tied: both equal)
+        state = {name: t for theirs in every for name, t in theirs.items()}
+        with torch.random.fork_rng(devices=[]):
+            whole = Transformer(self.model.cfg)
+        whole.load_state_dict(with_tied(state, whole.cfg), strict=True)
+        return whole.to(self.accelerator.device)
 
     def summary(self, records: list[dict], warmup: int) -> dict:
         """summary.json's `pipeline`: the layout, and per pipeline rank the median bubble
@@ -174,6 +171,8 @@ class PipelineRun:
                     for i in range(self.pp)]
 
         return {"pp": self.pp, "dp": self.dp, "schedule": self.schedule, "microbatches": self.m,
+                "stage_split": self.stage_split,
+                "blocks_per_stage": [len(r) for r in self.pipe.ranges],
                 "bubble_formula": bubble_formula(self.schedule, self.pp, self.m),
                 "bubble_median_per_rank": medians("pp_bubble_per_rank"),
                 "idle_median_per_rank": medians("pp_idle_per_rank"),
