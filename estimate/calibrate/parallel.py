@@ -762,7 +762,8 @@ def calibrate_parallel(s: ParallelSweep, data_dir: str | Path, runs_dir: str | P
     pp_cfg = ModelConfig(**{k: v for k, v in bench["pp"]["model"].items() if k != "notes"})
 
     def pp_layout(row: dict) -> Layout:
-        """bench_pp's row as perf lays it out: its stages' blocks as the trainer split them."""
+        """bench_pp's row as perf lays it out: its stages' blocks as `split` built them
+        (bench_pp splits evenly: `parallel.stage_split=even`)."""
         counts = stage_layers(row)
         return Layout(pp=WORLD, micro_batch=s.pp_micro_batch, virtual_stages=len(counts) // WORLD,
                       global_batch_tokens=row["microbatches"] * s.pp_micro_batch * T,
@@ -806,8 +807,8 @@ def calibrate_parallel(s: ParallelSweep, data_dir: str | Path, runs_dir: str | P
                                pred, max(row["step_s"]), parts,
                                "bench_pp times forward and backward without an optimizer step; "
                                "the prediction leaves out perf's optimizer traffic likewise; "
-                               f"stages of {list(stage_layers(row))} blocks as the trainer split "
-                               "them, the last with the LM head and loss",
+                               f"stages of {list(stage_layers(row))} blocks as bench_pp split "
+                               "them (even), the last with the LM head and loss",
                                predicted_default_s=default, share=harness_share))
     return ParallelCalibration(s, cpu_info(), bench, links, terms, steps,
                                time.monotonic() - started)
