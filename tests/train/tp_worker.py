@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tests.train.pipeline_worker import LR, batch, build
+from tests.train.pipeline_worker import adamw, batch, build
 from train.parallel.layout import Layout, Parallel
 
 
@@ -22,7 +22,7 @@ def parallel_train(rank: int, tp: int, cp: int, sp: bool, tie: bool, steps: int,
     parallel = Parallel(layout)
     model = parallel.apply(build(tie))
     ddp = parallel.wrap(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = adamw(model)  # the reference's groups: decay on matrices only
     clip = parallel.clip_grad_norm_(torch.nn.utils.clip_grad_norm_)
     out = {"loss": [], "grad_norm": [], "tp_comm_s": [], "cp_comm_s": []}
     for step in range(steps):
