@@ -155,6 +155,9 @@ class RayConfig:
     # automatic partitions: one reducer per shuffle_docs documents (at least 2 per CPU); the map
     # side is cut into as many groups, so a shuffle makes at most (docs / shuffle_docs)^2 pieces
     shuffle_docs: int = 50000
+    # tasks in flight in a stage's per-shard map whose results the driver reads (accounting);
+    # 0 = 4 per CPU of the cluster. The driver holds at most this many results at once.
+    window_tasks: int = 0
     ship_code: bool = True  # existing cluster: send data_prep + contracts as py_modules
 
 
@@ -250,10 +253,11 @@ def _validate_executor(cfg: PrepConfig) -> None:
             "(or ray://host:port)"
         )
     if (cfg.ray.shard_docs < 1 or cfg.ray.shuffle_docs < 1 or cfg.ray.num_cpus < 0
-            or cfg.ray.partitions < 0):
+            or cfg.ray.partitions < 0 or cfg.ray.window_tasks < 0):
         raise ValueError(
             f"ray.shard_docs={cfg.ray.shard_docs}, ray.shuffle_docs={cfg.ray.shuffle_docs}, "
-            f"ray.num_cpus={cfg.ray.num_cpus}, ray.partitions={cfg.ray.partitions}: "
+            f"ray.num_cpus={cfg.ray.num_cpus}, ray.partitions={cfg.ray.partitions}, "
+            f"ray.window_tasks={cfg.ray.window_tasks}: "
             "shard_docs and shuffle_docs must be >= 1, the others >= 0"
         )
     if cfg.executor == "ray" and importlib.util.find_spec("ray") is None:
