@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data_prep.config import PrepConfig
 from data_prep.minhash import UnionFind
-from data_prep.taskmem import merge_peaks, peak_rss, reset_peak, task_name
+from data_prep.taskmem import measure, merge_peaks, start, task_name
 
 _TYPES = {"int64": "int64", "object": "string", "bytes": "binary", "float": "float64",
           "bool": "bool"}
@@ -127,16 +127,16 @@ class Executor(Protocol):
     def each_shard(self, items: list[dict[str, Any]], fn: Callable, desc: str = "",
                    **kw: Any) -> Iterator[dict[str, Any]]: ...
 
-    def task_peaks(self) -> dict[str, int]: ...
+    def task_peaks(self) -> dict[str, list[int]]: ...
 
 
 # --------------------------------------------------------------------------- local
-def _call(job: tuple[Callable, Any, dict[str, Any]]) -> tuple[pd.DataFrame, int]:
-    """One task in the pool: its frame and its peak RSS (data_prep.taskmem)."""
+def _call(job: tuple[Callable, Any, dict[str, Any]]) -> tuple[pd.DataFrame, tuple[int, int]]:
+    """One task in the pool: its frame and its (peak RSS, rise) (data_prep.taskmem)."""
     fn, arg, kw = job
-    reset_peak()
+    started = start()
     out = to_pandas(fn(arg, **kw))
-    return out, peak_rss()
+    return out, measure(started)
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -156,7 +156,7 @@ class LocalExecutor:
     def __init__(self, cfg: PrepConfig) -> None:
         self.workers, self.progress = worker_count(cfg), cfg.progress
         self._pool: ProcessPoolExecutor | None = None
-        self._peaks: dict[str, int] = {}
+        self._peaks: dict[str, list[int]] = {}
 
     def __enter__(self) -> LocalExecutor:
         return self
@@ -183,8 +183,9 @@ class LocalExecutor:
             out.append(frame)
         return out
 
-    def task_peaks(self) -> dict[str, int]:
-        """The peak RSS of each kind of task (by function name) since the last call, bytes."""
+    def task_peaks(self) -> dict[str, list[int]]:
+        """[peak RSS, rise] of each kind of task (by function name) since the last call, in
+        bytes (data_prep.taskmem)."""
         peaks, self._peaks = self._peaks, {}
         return peaks
 

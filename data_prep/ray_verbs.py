@@ -20,7 +20,7 @@ import pandas as pd
 
 from data_prep.config import PrepConfig
 from data_prep.executor import _TYPES, empty_frame, group_starts, to_arrow, worker_count
-from data_prep.taskmem import merge_peaks, peak_rss, reset_peak, task_name
+from data_prep.taskmem import measure, merge_peaks, start, task_name
 
 log = logging.getLogger("data_prep")
 
@@ -78,7 +78,7 @@ def partitions(cfg: PrepConfig, n_docs: int) -> int:
 # executor start per shuffle, and near_dedup runs a dozen shuffles (issue 23, item 5).
 class Blocks:
     """The Ray executor's rows: `refs[i]` an Arrow table, `lens[i]` a ref to its row count and
-    the peak RSS of the task that made it, `(rows, bytes)`."""
+    the memory of the task that made it, `(rows, (peak RSS, rise))` (data_prep.taskmem)."""
 
     def __init__(self, refs: list[Any], lens: list[Any]) -> None:
         self.refs, self.lens = refs, lens
@@ -92,7 +92,7 @@ class Blocks:
 # Every task reports its peak RSS (data_prep.taskmem) in a small object; the driver reads the
 # ones that are ready whenever it submits more, so it holds them only while their tasks run.
 _METERS: list[tuple[str, Any]] = []
-_PEAKS: dict[str, int] = {}
+_PEAKS: dict[str, list[int]] = {}
 
 
 def _meter(name: str, refs: list[Any]) -> None:
@@ -119,9 +119,9 @@ def _harvest(timeout: float | None) -> None:
     _METERS = [(name, r) for name, r in _METERS if r not in done]
 
 
-def task_peaks() -> dict[str, int]:
-    """Each kind of task's peak RSS (bytes, by function name) since the last call; waits for
-    the tasks still running."""
+def task_peaks() -> dict[str, list[int]]:
+    """Each kind of task's [peak RSS, rise] (bytes, by function name) since the last call;
+    waits for the tasks still running."""
     global _PEAKS
     _harvest(None)
     peaks, _PEAKS = _PEAKS, {}
@@ -157,11 +157,11 @@ def _concat(tables: list[Any]) -> Any:
 
 def _apply(fn: Callable, arg: Any, kw: dict[str, Any], fmt: str) -> tuple[Any, int]:
     """One task: `fn(arg, **kw)` on an item (a dict) or a block (as `fmt`), as Arrow."""
-    reset_peak()
+    started = start()
     if not isinstance(arg, dict) and not arg.num_rows:
-        return arg, (0, peak_rss())  # an empty block stays empty, as under a map over its rows
+        return arg, (0, measure(started))  # an empty block stays empty, as under a map
     t = to_arrow(fn(arg if isinstance(arg, dict) else _as(arg, fmt), **kw))
-    return t, (t.num_rows, peak_rss())
+    return t, (t.num_rows, measure(started))
 
 
 def _sample(t: Any, key: str, k: int) -> Any:
@@ -172,24 +172,24 @@ def _sample(t: Any, key: str, k: int) -> Any:
 
 def _split(key: str, bounds: Any, *blocks: Any) -> tuple[Any, ...]:
     """Consecutive blocks, as one in input order, cut by key range into len(bounds) + 1 pieces
-    (one per reducer), and the task's `(0, peak RSS)` last."""
-    reset_peak()
+    (one per reducer), and the task's `(0, (peak RSS, rise))` last."""
+    started = start()
     t = _concat(list(blocks))
     keys = t[key].to_numpy(zero_copy_only=False)
     part = np.searchsorted(bounds, keys, side="right")
     order = np.argsort(part, kind="stable")
     cuts = np.searchsorted(part[order], np.arange(len(bounds) + 2))
     pieces = tuple(t.take(order[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
-    return (*pieces, (0, peak_rss()))
+    return (*pieces, (0, measure(started)))
 
 
 def _reduce(fn: Callable, kw: dict[str, Any], fmt: str, key: str, *pieces: Any) -> tuple[Any, int]:
     """One reducer: its pieces in input order, stably sorted by key (every group whole and in
     input order, as the local executor's stable sort), then `fn` once."""
-    reset_peak()
+    started = start()
     t = _concat(list(pieces))
     t = to_arrow(fn(_as(t.sort_by(key), fmt), **kw))
-    return t, (t.num_rows, peak_rss())
+    return t, (t.num_rows, measure(started))
 
 
 def _put_kw(kw: dict[str, Any]) -> Any:
@@ -486,5 +486,5 @@ class RayExecutor:
         the rows in item order (`each_shard`)."""
         return each_shard(items, fn, window(self.cfg), **kw)
 
-    def task_peaks(self) -> dict[str, int]:
+    def task_peaks(self) -> dict[str, list[int]]:
         return task_peaks()

@@ -54,8 +54,9 @@ class StageResult:
     steps: list[StepStats] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     docs_path: str | None = None  # documents after this stage
-    # the peak RSS of each kind of task the stage ran (by function name; data_prep.taskmem)
-    task_peak_rss: dict[str, int] = field(default_factory=dict)
+    # [peak RSS, rise over its start] of each kind of task the stage ran, the largest of any
+    # one task, bytes (by function name; data_prep.taskmem)
+    task_peak_rss: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,8 +68,9 @@ class StageResult:
             "steps": [s.to_dict() for s in self.steps],
             "extra": self.extra,
             "docs_path": self.docs_path,
-            "task_peak_rss_bytes": max(self.task_peak_rss.values(), default=0),
-            "task_peak_rss_bytes_by_task": dict(sorted(self.task_peak_rss.items())),
+            "task_peak_rss_bytes": max((p for p, _ in self.task_peak_rss.values()), default=0),
+            "task_peak_rss_bytes_by_task": {k: v[0] for k, v in sorted(self.task_peak_rss.items())},
+            "task_rss_rise_bytes_by_task": {k: v[1] for k, v in sorted(self.task_peak_rss.items())},
         }
 
     @classmethod
@@ -82,7 +84,8 @@ class StageResult:
             [StepStats.from_dict(s) for s in d["steps"]],
             d["extra"],
             d["docs_path"],
-            dict(d.get("task_peak_rss_bytes_by_task", {})),  # absent before 2026-12-07
+            {k: [v, d["task_rss_rise_bytes_by_task"][k]]  # absent before 2026-12-07
+             for k, v in d.get("task_peak_rss_bytes_by_task", {}).items()},
         )
 
 

@@ -4,7 +4,9 @@ with the corpus). A worker process runs many tasks one after the other, so its l
 resident set (`VmHWM`, by writing 5 to /proc/self/clear_refs, Linux >= 4.0) when it starts and
 reads it when it ends. Where that is not possible the figure is the process's lifetime peak
 (`ru_maxrss`), an upper bound. The figure is resident memory, so it counts the object-store pages
-a Ray task maps as well as its own.
+a Ray task maps as well as its own, and what the process already held when the task started
+(a worker keeps its heap between tasks); so each task also records its rise, peak - RSS at its
+start, which is what the task itself added.
 """
 
 from __future__ import annotations
@@ -14,6 +16,16 @@ import resource
 import sys
 
 _HWM = re.compile(rb"VmHWM:\s+(\d+) kB")
+_RSS = re.compile(rb"VmRSS:\s+(\d+) kB")
+
+
+def _status(field: re.Pattern) -> int | None:
+    try:
+        with open("/proc/self/status", "rb") as f:
+            m = field.search(f.read())
+        return int(m.group(1)) * 1024 if m else None
+    except OSError:
+        return None
 
 
 def reset_peak() -> bool:
@@ -30,21 +42,31 @@ def reset_peak() -> bool:
 def peak_rss() -> int:
     """The process's peak resident set in bytes since the last `reset_peak` (VmHWM), else its
     lifetime peak."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            m = _HWM.search(f.read())
-        if m:
-            return int(m.group(1)) * 1024
-    except OSError:
-        pass
+    peak = _status(_HWM)
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, Linux: KiB
 
 
-def merge_peaks(into: dict[str, int], name: str, peak: int) -> None:
-    """`into[name]` = the larger of it and `peak` (a stage's per-task maxima)."""
-    if peak > into.get(name, 0):
-        into[name] = peak
+def start() -> int:
+    """A task starts: the peak reset (`reset_peak`); returns the RSS it starts from (0 where
+    it cannot be read)."""
+    reset_peak()
+    return _status(_RSS) or 0
+
+
+def measure(started: int) -> tuple[int, int]:
+    """A task ends: (its peak RSS, the rise of that peak over the RSS `start` returned)."""
+    peak = peak_rss()
+    return peak, max(0, peak - started)
+
+
+def merge_peaks(into: dict[str, list[int]], name: str, m: tuple[int, int] | list[int]) -> None:
+    """`into[name]` = the larger peak and the larger rise of it and `m` (a stage's maxima per
+    kind of task)."""
+    old = into.get(name, [0, 0])
+    into[name] = [max(old[0], int(m[0])), max(old[1], int(m[1]))]
 
 
 def task_name(fn: object) -> str:

@@ -141,7 +141,8 @@ def comparable(root: Path) -> dict[str, bytes]:
         data = p.read_bytes()
         if p.name == "stats.json" or rel.startswith("stages/") and p.suffix == ".json":
             data = json.dumps(_without(json.loads(data), "seconds", "cached", "docs_path", "key",
-                                       "task_peak_rss_bytes", "task_peak_rss_bytes_by_task"),
+                                       "task_peak_rss_bytes", "task_peak_rss_bytes_by_task",
+                                       "task_rss_rise_bytes_by_task"),
                               sort_keys=True).encode()
         elif rel == "meta.json":
             data = json.dumps(_without(json.loads(data), "created_utc", "config"),

@@ -14,7 +14,7 @@ from data_prep.executor import LocalExecutor
 from data_prep.pipeline import run_document_stages
 from data_prep.shardops import accounts
 from data_prep.stage import StageResult
-from data_prep.taskmem import peak_rss, reset_peak
+from data_prep.taskmem import measure, peak_rss, reset_peak, start
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "prep" / "tiny.yaml"
@@ -48,6 +48,16 @@ def test_peak_rss_is_the_peak_since_the_reset():
 
 
 @needs_reset
+def test_a_tasks_rise_is_what_it_added_to_what_the_process_held():
+    held = np.ones(100 * MB // 8)  # what an earlier task left in the worker
+    s = start()
+    _touch(60)
+    peak, rise = measure(s)
+    assert peak >= s + 55 * MB and 55 * MB <= rise <= peak - 90 * MB
+    del held
+
+
+@needs_reset
 def test_local_pool_records_each_kind_of_tasks_peak(tmp_path):
     """The small tasks run in the same worker processes after the big ones, and still show
     their own (small) peak: the worker's lifetime peak would not."""
@@ -59,8 +69,9 @@ def test_local_pool_records_each_kind_of_tasks_peak(tmp_path):
         peaks = ex.task_peaks()
         assert ex.task_peaks() == {}  # read once: the next stage starts afresh
     assert set(peaks) == {"big_task", "small_task"}
-    assert peaks["big_task"] >= 150 * MB
-    assert peaks["small_task"] < peaks["big_task"] - 100 * MB
+    assert peaks["big_task"][0] >= 150 * MB and peaks["big_task"][1] >= 140 * MB
+    assert peaks["small_task"][0] < peaks["big_task"][0] - 100 * MB
+    assert peaks["small_task"][1] < 20 * MB
 
 
 def test_stats_json_holds_every_stages_task_peaks(tmp_path):
@@ -71,9 +82,11 @@ def test_stats_json_holds_every_stages_task_peaks(tmp_path):
             continue
         (d,) = (tmp_path / "stages").glob(f"*_{r.name}")
         st = json.loads((d / "stats.json").read_text())
-        by_task = st["task_peak_rss_bytes_by_task"]
+        by_task, rise = st["task_peak_rss_bytes_by_task"], st["task_rss_rise_bytes_by_task"]
         assert by_task and st["task_peak_rss_bytes"] == max(by_task.values()) > 10 * MB, r.name
-        assert StageResult.from_dict(st).task_peak_rss == by_task
+        assert set(rise) == set(by_task) and all(rise[t] <= by_task[t] for t in rise)
+        assert StageResult.from_dict(st).task_peak_rss == {t: [by_task[t], rise[t]]
+                                                           for t in by_task}
     normalize = next(r for r in results if r.name == "normalize")
     assert set(normalize.task_peak_rss) == {"steps_shard"}
 
@@ -81,6 +94,7 @@ def test_stats_json_holds_every_stages_task_peaks(tmp_path):
 def test_a_stats_json_without_task_peaks_still_loads():
     d = StageResult("pii").to_dict()
     del d["task_peak_rss_bytes"], d["task_peak_rss_bytes_by_task"]
+    del d["task_rss_rise_bytes_by_task"]
     assert StageResult.from_dict(d).task_peak_rss == {}
 
 
