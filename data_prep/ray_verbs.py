@@ -41,6 +41,8 @@ def session(cfg: PrepConfig) -> Iterator[None]:
     if cfg.ray.address == "local":
         kw["num_cpus"] = cfg.ray.num_cpus or worker_count(cfg)
         kw["address"] = "local"
+        if cfg.ray.inline_bytes:  # small blocks in the object store, not in the driver
+            kw["_system_config"] = {"max_direct_call_object_size": cfg.ray.inline_bytes}
     else:
         kw["address"] = cfg.ray.address
         if cfg.ray.ship_code:

@@ -304,7 +304,7 @@ def test_ray_start_cluster(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["ray.shard_docs=0", "ray.shuffle_docs=0", "ray.partitions=-1",
-                                 "ray.window_tasks=-1"])
+                                 "ray.window_tasks=-1", "ray.inline_bytes=-1"])
 def test_ray_sizes_out_of_range_are_refused_in_one_line(key):
     """ray.shuffle_docs (reducers of an automatic shuffle) is range-checked like shard_docs."""
     from data_prep.config import load_config
