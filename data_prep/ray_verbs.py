@@ -98,7 +98,7 @@ _PEAKS: dict[str, list[int]] = {}
 
 
 def _meter(name: str, refs: list[Any]) -> None:
-    """Watch these `(rows, peak)` refs of tasks of `name`; read those already done."""
+    """Watch these `(rows, (peak, rise))` refs of tasks of `name`; read those already done."""
     _METERS.extend((name, r) for r in refs)
     _harvest(0.0)
 
@@ -157,7 +157,8 @@ def _concat(tables: list[Any]) -> Any:
     return pa.concat_tables(full, promote_options="default") if len(full) > 1 else full[0]
 
 
-def _apply(fn: Callable, arg: Any, kw: dict[str, Any], fmt: str) -> tuple[Any, int]:
+def _apply(fn: Callable, arg: Any, kw: dict[str, Any], fmt: str
+           ) -> tuple[Any, tuple[int, tuple[int, int]]]:
     """One task: `fn(arg, **kw)` on an item (a dict) or a block (as `fmt`), as Arrow."""
     started = start()
     if not isinstance(arg, dict) and not arg.num_rows:
@@ -185,7 +186,8 @@ def _split(key: str, bounds: Any, *blocks: Any) -> tuple[Any, ...]:
     return (*pieces, (0, measure(started)))
 
 
-def _reduce(fn: Callable, kw: dict[str, Any], fmt: str, key: str, *pieces: Any) -> tuple[Any, int]:
+def _reduce(fn: Callable, kw: dict[str, Any], fmt: str, key: str, *pieces: Any
+            ) -> tuple[Any, tuple[int, tuple[int, int]]]:
     """One reducer: its pieces in input order, stably sorted by key (every group whole and in
     input order, as the local executor's stable sort), then `fn` once."""
     started = start()
@@ -406,7 +408,7 @@ def to_blocks(table: Any) -> Blocks:
     import ray
 
     t = to_arrow(table)
-    return Blocks([ray.put(t)], [ray.put((t.num_rows, 0))])
+    return Blocks([ray.put(t)], [ray.put((t.num_rows, (0, 0)))])  # no task: no memory
 
 
 def _renamed(t: Any, names: dict[str, str]) -> Any:
