@@ -60,7 +60,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from contracts.measured import header, publish
+from contracts.measured import dated_path, header, publish
 from data_prep.config import MinHashConfig, load_config
 from data_prep.dedup import minhash_kwargs, near_duplicates
 from data_prep.executor import worker_count
@@ -294,6 +294,16 @@ def markdown(result: dict[str, Any], command: list[str]) -> str:
     return header("data_prep bench", command) + "\n```\n" + render(result) + "\n```\n"
 
 
+def unused_name(name: str) -> str:
+    """`name`, or `name-2`, `name-3`, ... : the first whose dated file does not exist yet, so
+    that a second run on one day does not overwrite the first one's table."""
+    k, cand = 1, name
+    while dated_path(cand).exists():
+        k += 1
+        cand = f"{name}-{k}"
+    return cand
+
+
 def _sizes(text: str) -> list[int]:
     try:
         sizes = [int(x) for x in text.split(",")]
@@ -372,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         name, text = "data_prep-bench", markdown(result, cmd)
     print(text, end="")
     if args.publish:
-        print(f"wrote {publish(name, text)}", file=sys.stderr)
+        print(f"wrote {publish(unused_name(name), text)}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -155,6 +155,15 @@ class RayConfig:
     # automatic partitions: one reducer per shuffle_docs documents (at least 2 per CPU); the map
     # side is cut into as many groups, so a shuffle makes at most (docs / shuffle_docs)^2 pieces
     shuffle_docs: int = 50000
+    # tasks in flight in a stage's per-shard map whose results the driver reads (accounting);
+    # 0 = 4 per CPU of the cluster. The driver holds at most this many results at once.
+    window_tasks: int = 0
+    # address=local only: a task result up to this many bytes is returned inline into its
+    # owner's (the driver's) memory, larger ones go to the object store. Ray's default (100 KB)
+    # kept every small block (a shard's ids or text hashes: ~60 KB) and the task specs that
+    # carry them in the driver: +166 MB for 1,000 such blocks and one shuffle. 0 = Ray's
+    # default. On a cluster it is the cluster's setting (RAY_max_direct_call_object_size).
+    inline_bytes: int = 1024
     ship_code: bool = True  # existing cluster: send data_prep + contracts as py_modules
 
 
@@ -250,10 +259,11 @@ def _validate_executor(cfg: PrepConfig) -> None:
             "(or ray://host:port)"
         )
     if (cfg.ray.shard_docs < 1 or cfg.ray.shuffle_docs < 1 or cfg.ray.num_cpus < 0
-            or cfg.ray.partitions < 0):
+            or cfg.ray.partitions < 0 or cfg.ray.window_tasks < 0 or cfg.ray.inline_bytes < 0):
         raise ValueError(
             f"ray.shard_docs={cfg.ray.shard_docs}, ray.shuffle_docs={cfg.ray.shuffle_docs}, "
-            f"ray.num_cpus={cfg.ray.num_cpus}, ray.partitions={cfg.ray.partitions}: "
+            f"ray.num_cpus={cfg.ray.num_cpus}, ray.partitions={cfg.ray.partitions}, "
+            f"ray.window_tasks={cfg.ray.window_tasks}, ray.inline_bytes={cfg.ray.inline_bytes}: "
             "shard_docs and shuffle_docs must be >= 1, the others >= 0"
         )
     if cfg.executor == "ray" and importlib.util.find_spec("ray") is None:

@@ -16,7 +16,7 @@ the example: a step is called with its rank and world size and never sees the ex
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from data_prep.config import PrepConfig
 from data_prep.minhash import UnionFind
+from data_prep.taskmem import measure, merge_peaks, start, task_name
 
 _TYPES = {"int64": "int64", "object": "string", "bytes": "binary", "float": "float64",
           "bool": "bool"}
@@ -121,11 +122,21 @@ class Executor(Protocol):
 
     def rows(self, rows: Any) -> list[dict[str, Any]]: ...
 
+    def iter_rows(self, rows: Any) -> Iterator[dict[str, Any]]: ...
+
+    def each_shard(self, items: list[dict[str, Any]], fn: Callable, desc: str = "",
+                   **kw: Any) -> Iterator[dict[str, Any]]: ...
+
+    def task_peaks(self) -> dict[str, list[int]]: ...
+
 
 # --------------------------------------------------------------------------- local
-def _call(job: tuple[Callable, Any, dict[str, Any]]) -> pd.DataFrame:
+def _call(job: tuple[Callable, Any, dict[str, Any]]) -> tuple[pd.DataFrame, tuple[int, int]]:
+    """One task in the pool: its frame and its (peak RSS, rise) (data_prep.taskmem)."""
     fn, arg, kw = job
-    return to_pandas(fn(arg, **kw))
+    started = start()
+    out = to_pandas(fn(arg, **kw))
+    return out, measure(started)
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -145,6 +156,7 @@ class LocalExecutor:
     def __init__(self, cfg: PrepConfig) -> None:
         self.workers, self.progress = worker_count(cfg), cfg.progress
         self._pool: ProcessPoolExecutor | None = None
+        self._peaks: dict[str, list[int]] = {}
 
     def __enter__(self) -> LocalExecutor:
         return self
@@ -165,7 +177,17 @@ class LocalExecutor:
             done = self._pool.map(_call, jobs)
         bar = tqdm(done, desc=desc, total=len(jobs), unit="shard",
                    disable=not (self.progress and desc))
-        return list(bar)
+        out = []
+        for frame, peak in bar:
+            merge_peaks(self._peaks, task_name(fn), peak)
+            out.append(frame)
+        return out
+
+    def task_peaks(self) -> dict[str, list[int]]:
+        """[peak RSS, rise] of each kind of task (by function name) since the last call, in
+        bytes (data_prep.taskmem)."""
+        peaks, self._peaks = self._peaks, {}
+        return peaks
 
     def partitions(self, n_docs: int) -> int:
         return max(1, 2 * self.workers)
@@ -237,3 +259,12 @@ class LocalExecutor:
 
     def rows(self, rows: pd.DataFrame) -> list[dict[str, Any]]:
         return rows.to_dict("records")
+
+    def iter_rows(self, rows: pd.DataFrame) -> Iterator[dict[str, Any]]:
+        return iter(rows.to_dict("records"))
+
+    def each_shard(self, items: list[dict[str, Any]], fn: Callable, desc: str = "",
+                   **kw: Any) -> Iterator[dict[str, Any]]:
+        """`fn(item, **kw)` per item, one task each; their rows in item order."""
+        for frame in self._map(fn, items, kw, desc):
+            yield from frame.to_dict("records")

@@ -103,13 +103,43 @@ def _unique_pairs(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"a": p >> 32, "b": p & 0xFFFFFFFF})
 
 
-def _text_rows(item: dict[str, Any], offsets: list[int]) -> dict[str, list]:
-    out: dict[str, list] = {"g": [], "text": []}
-    i = int(item["shard"])
-    for row, d in enumerate(read_docs(item["path"])):
-        out["g"].append(offsets[i] + row)
-        out["text"].append(d.text)
-    return out
+def _with_shard(df: pd.DataFrame, key: str, offsets: list[int]) -> pd.DataFrame:
+    """`df` with `_shard`: the input shard of the document its column `key` (g) names."""
+    g = df[key].to_numpy(np.int64)
+    return df.assign(_shard=np.searchsorted(np.asarray(offsets), g, side="right") - 1)
+
+
+def _attach(df: pd.DataFrame, by: str, files: list[str], offsets: list[int],
+            cols: dict[str, str]) -> pd.DataFrame:
+    """The rows of `df` (those of some shards, grouped by `_shard`) with the columns `cols`
+    (file column -> new name) of the document each one's column `by` names, read from its shard's
+    file (`files[shard]`: a document shard or a signature shard, one row per document in
+    order), one shard at a time: only the documents named travel, never a whole shard's."""
+    import pyarrow as pa
+
+    g = df[by].to_numpy(np.int64)
+    shard = df["_shard"].to_numpy(np.int64)
+    got: dict[str, list] = {new: [None] * len(df) for new in cols.values()}
+    for i in np.unique(shard):
+        sel = np.flatnonzero(shard == i)
+        t = parquet(files[int(i)]).read(columns=list(cols))
+        rows = pa.array(g[sel] - offsets[int(i)])
+        for col, new in cols.items():
+            vals = t[col].take(rows).to_pylist()
+            out = got[new]
+            for k, v in zip(sel.tolist(), vals, strict=True):
+                out[k] = v
+    return df.drop(columns=["_shard"]).assign(**got)
+
+
+def attach(ex: Executor, rows: Any, key: str, files: list[str], offsets: list[int],
+           cols: dict[str, str], parts: int) -> Any:
+    """`rows` with the columns `cols` of the documents their `key` names (see `_attach`): a
+    shuffle by the shard that holds each document, whose reducers read the shards' files. (A
+    join with a map over every document, which this replaces, held every document's text in
+    the shuffle and a block per shard in the driver.)"""
+    return ex.group_by(ex.map_blocks(rows, _with_shard, key=key, offsets=offsets), "_shard",
+                       _attach, parts, by=key, files=files, offsets=offsets, cols=cols)
 
 
 def _verify(df: pd.DataFrame, ngram: int, threshold: float) -> pd.DataFrame:
@@ -271,15 +301,10 @@ def run_near(cfg: PrepConfig, ex: Executor, inp: str, out: str,
     rejected = rounds = 0
     clusters = None
     if n_pairs:
-        texts = None
+        docs = [it["path"] for it in items]
         if m.verify:
-            texts = ex.map_shards(items, _text_rows, offsets=offsets)
-            ta = ex.rename(texts, {"text": "text_a"})
-            tb = ex.rename(texts, {"text": "text_b"})
-            with_a = ex.join(pairs, ta, ("a", "g"), PAIR, {"g": "int64", "text_a": "object"},
-                             parts)
-            joined = ex.join(with_a, tb, ("b", "g"), {**PAIR, "text_a": "object"},
-                             {"g": "int64", "text_b": "object"}, parts)
+            with_a = attach(ex, pairs, "a", docs, offsets, {"text": "text_a"}, parts)
+            joined = attach(ex, with_a, "b", docs, offsets, {"text": "text_b"}, parts)
             edges = ex.materialize(ex.map_blocks(joined, _verify, ngram=m.ngram,
                                                  threshold=m.threshold))
             rejected = n_pairs - ex.count(edges)
@@ -292,11 +317,11 @@ def run_near(cfg: PrepConfig, ex: Executor, inp: str, out: str,
             labels = ex.materialize(labels)
             log.info("near_dedup: components in %d rounds after %.1fs", rounds,
                      time.perf_counter() - t1)
-            nodes = ex.join(labels, sigs, ("node", "g"), LABEL, SIG, parts)
+            sig_files = [shard_file(out, "sigs", i) for i in range(len(items))]
+            nodes = attach(ex, labels, "node", sig_files, offsets,
+                           {c: c for c in SIG if c != "g"}, parts)
             if m.verify and m.linkage == "complete":
-                assert texts is not None
-                nodes = ex.join(nodes, texts, ("node", "g"), {**LABEL, **SIG},
-                                {"g": "int64", "text": "object"}, parts)
+                nodes = attach(ex, nodes, "node", docs, offsets, {"text": "text"}, parts)
             nodes = ex.map_blocks(nodes, _node_rows)
             tagged = ex.map_blocks(ex.join(edges, labels, ("a", "node"),
                                            {**PAIR, "s": "float"}, LABEL, parts), _edge_rows)

@@ -168,10 +168,10 @@ class Pack(Stage):
             dst.write(tok_bytes)
         _, vocab_size, eos_id = load_for_packing(tok_path, cfg.tokenizer.eos_token)
         items = shard_items(inp)
-        rows = ex.map_shards(items, _encode_shard, desc="pack encode", cfg=cfg,
+        rows = ex.each_shard(items, _encode_shard, desc="pack encode", cfg=cfg,
                              tok_path=tok_path, out=out)
         total = new_stats(cfg, res.name)
-        for acct in accounts(ex, rows):
+        for acct in accounts(rows):
             total.merge(StepStats.from_dict(acct["total"]))
         written = ex.rows(ex.map_shards([{"split": s} for s in SPLITS], _write_split,
                                         desc="pack write", cfg=cfg, out=out,

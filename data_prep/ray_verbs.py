@@ -20,6 +20,7 @@ import pandas as pd
 
 from data_prep.config import PrepConfig
 from data_prep.executor import _TYPES, empty_frame, group_starts, to_arrow, worker_count
+from data_prep.taskmem import measure, merge_peaks, start, task_name
 
 log = logging.getLogger("data_prep")
 
@@ -40,6 +41,8 @@ def session(cfg: PrepConfig) -> Iterator[None]:
     if cfg.ray.address == "local":
         kw["num_cpus"] = cfg.ray.num_cpus or worker_count(cfg)
         kw["address"] = "local"
+        if cfg.ray.inline_bytes:  # small blocks in the object store, not in the driver
+            kw["_system_config"] = {"max_direct_call_object_size": cfg.ray.inline_bytes}
     else:
         kw["address"] = cfg.ray.address
         if cfg.ray.ship_code:
@@ -76,7 +79,8 @@ def partitions(cfg: PrepConfig, n_docs: int) -> int:
 # no actors): on a small machine a Ray Data sort costs a plan, a sample stage and a streaming
 # executor start per shuffle, and near_dedup runs a dozen shuffles (issue 23, item 5).
 class Blocks:
-    """The Ray executor's rows: `refs[i]` an Arrow table, `lens[i]` a ref to its row count."""
+    """The Ray executor's rows: `refs[i]` an Arrow table, `lens[i]` a ref to its row count and
+    the memory of the task that made it, `(rows, (peak RSS, rise))` (data_prep.taskmem)."""
 
     def __init__(self, refs: list[Any], lens: list[Any]) -> None:
         self.refs, self.lens = refs, lens
@@ -84,7 +88,46 @@ class Blocks:
     def sizes(self) -> list[int]:
         import ray
 
-        return ray.get(self.lens)
+        return [n for n, _ in ray.get(self.lens)]
+
+
+# Every task reports its peak RSS (data_prep.taskmem) in a small object; the driver reads the
+# ones that are ready whenever it submits more, so it holds them only while their tasks run.
+_METERS: list[tuple[str, Any]] = []
+_PEAKS: dict[str, list[int]] = {}
+
+
+def _meter(name: str, refs: list[Any]) -> None:
+    """Watch these `(rows, (peak, rise))` refs of tasks of `name`; read those already done."""
+    _METERS.extend((name, r) for r in refs)
+    _harvest(0.0)
+
+
+def _harvest(timeout: float | None) -> None:
+    import ray
+
+    global _METERS
+    if not _METERS:
+        return
+    refs = [r for _, r in _METERS]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    if not ready:
+        return
+    done = set(ready)
+    got = dict(zip(ready, ray.get(ready), strict=True))
+    for name, r in _METERS:
+        if r in done:
+            merge_peaks(_PEAKS, name, got[r][1])
+    _METERS = [(name, r) for name, r in _METERS if r not in done]
+
+
+def task_peaks() -> dict[str, list[int]]:
+    """Each kind of task's [peak RSS, rise] (bytes, by function name) since the last call;
+    waits for the tasks still running."""
+    global _PEAKS
+    _harvest(None)
+    peaks, _PEAKS = _PEAKS, {}
+    return peaks
 
 
 _REMOTE: dict[str, Any] = {}
@@ -114,12 +157,14 @@ def _concat(tables: list[Any]) -> Any:
     return pa.concat_tables(full, promote_options="default") if len(full) > 1 else full[0]
 
 
-def _apply(fn: Callable, arg: Any, kw: dict[str, Any], fmt: str) -> tuple[Any, int]:
+def _apply(fn: Callable, arg: Any, kw: dict[str, Any], fmt: str
+           ) -> tuple[Any, tuple[int, tuple[int, int]]]:
     """One task: `fn(arg, **kw)` on an item (a dict) or a block (as `fmt`), as Arrow."""
+    started = start()
     if not isinstance(arg, dict) and not arg.num_rows:
-        return arg, 0  # an empty block stays empty, as under a map over its rows
+        return arg, (0, measure(started))  # an empty block stays empty, as under a map
     t = to_arrow(fn(arg if isinstance(arg, dict) else _as(arg, fmt), **kw))
-    return t, t.num_rows
+    return t, (t.num_rows, measure(started))
 
 
 def _sample(t: Any, key: str, k: int) -> Any:
@@ -130,22 +175,25 @@ def _sample(t: Any, key: str, k: int) -> Any:
 
 def _split(key: str, bounds: Any, *blocks: Any) -> tuple[Any, ...]:
     """Consecutive blocks, as one in input order, cut by key range into len(bounds) + 1 pieces
-    (one per reducer)."""
+    (one per reducer), and the task's `(0, (peak RSS, rise))` last."""
+    started = start()
     t = _concat(list(blocks))
     keys = t[key].to_numpy(zero_copy_only=False)
     part = np.searchsorted(bounds, keys, side="right")
     order = np.argsort(part, kind="stable")
     cuts = np.searchsorted(part[order], np.arange(len(bounds) + 2))
     pieces = tuple(t.take(order[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
-    return pieces if len(pieces) > 1 else pieces[0]
+    return (*pieces, (0, measure(started)))
 
 
-def _reduce(fn: Callable, kw: dict[str, Any], fmt: str, key: str, *pieces: Any) -> tuple[Any, int]:
+def _reduce(fn: Callable, kw: dict[str, Any], fmt: str, key: str, *pieces: Any
+            ) -> tuple[Any, tuple[int, tuple[int, int]]]:
     """One reducer: its pieces in input order, stably sorted by key (every group whole and in
     input order, as the local executor's stable sort), then `fn` once."""
+    started = start()
     t = _concat(list(pieces))
     t = to_arrow(fn(_as(t.sort_by(key), fmt), **kw))
-    return t, t.num_rows
+    return t, (t.num_rows, measure(started))
 
 
 def _put_kw(kw: dict[str, Any]) -> Any:
@@ -158,6 +206,7 @@ def map_blocks(data: Blocks, fn: Callable, fmt: str = "pandas", **kw: Any) -> Bl
     """`fn(block as pandas (or fmt), **kw)` once per block, one task each."""
     task, kref = _task(_apply), _put_kw(kw)
     out = [task.remote(fn, r, kref, fmt) for r in data.refs]
+    _meter(task_name(fn), [n for _, n in out])
     return Blocks([r for r, _ in out], [n for _, n in out])
 
 
@@ -172,17 +221,21 @@ def grouped(data: Blocks, key: str, fn: Callable, parts: int, fmt: str = "pandas
     live = [r for r, n in zip(data.refs, data.sizes(), strict=True) if n]
     if not live:
         return Blocks([], [])
-    sample = np.sort(np.concatenate(ray.get([_task(_sample, 1).remote(r, key, 8 * parts)
+    # about 64 keys per reducer in all (at least 4 a block): a sample of 8 * parts keys from
+    # every block grew as blocks x parts, 320,000 keys in the driver at 2M documents
+    k = min(8 * parts, max(4, -(-64 * parts // len(live))))
+    sample = np.sort(np.concatenate(ray.get([_task(_sample, 1).remote(r, key, k)
                                              for r in live])))
     bounds = np.unique(sample[np.linspace(0, len(sample) - 1, parts + 1).astype(np.int64)[1:-1]])
     n_out = len(bounds) + 1
-    split = _task(_split, n_out)
+    split = _task(_split, n_out + 1)
     step = -(-len(live) // parts)  # at most `parts` map tasks: the pieces stay <= parts^2
     pieces = [split.remote(key, bounds, *live[k:k + step]) for k in range(0, len(live), step)]
-    if n_out == 1:
-        pieces = [[p] for p in pieces]
+    _meter("shuffle_split", [p[-1] for p in pieces])
     task, kref = _task(_reduce), _put_kw(kw)
     out = [task.remote(fn, kref, fmt, key, *[p[j] for p in pieces]) for j in range(n_out)]
+    del pieces
+    _meter(task_name(fn), [n for _, n in out])
     return Blocks([r for r, _ in out], [n for _, n in out])
 
 
@@ -293,6 +346,56 @@ def _col_sum(t: Any, col: str) -> int:
     return int(pc.sum(t[col]).as_py() or 0) if t.num_rows else 0
 
 
+def iter_rows(rows: Blocks) -> Iterator[dict[str, Any]]:
+    """Every row of `rows` as a dict, block by block in order; each block's refs are dropped
+    (and so freed, with their lineage) once its rows are read, so read `rows` only once."""
+    import ray
+
+    for i in range(len(rows.refs)):
+        t = ray.get(rows.refs[i])
+        rows.refs[i] = rows.lens[i] = None
+        yield from t.to_pylist()
+
+
+def window(cfg: PrepConfig) -> int:
+    """Tasks in flight in `each_shard`: ray.window_tasks, else 4 per CPU of the cluster."""
+    import ray
+
+    if cfg.ray.window_tasks:
+        return cfg.ray.window_tasks
+    return max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+def each_shard(items: list[dict[str, Any]], fn: Callable, limit: int,
+               **kw: Any) -> Iterator[dict[str, Any]]:
+    """`fn(item, **kw)` per item, one task each, with at most `limit` tasks submitted beyond the
+    first item not yet read (`ray.wait` backpressure); yields each task's rows in item order.
+    A task's result and its refs are dropped once its rows are yielded, so the driver holds
+    at most `limit` results, whatever the number of items."""
+    import ray
+
+    task, kref, name = _task(_apply), _put_kw(kw), task_name(fn)
+    running: dict[Any, int] = {}  # result ref -> item index
+    meters: dict[int, Any] = {}
+    ready: dict[int, Any] = {}
+    nxt = sub = 0
+    while nxt < len(items):
+        while sub < len(items) and sub < nxt + limit:
+            r, n = task.remote(fn, dict(items[sub]), kref, "pandas")
+            running[r], meters[sub] = sub, n
+            sub += 1
+        if nxt not in ready:
+            done, _ = ray.wait(list(running), num_returns=1)
+            for r in done:
+                i = running.pop(r)
+                ready[i] = ray.get(r)
+                merge_peaks(_PEAKS, name, ray.get(meters.pop(i))[1])
+            continue
+        t = ready.pop(nxt)
+        nxt += 1
+        yield from t.to_pylist()
+
+
 def column_sum(rows: Blocks, col: str) -> int:
     """The sum of `col` over every block (0 when there are no rows)."""
     import ray
@@ -305,7 +408,7 @@ def to_blocks(table: Any) -> Blocks:
     import ray
 
     t = to_arrow(table)
-    return Blocks([ray.put(t)], [ray.put(t.num_rows)])
+    return Blocks([ray.put(t)], [ray.put((t.num_rows, (0, 0)))])  # no task: no memory
 
 
 def _renamed(t: Any, names: dict[str, str]) -> Any:
@@ -377,3 +480,15 @@ class RayExecutor:
         import ray
 
         return _concat(ray.get(rows.refs)).to_pylist()
+
+    def iter_rows(self, rows: Blocks) -> Iterator[dict[str, Any]]:
+        return iter_rows(rows)
+
+    def each_shard(self, items: list[dict[str, Any]], fn: Callable, desc: str = "",
+                   **kw: Any) -> Iterator[dict[str, Any]]:
+        """`fn(item, **kw)` per item, at most `window(cfg)` tasks ahead of the rows read;
+        the rows in item order (`each_shard`)."""
+        return each_shard(items, fn, window(self.cfg), **kw)
+
+    def task_peaks(self) -> dict[str, list[int]]:
+        return task_peaks()

@@ -176,33 +176,34 @@ class Read(Stage):
                  for u in read_units(src, chunk)]
         units = units or [{"files": [], "prose": False, "source": 0}]
         items = [{"shard": i, "unit": json.dumps(u)} for i, u in enumerate(units)]
-        raw_accts = accounts(ex, ex.map_shards(items, _read_unit, desc="read", cfg=cfg,
-                                               out=raw))
         total = new_stats(cfg, self.name)
         per = [new_stats(cfg, f"source{k}:{s.name or s.kind}") for k, s in enumerate(cfg.sources)]
-        for acct in raw_accts:
+        units_shards: list[tuple[int, int]] = []  # per read unit: (shards, source)
+        for acct in accounts(ex.each_shard(items, _read_unit, desc="read", cfg=cfg, out=raw)):
             st = StepStats.from_dict(acct["total"])
             total.merge(st)
             per[acct["source"]].merge(st)
+            units_shards.append((acct["shards"], acct["source"]))
         res.total, res.steps = total, per
         # the read shards in reading order: (unit folder, shard in it), and each one's source
-        subs = [(_unit_dir(raw, u), j) for u, a in enumerate(raw_accts) for j in range(a["shards"])]
-        source_of = [a["source"] for a in raw_accts for _ in range(a["shards"])]
+        subs = [(_unit_dir(raw, u), j) for u, (n, _) in enumerate(units_shards) for j in range(n)]
+        source_of = [src for n, src in units_shards for _ in range(n)]
         files = [shard_file(sub, "docs", j) for sub, j in subs]
         parts = ex.partitions(sum(num_docs(f) for f in files))
         ids = ex.map_shards([{"shard": g, "path": f} for g, f in enumerate(files)], _id_rows)
         drops = ex.materialize(ex.group_by(ids, "id", _repeated_ids, parts))
         if not ex.count(drops) and not storage.files(storage.join(out, "shards")):
             # nothing to rewrite: the shards moved into place by tasks, not by the driver
-            ex.count(ex.map_shards([{"shard": g, "sub": sub, "j": j}
-                                    for g, (sub, j) in enumerate(subs)], _place, out=out))
+            for _ in ex.each_shard([{"shard": g, "sub": sub, "j": j}
+                                    for g, (sub, j) in enumerate(subs)], _place, out=out):
+                pass
         else:
             earlier = [shard_file(sub, "dropped", j) for sub, j in subs]
-            _, accts = rewrite_shards(ex, drops, cfg, files, out, self.name, "duplicate_id",
-                                      parts, earlier=earlier)
+            _, by_source = rewrite_shards(ex, drops, cfg, files, out, self.name, "duplicate_id",
+                                          parts, earlier=earlier, group_of=source_of)
             rewritten = [new_stats(cfg, s.name) for s in per]
-            for acct, src in zip(accts, source_of, strict=True):
-                rewritten[src].merge(StepStats.from_dict(acct["total"]))
+            for st, got in zip(rewritten, by_source, strict=False):
+                st.merge(got)
             whole = new_stats(cfg, self.name)
             for st in rewritten:
                 whole.merge(st)

@@ -171,6 +171,8 @@ def scale_bench(config: str | Path, overrides: list[str], executor: str, sizes: 
                     "peak_worker_rss_bytes": mem.peak_worker_rss,
                     "peak_driver_rss_bytes": mem.peak_driver,
                     "worker_processes_seen": len(mem.workers_seen),
+                    # each stage's tasks by kind: the peak RSS one task reached (taskmem)
+                    "task_peak_rss_bytes": {r.name: r.task_peak_rss for r in results},
                 })
                 print(render_row(rows[-1]), file=sys.stderr, flush=True)  # a cut run keeps it
     return {"format": 1, "config": str(config), "overrides": overrides, "executor": executor,
@@ -191,10 +193,20 @@ def render_scale(result: dict[str, Any]) -> str:
         f"{'worker RSS MB':>15}{'driver RSS MB':>15}{'workers':>9}",
     ]
     lines += [render_row(r) for r in result["rows"]]
+    for r in result["rows"]:
+        peaks = r.get("task_peak_rss_bytes") or {}
+        top = [(stage, max(by, key=lambda t, by=by: by[t][0])) for stage, by in peaks.items() if by]
+        if top:
+            lines.append(f"task peak RSS / rise MB at {r['docs']:,} docs (the task of each stage "
+                         "with the highest peak): " + ", ".join(
+                             f"{st} {peaks[st][t][0] / 1e6:.0f}/{peaks[st][t][1] / 1e6:.0f} ({t})"
+                             for st, t in top))
     lines.append("worker: the peak of any one worker process (embedded Ray: the driver's `ray::`")
     lines.append("descendants; a cluster: the `ray::` processes of this node), sampled every 0.5 s;")
     lines.append("private = RSS - shared pages (a Ray worker's RSS also counts the object-store")
-    lines.append("pages it maps); driver: this process. MB = 10^6 bytes.")
+    lines.append("pages it maps); driver: this process. MB = 10^6 bytes. Task peak: measured in")
+    lines.append("the task (data_prep.taskmem: the process's VmHWM reset when the task starts);")
+    lines.append("rise: that peak less the worker's RSS when the task started.")
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ repeated ids drop documents). Written once against data_prep.executor's verbs.""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pandas as pd
@@ -29,10 +29,16 @@ def shard_items(inp: str) -> list[dict[str, Any]]:
     return [{"shard": i, "path": p} for i, p in enumerate(doc_files(inp))]
 
 
-def accounts(ex: Executor, rows: Any) -> list[dict[str, Any]]:
-    """The per-shard accounting rows (shard, acct) of `rows`, in shard order."""
-    got = sorted(ex.rows(rows), key=lambda r: r["shard"])
-    return [json.loads(r["acct"]) for r in got]
+def accounts(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Each shard's accounting from the rows (shard, acct) as an executor streams them
+    (`each_shard`, `iter_rows`: shard order), one at a time, so that a stage merges them as
+    they arrive and the driver keeps none."""
+    last = -1
+    for r in rows:
+        if int(r["shard"]) <= last:
+            raise RuntimeError(f"shard {r['shard']}'s accounting came after shard {last}'s")
+        last = int(r["shard"])
+        yield json.loads(r["acct"])
 
 
 def _acct_row(i: int, acct: dict[str, Any]) -> dict[str, list]:
@@ -106,11 +112,11 @@ class StepsStage(Stage):
     def run(self, cfg: PrepConfig, ex: Executor, inp: str | None, out: str,
             res: StageResult) -> None:
         assert inp is not None
-        rows = ex.map_shards(shard_items(inp), _steps_shard, desc=res.name, stage=self, cfg=cfg,
+        rows = ex.each_shard(shard_items(inp), _steps_shard, desc=res.name, stage=self, cfg=cfg,
                              out=out, name=res.name)
         total = new_stats(cfg, res.name)
         per = {s.name: new_stats(cfg, s.name) for s in self.build(cfg)}
-        for acct in accounts(ex, rows):
+        for acct in accounts(rows):
             total.merge(StepStats.from_dict(acct["total"]))
             for s in acct["steps"]:
                 per[s["name"]].merge(StepStats.from_dict(s))
@@ -148,18 +154,24 @@ def _apply_drops(df: pd.DataFrame, cfg: PrepConfig, out: str, inputs: list[str],
 
 
 def rewrite_shards(ex: Executor, drops: Any, cfg: PrepConfig, inp: str | list[str], out: str,
-                   name: str, reason: str, parts: int, earlier: list[str] | None = None
-                   ) -> tuple[StepStats, list[dict[str, Any]]]:
+                   name: str, reason: str, parts: int, earlier: list[str] | None = None,
+                   group_of: list[int] | None = None) -> tuple[StepStats, list[StepStats]]:
     """Shuffle the drops (shard, row, detail) by shard, with one marker row per shard, and
     rewrite every input shard (the shards of the folder `inp`, or the files listed); returns
-    the stage's merged accounting and each shard's. `earlier`: see `_apply_drops`."""
+    the stage's merged accounting and, with `group_of` (a group number per shard), each
+    group's, merged in shard order as the shards' accounting arrives. `earlier`: see
+    `_apply_drops`."""
     inputs = inp if isinstance(inp, list) else doc_files(inp)
     markers = ex.from_items([{"shard": i, "row": -1, "detail": ""} for i in range(len(inputs))])
     rows = ex.group_by(ex.union(drops, markers) if drops is not None else markers, "shard",
                        _apply_drops, parts, cfg=cfg, out=out, inputs=inputs, name=name,
                        reason=reason, earlier=earlier)
     total = new_stats(cfg, name)
-    accts = accounts(ex, rows)
-    for acct in accts:
-        total.merge(StepStats.from_dict(acct["total"]))
-    return total, accts
+    groups = [new_stats(cfg, name) for _ in range(max(group_of, default=-1) + 1)] \
+        if group_of else []
+    for i, acct in enumerate(accounts(ex.iter_rows(rows))):
+        st = StepStats.from_dict(acct["total"])
+        total.merge(st)
+        if group_of:
+            groups[group_of[i]].merge(st)
+    return total, groups

@@ -54,6 +54,9 @@ class StageResult:
     steps: list[StepStats] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     docs_path: str | None = None  # documents after this stage
+    # [peak RSS, rise over its start] of each kind of task the stage ran, the largest of any
+    # one task, bytes (by function name; data_prep.taskmem)
+    task_peak_rss: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +68,9 @@ class StageResult:
             "steps": [s.to_dict() for s in self.steps],
             "extra": self.extra,
             "docs_path": self.docs_path,
+            "task_peak_rss_bytes": max((p for p, _ in self.task_peak_rss.values()), default=0),
+            "task_peak_rss_bytes_by_task": {k: v[0] for k, v in sorted(self.task_peak_rss.items())},
+            "task_rss_rise_bytes_by_task": {k: v[1] for k, v in sorted(self.task_peak_rss.items())},
         }
 
     @classmethod
@@ -78,6 +84,8 @@ class StageResult:
             [StepStats.from_dict(s) for s in d["steps"]],
             d["extra"],
             d["docs_path"],
+            {k: [v, d["task_rss_rise_bytes_by_task"][k]]  # absent before 2026-12-07
+             for k, v in d.get("task_peak_rss_bytes_by_task", {}).items()},
         )
 
 
@@ -226,7 +234,9 @@ def run_stage(cfg: PrepConfig, stage: Stage, index: int, inp: StageResult | None
     res = StageResult(stage.name, key)
     t = time.perf_counter()
     log.info("stage %s: running (key %s) on %s", stage.name, key, executor.name)
+    executor.task_peaks()  # from here on: this stage's tasks
     stage.run(cfg, executor, inp.docs_path if inp else None, out, res)
+    res.task_peak_rss = executor.task_peaks()
     res.seconds = time.perf_counter() - t
     if storage.files(storage.join(out, "docs")):
         res.docs_path = storage.join(out, "docs")

@@ -185,7 +185,8 @@ def test_shard_layout_and_pool_change_nothing(prepared, tmp_path):
     run(cfg)
 
     volatile = {"seconds", "key", "cached", "docs_path", "signature_s", "signatures_per_s",
-                "lsh_and_clustering_s"}
+                "lsh_and_clustering_s", "task_peak_rss_bytes", "task_peak_rss_bytes_by_task",
+                "task_rss_rise_bytes_by_task"}
 
     def strip(x):
         if isinstance(x, dict):

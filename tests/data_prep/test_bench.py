@@ -56,3 +56,14 @@ def test_markdown_has_the_measured_header():
     for key in ("- date: ", "- machine: ", "- torch ", "- command: `python -m data_prep.bench"):
         assert any(ln.startswith(key) for ln in lines), key
     assert "data_prep bench: configs/prep/tiny.yaml" in text
+
+
+def test_publish_never_overwrites_a_table_of_the_same_day(tmp_path, monkeypatch):
+    import data_prep.bench as bench_mod
+
+    monkeypatch.setattr(bench_mod, "dated_path", lambda n: tmp_path / f"{n}-2026-12-07.md")
+    assert bench_mod.unused_name("data_prep-scale-ray") == "data_prep-scale-ray"
+    (tmp_path / "data_prep-scale-ray-2026-12-07.md").write_text("earlier")
+    assert bench_mod.unused_name("data_prep-scale-ray") == "data_prep-scale-ray-2"
+    (tmp_path / "data_prep-scale-ray-2-2026-12-07.md").write_text("second")
+    assert bench_mod.unused_name("data_prep-scale-ray") == "data_prep-scale-ray-3"

@@ -131,7 +131,8 @@ def download_dir(url: str, local: Path) -> None:
 def comparable(root: Path) -> dict[str, bytes]:
     """Every file of an output folder as bytes, less what names where or when it ran: a stage's
     `key` (it hashes the source paths), the reports (timings), and in a stage's stats.json and
-    shard accounting (shards/*.json) and in meta.json the timings, paths, keys and config."""
+    shard accounting (shards/*.json) and in meta.json the timings (task memory too), paths, keys
+    and config."""
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
@@ -139,7 +140,9 @@ def comparable(root: Path) -> dict[str, bytes]:
             continue
         data = p.read_bytes()
         if p.name == "stats.json" or rel.startswith("stages/") and p.suffix == ".json":
-            data = json.dumps(_without(json.loads(data), "seconds", "cached", "docs_path", "key"),
+            data = json.dumps(_without(json.loads(data), "seconds", "cached", "docs_path", "key",
+                                       "task_peak_rss_bytes", "task_peak_rss_bytes_by_task",
+                                       "task_rss_rise_bytes_by_task"),
                               sort_keys=True).encode()
         elif rel == "meta.json":
             data = json.dumps(_without(json.loads(data), "created_utc", "config"),

@@ -33,7 +33,9 @@ HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="ray is not installed: pip install -e '.[ray]'")
 # timings and where the work ran differ between executors; everything else must be equal
 VOLATILE = {"seconds", "key", "cached", "docs_path", "signature_s", "signatures_per_s",
-            "lsh_and_clustering_s", "connected_component_rounds"}
+            "lsh_and_clustering_s", "connected_component_rounds", "task_peak_rss_bytes",
+            "task_peak_rss_bytes_by_task",
+            "task_rss_rise_bytes_by_task"}
 
 
 # --------------------------------------------------------------------------- config
@@ -301,7 +303,8 @@ def test_ray_start_cluster(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.parametrize("key", ["ray.shard_docs=0", "ray.shuffle_docs=0", "ray.partitions=-1"])
+@pytest.mark.parametrize("key", ["ray.shard_docs=0", "ray.shuffle_docs=0", "ray.partitions=-1",
+                                 "ray.window_tasks=-1", "ray.inline_bytes=-1"])
 def test_ray_sizes_out_of_range_are_refused_in_one_line(key):
     """ray.shuffle_docs (reducers of an automatic shuffle) is range-checked like shard_docs."""
     from data_prep.config import load_config
@@ -309,3 +312,28 @@ def test_ray_sizes_out_of_range_are_refused_in_one_line(key):
     with pytest.raises(ValueError, match=key.split("=")[0].replace(".", r"\.")) as e:
         load_config(Path(__file__).resolve().parents[2] / "configs" / "prep" / "demo.yaml", [key])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+@needs_ray
+def test_each_shard_streams_in_item_order_with_a_window(ray_local, tmp_path):
+    """`each_shard` with 2 tasks in flight: every item's rows, in item order, and the tasks'
+    peak RSS recorded under their function's name."""
+    from data_prep.document import Document
+    from data_prep.ray_verbs import each_shard, task_peaks
+    from data_prep.read_stage import _id_rows
+    from data_prep.store import DocWriter
+
+    items = []
+    for i in range(7):
+        path = tmp_path / f"part-{i}.parquet"
+        w = DocWriter(path)
+        for k in range(i % 3 + 1):
+            w.write(Document(f"d{i}-{k}", f"text {i} {k}", "s"))
+        w.close()
+        items.append({"shard": i, "path": str(path)})
+    task_peaks()
+    got = [(r["shard"], r["id"]) for r in each_shard(items, _id_rows, 2)]
+    assert got == [(i, f"d{i}-{k}") for i in range(7) for k in range(i % 3 + 1)]
+    peak, rise = task_peaks()["id_rows"]
+    assert peak > 10_000_000 and 0 <= rise <= peak
