@@ -105,8 +105,9 @@ def whole_names(tie: bool, n_layer: int) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("schedule, tie, n_layer, how", [
-    ("1f1b", True, 4, "even"), ("1f1b", False, 6, "balanced"), ("interleaved", True, 8, "even"),
-    ("dualpipev", True, 4, "even")])
+    ("1f1b", True, 4, "even"), ("1f1b", False, 6, "balanced"),
+    pytest.param("interleaved", True, 8, "even", marks=pytest.mark.slow),
+    pytest.param("dualpipev", True, 4, "even", marks=pytest.mark.slow)])
 def test_a_pipeline_rank_holds_only_its_stages(tmp_path, schedule, tie, n_layer, how):
     """Each rank's model, pipeline modules and AdamW moments are its stages' parameters
     exactly (the other blocks freed); the ranks' shares add up to the whole model, a tied
@@ -136,6 +137,7 @@ def test_a_pipeline_rank_holds_only_its_stages(tmp_path, schedule, tie, n_layer,
     assert sum(m["numel"] for m in ranks) == sum(whole.values()) + extra
 
 
+@pytest.mark.slow  # 9 s: the default tier keeps the per-rank checks above
 def test_pipelined_checkpoint_loads_in_one_process_and_back(tmp_path):
     """Layouts change through the checkpoint (DCP, by parameter name): a pp=2 checkpoint of
     2 steps, each rank writing its stages, loads into one process, whose next steps are the
