@@ -55,6 +55,7 @@ def session(cfg: PrepConfig) -> Iterator[None]:
     try:
         yield
     finally:
+        forget_meters()
         ray.shutdown()
 
 
@@ -119,6 +120,13 @@ def _harvest(timeout: float | None) -> None:
         if r in done:
             merge_peaks(_PEAKS, name, got[r][1])
     _METERS = [(name, r) for name, r in _METERS if r not in done]
+
+
+def forget_meters() -> None:
+    """Drop the refs `_meter` watches: they belong to the Ray session that is ending, and a
+    later session cannot wait on them (Ray: 'owner is unknown')."""
+    global _METERS, _PEAKS
+    _METERS, _PEAKS = [], {}
 
 
 def task_peaks() -> dict[str, list[int]]:
