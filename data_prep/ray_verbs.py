@@ -55,8 +55,7 @@ def session(cfg: PrepConfig) -> Iterator[None]:
     try:
         yield
     finally:
-        forget_meters()
-        ray.shutdown()
+        shutdown()
 
 
 def partitions(cfg: PrepConfig, n_docs: int) -> int:
@@ -122,11 +121,14 @@ def _harvest(timeout: float | None) -> None:
     _METERS = [(name, r) for name, r in _METERS if r not in done]
 
 
-def forget_meters() -> None:
-    """Drop the refs `_meter` watches: they belong to the Ray session that is ending, and a
-    later session cannot wait on them (Ray: 'owner is unknown')."""
+def shutdown() -> None:
+    """End this process's Ray session, first dropping the refs `_meter` watches: they belong
+    to that session, and a later one cannot wait on them (Ray: 'owner is unknown')."""
+    import ray
+
     global _METERS, _PEAKS
     _METERS, _PEAKS = [], {}
+    ray.shutdown()
 
 
 def task_peaks() -> dict[str, list[int]]:

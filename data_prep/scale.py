@@ -248,8 +248,7 @@ def overhead(config: str | Path, overrides: list[str], rounds: int = 2) -> dict[
                     walls[kind].append(time.perf_counter() - t)
                 finally:
                     if kind == "ray_warm":
-                        ray_verbs.forget_meters()
-                        ray.shutdown()
+                        ray_verbs.shutdown()
                 report = json.loads((Path(tmp) / "report.json").read_text(encoding="utf-8"))
                 stages[kind].append({s["name"]: s["seconds"] for s in report["stages"]})
                 docs = report["stages"][0]["total"]["docs_in"]
@@ -358,6 +357,5 @@ def ray_fixed_costs(num_cpus: int = 2, repeats: int = 3, blocks: int = 4) -> dic
             timed("map_s", lambda d=data: ray_verbs.map_blocks(d, _same).sizes())
             timed("shuffle_s", lambda d=data: ray_verbs.grouped(d, "k", _same, blocks).sizes())
         finally:
-            ray_verbs.forget_meters()  # the tasks' memory meters die with the session
-            timed("shutdown_s", ray.shutdown)
+            timed("shutdown_s", ray_verbs.shutdown)
     return {k: round(statistics.median(v), 4) for k, v in out.items()}
