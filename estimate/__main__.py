@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu-recompute", choices=RECOMPUTE, help="recomputation under which --mfu was measured")
     p.add_argument("--scaling", type=_range, help="scaling efficiency to the target count")
     p.add_argument("--goodput", type=_range, help="useful fraction of wall-clock time")
+    p.add_argument("--hours-basis", choices=("compute", "wallclock", "unknown"),
+                   help="what the accelerator-hours count, as in published_runs.yaml: the "
+                   "modelled training time divided by the factor fitted on published runs of "
+                   "that basis (compute: 1; default wallclock), as `validate` divides a run's")
     p.add_argument("--power-w", type=_range, help="average watts per accelerator (default: TDP-based)")
     p.add_argument("--pue", type=_range, help="data-centre power usage effectiveness")
     p.add_argument("--price", type=_range, help="USD per accelerator-hour (enables cost)")
@@ -111,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", "-o", help="write report.md, validation.json and validation.png here")
     v.add_argument("--publish", action="store_true",
                    help="also write the table as docs/measured/estimate-validate-DATE.md")
+    v.add_argument("--run", metavar="NAME", help="only this run: its prediction by the "
+                   "leave-one-out fit and by the fit on all runs (what `project "
+                   "--hours-basis` gives for its published set-up)")
 
     sub.add_parser("catalog", help="list the accelerator catalog")
     sub.add_parser("probe", help="print the engine's goals: days against count, hours against "
@@ -219,7 +226,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         mfu_recompute=args.mfu_recompute, mfu_run=run, scaling=args.scaling,
         goodput=args.goodput, power_w=args.power_w, pue=args.pue, price=args.price,
         layout=layout, peak_flops=peak, calibration=calibration, tokens=args.tokens,
-        layout_published=published)
+        layout_published=published, hours_basis=args.hours_basis)
     recompute = next(s.value for s in assumptions.settings if s.key == "recompute")
     p = project(target, args.tokens, acc, count, assumptions, precision, recompute, peak)
     print(projection_text(p))
@@ -303,6 +310,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
         validation_table,
     )
 
+    if args.run:
+        if args.publish or args.out:
+            raise ValueError("--run prints one run; --publish and --out write the whole table")
+        from estimate.validate import run_lines
+
+        print("\n".join(run_lines(args.run, args.runs or RUNS_PATH)))
+        return 0
     checks, stats = validate(args.runs or RUNS_PATH)
     print(validation_table(checks))
     if stats.get("n"):

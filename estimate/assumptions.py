@@ -161,6 +161,7 @@ def build_assumptions(
     calibration: object | None = None,
     tokens: float | None = None,
     layout_published: bool = False,
+    hours_basis: str | None = None,
 ) -> AssumptionSet:
     """Every assumption of a projection, from defaults.yaml and the command-line overrides.
 
@@ -176,7 +177,13 @@ def build_assumptions(
     `calibration` (a calibrate.prior.CalibrationRecord, --from-calibration) scales the
     performance model's stack efficiency by calibrate's fitted efficiency at the target's size
     over that at its reference size; it needs the performance model, so it is refused with
-    --mfu or --mfu-from."""
+    --mfu or --mfu-from.
+
+    `hours_basis` (compute | wallclock | unknown; None: wallclock) says what the accelerator-hours
+    count, as published runs' `hours_basis` does: the modelled training time divided by the
+    factor of that basis fitted on the published runs (`published.fit`; compute: 1), the
+    division `validate` makes for a run of that basis. It needs the performance model and no
+    --goodput."""
     d = defaults if defaults is not None else load_defaults()
     if recompute is not None and recompute not in target.recompute_ratio:
         raise ValueError(f"recompute={recompute!r}; valid: {', '.join(target.recompute_ratio)}")
@@ -189,6 +196,15 @@ def build_assumptions(
         raise ValueError("give --mfu or --mfu-from, not both")
     if calibration is not None:
         refuse_calibration(mfu is not None, mfu_run is not None)
+    if hours_basis is not None:
+        from estimate.published import BASES
+
+        if hours_basis not in BASES:
+            raise ValueError(f"hours basis {hours_basis!r}; valid: {', '.join(BASES)}")
+        if mfu is not None or mfu_run is not None or goodput is not None:
+            raise ValueError("--hours-basis divides the performance model's hours by a factor "
+                             "fitted on published runs; it cannot be given with --mfu, "
+                             "--mfu-from or --goodput")
     prior = None
     if mfu_run is not None or mfu is not None:
         recompute = recompute or "none"
@@ -205,7 +221,7 @@ def build_assumptions(
     else:
         mfu_a, modelled_goodput, performance, prior = _modelled(
             target, acc, n_acc, precision, recompute, layout or {}, peak_flops, d, calibration,
-            tokens, layout_published)
+            tokens, layout_published, hours_basis or "wallclock")
         recompute = performance.recompute
         if prior is not None and prior.outside:
             warnings.append(f"--from-calibration {prior.outside}")
@@ -271,10 +287,12 @@ def refuse_calibration(mfu: bool, mfu_run: bool) -> None:
 def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str,
               recompute: str | None, given: dict, peak_flops: float | None, d: dict,
               calibration: object | None = None, tokens: float | None = None,
-              published: bool = False) -> tuple[Assumption, Assumption, Performance, object]:
+              published: bool = False, hours_basis: str = "wallclock",
+              ) -> tuple[Assumption, Assumption, Performance, object]:
     """MFU and goodput from the performance model, in the three cases, its record, and the
     calibration prior applied to its stack efficiency (None without `calibration`). The model
-    runs through `estimate.engine.estimate_run`, the function `validate` calls."""
+    runs through `estimate.engine.estimate_run`, the function `validate` calls; the goodput is
+    the factor fitted for `hours_basis` (what the hours count: `published.fit`)."""
     from estimate.engine import estimate_run
     from estimate.perf import load_factors
     from estimate.perf import mfu as perf_mfu
@@ -313,11 +331,16 @@ def _modelled(target: Target, acc: Accelerator, n_acc: int, precision: str,
     a.notes += steps["central"].notes
     if prior is not None:
         a.notes += ["calibration prior: " + line for line in prior.lines()]
-    w = fitted.basis["wallclock"]
+    w = fitted.basis[hours_basis]
+    what = {"compute": "hours count training time only (the basis of hours derived from "
+                       "throughput): no failures, goodput 1",
+            "wallclock": "the wall-clock factor fitted on published runs whose hours are "
+                         "count x elapsed days",
+            "unknown": "the factor fitted on published runs whose hours basis is unknown "
+                       "(model cards' 'total GPU time')"}[hours_basis]
     gp = Assumption("goodput", "goodput (useful / elapsed time)", w.central, w.low, w.high, "",
-                    "high", "the wall-clock factor fitted on published runs whose hours are "
-                    "count x elapsed days (estimate.crossval; modelled / reported hours): "
-                    + w.source)
+                    "high", f"hours basis {hours_basis}: {what} (estimate.crossval; modelled / "
+                    f"reported hours): {w.source}")
     return a, gp, Performance(lay, steps, factors, fitted.runs, fitted.wallclock_goodput,
                               e.plan, e.recompute), prior
 

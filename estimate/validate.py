@@ -94,9 +94,10 @@ class RunCheck:
         return lo <= self.reported_hours <= hi
 
 
-def check_run(run: dict, path: str | Path = RUNS_PATH) -> RunCheck:
-    """Predict one published run, the stack efficiency fitted without it."""
-    fitted = fit(exclude=run["name"], path=path)
+def check_run(run: dict, path: str | Path = RUNS_PATH, leave_out: bool = True) -> RunCheck:
+    """Predict one published run, the factors fitted without it (`leave_out`), or with every
+    run of `path` (the fit `project` uses: its prediction of the run)."""
+    fitted = fit(exclude=run["name"] if leave_out else None, path=path)
     factors = load_factors(load_defaults(), fitted.stack)
     c = model_run(run, factors, fit=fitted)
     predicted = {case: model_run(run, factors, case, c.count, fitted) for case in CASES}
@@ -139,6 +140,27 @@ def summarize(checks: list[RunCheck]) -> dict:
         "min_implied_mfu": min(implied),
         "max_implied_mfu": max(implied),
     }
+
+
+def run_lines(name: str, path: str | Path = RUNS_PATH) -> list[str]:
+    """One run's prediction by the leave-one-out fit (validate's row) and by the fit on every
+    run (what `project --hours-basis <the run's basis>` gives for the run's published set-up):
+    `validate --run NAME`."""
+    runs = {r["name"]: r for r in load_runs(path)}
+    if name not in runs:
+        raise ValueError(f"no run {name!r} in {path}; runs: {', '.join(runs)}")
+    run = runs[name]
+    out = [f"{name}: {run['hours_basis']}-basis hours"
+           + ("" if (rep := reported_hours(run)[0]) is None else f", reported {rep:,.0f}")]
+    for leave_out, what in ((True, "leave-one-out fit (validate's row)"),
+                            (False, "fit on all runs (what project uses)")):
+        c = check_run(run, path, leave_out)
+        lo, hi = c.predicted_range
+        err = "" if c.log_error is None else f", ln error {c.log_error:+.2f}"
+        out.append(f"  {what}: predicted {c.predicted_hours:,.0f} accelerator-hours "
+                   f"(range {lo:,.0f}-{hi:,.0f}){err}; stack efficiency {c.stack.central:.3f}, "
+                   f"{run['hours_basis']} factor {c.predicted['central'].goodput:.3f}")
+    return out
 
 
 def validate(path: str | Path = RUNS_PATH) -> tuple[list[RunCheck], dict]:

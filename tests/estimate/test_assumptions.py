@@ -202,3 +202,20 @@ def test_gpu_run_mfu_gets_a_size_correction(tmp_path):
     bare = read_summary(write_summary(tmp_path / "bare"))  # no model shape in the summary
     b = build_assumptions(t, acc, 2048, mfu_run=bare)
     assert b.mfu.central == 0.30 and not any(n.startswith("size correction") for n in b.mfu.notes)
+
+
+def test_hours_basis_divides_by_the_fitted_basis_factor():
+    """--hours-basis: the goodput is the fit's factor of that basis (compute: 1); it needs the
+    performance model, and a bad basis is a one-line error."""
+    t, acc = resolve_target(params=7e9), get_accelerator("H100-SXM5-80GB")
+    f = fit()
+    for basis, want in (("compute", 1.0), ("wallclock", f.basis["wallclock"].central),
+                        ("unknown", f.basis["unknown"].central)):
+        a = build_assumptions(t, acc, 512, tokens=2e12, hours_basis=basis)
+        assert a.goodput.central == pytest.approx(want)
+    assert build_assumptions(t, acc, 512, tokens=2e12).goodput.central == pytest.approx(
+        f.basis["wallclock"].central)
+    with pytest.raises(ValueError, match="hours basis 'elapsed'"):
+        build_assumptions(t, acc, 512, tokens=2e12, hours_basis="elapsed")
+    with pytest.raises(ValueError, match="--hours-basis"):
+        build_assumptions(t, acc, 512, mfu=(0.4, None, None), hours_basis="compute")

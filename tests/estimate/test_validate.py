@@ -131,3 +131,21 @@ def test_load_runs_rejects_uncited(tmp_path):
         "     reported: {accelerator_hours: 1, days: null, flops: null, mfu: null}}\n")
     with pytest.raises(ValueError, match="citations"):
         load_runs(bad)
+
+
+def test_project_equals_validate_on_llama_405b(capsys):
+    """One code path: `project` on Llama 3.1 405B's published set-up, its hours on the run's
+    basis (unknown), prints the hours `validate --run` gives it by the fit on all runs, central
+    and range, to the printed rounding (issue 19's closing note)."""
+    from estimate.__main__ import main
+    from estimate.units import human
+
+    run = next(r for r in load_runs() if r["name"] == "Llama 3.1 405B")
+    c = check_run(run, leave_out=False)
+    lo, hi = c.predicted_range
+    assert main(["project", "--model", "llama3-405b", "--tokens", "15.6T", "-a", "H100-SXM5-80GB",
+                 "--hours-basis", run["hours_basis"]]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "accelerator-hours" in x)
+    assert f"accelerator-hours  {human(c.predicted_hours)}   (range {human(lo)} - {human(hi)})" in line
+    # the leave-one-out row differs only by the fit without the run
+    assert check_run(run).predicted_hours != pytest.approx(c.predicted_hours, rel=1e-6)
