@@ -51,6 +51,23 @@ PUBLISHED_CONFIGS = {
     "OLMo-7B": (50304, 4096, 32, 32, 32, 128, 11008, False),
     "OLMo-2-7B": (100352, 4096, 32, 32, 32, 128, 11008, False),
     "OLMo-2-13B": (100352, 5120, 40, 40, 40, 128, 13824, False),
+    # Below 1B (read 2026-12-08). facebook/MobileLLM-125M config.json (hidden 576, 30 layers, 9
+    # heads, 3 kv heads, intermediate 1536, vocab 32000, share_embedding); the five sizes as in
+    # Table 9 of the MobileLLM paper (Liu et al. 2024, arXiv:2402.14905), vocab 32000 shared.
+    "MobileLLM-125M": (32000, 576, 30, 9, 3, 64, 1536, True),
+    "MobileLLM-350M": (32000, 960, 32, 15, 5, 64, 2560, True),
+    "MobileLLM-600M": (32000, 1152, 40, 18, 6, 64, 3072, True),
+    "MobileLLM-1B": (32000, 1280, 54, 20, 5, 64, 3584, True),
+    "MobileLLM-1.5B": (32000, 1600, 54, 25, 5, 64, 4352, True),
+    # EleutherAI/pythia-160m and pythia-410m config.json (GPT-NeoX: hidden 768 / 1024, 12 / 24
+    # layers, 12 / 16 heads, GELU MLP 4 x d, vocab 50304, untied; Biderman et al. 2023, Table 1):
+    # the 2-matrix 4d MLP written as its 3-matrix equivalent 8d/3, as the Pythia 1B run is.
+    "Pythia-160M": (50304, 768, 12, 12, 12, 64, 2048, False),
+    "Pythia-410M": (50304, 1024, 24, 16, 16, 64, 2731, False),
+    # google/gemma-3-270m and gemma-3-1b-pt config.json (Gemma3ForCausalLM: hidden 640 / 1152,
+    # 18 / 26 layers, 4 heads of 256, 1 kv head, GeGLU 2048 / 6912, vocab 262144, tied).
+    "Gemma-3-270M": (262144, 640, 18, 4, 1, 256, 2048, True),
+    "Gemma-3-1B": (262144, 1152, 26, 4, 1, 256, 6912, True),
 }
 
 

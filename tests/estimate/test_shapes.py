@@ -8,6 +8,10 @@ from estimate import probe, shapes
 @pytest.mark.parametrize("name, published", [
     ("Qwen2.5-7B", 7.61e9), ("Qwen3-8B", 8.19e9), ("Mistral-7B-v0.1", 7.24e9),
     ("Gemma-2-9B", 9.24e9), ("OLMo-2-7B", 7.30e9), ("Qwen2.5-0.5B", 0.49e9),
+    # below 1B: MobileLLM Table 9 (arXiv:2402.14905), Pythia Table 1, Gemma 3 model cards
+    ("MobileLLM-125M", 124.6e6), ("MobileLLM-350M", 345.3e6), ("MobileLLM-600M", 603.1e6),
+    ("MobileLLM-1B", 1.0e9), ("MobileLLM-1.5B", 1.5e9), ("Pythia-160M", 162.3e6),
+    ("Pythia-410M", 405.3e6), ("Gemma-3-270M", 268.1e6), ("Gemma-3-1B", 999.9e6),
 ])
 def test_published_configs_give_their_published_sizes(name, published):
     """A transcription error in PUBLISHED_CONFIGS shows as a wrong parameter count (model cards)."""
