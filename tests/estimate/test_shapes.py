@@ -1,8 +1,11 @@
 """The size rule (estimate.shapes) against published shapes: the check `probe` prints."""
 
+import statistics
+
 import pytest
 
 from estimate import probe, shapes
+from model.flops import count_params
 
 
 @pytest.mark.parametrize("name, published", [
@@ -40,3 +43,34 @@ def test_mlp_ratio_is_the_shape_fit(monkeypatch):
     assert llama3["all"]["ln_L"] < -0.05  # 3.5: the rule too shallow
     for group in ("run", "config"):
         assert _total(fitted, group) < _total(llama3, group)
+
+
+def test_135m_is_deep_and_narrow_at_its_size():
+    """135M parameters (SmolLM: 30 blocks of 576; MobileLLM 125M the same) give a model of many
+    narrow blocks, not one block beside a 128K vocabulary's embedding (the rule before
+    2026-12-08: one block of width 1024)."""
+    c = shapes.shape_from_size(135e6)
+    assert c.n_layer >= 10 and c.d_model <= 768
+    assert count_params(c) == pytest.approx(135e6, rel=0.10)
+    assert c.d_model % c.n_head == 0 and c.n_head % c.n_kv_head == 0
+
+
+def _errors(rows):
+    return sum(statistics.fmean(abs(r[k]) for r in rows) for k in ("ln_d", "ln_L", "ln_ffn"))
+
+
+def test_small_rule_fits_published_shapes_below_1b_and_keeps_the_rest(monkeypatch):
+    """Below 1B the rule's width, depth and MLP errors on the published shapes are at most half
+    those of the Llama 3 rule extended down, every shape within the 10% size check; at and
+    above 1B its shapes are the Llama 3 rule's."""
+    rows, _ = probe.shape_check()
+    small = [r for r in rows if r["params"] < shapes.SMALL_BELOW]
+    assert len(small) >= 10
+    for r in small:
+        assert count_params(shapes.shape_from_size(r["params"])) == pytest.approx(r["params"], rel=0.10), r["name"]
+    monkeypatch.setattr(shapes, "SMALL_BELOW", 0)  # the Llama 3 anchors all the way down
+    old, _ = probe.shape_check()
+    old_small = [r for r in old if r["params"] < 1e9]
+    assert _errors(small) < 0.5 * _errors(old_small)
+    big = [(r["name"], r["rule_d"], r["rule_L"], r["rule_ffn_ratio"]) for r in rows if r["params"] >= 1e9]
+    assert big == [(r["name"], r["rule_d"], r["rule_L"], r["rule_ffn_ratio"]) for r in old if r["params"] >= 1e9]
