@@ -131,7 +131,8 @@ def shape_from_size(params: float, active_params: float | None = None, *,
     T = int(seq_len or DEFAULT_SEQ_LEN)
     dense_block = attn + 3 * d * ffn + norms
     layers = max(1, round((active - emb - d) / dense_block))
-    how = (f"shape from size (estimate/shapes.py rule after Llama 3 / 3.2 shapes): d_model {d}, "
+    after = "MobileLLM" if small else "Llama 3 / 3.2"
+    how = (f"shape from size (estimate/shapes.py rule after {after} shapes): d_model {d}, "
            f"{layers} layers, {n_head} heads of {head}, {kv} kv heads, vocab {vocab}")
     if not moe:
         return ModelConfig(vocab_size=vocab, seq_len=T, n_layer=layers, d_model=d, n_head=n_head,
