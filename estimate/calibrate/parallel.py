@@ -103,6 +103,10 @@ FORMAT = 1
 KIND = "parallel_calibration"
 TITLE = "Parallel terms and step time, predicted and measured"
 OPS = COLLECTIVES
+# the harness's reduce-scatter as the trainer's tp and cp issue it (train.parallel.comm's: on
+# gloo an all-to-all and a local sum, (g-1)/g of the message sent, where gloo's own
+# reduce_scatter_tensor, which FSDP2 issues, moves an all-reduce's bytes)
+TRAINER_RS = "trainer_reduce_scatter"
 # train.parallel.bench_pp's schedules as the performance model names them: (schedule, v)
 # (v: the chunks per rank the formula counts; ZB-V and DualPipeV are charged ZB-H1's and
 # DualPipe's formulas, their stages placed as the trainer placed them)
@@ -209,9 +213,16 @@ def in_step(links: dict[str, LinkFit], skew_s: float) -> dict[str, LinkFit]:
 
 
 def link_points(collectives: dict, ops: tuple[str, ...]) -> list[tuple[float, float]]:
-    """(bytes sent, median seconds) of the harness's `collectives` for `ops`."""
-    return [(sent_bytes(op, float(size), WORLD), float(t)) for op in ops
-            for size, t in collectives[op].items()]
+    """(bytes sent, median seconds) of the harness's `collectives` for `ops` (the trainer's
+    reduce-scatter counted as perf counts a reduce-scatter)."""
+    return [(sent_bytes("reduce_scatter" if op == TRAINER_RS else op, float(size), WORLD),
+             float(t)) for op in ops for size, t in collectives[op].items()]
+
+
+def trainer_links(links: dict[str, LinkFit]) -> dict[str, LinkFit]:
+    """The links of the collectives the trainer's tensor and context parallelism issue: their
+    reduce-scatter is train.parallel.comm's (`TRAINER_RS`), where the harness measured it."""
+    return {**links, "reduce_scatter": links[TRAINER_RS]} if TRAINER_RS in links else links
 
 
 # --- the local accelerator ------------------------------------------------------------------
@@ -401,7 +412,7 @@ def term_checks(bench: dict, cfg: ModelConfig, micro_batch: int, links: dict[str
     skew = bench.get("arrival", {}).get("skew_s", 0.0)
 
     def tp_seconds(with_skew: bool) -> float:
-        step = in_step(links, skew if with_skew else 0.0)
+        step = in_step(trainer_links(links), skew if with_skew else 0.0)
         return collectives_seconds(tp_rows, WORLD, {op: f.link for op, f in step.items()})
     checks = [
         relative_check(
@@ -425,6 +436,7 @@ def term_checks(bench: dict, cfg: ModelConfig, micro_batch: int, links: dict[str
             f"{charged:g} charged by perf.tp_step_collectives ("
             + ", ".join(f"{count:g} x {op} of {nbytes / 1e3:,.1f} KB"
                         for op, nbytes, count in tp_rows) + "), each over its own fitted link "
+            "(the reduce-scatters over the trainer's: all-to-all + local sum on gloo) "
             f"with the arrival skew measured here ({skew * 1e6:,.0f} us) added to its latency "
             f"(without it: {tp_seconds(False) * 1e3:.2f} ms); the measure includes the wait for "
             "the slower rank inside each collective",
@@ -432,7 +444,7 @@ def term_checks(bench: dict, cfg: ModelConfig, micro_batch: int, links: dict[str
     ]
     if cp_run is not None and cp_run.cp_comm_s:
         def cp_seconds(with_skew: bool) -> float:
-            step = in_step(links, skew if with_skew else 0.0)
+            step = in_step(trainer_links(links), skew if with_skew else 0.0)
             return cp_allgather_seconds(tokens / WORLD, cp_kv_width(cfg), cfg.n_layer, WORLD,
                                         {op: f.link for op, f in step.items()}, 4.0)
         msg = tokens * cp_kv_width(cfg) * 4.0
@@ -642,7 +654,8 @@ class ParallelCalibration:
                    f"{o['comm_s'] * 1e3:.1f} ms, matmuls {o['compute_s'] * 1e3:.1f} ms, both "
                    f"{o['both_s'] * 1e3:.1f} ms: perf's dp_overlap)" if (o := b.get("overlap"))
                    else "")
-                + (f"; a {a['bytes'] / 1e3:g} KB all-reduce entered from compute takes "
+                + (f"; an all-gather and a reduce-scatter (the trainer's) of {a['bytes'] / 1e3:g} KB, "
+                   f"one after another, each entered from compute (no barrier), take "
                    f"{a['in_step_s'] * 1e6:,.0f} us, entered together {a['isolated_s'] * 1e6:,.0f} us: "
                    f"each collective of a step pays {a['skew_s'] * 1e6:,.0f} us more (arrival skew)"
                    if (a := b.get("arrival")) else ""))
@@ -756,6 +769,8 @@ def calibrate_parallel(s: ParallelSweep, data_dir: str | Path, runs_dir: str | P
     links = {op: fit_link(link_points(col, (op,)), (op,)) for op in OPS}
     links["fsdp"] = fit_link(link_points(col, ("all_gather", "reduce_scatter")),
                              ("all_gather", "reduce_scatter"))
+    if TRAINER_RS in col:
+        links[TRAINER_RS] = fit_link(link_points(col, (TRAINER_RS,)), (TRAINER_RS,))
     mb, T = s.micro_batch_size, s.seq_len
     # a step enters its collectives from compute: each pays the arrival skew
     step_links = in_step(links, bench.get("arrival", {}).get("skew_s", 0.0))
@@ -781,9 +796,10 @@ def calibrate_parallel(s: ParallelSweep, data_dir: str | Path, runs_dir: str | P
 
     def both(c: ModelConfig, lay: Layout, link: str, optimizer: bool = True):
         link_fit = step_links[link]
-        pred, parts = predict_step(c, lay, bench, link_fit, optimizer, links=step_links)
+        own = trainer_links(step_links) if lay.tp > 1 else step_links  # tp: the trainer's
+        pred, parts = predict_step(c, lay, bench, link_fit, optimizer, links=own)
         default, _ = predict_step(c, lay, bench, link_fit, optimizer, measured_elementwise=False,
-                                  links=step_links)
+                                  links=own)
         return pred, parts, default
 
     for name, lay, link in (

@@ -22,20 +22,24 @@ One process:
   copies), per token.
 
 Two processes (gloo):
-- **collectives**: all-reduce, all-gather, reduce-scatter, and one-way send/recv (half a
-  ping-pong), at each message size, the median of the repeats (`median_seconds`, as every
-  two-process timing here);
+- **collectives**: all-reduce, all-gather, reduce-scatter (gloo's own, as FSDP2 issues it),
+  the reduce-scatter as the trainer's tensor and context parallelism issue it
+  (`train.parallel.comm.reduce_scatter`: an all-to-all and a local sum), and one-way send/recv
+  (half a ping-pong), at each message size, the median of the repeats (`median_seconds`, as
+  every two-process timing here);
 - **data parallel**: all-reduce of the model's gradients (fp32) in DDP's 25 MB buckets;
 - **FSDP**: per sharded unit (each block, then the root), an all-gather of its parameters for
   the forward and one for the backward (FSDP2 reshards blocks after forward; the root keeps
   its gathered parameters) and a reduce-scatter of its gradients;
 - **overlap**: an all-reduce alone, matmuls alone, and the two at once: the share of the
   compute a collective hides behind (perf's dp_overlap);
-- **arrival**: a small all-reduce entered straight from compute on both ranks (no barrier),
-  against the same entered together: the latency a collective pays inside a step beyond the
-  isolated alpha (waiting for the later rank, waking the transport);
+- **arrival**: a chain of all-gathers and (the trainer's) reduce-scatters of the model's
+  activation message, each entered straight from compute on both ranks (no barrier), against
+  the same entered together: the latency a collective pays inside a step beyond its isolated
+  time (waiting for the later rank, waking the transport);
 - **context parallel**: per layer, the all-gather of this rank's keys and values (forward),
-  and the all-gather and reduce-scatter of keys, values and their gradients (backward);
+  and the all-gather and reduce-scatter (the trainer's) of keys, values and their gradients
+  (backward);
 - **pipeline**: `train.parallel.bench_pp.measure_rows` at the spec's schedules and M, with
   the blocks of each stage and the stages of each rank the pipeline was split into.
 
@@ -62,12 +66,14 @@ from model.transformer import Transformer
 from train.clock import measure_matmul_flops
 from train.opcount import OpCounter, count_step
 from train.parallel import bench_pp
+from train.parallel.comm import reduce_scatter
 from train.parallel.pipeline import block_ranges, rank_stages, stages_per_rank
 from train.parallel.procs import spawn
 
 WORLD = 2
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 MEMORY_ELEMS = 8 * 2**20  # 32 MiB per fp32 tensor: well past the caches
+TRAINER_REDUCE_SCATTER = "trainer_reduce_scatter"  # train.parallel.comm.reduce_scatter
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -225,6 +231,8 @@ def collective_seconds(op: str, nbytes: int, repeats: int) -> float:
         fn = lambda: dist.all_gather_into_tensor(full, part)  # noqa: E731
     elif op == "reduce_scatter":
         fn = lambda: dist.reduce_scatter_tensor(part, full)  # noqa: E731
+    elif op == TRAINER_REDUCE_SCATTER:
+        fn = lambda: reduce_scatter(part, full)  # noqa: E731
     elif op == "send_recv":  # half a ping-pong: one message one way
         peer = 1 - dist.get_rank()
 
@@ -268,25 +276,34 @@ def overlap_share(repeats: int, nbytes: int = 16 * 2**20, matmuls: int = 3,
             "share": min(1.0, max(0.0, (c + x - t) / c))}
 
 
-def arrival_seconds(repeats: int, nbytes: int = 4096, n: int = 256, matmuls: int = 4) -> dict:
-    """A collective as a training step issues it: each rank arrives from its own compute (the
-    same `matmuls` n^3 matmuls on both, no barrier between them and the collective), so its
-    time includes waiting for the later rank and waking the transport; against the same
-    all-reduce of `nbytes` entered together (a barrier before it). The difference is the
-    latency a collective pays in a step beyond the isolated alpha (`skew_s`)."""
-    buf = torch.ones(max(1, nbytes // 4))
+def arrival_seconds(repeats: int, nbytes: int = 2**20, n: int = 256, matmuls: int = 10) -> dict:
+    """Collectives as a training step issues them under sequence parallelism: an all-gather of
+    an `nbytes` message, then the trainer's reduce-scatter of it (`train.parallel.comm`), and
+    so on, each entered straight from `matmuls` n^3 matmuls (the same on both ranks), with no
+    barrier anywhere: each rank arrives when its compute and its exit from the previous
+    collective let it, so a collective waits for the later rank and wakes the sleeping
+    transport. Against the same collectives entered together (a barrier before each): the
+    difference, per collective (the mean over the two of their medians), is the latency a
+    collective pays in a step beyond its isolated time (`skew_s`). A barrier before the
+    compute would realign the ranks every time and hide the lag a chain of collectives
+    carries from one to the next."""
+    n_elems = max(WORLD, nbytes // 4 // WORLD * WORLD)
+    full, part = torch.ones(n_elems), torch.ones(n_elems // WORLD)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    inside = []
+    pair = {"all_gather": lambda: dist.all_gather_into_tensor(full, part),
+            "reduce_scatter": lambda: reduce_scatter(part, full)}
+    chained: dict[str, list[float]] = {op: [] for op in pair}
+    dist.barrier()
     for i in range(repeats + 1):
-        dist.barrier()
-        for _ in range(matmuls):
-            torch.mm(a, b)
-        start = time.perf_counter()
-        dist.all_reduce(buf)
-        if i:
-            inside.append(time.perf_counter() - start)
-    alone = median_seconds(lambda: dist.all_reduce(buf), repeats)
-    step = statistics.median(inside)
+        for op, fn in pair.items():
+            for _ in range(matmuls):
+                torch.mm(a, b)
+            start = time.perf_counter()
+            fn()
+            if i:
+                chained[op].append(time.perf_counter() - start)
+    step = statistics.mean(statistics.median(t) for t in chained.values())
+    alone = statistics.mean(median_seconds(fn, repeats) for fn in pair.values())
     return {"in_step_s": step, "isolated_s": alone, "skew_s": max(0.0, step - alone),
             "bytes": nbytes}
 
@@ -337,7 +354,7 @@ def cp_exchange_seconds(cfg: ModelConfig, tokens: int, repeats: int) -> dict:
         for _ in range(cfg.n_layer):
             dist.all_gather_into_tensor(full, part)
             dist.all_gather_into_tensor(full, part)
-            dist.reduce_scatter_tensor(part, full)
+            reduce_scatter(part, full)
     return {"seconds": median_seconds(exchange, repeats),
             "chunk_bytes": chunk * 4, "collectives": 3 * cfg.n_layer}
 
@@ -359,12 +376,13 @@ def ranks(rank: int, spec: dict, out: str) -> None:
     model = Transformer(cfg)
     result = {
         "collectives": {op: {str(b): collective_seconds(op, b, r) for b in spec["sizes_bytes"]}
-                        for op in ("all_reduce", "all_gather", "reduce_scatter", "send_recv")},
+                        for op in ("all_reduce", "all_gather", "reduce_scatter",
+                                   TRAINER_REDUCE_SCATTER, "send_recv")},
         "dp_allreduce_s": dp_allreduce_seconds(model, r),
         "fsdp": fsdp_seconds(model, r),
         "cp": cp_exchange_seconds(cfg, tokens, r),
         "overlap": overlap_share(r),
-        "arrival": arrival_seconds(max(21, 3 * r)),
+        "arrival": arrival_seconds(max(21, 3 * r), nbytes=tokens * cfg.d_model * 4),
     }
     pp = spec["pp"]
     args = argparse.Namespace(
