@@ -13,7 +13,9 @@ So weights, gradients and AdamW state are per stage, under the whole model's par
 A checkpoint is sharded by stage: every rank writes its own parameters and optimizer state
 through torch.distributed.checkpoint (`train.checkpoint`), no rank gathers the whole state;
 the run resumes from it exactly, and it loads in one process by name (generate, export:
-`train.load`). Only at the end does `full_model` assemble the whole weights (not the
+`train.load`). A run also resumes under another pipeline layout or in one process, and a
+one-process checkpoint under pp (`train.checkpoint.load`): the RNG states and data position
+are saved per replica by its first stage (`pp_rank` 0), under its data-parallel rank. Only at the end does `full_model` assemble the whole weights (not the
 optimizer state) on every rank of a pipeline: checksums, model.safetensors, samples, and the
 last checkpoint's consolidated safetensors, as an FSDP run's.
 
@@ -75,6 +77,7 @@ class PipelineRun:
         check_layout(cfg, world)
         self.dp = world // self.pp
         self.dp_rank = accelerator.process_index // self.pp
+        self.pp_rank = accelerator.process_index % self.pp
         self.schedule, self.m = cfg.parallel.schedule, microbatches(cfg, self.dp)
         self.stage_split = cfg.parallel.stage_split
         tied = cfg.model.tie_embeddings
