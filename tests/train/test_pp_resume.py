@@ -124,3 +124,18 @@ def test_pp2_checkpoint_under_tp2_is_refused_in_one_line(tiny_data, tmp_path, pp
     line = (f"it was written under {PP_1F1B}, this run is tp=2 x cp=1: pipeline stages are not "
             "resharded into tensor/context parallel; resume under pp or in one process")
     assert line in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_dp2_x_pp2_checkpoint_resumes_under_ddp(tiny_data, tmp_path):
+    """4 processes, two replicas of a 2-stage pipeline, stopped at step 4 and resumed under
+    DDP on 2 processes: as many replicas, so each reads its replica's RNG and data position
+    (`test_pp_train.test_dp2_x_pp2_trains_as_one_process`'s batches)."""
+    ref, ddp = tmp_path / "ref", tmp_path / "ddp"
+    batches = ["micro_batch_size=2", "eval_batches=2"]
+    train(tiny_data, ref, 4, *batches, "parallel.pp=2")
+    train(tiny_data, ddp, 2, *batches)
+    out = stopped_copy(ref, tmp_path / "run")
+    result = train(tiny_data, out, 2, *batches, "resume=auto")
+    check_continues(out, ref, ddp, result, "pp=2 1f1b microbatches=0 blocks per stage [3, 1]",
+                    "no pipeline (pp=1)")
