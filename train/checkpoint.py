@@ -168,22 +168,37 @@ class Checkpointer:
 
 
 def load(path: Path, model, optimizer, rank: int, expected_fingerprint: dict) -> tuple[dict, dict]:
-    """Load weights and optimizer state into place; returns (trainer state, this rank's state).
+    """Load weights and optimizer state into place; returns (trainer state, this rank's state;
+    `rank`: its data-parallel index, the one its RNG and data position were saved under).
 
-    Refuses, naming every difference, a checkpoint whose model, data, batch layout or world
-    size differ from this run's: continuing from it would not be the same run.
+    Refuses, naming every difference, a checkpoint whose model, data, batch layout or
+    data-parallel size differ from this run's: continuing from it would not be the same run.
+    The pipeline layout may differ (`run_identity`): weights and AdamW state are keyed by
+    parameter name and resharded onto this run's stages (or whole model), the counters, RNG
+    and data position are the data-parallel rank's, so the run continues with the same state;
+    its losses then follow the uninterrupted run within summation order, not bit for bit
+    (another layout sums the loss and gradients in another order).
     """
     trainer = read_trainer(path)
-    diffs = fingerprint_differences(trainer["fingerprint"], expected_fingerprint)
+    saved_fp = trainer["fingerprint"]
+    diffs = fingerprint_differences(run_identity(saved_fp), run_identity(expected_fingerprint))
     if diffs:
         raise ValueError(f"cannot resume from {path}: the run changed: " + "; ".join(diffs))
     sharded, stages = trainer["sharded"], pipelined(trainer)
+    if saved_fp.get("pipeline") != expected_fingerprint.get("pipeline"):
+        log.info(f"resuming {path}, written under {describe_layout(saved_fp)}, under "
+                 f"{describe_layout(expected_fingerprint)}: weights and AdamW state resharded "
+                 "by parameter name; the losses follow the same run within summation order")
     if sharded and not stages and not is_sharded(model):
         raise ValueError(f"cannot resume from {path}: it was written with fsdp=true, this run has "
                          "fsdp=false; resume with fsdp=true")
+    if stages and is_sharded(model):
+        raise ValueError(f"cannot resume from {path}: it was written under "
+                         f"{describe_layout(saved_fp)}, this run has fsdp=true; a pipeline "
+                         "checkpoint resumes under pp or in one process (fsdp=false)")
     if sharded:  # a collective: every rank reads its own slices (its own stages under pp)
         load_sharded(path, model, optimizer, flat=stages)
-    elif stages:  # written whole, before pipeline checkpoints were sharded by stage
+    elif "pipeline" in expected_fingerprint:  # whole (one process, tp, or pp before DCP)
         load_whole_into_stages(path, model, optimizer)
     elif is_sharded(model):  # whole tensors (one process, DDP, tp x dp_shard) into FSDP slices
         refuse_unfused(path / WEIGHTS)
@@ -265,6 +280,27 @@ def fingerprint(cfg, meta: DatasetMeta, world_size: int) -> dict:
         "seed": cfg.seed,
         "mixed_precision": cfg.mixed_precision,
     }
+
+
+def run_identity(fp: dict) -> dict:
+    """The part of a fingerprint a resume must match: all of it but the pipeline layout, with
+    the data-parallel replicas in place of `world_size` (which, for a pipelined run, counts
+    the dp x pp processes): the replicas fix each rank's batches, the layout only the order of
+    the sums."""
+    pp = fp.get("pipeline", {}).get("pp", 1)
+    same = {k: v for k, v in fp.items() if k not in ("pipeline", "world_size")}
+    return {**same, "data_parallel": fp["world_size"] // pp}
+
+
+def describe_layout(fp: dict) -> str:
+    """A fingerprint's pipeline layout in words, e.g. 'pp=2 1f1b microbatches=4 blocks per
+    stage [2, 2]', or 'no pipeline'."""
+    p = fp.get("pipeline")
+    if p is None:
+        return "no pipeline (pp=1)"
+    blocks = p.get("blocks_per_stage") or [
+        len(r) for r in block_ranges(fp["model"]["n_layer"], p["pp"] * stages_per_rank(p["schedule"]))]
+    return f"pp={p['pp']} {p['schedule']} microbatches={p['microbatches']} blocks per stage {blocks}"
 
 
 def fingerprint_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

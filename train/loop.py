@@ -198,13 +198,18 @@ def train_on_rank(cfg: TrainConfig, accelerator: Accelerator, watch: PeerWatch) 
 
     # Resume, when asked, from a verified checkpoint of the same run (same fingerprint):
     # weights, optimizer, counters, grad scaler, and this rank's RNG states and data position.
+    # RNG and data position are saved by data-parallel rank (one writer per dp index), so that
+    # a layout with as many replicas (other tp, cp or pipeline stages) reads them
+    state_rank, saves_state = ((pipeline.dp_rank, pipeline.pp_rank == 0) if pipeline else
+                               (layout.dp_rank, layout.tp_rank == 0 and layout.cp_rank == 0))
     checkpointer = Checkpointer(cfg.out_dir, cfg.keep_checkpoints, rank, accelerator.wait_for_everyone,
-                                layout.dp_rank, layout.tp_rank == 0 and layout.cp_rank == 0)
+                                state_rank, saves_state)
     run_fingerprint = fingerprint(cfg, meta, layout.dp)  # tp and cp may change on resume
     state = TrainState()
     resume_from = resume_path(cfg.resume, checkpointer)
     if resume_from is not None:
-        saved, rank_state = parallel.load(resume_from, raw_model, optimizer, run_fingerprint)
+        saved, rank_state = parallel.load(resume_from, raw_model, optimizer, run_fingerprint,
+                                            state_rank)
         state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
         if accelerator.scaler is not None and saved.get("scaler"):
             accelerator.scaler.load_state_dict(saved["scaler"])  # fp16 loss scale and its tracker

@@ -15,6 +15,7 @@ from safetensors.torch import save_model
 
 from contracts.checkpoint import write_manifest
 from model.config import ModelConfig, preset_fields
+from model.transformer import Transformer
 from tests.train.pipeline_worker import (
     adamw,
     build,
@@ -239,3 +240,46 @@ def test_perf_bubble_with_unequal_stages_against_torch_orders(schedule, v, pp, m
             assert b / (1 + b) == pytest.approx(measured, abs=1e-12)
         else:
             assert measured - 1e-12 <= b / (1 + b) <= measured + 0.08
+
+
+@pytest.mark.parametrize("schedule, pp, tie, how", [
+    ("1f1b", 2, True, "even"), ("1f1b", 2, False, "balanced"), ("interleaved", 2, True, "even"),
+    ("dualpipev", 2, True, "even"), ("gpipe", 4, False, "even"),
+])
+def test_stages_built_on_meta_hold_one_process_init_bit_for_bit(schedule, pp, tie, how):
+    """`build_part` makes only a rank's stages real, with the very values a whole build from
+    the same seed draws (the generator's every draw replayed), and leaves the generator where
+    the whole build does, so later draws match too."""
+    from train.parallel.meta_build import build_part
+    from train.parallel.pipeline import keep_stages
+
+    cfg = ModelConfig(**{**preset_fields("tiny"), "n_layer": 8, "vocab_size": 256,
+                         "tie_embeddings": tie, "ffn_hidden": 32})
+    torch.manual_seed(3)
+    whole = Transformer(cfg).state_dict()
+    after_whole = torch.get_rng_state()
+    held: set[str] = set()
+    for rank in range(pp):
+        torch.manual_seed(3)
+        part = build_part(cfg, lambda m, rank=rank: keep_stages(m, schedule, pp, rank, how))
+        assert torch.equal(torch.get_rng_state(), after_whole)
+        state = part.state_dict()
+        assert state and not any(t.is_meta for t in state.values())
+        assert all(torch.equal(t, whole[name]) for name, t in state.items())
+        if tie and part.lm_head is not None:  # one Parameter under both names, as one process
+            assert part.lm_head.weight is part.tok_emb.weight
+        held |= set(state)
+    assert held == set(whole)  # every parameter on some rank
+
+
+def test_a_parameter_that_is_not_initialised_in_place_is_refused_on_meta():
+    from train.parallel.meta_build import build_part
+
+    cfg = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 256})
+
+    def add_uninitialised(model):
+        model.extra = torch.nn.Parameter(torch.empty(3, device="meta"))
+        return model
+
+    with pytest.raises(ValueError, match="extra is not initialised in place; build the model whole"):
+        build_part(cfg, add_uninitialised)

@@ -72,6 +72,8 @@ def test_pp2_trains_as_one_process_for_50_steps(tiny_data, tmp_path, one_process
     print(f"pp=2 {schedule}: step {PARITY_STEPS} loss {ours[-1]['loss']:.6f} vs one process "
           f"{one_process[-1]['loss']:.6f}, max rel difference {worst:.2e}")
     assert worst < 1e-5
+    # the stages hold one process's initial weights bit for bit (built on meta, meta_build.py)
+    assert ours[0]["val_loss"] == one_process[0]["val_loss"]
     assert one_process[-1]["loss"] < one_process[1]["loss"] - 0.5  # it trained
     pipeline = summary(out)["pipeline"]
     assert pipeline["schedule"] == schedule and pipeline["microbatches"] == 4
@@ -173,10 +175,11 @@ def test_layout_refusals_name_the_numbers():
 
 
 def test_a_split_other_than_even_is_part_of_the_resume_fingerprint():
-    """Another stage split sums the gradient norm in another order: a checkpoint resumes only
-    under its own blocks per stage. Where they are the even split's (the only split of
-    checkpoints written before parallel.stage_split existed), they are left out, so those
-    checkpoints still resume."""
+    """Another stage split sums the gradient norm in another order, so the fingerprint's
+    layout records the blocks per stage: a resume under the same ones is bit-exact, under
+    others within summation order (`run_identity` leaves the layout out; test_pp_resume.py).
+    Where they are the even split's (the only split of checkpoints written before
+    parallel.stage_split existed), they are left out, so those checkpoints keep their layout."""
     from types import SimpleNamespace
 
     from train.checkpoint import fingerprint, fingerprint_differences
@@ -195,3 +198,32 @@ def test_a_split_other_than_even_is_part_of_the_resume_fingerprint():
     assert fingerprint_differences(layout("model.ffn_hidden=32", "parallel.stage_split=even"),
                                    layout("model.ffn_hidden=32")) == [
         "pipeline.blocks_per_stage: None -> [3, 1]"]
+
+
+def test_a_resume_may_change_the_pipeline_layout_but_not_the_data_parallel_replicas():
+    """`world_size` counts a pipelined run's dp x pp processes: pp=2 on 2 processes has one
+    replica, as one process has; dp=2 x pp=2 on 4 has two, as DDP on 2 has."""
+    from types import SimpleNamespace
+
+    from train.checkpoint import describe_layout, fingerprint, fingerprint_differences, run_identity
+
+    meta = SimpleNamespace(tokenizer_sha256="0" * 64, vocab_size=512, dtype="uint16",
+                           splits={"train": {"tokens": 1000, "shards": 1}})
+
+    def fp(world, *overrides):
+        cfg = load_config("configs/train/tiny.yaml", ["model.n_layer=4", "model.vocab_size=512",
+                                                      *overrides])
+        return fingerprint(cfg, meta, world)
+
+    one, pp2, ddp2 = fp(1), fp(2, "parallel.pp=2"), fp(2)
+    dp2_pp2 = fp(4, "parallel.pp=2", "parallel.schedule=interleaved")
+    assert fingerprint_differences(pp2, one) != []  # the layout is recorded...
+    assert run_identity(pp2) == run_identity(one)  # ...and may change on resume
+    assert run_identity(dp2_pp2) == run_identity(ddp2)
+    assert fingerprint_differences(run_identity(dp2_pp2), run_identity(pp2)) == [
+        "data_parallel: 2 -> 1"]
+    assert fingerprint_differences(run_identity(fp(1, "seed=7")), run_identity(pp2)) == [
+        "seed: 7 -> 1337"]
+    assert describe_layout(one) == "no pipeline (pp=1)"
+    assert describe_layout(pp2) == "pp=2 1f1b microbatches=0 blocks per stage [2, 2]"
+    assert describe_layout(dp2_pp2) == "pp=2 interleaved microbatches=0 blocks per stage [1, 1, 1, 1]"

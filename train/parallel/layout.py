@@ -29,9 +29,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 
+from contracts.checkpoint import read_trainer
 from model.transformer import Transformer, compute_dtype
 from train import fsdp
-from train.checkpoint import load
+from train.checkpoint import describe_layout, load
 from train.parallel.comm import Comm
 from train.parallel.context import ContextParallel
 from train.parallel.tensor import StateOnly, TensorParallel
@@ -205,12 +206,20 @@ class Parallel:
             weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         return self.tp.full_model(model, weights)
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer, fingerprint: dict):
-        """`train.checkpoint.load` for this layout: rank states by data-parallel rank, full
-        tensors sharded for this rank (whatever tp wrote them)."""
-        rank = self.layout.dp_rank
+    def load(self, path: Path, model: torch.nn.Module, optimizer, fingerprint: dict,
+             rank: int | None = None):
+        """`train.checkpoint.load` for this layout: rank states by data-parallel rank (`rank`,
+        default this layout's), full tensors sharded for this rank (whatever tp wrote them).
+        A pipeline checkpoint (stages in DCP) is refused under tp/cp, in one line."""
+        rank = self.layout.dp_rank if rank is None else rank
         if not self.active or (self.layout.tp == 1 and self.mesh is None):
             return load(path, model, optimizer, rank, fingerprint)
+        saved = read_trainer(path)["fingerprint"]
+        if "pipeline" in saved:
+            raise ValueError(f"cannot resume from {path}: it was written under "
+                             f"{describe_layout(saved)}, this run is tp={self.layout.tp} x "
+                             f"cp={self.layout.cp}: pipeline stages are not resharded into "
+                             "tensor/context parallel; resume under pp or in one process")
         full, state = Transformer(model.cfg).to(model.tok_emb.weight.device), StateOnly()
         saved = load(path, full, state, rank, fingerprint)
         weights, optim = self.tp.local_state(model, optimizer, full, state.state)

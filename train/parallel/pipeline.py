@@ -418,13 +418,12 @@ def split(model: Transformer, schedule: str, microbatches: int,
     step, over the pipeline process group `group` (default: the world), blocks assigned to
     stages by `stage_split` (`stage_ranges`).
 
-    `model` is built whole, from the same seed on every rank (so its init is one process's,
-    draw for draw), then cut down in place (`keep_only`): the blocks, embedding, final norm and
-    head of other ranks' stages are dropped and freed, so `model` holds this rank's stages
-    only, under the whole model's parameter names. (Building whole is a transient cost of one
-    fp32 copy of the weights, before any gradient or optimizer state exists; a model too big
-    for that would be built on the meta device and need an init that does not depend on the
-    order of the draws.)
+    `model` is the whole model, built from the same seed on every rank (so its init is one
+    process's, draw for draw), or already cut to this rank's stages (`keep_stages`; the
+    trainer builds only those, `train.parallel.meta_build`, with the same values). It is cut
+    down in place (`keep_only`): the blocks, embedding, final norm and head of other ranks'
+    stages are dropped and freed, so `model` holds this rank's stages only, under the whole
+    model's parameter names.
 
     With tied embeddings split across two ranks, `tied_group` is the group of the first and
     the last stage's ranks (`tied_embedding_group`); built from `group` when it is None."""
@@ -438,7 +437,7 @@ def split(model: Transformer, schedule: str, microbatches: int,
     if microbatches < 1:
         raise ValueError(f"parallel.microbatches must be >= 1, got {microbatches}")
     ranges = stage_ranges(model.cfg, n_stages, stage_split)
-    device = model.tok_emb.weight.device
+    device = next(model.parameters()).device  # (the embedding may be cut away already)
     loss_s = [0.0]
 
     def loss_fn(h: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -473,6 +472,18 @@ def split(model: Transformer, schedule: str, microbatches: int,
                     ranges)
     keep_only(model, [ranges[st.stage_index] for st in stages], holds_first, holds_last)
     return pipe
+
+
+def keep_stages(model: Transformer, schedule: str, pp: int, pp_rank: int,
+                stage_split: str = "even") -> Transformer:
+    """`model` cut down, in place, to the stages pipeline rank `pp_rank` of `pp` holds under
+    `schedule` (`keep_only`); returns it. `split` accepts the result in place of the whole
+    model (`train.parallel.meta_build` builds only this part)."""
+    n_stages = pp * stages_per_rank(schedule)
+    ranges = stage_ranges(model.cfg, n_stages, stage_split)
+    mine = rank_stages(schedule, pp, pp_rank)
+    keep_only(model, [ranges[s] for s in mine], 0 in mine, n_stages - 1 in mine)
+    return model
 
 
 def keep_only(model: Transformer, ranges: list[range], first: bool, last: bool) -> None:

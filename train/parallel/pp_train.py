@@ -6,14 +6,17 @@ by `train.parallel.pipeline`. One step: the schedule's forward and backward over
 micro-batches, the gradients summed over the replicas (`reduce_dp`), clipped by the whole
 model's norm, one AdamW update.
 
-Each rank builds the whole `Transformer` (same seed: the same init as one process, draw
-for draw), then keeps only its stages (`pipeline.keep_only`): the other blocks, the embedding
-and the head when another rank runs them, are freed; its optimizer covers its own parameters.
+Each rank builds only its stages (`meta_build.build_part`: the model on the meta device, its
+own blocks, embedding and head made real with the values one process draws from the same
+seed, bit for bit; `pipeline.keep_stages`), never the whole model; its optimizer covers its
+own parameters.
 So weights, gradients and AdamW state are per stage, under the whole model's parameter names.
 A checkpoint is sharded by stage: every rank writes its own parameters and optimizer state
 through torch.distributed.checkpoint (`train.checkpoint`), no rank gathers the whole state;
 the run resumes from it exactly, and it loads in one process by name (generate, export:
-`train.load`). Only at the end does `full_model` assemble the whole weights (not the
+`train.load`). A run also resumes under another pipeline layout or in one process, and a
+one-process checkpoint under pp (`train.checkpoint.load`): the RNG states and data position
+are saved per replica by its first stage (`pp_rank` 0), under its data-parallel rank. Only at the end does `full_model` assemble the whole weights (not the
 optimizer state) on every rank of a pipeline: checksums, model.safetensors, samples, and the
 last checkpoint's consolidated safetensors, as an FSDP run's.
 
@@ -39,7 +42,8 @@ from train.data import BatchLoader
 from train.load import with_tied
 from train.metrics import StepResult
 from train.optim import build_optimizer, skip_update
-from train.parallel.pipeline import bubble_formula, dp_pp_groups, split
+from train.parallel.meta_build import build_part
+from train.parallel.pipeline import bubble_formula, dp_pp_groups, keep_stages, split
 from train.techniques import apply_techniques
 
 
@@ -75,11 +79,16 @@ class PipelineRun:
         check_layout(cfg, world)
         self.dp = world // self.pp
         self.dp_rank = accelerator.process_index // self.pp
+        self.pp_rank = accelerator.process_index % self.pp
         self.schedule, self.m = cfg.parallel.schedule, microbatches(cfg, self.dp)
         self.stage_split = cfg.parallel.stage_split
         tied = cfg.model.tie_embeddings
         self.pp_group, self.dp_group, tied_group = dp_pp_groups(self.dp, self.pp, tied)
-        self.model = apply_techniques(Transformer(cfg.model), cfg).to(accelerator.device)
+        # this rank's stages only, built without the whole model (`meta_build`), initialised
+        # as one process initialises them
+        self.model = build_part(cfg.model, lambda whole: keep_stages(
+            apply_techniques(whole, cfg), self.schedule, self.pp, self.pp_rank,
+            self.stage_split)).to(accelerator.device)
         self.pipe = split(self.model, self.schedule, self.m, self.pp_group, tied_group,
                           cfg.parallel.stage_split)  # self.model: this rank's stages only
         self.optimizer = build_optimizer(self.model, cfg.optim, accelerator.device,
