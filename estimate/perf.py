@@ -47,6 +47,8 @@ Every number the model uses is a `Factor` with a central value, a range and a so
 
 from __future__ import annotations
 
+import functools
+import heapq
 from dataclasses import dataclass, field
 
 from estimate.hardware import Accelerator
@@ -490,6 +492,12 @@ def balanced_stage_layers(n_layer: int, stages: int, block: float, first: float 
     default: a rank per stage). What runs do by hand: Llama 3 405B's pipeline holds one block
     fewer on its first and last stages (Dubey et al. 2024, sec. 3.3.2); Megatron-LM takes the
     first and last stage's block counts as options."""
+    return list(_balanced(n_layer, stages, block, first, last, pp, placement))
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the planner asks the same split many times
+def _balanced(n_layer: int, stages: int, block: float, first: float, last: float,
+              pp: int | None, placement: str) -> tuple[int, ...]:
     pp = pp or stages
     if n_layer < stages or block <= 0:
         raise ValueError(f"{n_layer} blocks of {block} s do not fill {stages} stages")
@@ -499,13 +507,26 @@ def balanced_stage_layers(n_layer: int, stages: int, block: float, first: float 
     costs[0] += first
     costs[-1] += last
     load = rank_costs(costs, pp, placement)
+
+    def key(x: int) -> tuple[float, int, int]:
+        return max(load[r] + w * block for r, w in holders[x]), counts[x], x
+
+    # each block to the stage of least key, as min(range(stages), key=key) would pick it, from
+    # a heap: loads only rise, so a popped key that is still current is the least one
+    heap = [key(x) for x in range(stages)]
+    heapq.heapify(heap)
     for _ in range(n_layer - stages):
-        s = min(range(stages), key=lambda x: (max(load[r] + w * block for r, w in holders[x]),
-                                             counts[x]))
+        while True:
+            k = heapq.heappop(heap)
+            if k == key(k[2]):
+                break
+            heapq.heappush(heap, key(k[2]))
+        s = k[2]
         counts[s] += 1
         for r, w in holders[s]:
             load[r] += w * block
-    return counts
+        heapq.heappush(heap, key(s))
+    return tuple(counts)
 
 
 def pipeline_stages(lay: Layout) -> int:
