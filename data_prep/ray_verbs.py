@@ -41,8 +41,12 @@ def session(cfg: PrepConfig) -> Iterator[None]:
     if cfg.ray.address == "local":
         kw["num_cpus"] = cfg.ray.num_cpus or worker_count(cfg)
         kw["address"] = "local"
+        # no lineage kept for reconstruction: one node, so an object is lost only with the
+        # whole session (which a rerun resumes from the committed shards); lineage held every
+        # task spec of a stage's chain of shuffles (P^2 pieces each) while its output lived
+        kw["_system_config"] = {"lineage_pinning_enabled": False}
         if cfg.ray.inline_bytes:  # small blocks in the object store, not in the driver
-            kw["_system_config"] = {"max_direct_call_object_size": cfg.ray.inline_bytes}
+            kw["_system_config"]["max_direct_call_object_size"] = cfg.ray.inline_bytes
     else:
         kw["address"] = cfg.ray.address
         if cfg.ray.ship_code:
@@ -93,32 +97,38 @@ class Blocks:
 
 # Every task reports its peak RSS (data_prep.taskmem) in a small object; the driver reads the
 # ones that are ready whenever it submits more, so it holds them only while their tasks run.
+# It looks at the oldest `_HARVEST_WINDOW` only: waiting on every outstanding ref at every
+# submit cost O(outstanding) each time, unbounded in a stage with thousands of blocks.
 _METERS: list[tuple[str, Any]] = []
 _PEAKS: dict[str, list[int]] = {}
+_HARVEST_WINDOW = 256
 
 
 def _meter(name: str, refs: list[Any]) -> None:
     """Watch these `(rows, (peak, rise))` refs of tasks of `name`; read those already done."""
     _METERS.extend((name, r) for r in refs)
-    _harvest(0.0)
+    _harvest(0.0, _HARVEST_WINDOW)
 
 
-def _harvest(timeout: float | None) -> None:
+def _harvest(timeout: float | None, window: int | None = None) -> None:
+    """Read the meters that are done among the oldest `window` (all: None), waiting up to
+    `timeout` (forever: None) for all of them."""
     import ray
 
     global _METERS
     if not _METERS:
         return
-    refs = [r for _, r in _METERS]
+    head = _METERS if window is None else _METERS[:window]
+    refs = [r for _, r in head]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     if not ready:
         return
     done = set(ready)
     got = dict(zip(ready, ray.get(ready), strict=True))
-    for name, r in _METERS:
+    for name, r in head:
         if r in done:
             merge_peaks(_PEAKS, name, got[r][1])
-    _METERS = [(name, r) for name, r in _METERS if r not in done]
+    _METERS = [(name, r) for name, r in head if r not in done] + _METERS[len(head):]
 
 
 def shutdown() -> None:
@@ -174,6 +184,14 @@ def _apply(fn: Callable, arg: Any, kw: dict[str, Any], fmt: str
     if not isinstance(arg, dict) and not arg.num_rows:
         return arg, (0, measure(started))  # an empty block stays empty, as under a map
     t = to_arrow(fn(arg if isinstance(arg, dict) else _as(arg, fmt), **kw))
+    return t, (t.num_rows, measure(started))
+
+
+def _apply_items(fn: Callable, items: list[dict[str, Any]], kw: dict[str, Any]
+                 ) -> tuple[Any, tuple[int, tuple[int, int]]]:
+    """One task over consecutive items: `fn(item, **kw)` for each, as one Arrow block in order."""
+    started = start()
+    t = _concat([to_arrow(fn(item, **kw)) for item in items])
     return t, (t.num_rows, measure(started))
 
 
@@ -376,6 +394,15 @@ def window(cfg: PrepConfig) -> int:
     return max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))
 
 
+def max_blocks(cfg: PrepConfig) -> int:
+    """Blocks of a per-shard map: ray.max_blocks, else max(128, 8 per CPU of the cluster)."""
+    import ray
+
+    if cfg.ray.max_blocks:
+        return cfg.ray.max_blocks
+    return max(128, 8 * int(ray.cluster_resources().get("CPU", 1)))
+
+
 def each_shard(items: list[dict[str, Any]], fn: Callable, limit: int,
                **kw: Any) -> Iterator[dict[str, Any]]:
     """`fn(item, **kw)` per item, one task each, with at most `limit` tasks submitted beyond the
@@ -449,9 +476,14 @@ class RayExecutor:
 
     def map_shards(self, items: list[dict[str, Any]], fn: Callable, desc: str = "",
                    **kw: Any) -> Blocks:
-        """`fn(item, **kw)` per item, one task each."""
-        task, kref = _task(_apply), _put_kw(kw)
-        out = [task.remote(fn, dict(item), kref, "pandas") for item in items]
+        """`fn(item, **kw)` per item, in at most `max_blocks(cfg)` tasks of consecutive items,
+        each returning one block: the driver's refs (and the task entries Ray keeps for them,
+        about 10 KB each) stay bounded however many shards a corpus has."""
+        task, kref = _task(_apply_items), _put_kw(kw)
+        step = max(1, -(-len(items) // max_blocks(self.cfg)))
+        out = [task.remote(fn, [dict(it) for it in items[a:a + step]], kref)
+               for a in range(0, len(items), step)]
+        _meter(task_name(fn), [n for _, n in out])
         return Blocks([r for r, _ in out], [n for _, n in out])
 
     def map_blocks(self, data: Blocks, fn: Callable, fmt: str = "pandas", **kw: Any) -> Blocks:
