@@ -19,7 +19,17 @@ import numpy as np
 import pandas as pd
 
 from data_prep.config import PrepConfig
-from data_prep.executor import _TYPES, empty_frame, group_starts, to_arrow, worker_count
+from data_prep.executor import _TYPES, to_arrow, worker_count
+from data_prep.stars import (
+    both_ways,
+    first_label,
+    labels,
+    large_star,
+    not_star,
+    roles,
+    small_star,
+    toward_smaller,
+)
 from data_prep.taskmem import measure, merge_peaks, start, task_name
 
 log = logging.getLogger("data_prep")
@@ -302,70 +312,21 @@ def _join_block(t: Any, lnames: list[str], rnames: list[str]) -> Any:
 
 
 # --------------------------------------------------------------------------- components
-def _both_ways(df: pd.DataFrame) -> pd.DataFrame:
-    u, v = df["u"].to_numpy(), df["v"].to_numpy()
-    return pd.DataFrame({"u": np.concatenate([u, v]), "v": np.concatenate([v, u])})
-
-
-def _large_star(df: pd.DataFrame) -> pd.DataFrame:
-    """For each node u with neighbours N: link every neighbour v > u to m = min(N + {u})."""
-    df = df.drop_duplicates().sort_values(["u", "v"])
-    u, v = df["u"].to_numpy(), df["v"].to_numpy()
-    st = group_starts(u)
-    m = np.minimum(np.repeat(v[st], np.diff(np.append(st, len(u)))), u)  # v sorted: v[st] = min
-    keep = v > u
-    return pd.DataFrame({"u": v[keep], "v": m[keep]}).drop_duplicates()
-
-
-def _toward_smaller(df: pd.DataFrame) -> pd.DataFrame:
-    u, v = df["u"].to_numpy(), df["v"].to_numpy()
-    return pd.DataFrame({"u": np.maximum(u, v), "v": np.minimum(u, v)})
-
-
-def _small_star(df: pd.DataFrame) -> pd.DataFrame:
-    """For each node u with its smaller neighbours N: link u and every v in N to m = min(N)."""
-    df = df[df["u"] != df["v"]].drop_duplicates().sort_values(["u", "v"])
-    u, v = df["u"].to_numpy(), df["v"].to_numpy()
-    st = group_starts(u)
-    if not len(st):
-        return empty_frame(u="int64", v="int64")
-    m = np.repeat(v[st], np.diff(np.append(st, len(u))))
-    nodes = np.concatenate([v, u[st]])
-    mins = np.concatenate([m, m[st]])
-    keep = nodes != mins
-    return pd.DataFrame({"u": nodes[keep], "v": mins[keep]}).drop_duplicates()
-
-
-def _roles(df: pd.DataFrame) -> pd.DataFrame:
-    u, v = df["u"].to_numpy(), df["v"].to_numpy()  # u > v: u is a child, v its parent
-    return pd.DataFrame({"node": np.concatenate([u, v]),
-                         "parent": np.concatenate([v, np.full(len(v), -1)])})
-
-
-def _not_star(df: pd.DataFrame) -> pd.DataFrame:
-    """Nodes that break star form: a child with two parents, or a parent that is a child."""
-    d = df.drop_duplicates()
-    child = d[d["parent"] >= 0]
-    two_parents = int((child.groupby("node").size() > 1).sum())
-    parent_and_child = int(child["node"].drop_duplicates().isin(d["node"][d["parent"] < 0]).sum())
-    return pd.DataFrame({"bad": [two_parents + parent_and_child]})
-
-
 def connected_components(edges: Blocks, parts: int) -> tuple[Blocks, int]:
     """(node, comp) for every node of the edge list (u, v): comp = the smallest node of its
     component, by alternating large-star and small-star until every component is a star."""
-    e = map_blocks(edges, _toward_smaller)
+    e = map_blocks(edges, toward_smaller)
     rounds = 0
     while True:
         rounds += 1
-        e = grouped(map_blocks(e, _both_ways), "u", _large_star, parts)
-        e = grouped(map_blocks(e, _toward_smaller), "u", _small_star, parts)
-        bad = column_sum(grouped(map_blocks(e, _roles), "node", _not_star, parts), "bad")
+        e = grouped(map_blocks(e, both_ways), "u", large_star, parts)
+        e = grouped(map_blocks(e, toward_smaller), "u", small_star, parts)
+        bad = column_sum(grouped(map_blocks(e, roles), "node", not_star, parts), "bad")
         log.info("near_dedup: connected components, round %d: %s nodes off star form",
                  rounds, bad)
         if not bad:
             break
-    return grouped(map_blocks(e, _labels), "node", _first_label, parts), rounds
+    return grouped(map_blocks(e, labels), "node", first_label, parts), rounds
 
 
 def _col_sum(t: Any, col: str) -> int:
@@ -452,21 +413,12 @@ def _renamed(t: Any, names: dict[str, str]) -> Any:
     return t.rename_columns([names.get(c, c) for c in t.column_names])
 
 
-def _labels(df: pd.DataFrame) -> pd.DataFrame:
-    u, v = df["u"].to_numpy(), df["v"].to_numpy()
-    return pd.DataFrame({"node": np.concatenate([u, v]), "comp": np.concatenate([v, v])})
-
-
-def _first_label(df: pd.DataFrame) -> pd.DataFrame:
-    return df.drop_duplicates("node")
-
-
 # --------------------------------------------------------------------------- the executor
 class RayExecutor:
     """data_prep.executor.Executor on plain Ray tasks (in a `session`); rows are `Blocks`."""
 
     name = "ray"
-    modules = ("ray_verbs.py", "executor.py")
+    modules = ("ray_verbs.py", "stars.py", "executor.py")
 
     def __init__(self, cfg: PrepConfig) -> None:
         self.cfg = cfg
