@@ -158,6 +158,10 @@ class RayConfig:
     # tasks in flight in a stage's per-shard map whose results the driver reads (accounting);
     # 0 = 4 per CPU of the cluster. The driver holds at most this many results at once.
     window_tasks: int = 0
+    # blocks of a per-shard map (`map_shards`): consecutive shards share a task beyond this,
+    # so the object refs the driver holds per stage stop growing with the shard count;
+    # 0 = max(128, 8 per CPU of the cluster)
+    max_blocks: int = 0
     # address=local only: a task result up to this many bytes is returned inline into its
     # owner's (the driver's) memory, larger ones go to the object store. Ray's default (100 KB)
     # kept every small block (a shard's ids or text hashes: ~60 KB) and the task specs that
@@ -259,11 +263,13 @@ def _validate_executor(cfg: PrepConfig) -> None:
             "(or ray://host:port)"
         )
     if (cfg.ray.shard_docs < 1 or cfg.ray.shuffle_docs < 1 or cfg.ray.num_cpus < 0
-            or cfg.ray.partitions < 0 or cfg.ray.window_tasks < 0 or cfg.ray.inline_bytes < 0):
+            or cfg.ray.partitions < 0 or cfg.ray.window_tasks < 0 or cfg.ray.inline_bytes < 0
+            or cfg.ray.max_blocks < 0):
         raise ValueError(
             f"ray.shard_docs={cfg.ray.shard_docs}, ray.shuffle_docs={cfg.ray.shuffle_docs}, "
             f"ray.num_cpus={cfg.ray.num_cpus}, ray.partitions={cfg.ray.partitions}, "
-            f"ray.window_tasks={cfg.ray.window_tasks}, ray.inline_bytes={cfg.ray.inline_bytes}: "
+            f"ray.window_tasks={cfg.ray.window_tasks}, ray.inline_bytes={cfg.ray.inline_bytes}, "
+            f"ray.max_blocks={cfg.ray.max_blocks}: "
             "shard_docs and shuffle_docs must be >= 1, the others >= 0"
         )
     if cfg.executor == "ray" and importlib.util.find_spec("ray") is None:

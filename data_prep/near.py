@@ -69,33 +69,52 @@ def _sig_shard(item: dict[str, Any], out: str, hasher: MinHasher, offsets: list[
 
 
 def _band_rows(df: pd.DataFrame, bands: int, rows: int, num_perm: int) -> pd.DataFrame:
-    """One row per (document with shingles, band): key = band number + that band's values."""
+    """One row per LSH bucket (band number + that band's values) met in this block's documents
+    with shingles: `key`, `g` = the lowest member here, `more` = the other members here (their
+    g as int64 bytes). A map-side combine: a bucket crosses the shuffle as one row per block,
+    not one per member, so a bucket that grows with the corpus (the synthetic corpus draws
+    from a fixed paragraph pool) no longer lands whole, a row per member, in one reducer, nor
+    fills the shuffle's key sample and merges its ranges."""
     df = df[df["has"]]
     if not len(df):
-        return empty_frame(key="object", g="int64")
-    sig = np.frombuffer(b"".join(df["sig"].tolist()), np.uint32).reshape(len(df), num_perm)
-    keys, gs = [], []
-    g = df["g"].to_numpy()
+        return empty_frame(key="object", g="int64", more="bytes")
+    g = df["g"].to_numpy(np.int64)
+    order = np.argsort(g, kind="stable")  # members ascending: each bucket's first is its lowest
+    g = g[order]
+    sig = np.frombuffer(b"".join(df["sig"].tolist()), np.uint32).reshape(len(df), num_perm)[order]
+    keys: list[bytes] = []
+    firsts, mores = [], []
     for band in range(bands):
-        block = np.ascontiguousarray(sig[:, band * rows:(band + 1) * rows])
+        vals = np.ascontiguousarray(sig[:, band * rows:(band + 1) * rows])
+        vals = vals.view(np.dtype((np.void, 4 * rows))).ravel()
+        _, first, inv, counts = np.unique(vals, return_index=True, return_inverse=True,
+                                          return_counts=True)
+        members = g[np.argsort(inv.ravel(), kind="stable")]  # by bucket, ascending g in each
+        ends = np.cumsum(counts)
         prefix = band.to_bytes(2, "little")
-        keys.extend(prefix + block[j].tobytes() for j in range(len(df)))
-        gs.append(g)
-    return pd.DataFrame({"key": keys, "g": np.concatenate(gs)})
+        keys.extend(prefix + vals[i].tobytes() for i in first.tolist())
+        firsts.append(g[first])
+        mores.extend(members[e - c + 1:e].tobytes() if c > 1 else b""
+                     for e, c in zip(ends.tolist(), counts.tolist(), strict=True))
+    return pd.DataFrame({"key": keys, "g": np.concatenate(firsts), "more": mores})
 
 
 def _bucket_pairs(df: pd.DataFrame) -> pd.DataFrame:
-    """Per LSH bucket (equal key): the pairs (first = lowest g, other), as `band_candidates`."""
-    df = df.sort_values(["key", "g"])
+    """Per LSH bucket (equal key: the executor hands the rows sorted by key, one row per block
+    the bucket met, see `_band_rows`): the pairs (first = the bucket's lowest g, each other
+    member), as `band_candidates` makes them. Members cost 8 bytes each here, not a row."""
     keys = df["key"].to_numpy()
-    g = df["g"].to_numpy()
+    g = df["g"].to_numpy(np.int64)
     st = group_starts(keys)
     if not len(st):
         return empty_frame(p="int64")
-    first = np.repeat(g[st], np.diff(np.append(st, len(g))))
-    dup = np.ones(len(g), bool)
-    dup[st] = False
-    return pd.DataFrame({"p": (first[dup] << 32) | g[dup]})
+    per_row = np.diff(np.append(st, len(g)))
+    first = np.repeat(np.minimum.reduceat(g, st), per_row)  # each row's bucket's lowest g
+    more = df["more"].tolist()
+    n_more = np.fromiter((len(b) for b in more), np.int64, len(more)) // 8
+    others = np.concatenate([g[g != first], np.frombuffer(b"".join(more), np.int64)])
+    firsts = np.concatenate([first[g != first], np.repeat(first, n_more)])
+    return pd.DataFrame({"p": (firsts << 32) | others})
 
 
 def _unique_pairs(df: pd.DataFrame) -> pd.DataFrame:

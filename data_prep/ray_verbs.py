@@ -19,7 +19,17 @@ import numpy as np
 import pandas as pd
 
 from data_prep.config import PrepConfig
-from data_prep.executor import _TYPES, empty_frame, group_starts, to_arrow, worker_count
+from data_prep.executor import _TYPES, to_arrow, worker_count
+from data_prep.stars import (
+    both_ways,
+    first_label,
+    labels,
+    large_star,
+    not_star,
+    roles,
+    small_star,
+    toward_smaller,
+)
 from data_prep.taskmem import measure, merge_peaks, start, task_name
 
 log = logging.getLogger("data_prep")
@@ -41,8 +51,12 @@ def session(cfg: PrepConfig) -> Iterator[None]:
     if cfg.ray.address == "local":
         kw["num_cpus"] = cfg.ray.num_cpus or worker_count(cfg)
         kw["address"] = "local"
+        # no lineage kept for reconstruction: one node, so an object is lost only with the
+        # whole session (which a rerun resumes from the committed shards); lineage held every
+        # task spec of a stage's chain of shuffles (P^2 pieces each) while its output lived
+        kw["_system_config"] = {"lineage_pinning_enabled": False}
         if cfg.ray.inline_bytes:  # small blocks in the object store, not in the driver
-            kw["_system_config"] = {"max_direct_call_object_size": cfg.ray.inline_bytes}
+            kw["_system_config"]["max_direct_call_object_size"] = cfg.ray.inline_bytes
     else:
         kw["address"] = cfg.ray.address
         if cfg.ray.ship_code:
@@ -93,32 +107,38 @@ class Blocks:
 
 # Every task reports its peak RSS (data_prep.taskmem) in a small object; the driver reads the
 # ones that are ready whenever it submits more, so it holds them only while their tasks run.
+# It looks at the oldest `_HARVEST_WINDOW` only: waiting on every outstanding ref at every
+# submit cost O(outstanding) each time, unbounded in a stage with thousands of blocks.
 _METERS: list[tuple[str, Any]] = []
 _PEAKS: dict[str, list[int]] = {}
+_HARVEST_WINDOW = 256
 
 
 def _meter(name: str, refs: list[Any]) -> None:
     """Watch these `(rows, (peak, rise))` refs of tasks of `name`; read those already done."""
     _METERS.extend((name, r) for r in refs)
-    _harvest(0.0)
+    _harvest(0.0, _HARVEST_WINDOW)
 
 
-def _harvest(timeout: float | None) -> None:
+def _harvest(timeout: float | None, window: int | None = None) -> None:
+    """Read the meters that are done among the oldest `window` (all: None), waiting up to
+    `timeout` (forever: None) for all of them."""
     import ray
 
     global _METERS
     if not _METERS:
         return
-    refs = [r for _, r in _METERS]
+    head = _METERS if window is None else _METERS[:window]
+    refs = [r for _, r in head]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     if not ready:
         return
     done = set(ready)
     got = dict(zip(ready, ray.get(ready), strict=True))
-    for name, r in _METERS:
+    for name, r in head:
         if r in done:
             merge_peaks(_PEAKS, name, got[r][1])
-    _METERS = [(name, r) for name, r in _METERS if r not in done]
+    _METERS = [(name, r) for name, r in head if r not in done] + _METERS[len(head):]
 
 
 def shutdown() -> None:
@@ -174,6 +194,14 @@ def _apply(fn: Callable, arg: Any, kw: dict[str, Any], fmt: str
     if not isinstance(arg, dict) and not arg.num_rows:
         return arg, (0, measure(started))  # an empty block stays empty, as under a map
     t = to_arrow(fn(arg if isinstance(arg, dict) else _as(arg, fmt), **kw))
+    return t, (t.num_rows, measure(started))
+
+
+def _apply_items(fn: Callable, items: list[dict[str, Any]], kw: dict[str, Any]
+                 ) -> tuple[Any, tuple[int, tuple[int, int]]]:
+    """One task over consecutive items: `fn(item, **kw)` for each, as one Arrow block in order."""
+    started = start()
+    t = _concat([to_arrow(fn(item, **kw)) for item in items])
     return t, (t.num_rows, measure(started))
 
 
@@ -284,70 +312,21 @@ def _join_block(t: Any, lnames: list[str], rnames: list[str]) -> Any:
 
 
 # --------------------------------------------------------------------------- components
-def _both_ways(df: pd.DataFrame) -> pd.DataFrame:
-    u, v = df["u"].to_numpy(), df["v"].to_numpy()
-    return pd.DataFrame({"u": np.concatenate([u, v]), "v": np.concatenate([v, u])})
-
-
-def _large_star(df: pd.DataFrame) -> pd.DataFrame:
-    """For each node u with neighbours N: link every neighbour v > u to m = min(N + {u})."""
-    df = df.drop_duplicates().sort_values(["u", "v"])
-    u, v = df["u"].to_numpy(), df["v"].to_numpy()
-    st = group_starts(u)
-    m = np.minimum(np.repeat(v[st], np.diff(np.append(st, len(u)))), u)  # v sorted: v[st] = min
-    keep = v > u
-    return pd.DataFrame({"u": v[keep], "v": m[keep]}).drop_duplicates()
-
-
-def _toward_smaller(df: pd.DataFrame) -> pd.DataFrame:
-    u, v = df["u"].to_numpy(), df["v"].to_numpy()
-    return pd.DataFrame({"u": np.maximum(u, v), "v": np.minimum(u, v)})
-
-
-def _small_star(df: pd.DataFrame) -> pd.DataFrame:
-    """For each node u with its smaller neighbours N: link u and every v in N to m = min(N)."""
-    df = df[df["u"] != df["v"]].drop_duplicates().sort_values(["u", "v"])
-    u, v = df["u"].to_numpy(), df["v"].to_numpy()
-    st = group_starts(u)
-    if not len(st):
-        return empty_frame(u="int64", v="int64")
-    m = np.repeat(v[st], np.diff(np.append(st, len(u))))
-    nodes = np.concatenate([v, u[st]])
-    mins = np.concatenate([m, m[st]])
-    keep = nodes != mins
-    return pd.DataFrame({"u": nodes[keep], "v": mins[keep]}).drop_duplicates()
-
-
-def _roles(df: pd.DataFrame) -> pd.DataFrame:
-    u, v = df["u"].to_numpy(), df["v"].to_numpy()  # u > v: u is a child, v its parent
-    return pd.DataFrame({"node": np.concatenate([u, v]),
-                         "parent": np.concatenate([v, np.full(len(v), -1)])})
-
-
-def _not_star(df: pd.DataFrame) -> pd.DataFrame:
-    """Nodes that break star form: a child with two parents, or a parent that is a child."""
-    d = df.drop_duplicates()
-    child = d[d["parent"] >= 0]
-    two_parents = int((child.groupby("node").size() > 1).sum())
-    parent_and_child = int(child["node"].drop_duplicates().isin(d["node"][d["parent"] < 0]).sum())
-    return pd.DataFrame({"bad": [two_parents + parent_and_child]})
-
-
 def connected_components(edges: Blocks, parts: int) -> tuple[Blocks, int]:
     """(node, comp) for every node of the edge list (u, v): comp = the smallest node of its
     component, by alternating large-star and small-star until every component is a star."""
-    e = map_blocks(edges, _toward_smaller)
+    e = map_blocks(edges, toward_smaller)
     rounds = 0
     while True:
         rounds += 1
-        e = grouped(map_blocks(e, _both_ways), "u", _large_star, parts)
-        e = grouped(map_blocks(e, _toward_smaller), "u", _small_star, parts)
-        bad = column_sum(grouped(map_blocks(e, _roles), "node", _not_star, parts), "bad")
+        e = grouped(map_blocks(e, both_ways), "u", large_star, parts)
+        e = grouped(map_blocks(e, toward_smaller), "u", small_star, parts)
+        bad = column_sum(grouped(map_blocks(e, roles), "node", not_star, parts), "bad")
         log.info("near_dedup: connected components, round %d: %s nodes off star form",
                  rounds, bad)
         if not bad:
             break
-    return grouped(map_blocks(e, _labels), "node", _first_label, parts), rounds
+    return grouped(map_blocks(e, labels), "node", first_label, parts), rounds
 
 
 def _col_sum(t: Any, col: str) -> int:
@@ -374,6 +353,15 @@ def window(cfg: PrepConfig) -> int:
     if cfg.ray.window_tasks:
         return cfg.ray.window_tasks
     return max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+def max_blocks(cfg: PrepConfig) -> int:
+    """Blocks of a per-shard map: ray.max_blocks, else max(128, 8 per CPU of the cluster)."""
+    import ray
+
+    if cfg.ray.max_blocks:
+        return cfg.ray.max_blocks
+    return max(128, 8 * int(ray.cluster_resources().get("CPU", 1)))
 
 
 def each_shard(items: list[dict[str, Any]], fn: Callable, limit: int,
@@ -425,21 +413,12 @@ def _renamed(t: Any, names: dict[str, str]) -> Any:
     return t.rename_columns([names.get(c, c) for c in t.column_names])
 
 
-def _labels(df: pd.DataFrame) -> pd.DataFrame:
-    u, v = df["u"].to_numpy(), df["v"].to_numpy()
-    return pd.DataFrame({"node": np.concatenate([u, v]), "comp": np.concatenate([v, v])})
-
-
-def _first_label(df: pd.DataFrame) -> pd.DataFrame:
-    return df.drop_duplicates("node")
-
-
 # --------------------------------------------------------------------------- the executor
 class RayExecutor:
     """data_prep.executor.Executor on plain Ray tasks (in a `session`); rows are `Blocks`."""
 
     name = "ray"
-    modules = ("ray_verbs.py", "executor.py")
+    modules = ("ray_verbs.py", "stars.py", "executor.py")
 
     def __init__(self, cfg: PrepConfig) -> None:
         self.cfg = cfg
@@ -449,9 +428,14 @@ class RayExecutor:
 
     def map_shards(self, items: list[dict[str, Any]], fn: Callable, desc: str = "",
                    **kw: Any) -> Blocks:
-        """`fn(item, **kw)` per item, one task each."""
-        task, kref = _task(_apply), _put_kw(kw)
-        out = [task.remote(fn, dict(item), kref, "pandas") for item in items]
+        """`fn(item, **kw)` per item, in at most `max_blocks(cfg)` tasks of consecutive items,
+        each returning one block: the driver's refs (and the task entries Ray keeps for them,
+        about 10 KB each) stay bounded however many shards a corpus has."""
+        task, kref = _task(_apply_items), _put_kw(kw)
+        step = max(1, -(-len(items) // max_blocks(self.cfg)))
+        out = [task.remote(fn, [dict(it) for it in items[a:a + step]], kref)
+               for a in range(0, len(items), step)]
+        _meter(task_name(fn), [n for _, n in out])
         return Blocks([r for r, _ in out], [n for _, n in out])
 
     def map_blocks(self, data: Blocks, fn: Callable, fmt: str = "pandas", **kw: Any) -> Blocks:

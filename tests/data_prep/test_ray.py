@@ -185,9 +185,10 @@ def test_same_as_local_on_labelled_near_duplicates(ray_local, tmp_path):
 
 @pytest.mark.slow
 @needs_ray
-@pytest.mark.parametrize("mode", [["dedup.minhash.verify=false"],
+@pytest.mark.parametrize("mode", [["dedup.minhash.verify=false", "ray.max_blocks=3"],
                                   ["dedup.minhash.verify=true", "dedup.minhash.linkage=single"]])
 def test_same_as_local_without_verification_and_single_linkage(ray_local, tmp_path, mode):
+    """(The first also runs every per-shard map in 3 tasks of consecutive shards.)"""
     corpus = labelled_corpus(tmp_path / "labelled.jsonl")
     acct = _assert_same(tmp_path, [_source(corpus), *mode])
     assert {r["name"]: r for r in acct}["near_dedup"]["extra"]["clusters"] > 10
@@ -304,7 +305,8 @@ def test_ray_start_cluster(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["ray.shard_docs=0", "ray.shuffle_docs=0", "ray.partitions=-1",
-                                 "ray.window_tasks=-1", "ray.inline_bytes=-1"])
+                                 "ray.window_tasks=-1", "ray.inline_bytes=-1",
+                                 "ray.max_blocks=-1"])
 def test_ray_sizes_out_of_range_are_refused_in_one_line(key):
     """ray.shuffle_docs (reducers of an automatic shuffle) is range-checked like shard_docs."""
     from data_prep.config import load_config
